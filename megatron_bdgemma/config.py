@@ -1,0 +1,382 @@
+"""`BDGemmaConfig`: the Megatron `TransformerConfig` of a block-diffusion Gemma 4 MoE model.
+
+One dataclass holds everything the layers need (DESIGN §4) plus the block-diffusion fields (§5–§7). Sliding and
+full ("global") attention layers differ in head geometry, RoPE and the K=V tying, so the block asks
+`get_config_for_layer(n)` for a per-layer copy whose `kv_channels` / `num_query_groups` are that layer's; every
+other module reads the shared values.
+
+`config_from_hf()` translates a Hugging Face `Gemma4TextConfig`, `Gemma4Config`, `DiffusionGemmaConfig` or
+`DiffusionGemmaTextConfig`, reading every value from the config and rejecting what the layers do not implement in
+one error that lists all of it.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+SLIDING = "sliding_attention"
+FULL = "full_attention"
+LayerType = Literal["sliding_attention", "full_attention"]
+
+gelu_tanh = functools.partial(F.gelu, approximate="tanh")
+"""HF `gelu_pytorch_tanh`. A `partial` (not a lambda) so the config pickles into checkpoints."""
+
+
+def default_layer_types(num_layers: int) -> list[str]:
+    """Gemma 4's pattern: 5 sliding then 1 full, repeated; the last layer is always full."""
+    types = [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(num_layers)]
+    types[-1] = FULL
+    return types
+
+
+@dataclass
+class BDGemmaConfig(TransformerConfig):
+    """Megatron config of a DiffusionGemma / Gemma 4 MoE text stack.
+
+    Megatron fields keep their meaning: `kv_channels` / `num_query_groups` are the *sliding* layers' head dim and
+    KV heads, `ffn_hidden_size` = `moe_shared_expert_intermediate_size` is the dense GeGLU branch, and
+    `moe_ffn_hidden_size` the experts'.
+    """
+
+    vocab_size: int = 262_144
+    """Vocabulary size (the tied embedding has this many rows)."""
+
+    max_position_embeddings: int = 262_144
+    """Largest position a sequence may reach (prompt + generated)."""
+
+    layer_types: list[str] | None = None
+    """`sliding_attention` / `full_attention` per layer; None = Gemma 4's 5:1 pattern with the last layer full."""
+
+    sliding_window: int = 1024
+    """HF `sliding_window` W: a sliding-layer query sees keys with `q - k < W`."""
+
+    global_kv_channels: int = 512
+    """Head dim of full-attention layers (HF `global_head_dim`)."""
+
+    num_global_query_groups: int | None = None
+    """KV heads of full-attention layers (HF `num_global_key_value_heads`); None = `num_query_groups`."""
+
+    global_k_eq_v: bool = True
+    """Full layers have no v_proj: V is the raw k_proj output (before k_norm/RoPE), then v_norm."""
+
+    rope_theta: float = 10_000.0
+    """RoPE base of sliding layers (rotates the whole head dim)."""
+
+    global_rope_theta: float = 1_000_000.0
+    """RoPE base of full layers."""
+
+    global_partial_rotary_factor: float = 0.25
+    """Full layers use HF's "proportional" RoPE: `int(factor * D / 2)` frequencies `theta^(-2j/D)` over the full
+    head dim D, the remaining pairs unrotated. Not Megatron's `rotary_percent`."""
+
+    rope_scaling_factor: float = 1.0
+    """HF `rope_parameters[sliding]['factor']`: inverse frequencies are divided by it."""
+
+    global_rope_scaling_factor: float = 1.0
+    """HF `rope_parameters[full]['factor']`."""
+
+    final_logit_softcapping: float | None = 30.0
+    """logits = cap * tanh(logits / cap), computed in fp32; None disables it (a plain Gemma 4 AR config)."""
+
+    canvas_length: int = 256
+    """Block size B of block diffusion: one canvas is denoised at a time."""
+
+    self_conditioning: bool = True
+    """Build the two-pass self-conditioning module (DESIGN §6)."""
+
+    pad_token_id: int = 0
+    eos_token_ids: tuple[int, ...] = (1,)
+    """End-of-sequence ids (DiffusionGemma's generation config uses (1, 106, 50))."""
+
+    layer_attention_type: str | None = None
+    """Set only on the per-layer copies from `get_config_for_layer`: that layer's attention type."""
+
+    def __post_init__(self) -> None:
+        # Gemma 4 defaults; a caller may still override each of them explicitly.
+        self.normalization = "RMSNorm"
+        self.gated_linear_unit = True
+        self.add_bias_linear = False
+        self.softmax_scale = 1.0  # q/k RMSNorms carry the scale
+        if self.activation_func is F.gelu:
+            self.activation_func = gelu_tanh
+        self.heterogeneous_block_specs = True  # per-layer head geometry via get_config_for_layer
+        self.moe_router_load_balancing_type = "none"
+        self.moe_aux_loss_coeff = 0.0
+        if self.ffn_hidden_size is None and self.moe_shared_expert_intermediate_size is not None:
+            self.ffn_hidden_size = self.moe_shared_expert_intermediate_size
+        if self.moe_shared_expert_intermediate_size is None:
+            self.moe_shared_expert_intermediate_size = self.ffn_hidden_size
+        if self.layer_types is None:
+            self.layer_types = default_layer_types(self.num_layers)
+        self.layer_types = list(self.layer_types)
+        if self.num_global_query_groups is None:
+            self.num_global_query_groups = self.num_query_groups or self.num_attention_heads
+        self.eos_token_ids = tuple(self.eos_token_ids)
+        super().__post_init__()
+        self._validate()
+
+    def _validate(self) -> None:
+        problems = []
+        if len(self.layer_types) != self.num_layers:
+            problems.append(f"layer_types has {len(self.layer_types)} entries but num_layers is {self.num_layers}")
+        unknown = sorted(set(self.layer_types) - {SLIDING, FULL})
+        if unknown:
+            problems.append(f"layer_types holds unknown types {unknown} (expected {SLIDING!r} / {FULL!r})")
+        if self.num_moe_experts is None or self.moe_router_topk is None or self.moe_ffn_hidden_size is None:
+            problems.append("num_moe_experts, moe_router_topk and moe_ffn_hidden_size must all be set (MoE model)")
+        if self.ffn_hidden_size != self.moe_shared_expert_intermediate_size:
+            problems.append(
+                f"ffn_hidden_size ({self.ffn_hidden_size}) must equal moe_shared_expert_intermediate_size "
+                f"({self.moe_shared_expert_intermediate_size}): both are the dense GeGLU branch"
+            )
+        for name in ("num_query_groups", "num_global_query_groups"):
+            groups = getattr(self, name)
+            if self.num_attention_heads % groups:
+                problems.append(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of {name} ({groups})")
+            if groups % self.tensor_model_parallel_size:
+                problems.append(
+                    f"{name} ({groups}) must be a multiple of tensor_model_parallel_size "
+                    f"({self.tensor_model_parallel_size}): KV heads are split across TP ranks"
+                )
+        if self.sliding_window < 1:
+            problems.append(f"sliding_window ({self.sliding_window}) must be >= 1")
+        if self.canvas_length < 1:
+            problems.append(f"canvas_length ({self.canvas_length}) must be >= 1")
+        if problems:
+            raise ValueError("invalid BDGemmaConfig:\n  - " + "\n  - ".join(problems))
+
+    # ---- per-layer geometry -------------------------------------------------------------------------------
+
+    def layer_type(self, layer_number: int) -> str:
+        """Attention type of 1-based global layer `layer_number`."""
+        return self.layer_types[layer_number - 1]
+
+    def get_config_for_layer(self, layer_number: int) -> BDGemmaConfig:
+        """A shallow copy whose head geometry is that of 1-based global layer `layer_number`.
+
+        Megatron's `TransformerBlock` calls this when `heterogeneous_block_specs` is set; attention modules then
+        read `kv_channels` / `num_query_groups` as usual.
+        """
+        layer_config = copy.copy(self)
+        layer_config.layer_attention_type = self.layer_type(layer_number)
+        if layer_config.layer_attention_type == FULL:
+            layer_config.kv_channels = self.global_kv_channels
+            layer_config.num_query_groups = self.num_global_query_groups
+        return layer_config
+
+    def window_of(self, layer_type: str) -> int | None:
+        """The sliding window of a layer type, None for full attention."""
+        return self.sliding_window if layer_type == SLIDING else None
+
+    def has_v_proj(self, layer_type: str) -> bool:
+        return layer_type == SLIDING or not self.global_k_eq_v
+
+    @property
+    def embedding_scale(self) -> float:
+        return self.hidden_size**0.5
+
+
+# ---- presets ------------------------------------------------------------------------------------------------
+
+
+def _common(**overrides: Any) -> dict[str, Any]:
+    base = dict(
+        layernorm_epsilon=1e-6,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        moe_router_dtype="fp32",
+        moe_token_dispatcher_type="allgather",
+        use_cpu_initialization=not torch.cuda.is_available(),
+    )
+    base.update(overrides)
+    return base
+
+
+def tiny(**overrides: Any) -> BDGemmaConfig:
+    """A few-hundred-thousand-parameter model for CPU tests and the demo (every feature of the real one)."""
+    return BDGemmaConfig(
+        **_common(
+            num_layers=4,
+            layer_types=[SLIDING, SLIDING, SLIDING, FULL],
+            hidden_size=64,
+            num_attention_heads=4,
+            kv_channels=16,
+            num_query_groups=2,
+            global_kv_channels=32,
+            num_global_query_groups=1,
+            ffn_hidden_size=128,
+            num_moe_experts=4,
+            moe_router_topk=2,
+            moe_ffn_hidden_size=32,
+            vocab_size=512,
+            max_position_embeddings=4096,
+            sliding_window=16,
+            canvas_length=16,
+        )
+        | overrides
+    )
+
+
+def diffusiongemma_26b_a4b(**overrides: Any) -> BDGemmaConfig:
+    """google/diffusiongemma-26B-A4B-it as recorded in reference/automodel_diffusion_gemma.md §1.1."""
+    return BDGemmaConfig(
+        **_common(
+            num_layers=30,
+            hidden_size=2816,
+            num_attention_heads=16,
+            kv_channels=256,
+            num_query_groups=8,
+            global_kv_channels=512,
+            num_global_query_groups=2,
+            ffn_hidden_size=2112,
+            num_moe_experts=128,
+            moe_router_topk=8,
+            moe_ffn_hidden_size=704,
+            vocab_size=262_144,
+            max_position_embeddings=262_144,
+            sliding_window=1024,
+            canvas_length=256,
+            eos_token_ids=(1, 106, 50),
+            bf16=True,
+            params_dtype=torch.bfloat16,
+            moe_token_dispatcher_type="alltoall",
+        )
+        | overrides
+    )
+
+
+PRESETS = {"tiny": tiny, "diffusiongemma-26b-a4b": diffusiongemma_26b_a4b}
+
+
+# ---- Hugging Face configs -------------------------------------------------------------------------------------
+
+
+def _text_config(hf_config: Any) -> tuple[Any, int | None]:
+    """(text config, canvas length) of any supported HF config object."""
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type in ("diffusion_gemma", "gemma4"):
+        return hf_config.text_config, getattr(hf_config, "canvas_length", None)
+    if model_type in ("diffusion_gemma_text", "gemma4_text"):
+        return hf_config, None
+    raise ValueError(
+        f"unsupported HF model_type {model_type!r}: expected diffusion_gemma, diffusion_gemma_text, gemma4 or "
+        "gemma4_text"
+    )
+
+
+def _per_layer_geometry(text: Any) -> dict[str, set[tuple[str, int]]]:
+    """{layer type: {(head_dim, kv_heads)}} from HF's `per_layer_config` overrides (global head dim / KV heads)."""
+    # Global attributes that a per-layer override shadows are only readable from the serialised form.
+    values = text.to_dict()
+    overrides = values.get("per_layer_config") or {}
+    geometry: dict[str, set[tuple[int, int]]] = {SLIDING: set(), FULL: set()}
+    for index, layer_type in enumerate(values["layer_types"]):
+        entry = overrides.get(str(index), overrides.get(index, {}))
+        geometry[layer_type].add(
+            (int(entry.get("head_dim", values["head_dim"])), int(entry.get("num_key_value_heads", values["num_key_value_heads"])))
+        )
+    return geometry
+
+
+def _rope(text: Any, layer_type: str, problems: list[str]) -> tuple[float, float, float]:
+    """(theta, partial rotary factor, scaling factor) of a layer type; unsupported RoPE types are reported."""
+    params = (text.rope_parameters or {}).get(layer_type) or {}
+    rope_type = params.get("rope_type", "default")
+    partial = float(params.get("partial_rotary_factor", 1.0))
+    if rope_type == "default" and partial != 1.0:
+        problems.append(f"rope_parameters[{layer_type!r}]: 'default' RoPE with partial_rotary_factor {partial}")
+    elif rope_type not in ("default", "proportional"):
+        problems.append(f"rope_parameters[{layer_type!r}].rope_type {rope_type!r} (only default / proportional)")
+    return float(params.get("rope_theta", 10_000.0)), partial, float(params.get("factor", 1.0))
+
+
+def config_from_hf(hf_config: Any, **overrides: Any) -> BDGemmaConfig:
+    """Translate a Hugging Face Gemma 4 MoE / DiffusionGemma config into a `BDGemmaConfig`.
+
+    Every value is read from the config. Features the layers do not implement (per-layer inputs, KV sharing,
+    a dense-only model, bidirectional text attention, attention biases, other activations or RoPE types) are all
+    reported in one ValueError. `overrides` set Megatron fields (parallel sizes, dtypes, dispatcher).
+    """
+    text, canvas_length = _text_config(hf_config)
+    is_diffusion = text.model_type == "diffusion_gemma_text"
+    problems: list[str] = []
+
+    def unsupported(name: str, bad: bool, why: str) -> None:
+        if bad:
+            problems.append(f"{name}={getattr(text, name, None)!r}: {why}")
+
+    if not is_diffusion:
+        unsupported("hidden_size_per_layer_input", bool(getattr(text, "hidden_size_per_layer_input", 0)),
+                    "per-layer inputs (PLE) are not supported; set it to 0")
+        unsupported("num_kv_shared_layers", bool(getattr(text, "num_kv_shared_layers", 0)),
+                    "KV sharing across layers is not supported; set it to 0")
+        unsupported("enable_moe_block", not getattr(text, "enable_moe_block", False),
+                    "only the MoE Gemma 4 variant is supported")
+        unsupported("use_double_wide_mlp", bool(getattr(text, "use_double_wide_mlp", False)),
+                    "the double-wide MLP is not supported")
+    unsupported("use_bidirectional_attention", getattr(text, "use_bidirectional_attention", None) == "all",
+                "the encoder must be causal over text")
+    unsupported("attention_bias", bool(getattr(text, "attention_bias", False)), "attention biases are not supported")
+    unsupported("hidden_activation", getattr(text, "hidden_activation", None) != "gelu_pytorch_tanh",
+                "only gelu_pytorch_tanh is supported")
+    for name in ("num_experts", "top_k_experts", "moe_intermediate_size"):
+        unsupported(name, getattr(text, name, None) is None, "MoE sizes must be given")
+
+    geometry = _per_layer_geometry(text)
+    for layer_type, shapes in geometry.items():
+        if len(shapes) > 1:
+            problems.append(f"{layer_type} layers have differing (head_dim, kv_heads) {sorted(shapes)}")
+    sliding_dims = next(iter(geometry[SLIDING]), None)
+    full_dims = next(iter(geometry[FULL]), None)
+    sliding_dims = sliding_dims or (full_dims[0] // 2, full_dims[1])  # unused when no layer slides
+    full_dims = full_dims or (2 * sliding_dims[0], sliding_dims[1])
+
+    rope_sliding = _rope(text, SLIDING, problems)
+    rope_full = _rope(text, FULL, problems)
+    if problems:
+        raise ValueError(f"unsupported HF {text.model_type} config:\n  - " + "\n  - ".join(problems))
+
+    eos = text.eos_token_id if isinstance(text.eos_token_id, (list, tuple)) else [text.eos_token_id]
+    values = _common(
+        num_layers=text.num_hidden_layers,
+        layer_types=list(text.layer_types),
+        hidden_size=text.hidden_size,
+        num_attention_heads=text.num_attention_heads,
+        kv_channels=sliding_dims[0],
+        num_query_groups=sliding_dims[1],
+        global_kv_channels=full_dims[0],
+        num_global_query_groups=full_dims[1],
+        # DiffusionGemma ties K=V on every full layer; Gemma 4 only with attention_k_eq_v.
+        global_k_eq_v=True if is_diffusion else bool(getattr(text, "attention_k_eq_v", False)),
+        ffn_hidden_size=text.intermediate_size,
+        num_moe_experts=text.num_experts,
+        moe_router_topk=text.top_k_experts,
+        moe_ffn_hidden_size=text.moe_intermediate_size,
+        vocab_size=text.vocab_size,
+        max_position_embeddings=text.max_position_embeddings,
+        sliding_window=text.sliding_window,
+        layernorm_epsilon=text.rms_norm_eps,
+        rope_theta=rope_sliding[0],
+        rope_scaling_factor=rope_sliding[2],
+        global_rope_theta=rope_full[0],
+        global_partial_rotary_factor=rope_full[1],
+        global_rope_scaling_factor=rope_full[2],
+        # DiffusionGemma's softcap is a class attribute (30); Gemma 4's is a config field that may be None.
+        final_logit_softcapping=text.final_logit_softcapping,
+        canvas_length=canvas_length or 256,
+        self_conditioning=is_diffusion,
+        pad_token_id=text.pad_token_id if text.pad_token_id is not None else 0,
+        eos_token_ids=tuple(e for e in eos if e is not None),
+    )
+    known = {f.name for f in fields(BDGemmaConfig)}
+    bad = sorted(set(overrides) - known)
+    if bad:
+        raise ValueError(f"unknown BDGemmaConfig fields in overrides: {bad}")
+    return BDGemmaConfig(**(values | overrides))

@@ -1,0 +1,160 @@
+"""Reading HF checkpoints tensor by tensor and loading them into a (possibly sharded) `BDGemmaModel`.
+
+`HFCheckpoint` resolves text-stack names (`layers.0.self_attn.q_proj.weight`) to keys in the safetensors files for
+every supported layout and reads one tensor at a time, so peak memory stays near one mapping group.
+`load_hf_weights` pushes each key-map group through `Mapping.to_megatron` and copies this rank's shard of every
+tensor into the model; anything missing, unexpected or mis-shaped stops it with the key named.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state
+from safetensors import safe_open
+
+from megatron_bdgemma.config import BDGemmaConfig
+from megatron_bdgemma.conversion.keymap import model_mappings
+
+# Where each HF model type keeps its text stack; DiffusionGemma's decoder tree holds the tied weights and its
+# encoder tree a second copy (at least `layer_scalar`, which is not tied).
+TEXT_PREFIXES = {
+    "diffusion_gemma": ("model.decoder.", "model.encoder.language_model."),
+    "gemma4": ("model.language_model.",),
+    "gemma4_text": ("model.",),
+}
+# Parts of a checkpoint that are not the text stack and are dropped on purpose.
+DROPPED = re.compile(r"^(lm_head\.weight|model\.(encoder\.)?(vision_tower|embed_vision|audio_tower|embed_audio)\..*)$")
+
+
+class HFCheckpoint:
+    """A local HF model directory: `config.json` plus one or more safetensors files (with an index when sharded)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        config_file = self.path / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{config_file} not found: expected a Hugging Face model directory")
+        self.config_dict = json.loads(config_file.read_text())
+        self.model_type = self.config_dict.get("model_type")
+        if self.model_type not in TEXT_PREFIXES:
+            raise ValueError(
+                f"{config_file}: unsupported model_type {self.model_type!r} (expected one of {sorted(TEXT_PREFIXES)})"
+            )
+        self.key_files = self._index()
+        self._consumed: set[str] = set()
+
+    def _index(self) -> dict[str, Path]:
+        index_file = self.path / "model.safetensors.index.json"
+        if index_file.is_file():
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+            return {key: self.path / name for key, name in weight_map.items()}
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{self.path}: no *.safetensors files")
+        key_files = {}
+        for file in files:
+            with safe_open(file, "pt") as handle:
+                key_files.update({key: file for key in handle.keys()})
+        return key_files
+
+    def hf_config(self):
+        """The transformers config object (read locally, never from a hub)."""
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(self.path, local_files_only=True)
+
+    def read(self, key: str) -> torch.Tensor:
+        with safe_open(self.key_files[key], "pt") as handle:
+            return handle.get_tensor(key)
+
+    def text_tensor(self, name: str) -> torch.Tensor:
+        """The text-stack tensor `name`; when both DiffusionGemma copies are stored they must agree."""
+        keys = [prefix + name for prefix in TEXT_PREFIXES[self.model_type] if prefix + name in self.key_files]
+        if not keys:
+            raise KeyError(f"{self.path}: missing tensor {TEXT_PREFIXES[self.model_type][0] + name}")
+        self._consumed.update(keys)
+        tensor = self.read(keys[0])
+        for other in keys[1:]:
+            if not torch.equal(tensor, self.read(other)):
+                raise ValueError(f"{self.path}: {keys[0]} and its untied copy {other} differ")
+        return tensor
+
+    def unconsumed(self) -> list[str]:
+        """Keys that no mapping read and that are not dropped on purpose."""
+        return sorted(k for k in self.key_files if k not in self._consumed and not DROPPED.match(k))
+
+    def dropped(self) -> list[str]:
+        return sorted(k for k in self.key_files if DROPPED.match(k))
+
+
+def _local_name(model: torch.nn.Module, name: str, layer_index: dict[int, int], expert_offset: int, local_experts: int) -> str | None:
+    """Our global Megatron name → this rank's parameter name; None when another PP stage / EP rank owns it."""
+    match = re.match(r"decoder\.layers\.(\d+)\.(.*)$", name)
+    if match:
+        layer = int(match.group(1))
+        if layer not in layer_index:
+            return None
+        rest = match.group(2)
+        expert = re.match(r"mlp\.experts\.local_experts\.(\d+)\.(.*)$", rest)
+        if expert:
+            local = int(expert.group(1)) - expert_offset
+            if not 0 <= local < local_experts:
+                return None
+            rest = f"mlp.experts.local_experts.{local}.{expert.group(2)}"
+        return f"decoder.layers.{layer_index[layer]}.{rest}"
+    return name
+
+
+def shard_for_rank(name: str, full: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of the unsharded tensor `full`, read off the target parameter's Megatron attributes."""
+    if not getattr(target, "tensor_model_parallel", False):
+        return full
+    is_expert = not getattr(target, "allreduce", True)
+    if is_expert:
+        rank, size = parallel_state.get_expert_tensor_parallel_rank(), parallel_state.get_expert_tensor_parallel_world_size()
+    else:
+        rank, size = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
+    dim = target.partition_dim
+    if name.endswith("linear_fc1.weight"):
+        # A GLU fc1 shard holds [gate_r ; up_r] so the local chunk(2) still yields gate then up.
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat([gate.chunk(size, dim)[rank], up.chunk(size, dim)[rank]], dim=0)
+    return full.chunk(size, dim)[rank]
+
+
+@torch.no_grad()
+def load_hf_weights(model: torch.nn.Module, checkpoint: HFCheckpoint, config: BDGemmaConfig) -> None:
+    """Copy every text-stack tensor of `checkpoint` into this rank's part of `model`."""
+    params = dict(model.named_parameters()) | dict(model.named_buffers())
+    layer_index = {layer.layer_number - 1: i for i, layer in enumerate(model.decoder.layers)}
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    local_experts = config.num_moe_experts // parallel_state.get_expert_model_parallel_world_size()
+    for mapping in model_mappings(config):
+        hf = {key: checkpoint.text_tensor(key) for key in mapping.hf_keys}
+        try:
+            converted = mapping.to_megatron(hf)
+        except RuntimeError as error:  # a view/cat that does not fit the config's geometry
+            shapes = {key: tuple(t.shape) for key, t in hf.items()}
+            raise ValueError(f"{checkpoint.path}: tensors {shapes} do not fit the config ({error})") from error
+        for name, full in converted.items():
+            targets = [_local_name(model, name, layer_index, ep_rank * local_experts, local_experts)]
+            if name == "embedding.word_embeddings.weight":
+                targets.append("output_layer.weight")  # the tied copy on the last PP stage
+            for local in targets:
+                if local is None or local not in params:
+                    continue
+                target = params[local]
+                shard = shard_for_rank(name, full, target)
+                if shard.shape != target.shape:
+                    raise ValueError(
+                        f"{checkpoint.path}: tensor for {mapping.hf_keys} has shape {tuple(full.shape)}, which does not "
+                        f"fit {name} (this rank's shard {tuple(target.shape)})"
+                    )
+                target.copy_(shard)
+    unexpected = checkpoint.unconsumed()
+    if unexpected:
+        raise ValueError(f"{checkpoint.path}: unexpected tensors {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")

@@ -1,0 +1,145 @@
+"""Gemma 4 attention on Megatron's `Attention`: q/k/v norms, explicit RoPE, K=V tying and external K/V.
+
+One module serves both phases of block diffusion: `kv_prefix` (the encoder's per-layer K/V) is prepended to this
+call's own K/V, so the encoder runs with `kv_prefix=None` and a causal mask while the decoder runs the canvas with
+the encoder K/V and a block-diffusion mask. The window, causality and block rules all live in the boolean mask
+(`megatron_bdgemma.masks`); nothing here knows about them.
+
+Fused projection layout, per KV group g (so TP splits whole groups, as Megatron's `linear_qkv` does):
+`[q heads of g ; k_g ; v_g]`, and `[q heads of g ; k_g]` on full layers with `global_k_eq_v` (V = raw k_g).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.attention import Attention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_bdgemma.config import BDGemmaConfig
+from megatron_bdgemma.layers.norm import rms_normalize
+from megatron_bdgemma.layers.rope import apply_rope
+
+KV = tuple[torch.Tensor, torch.Tensor]
+"""(K, V), each `[S, B, kv_heads_local, head_dim]`: K after k_norm + RoPE, V after v_norm."""
+
+
+class EagerCoreAttention(MegatronModule):
+    """Masked softmax attention on local heads: the CPU and reference path.
+
+    Scores in the activation dtype, softmax in fp32 (as HF's eager path), GQA by repeating each KV head over its
+    query heads. Blocked scores get the dtype's minimum rather than -inf, so a fully blocked row is uniform, not
+    NaN (the mask builders give every row at least its diagonal anyway).
+    """
+
+    def __init__(self, config: BDGemmaConfig, softmax_scale: float | None = None, **unused: Any) -> None:
+        super().__init__(config=config)
+        self.softmax_scale = 1.0 if softmax_scale is None else softmax_scale
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """query `[Sq, B, h, d]`, key/value `[Sk, B, g, d]`, allowed `[B, 1, Sq, Sk]` (True = attend) → `[Sq, B, h*d]`."""
+        sq, b, h, d = query.shape
+        repeat = h // key.shape[2]
+        q = query.permute(1, 2, 0, 3)  # [B, h, Sq, d]
+        k = key.permute(1, 2, 0, 3).repeat_interleave(repeat, dim=1)  # [B, h, Sk, d]
+        v = value.permute(1, 2, 0, 3).repeat_interleave(repeat, dim=1)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.softmax_scale
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.matmul(probs, v)  # [B, h, Sq, d]
+        return out.permute(2, 0, 1, 3).reshape(sq, b, h * d)
+
+
+@dataclass
+class BDGemmaAttentionSubmodules:
+    linear_qkv: Any
+    core_attention: Any
+    linear_proj: Any
+    q_layernorm: Any
+    k_layernorm: Any
+
+
+class BDGemmaAttention(Attention):
+    """Self-attention of one Gemma 4 layer; the layer's head geometry comes from its per-layer config copy."""
+
+    def __init__(
+        self,
+        config: BDGemmaConfig,
+        submodules: BDGemmaAttentionSubmodules,
+        layer_number: int,
+        pg_collection: ProcessGroupCollection | None = None,
+        **unused: Any,
+    ) -> None:
+        super().__init__(
+            config=config,
+            submodules=submodules,
+            layer_number=layer_number,
+            attn_mask_type=AttnMaskType.arbitrary,
+            attention_type="self",
+            pg_collection=pg_collection,
+        )
+        self.has_v_proj = config.has_v_proj(config.layer_attention_type)
+        self.heads_per_group = config.num_attention_heads // config.num_query_groups
+        self.slots_per_group = self.heads_per_group + (2 if self.has_v_proj else 1)
+        head_dim = self.hidden_size_per_attention_head
+        self.linear_qkv = submodules.linear_qkv(
+            config.hidden_size,
+            config.num_query_groups * self.slots_per_group * head_dim,
+            config=config,
+            init_method=config.init_method,
+            gather_output=False,
+            bias=False,
+            skip_bias_add=False,
+            is_expert=False,
+            tp_comm_buffer_name="qkv",
+            tp_group=self.pg_collection.tp,
+        )
+        self.q_layernorm = submodules.q_layernorm(config=config, hidden_size=head_dim, eps=config.layernorm_epsilon)
+        self.k_layernorm = submodules.k_layernorm(config=config, hidden_size=head_dim, eps=config.layernorm_epsilon)
+
+    def get_query_key_value_tensors(self, hidden_states: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, KV]:
+        """hidden `[S, B, H]` → q `[S, B, h_local, d]` and this call's (K, V), normed and rotated."""
+        mixed, _ = self.linear_qkv(hidden_states)
+        s, b = mixed.shape[:2]
+        mixed = mixed.view(s, b, self.num_query_groups_per_partition, self.slots_per_group, self.hidden_size_per_attention_head)
+        query = mixed[:, :, :, : self.heads_per_group].reshape(s, b, -1, self.hidden_size_per_attention_head)
+        key = mixed[:, :, :, self.heads_per_group]
+        # K=V layers reuse the raw key projection, taken before k_norm and RoPE.
+        value = mixed[:, :, :, self.heads_per_group + 1] if self.has_v_proj else key
+        cos, sin = rope
+        query = apply_rope(self.q_layernorm(query), cos, sin)
+        key = apply_rope(self.k_layernorm(key), cos, sin)
+        value = rms_normalize(value, self.config.layernorm_epsilon).type_as(value)  # v_norm has no weight
+        return query, (key, value)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        *,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor,
+        kv_prefix: KV | None = None,
+    ) -> tuple[torch.Tensor, KV]:
+        """Attend from `hidden_states` over `[kv_prefix ; own K/V]`.
+
+        Args:
+            hidden_states: `[S, B, H]` (sequence-parallel shard when SP is on).
+            rope: cos/sin `[S_full, B, 1, d]` for this layer type at the tokens' absolute positions.
+            attention_mask: `[B, 1, S_full, P + S_full]` bool, True = attend (P = prefix length).
+            kv_prefix: the encoder's (K, V) of this layer, `[P, B, g_local, d]`, or None.
+
+        Returns:
+            output `[S, B, H]` and this call's own (K, V) `[S_full, B, g_local, d]`.
+        """
+        query, (key, value) = self.get_query_key_value_tensors(hidden_states, rope)
+        own_kv = (key, value)
+        if kv_prefix is not None:
+            key = torch.cat([kv_prefix[0], key], dim=0)
+            value = torch.cat([kv_prefix[1], value], dim=0)
+        context = self.core_attention(query, key, value, attention_mask)
+        output, _ = self.linear_proj(context)
+        return output, own_kv

@@ -1,0 +1,59 @@
+"""Gemma 4's MoE block on Megatron's `MoELayer`: the dense GeGLU as shared expert, a Gemma router, three inputs.
+
+Stock Megatron feeds one input to router, experts and shared experts and adds the shared output un-normed. Gemma 4
+routes on the raw residual `h`, feeds the experts `pre_feedforward_layernorm_2(h)` and the dense branch
+`pre_feedforward_layernorm(h)`, and post-norms each branch before the sum. So `BDGemmaMoELayer.forward` takes the
+three inputs and returns the two branch outputs; the layer applies the norms.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.moe.router import TopKRouter
+
+from megatron_bdgemma.layers.norm import rms_normalize
+
+
+class BDGemmaRouter(TopKRouter):
+    """`softmax_fp32(W · (rmsnorm_noscale(h) * scale * H^-0.5))` → top-k → renormalised to sum 1.
+
+    HF's `per_expert_scale[e]` multiplies expert e's output, which is linear in its fc2, so it is folded into fc2
+    on import (exact) and trains with it; the router itself is frozen in training (`freeze()`).
+    """
+
+    def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False) -> None:
+        super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
+        self.scale = torch.nn.Parameter(torch.ones(config.hidden_size, dtype=config.params_dtype))
+        self.scale.sequence_parallel = config.sequence_parallel
+
+    def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """input `[S, B, H]` → (probs, routing_map), each `[S*B, E]`; probs is zero off the routing map."""
+        x = rms_normalize(input, self.config.layernorm_epsilon) * self.scale.float() * self.config.hidden_size**-0.5
+        logits = torch.nn.functional.linear(x, self.weight.float()).view(-1, self.config.num_moe_experts)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        top_weights, top_index = torch.topk(probs, k=self.topk, dim=-1)
+        top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
+        routing_map = torch.zeros_like(probs, dtype=torch.bool).scatter(1, top_index, True)
+        return torch.zeros_like(probs).scatter(1, top_index, top_weights), routing_map
+
+    def freeze(self) -> None:
+        """DiffusionGemma's recipe trains with a frozen router (and no aux loss)."""
+        self.weight.requires_grad_(False)
+        self.scale.requires_grad_(False)
+
+
+class BDGemmaMoELayer(MoELayer):
+    """Megatron MoE with Gemma's separate router / expert / dense inputs (see module docstring)."""
+
+    def forward(
+        self, router_input: torch.Tensor, expert_input: torch.Tensor, dense_input: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each input `[S, B, H]` → (dense branch output, weighted expert sum), each `[S, B, H]`."""
+        dense_output = self.shared_experts_compute(dense_input)
+        probs, routing_map = self.route(router_input)
+        hidden, probs = self.preprocess(expert_input, probs, routing_map)
+        hidden, probs = self.dispatch(hidden, probs)
+        expert_output, _ = self.routed_experts_compute(hidden, probs)
+        expert_output = self.token_dispatcher.combine_postprocess(self.combine(expert_output))
+        return dense_output, expert_output

@@ -1,0 +1,42 @@
+"""Two-pass self-conditioning (DESIGN §6, Analog Bits style).
+
+The decoder input is `rmsnorm_noscale(e + down(gelu_tanh(gate(u)) * up(u)))` with `u = rmsnorm_w(s)`, where `s`
+is the soft embedding of the previous pass's logits (`soft_embedding`) or exactly zero when self-conditioning is
+off for that example (zero *logits* would give the mean embedding, which is not "off").
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_bdgemma.config import BDGemmaConfig
+from megatron_bdgemma.layers.norm import RMSNorm, rms_normalize
+
+
+def soft_embedding(logits: torch.Tensor, embedding_weight: torch.Tensor, scale: float) -> torch.Tensor:
+    """`(softmax_fp32(logits).to(E.dtype) @ E) · √H` for full-vocabulary logits `[B, R, V]` → `[B, R, H]`.
+
+    With a vocab-parallel embedding each TP rank holds rows `[r·V/tp, (r+1)·V/tp)` of E: it multiplies its slice
+    of the probabilities and the partial sums are all-reduced (which also routes the gradient to every shard).
+    """
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(embedding_weight.dtype)
+    shard = embedding_weight.shape[0]
+    start = parallel_state.get_tensor_model_parallel_rank() * shard
+    partial = probs[..., start : start + shard] @ embedding_weight
+    return reduce_from_tensor_model_parallel_region(partial) * torch.tensor(scale, dtype=embedding_weight.dtype)
+
+
+class SelfConditioning(MegatronModule):
+    def __init__(self, config: BDGemmaConfig, mlp: MLPSubmodules) -> None:
+        super().__init__(config=config)
+        self.pre_norm = RMSNorm(config, config.hidden_size, config.layernorm_epsilon)
+        self.mlp = MLP(config, mlp, ffn_hidden_size=config.ffn_hidden_size)
+
+    def forward(self, embeddings: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
+        """embeddings, signal `[R, B, H]` → decoder input `[R, B, H]`."""
+        mixed, _ = self.mlp(self.pre_norm(signal))
+        return rms_normalize(embeddings + mixed, self.config.layernorm_epsilon).type_as(embeddings)

@@ -1,0 +1,193 @@
+"""`BDGemmaModel`: a Megatron `GPTModel` that runs one shared Gemma 4 MoE stack as a block-diffusion LM.
+
+How it differs from an autoregressive Gemma 4:
+- one stack, two phases: a causal **encode** of the clean sequence yields every layer's K/V (and the AR logits);
+  a bidirectional **decode** of a noised canvas attends over `[encoder K/V ; canvas K/V]` under the block mask;
+- RoPE from explicit positions (canvas tokens sit at their absolute positions), per layer type;
+- embedding × √H, tied LM head, logits softcapped in fp32;
+- two-pass self-conditioning: the decoder input mixes in a soft embedding of the previous pass's logits.
+
+Public tensors are batch-first; inside the stack Megatron's `[s, b, h]` layout is kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region, scatter_to_sequence_parallel_region
+from megatron.core.utils import get_pg_rank
+
+from megatron_bdgemma import masks
+from megatron_bdgemma.config import BDGemmaConfig
+from megatron_bdgemma.layers.attention import KV
+from megatron_bdgemma.layers.rope import layer_inverse_frequencies, rope_tables
+from megatron_bdgemma.layers.self_conditioning import SelfConditioning, soft_embedding
+from megatron_bdgemma.spec import Backend, get_bdgemma_block_spec, get_glu_mlp_submodules
+
+
+@dataclass
+class EncoderOutput:
+    """What `encode` returns.
+
+    kv: per layer of this stage, (K, V) each `[B, kv_heads_local, S, head_dim]` (HF cache layout): K after k_norm
+        and RoPE, V after v_norm. `decode` reads them.
+    logits: `[B, S, V]` fp32 softcapped next-token logits, when asked for.
+    """
+
+    kv: list[KV]
+    logits: torch.Tensor | None = None
+
+
+class BDGemmaModel(GPTModel):
+    def __init__(
+        self,
+        config: BDGemmaConfig,
+        backend: Backend = "local",
+        pre_process: bool = True,
+        post_process: bool = True,
+        pg_collection: ProcessGroupCollection | None = None,
+        vp_stage: int | None = None,
+    ) -> None:
+        pp_rank = get_pg_rank(pg_collection.pp) if pg_collection is not None else parallel_state.get_pipeline_model_parallel_rank()
+        super().__init__(
+            config=config,
+            transformer_layer_spec=get_bdgemma_block_spec(config, backend, vp_stage, pp_rank),
+            vocab_size=config.vocab_size,
+            max_sequence_length=config.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=True,
+            position_embedding_type="none",  # RoPE is applied per layer type from explicit positions
+            pg_collection=pg_collection,
+            vp_stage=vp_stage,
+        )
+        self.config: BDGemmaConfig = config
+        for layer_type in set(config.layer_types):
+            self.register_buffer(f"inv_freq_{layer_type}", layer_inverse_frequencies(config, layer_type), persistent=False)
+        if config.self_conditioning and pre_process:
+            self.self_conditioning = SelfConditioning(config, get_glu_mlp_submodules(backend))
+
+    # ---- shared pieces ------------------------------------------------------------------------------------------
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """ids `[B, S]` → `[S, B, H]` scaled by √H (cast to the embedding dtype first, as HF does)."""
+        embeddings = self.embedding(input_ids=input_ids, position_ids=None)
+        weight = self.embedding.word_embeddings.weight
+        return embeddings * torch.tensor(self.config.embedding_scale, dtype=weight.dtype)
+
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """cos/sin `[S, B, 1, D]` per layer type for positions `[B, S]`."""
+        return {t: rope_tables(position_ids, getattr(self, f"inv_freq_{t}"), dtype) for t in set(self.config.layer_types)}
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden `[S, B, H]` → full-vocabulary `[B, S, V]` fp32 logits, softcapped."""
+        logits, _ = self.output_layer(hidden, weight=self.shared_embedding_or_output_weight())
+        logits = gather_from_tensor_model_parallel_region(logits).transpose(0, 1).float()
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else cap * torch.tanh(logits / cap)
+
+    # ---- encode -------------------------------------------------------------------------------------------------
+
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        return_logits: bool = False,
+    ) -> EncoderOutput:
+        """Causal pass over the clean sequence.
+
+        Args:
+            input_ids: `[B, S]`.
+            position_ids: `[B, S]` absolute positions; default `0..S-1` (HF's default, also with padding).
+            padding_mask: `[B, S]` bool, True = padding (Megatron's convention); padded keys are never attended.
+            return_logits: also return the `[B, S, V]` fp32 softcapped logits (the AR head).
+        """
+        batch, seq = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if padding_mask is None else ~padding_mask.bool()
+        hidden = self.embed(input_ids)
+        rope = self.rope(position_ids, hidden.dtype)
+        attention = {t: masks.encoder_mask(valid, self.config.window_of(t)) for t in set(self.config.layer_types)}
+        kv = []
+        for layer in self.decoder.layers:
+            hidden, (key, value) = layer(hidden, rope=rope[layer.layer_type], attention_mask=attention[layer.layer_type])
+            kv.append((key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3)))
+        hidden = self.decoder.final_layernorm(hidden)
+        return EncoderOutput(kv=kv, logits=self.logits(hidden) if return_logits else None)
+
+    # ---- decode -------------------------------------------------------------------------------------------------
+
+    def decoder_input(
+        self,
+        canvas_ids: torch.Tensor,
+        self_conditioning_logits: torch.Tensor | None,
+        self_conditioning_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Canvas embeddings mixed with the self-conditioning signal → `[R, B, H]` (DESIGN §6)."""
+        embeddings = self.embed(canvas_ids)
+        if not self.config.self_conditioning:
+            return embeddings
+        if self_conditioning_logits is None:
+            signal = torch.zeros_like(embeddings)
+        else:
+            weight = self.embedding.word_embeddings.weight
+            signal = soft_embedding(self_conditioning_logits, weight, self.config.embedding_scale)
+            if self_conditioning_mask is not None:
+                signal = signal * self_conditioning_mask.to(signal.dtype)[:, None, None]
+            signal = signal.transpose(0, 1).contiguous()
+            if self.config.sequence_parallel:
+                signal = scatter_to_sequence_parallel_region(signal)
+        return self.self_conditioning(embeddings, signal)
+
+    def decode(
+        self,
+        canvas_ids: torch.Tensor,
+        encoder_kv: EncoderOutput | list[KV],
+        *,
+        canvas_position_ids: torch.Tensor,
+        attention_mask: dict[str, torch.Tensor] | None = None,
+        encoder_padding_mask: torch.Tensor | None = None,
+        self_conditioning_logits: torch.Tensor | None = None,
+        self_conditioning_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Bidirectional pass of a canvas over `[encoder K/V ; canvas K/V]` → `[B, R, V]` fp32 softcapped logits.
+
+        Args:
+            canvas_ids: `[B, R]` noised tokens.
+            encoder_kv: `encode(...)` output (or its `.kv`), P encoder positions per layer.
+            canvas_position_ids: `[B, R]` absolute positions (the clean copies' positions, so RoPE matches).
+            attention_mask: per layer type, `[B, 1, R, P + R]` bool (True = attend), e.g. from
+                `masks.block_diffusion_training_mask`. None = the inference contract of HF generation: full layers
+                see every valid encoder key, sliding layers the last `window - 1` encoder positions, and the whole
+                canvas is visible.
+            encoder_padding_mask: `[B, P]` bool, True = padding (only used when `attention_mask` is None).
+            self_conditioning_logits: `[B, R, V]` logits of the previous pass (detached by the caller); None = zero
+                signal.
+            self_conditioning_mask: `[B]` bool; False gives that example an exactly-zero signal.
+        """
+        kv = encoder_kv.kv if isinstance(encoder_kv, EncoderOutput) else encoder_kv
+        batch, prefix = kv[0][0].shape[0], kv[0][0].shape[2]
+        hidden = self.decoder_input(canvas_ids, self_conditioning_logits, self_conditioning_mask)
+        rope = self.rope(canvas_position_ids, hidden.dtype)
+        if attention_mask is None:
+            valid = (
+                torch.ones(batch, prefix, dtype=torch.bool, device=canvas_ids.device)
+                if encoder_padding_mask is None
+                else ~encoder_padding_mask.bool()
+            )
+            attention_mask = {
+                t: masks.decode_inference_mask(valid, None, self.config.window_of(t), canvas_len=canvas_ids.shape[1]) for t in set(self.config.layer_types)
+            }
+        for layer, (key, value) in zip(self.decoder.layers, kv):
+            prefix_kv = (key.permute(2, 0, 1, 3), value.permute(2, 0, 1, 3))  # back to [P, B, g, d]
+            hidden, _ = layer(
+                hidden, rope=rope[layer.layer_type], attention_mask=attention_mask[layer.layer_type], kv_prefix=prefix_kv
+            )
+        return self.logits(self.decoder.final_layernorm(hidden))

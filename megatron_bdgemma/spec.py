@@ -1,0 +1,93 @@
+"""Layer specs as data: which module fills each slot of the Gemma 4 MoE layer, per backend.
+
+`local` (Megatron's own parallel linears and `SequentialMLP` experts) always works, CPU included. `te` swaps in
+Transformer Engine linears and grouped-GEMM experts through Megatron's `TESpecProvider`; it is import-guarded and
+only used on GPU. Both keep the block-diffusion attention in `EagerCoreAttention` because the canvas mask is an
+arbitrary boolean mask.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Literal
+
+from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
+from megatron.core.models.gpt.moe_module_specs import _build_shared_experts
+from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.moe.moe_layer import MoESubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+from megatron_bdgemma.config import BDGemmaConfig
+from megatron_bdgemma.layers.attention import BDGemmaAttention, BDGemmaAttentionSubmodules, EagerCoreAttention
+from megatron_bdgemma.layers.layer import BDGemmaLayer, BDGemmaLayerSubmodules
+from megatron_bdgemma.layers.moe import BDGemmaMoELayer, BDGemmaRouter
+from megatron_bdgemma.layers.norm import RMSNorm
+
+Backend = Literal["local", "te"]
+
+
+def _provider(backend: Backend) -> BackendSpecProvider:
+    if backend == "local":
+        return LocalSpecProvider()
+    if backend == "te":
+        try:
+            from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+        except ImportError as error:  # pragma: no cover - depends on the machine
+            raise ImportError("backend='te' needs Transformer Engine: pip install 'megatron_bdgemma[te]'") from error
+        return TESpecProvider()
+    raise ValueError(f"unknown backend {backend!r}: expected 'local' or 'te'")
+
+
+def get_glu_mlp_submodules(backend: Backend = "local") -> MLPSubmodules:
+    """The dense GeGLU (the layers' shared expert and the self-conditioning MLP)."""
+    provider = _provider(backend)
+    return MLPSubmodules(linear_fc1=provider.column_parallel_linear(), linear_fc2=provider.row_parallel_linear())
+
+
+def get_bdgemma_layer_spec(backend: Backend = "local") -> ModuleSpec:
+    """Spec of one `BDGemmaLayer` (per-layer geometry comes from the config, not the spec)."""
+    provider = _provider(backend)
+    mlp = get_glu_mlp_submodules(backend)
+    moe = partial(
+        BDGemmaMoELayer,
+        submodules=MoESubmodules(
+            experts=provider.grouped_mlp_modules(backend == "te"),
+            shared_experts=partial(_build_shared_experts, submodules=mlp),
+            router=BDGemmaRouter,
+        ),
+    )
+    attention = ModuleSpec(
+        module=BDGemmaAttention,
+        submodules=BDGemmaAttentionSubmodules(
+            linear_qkv=provider.column_parallel_linear(),
+            core_attention=EagerCoreAttention,
+            linear_proj=provider.row_parallel_linear(),
+            q_layernorm=RMSNorm,
+            k_layernorm=RMSNorm,
+        ),
+    )
+    return ModuleSpec(
+        module=BDGemmaLayer,
+        submodules=BDGemmaLayerSubmodules(
+            input_layernorm=RMSNorm,
+            self_attention=attention,
+            post_attention_layernorm=RMSNorm,
+            pre_feedforward_layernorm=RMSNorm,
+            pre_feedforward_layernorm_2=RMSNorm,
+            mlp=moe,
+            post_feedforward_layernorm_1=RMSNorm,
+            post_feedforward_layernorm_2=RMSNorm,
+            post_feedforward_layernorm=RMSNorm,
+        ),
+    )
+
+
+def get_bdgemma_block_spec(
+    config: BDGemmaConfig, backend: Backend = "local", vp_stage: int | None = None, pp_rank: int | None = None
+) -> TransformerBlockSubmodules:
+    """The layers of this pipeline stage plus the final RMSNorm."""
+    layer = get_bdgemma_layer_spec(backend)
+    return TransformerBlockSubmodules(
+        layer_specs=[layer] * get_num_layers_to_build(config, vp_stage, pp_rank), layer_norm=RMSNorm
+    )

@@ -1,0 +1,93 @@
+"""Tiny random Hugging Face oracles, built locally and saved with `save_pretrained` (nothing from a hub).
+
+HF initialises norm weights, router scales, `per_expert_scale` and `layer_scalar` to ones, which would hide
+mapping mistakes; `randomise` makes every one of them distinct.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+# Sizes are the smallest that still exercise each feature: GQA (4 q heads over 2 KV heads), a full-layer geometry
+# different from the sliding one (head dim 16 vs 8, 1 KV head), top-2 of 4 experts, a window shorter than the
+# test sequences.
+BASE_TEXT: dict[str, Any] = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    global_head_dim=16,
+    num_global_key_value_heads=1,
+    layer_types=[SLIDING, SLIDING, FULL],
+    sliding_window=4,
+    num_experts=4,
+    top_k_experts=2,
+    moe_intermediate_size=16,
+    max_position_embeddings=512,
+    pad_token_id=0,
+    eos_token_id=1,
+)
+
+TINY_VISION = dict(
+    model_type="gemma4_vision", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    num_attention_heads=2, num_key_value_heads=2, head_dim=8,
+)
+
+
+@torch.no_grad()
+def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every norm weight, router scale, per-expert scale and layer scalar its own random value."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if name.endswith(("norm.weight", "router.scale", "per_expert_scale", "layer_scalar")) or "layernorm" in name:
+            tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
+        elif "experts." in name and tensor.is_floating_point():
+            tensor.normal_(0.0, 0.05, generator=generator)
+    return model
+
+
+def gemma4_causal_lm(text_overrides: dict[str, Any] | None = None, seed: int = 0):
+    """A `Gemma4ForCausalLM` MoE text model configured as DiffusionGemma's encoder (DESIGN §4)."""
+    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+
+    text = BASE_TEXT | dict(
+        enable_moe_block=True, attention_k_eq_v=True, hidden_size_per_layer_input=0, num_kv_shared_layers=0,
+        final_logit_softcapping=30.0,
+    ) | (text_overrides or {})
+    torch.manual_seed(seed)
+    config = Gemma4TextConfig(**text)
+    config._attn_implementation = "eager"
+    return randomise(Gemma4ForCausalLM(config).eval(), seed)
+
+
+def diffusion_gemma(text_overrides: dict[str, Any] | None = None, canvas_length: int = 4, seed: int = 0):
+    """A `DiffusionGemmaForBlockDiffusion` with a one-layer vision tower (dropped on import)."""
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+    from transformers.models.diffusion_gemma import DiffusionGemmaTextConfig
+
+    torch.manual_seed(seed)
+    config = DiffusionGemmaConfig(
+        text_config=DiffusionGemmaTextConfig(**(BASE_TEXT | (text_overrides or {}))),
+        vision_config=TINY_VISION,
+        canvas_length=canvas_length,
+    )
+    config._attn_implementation = "eager"
+    model = DiffusionGemmaForBlockDiffusion(config).eval()
+    randomise(model, seed)
+    # The encoder's untied layer_scalar copies must equal the decoder's (a real checkpoint stores both equal).
+    for enc, dec in zip(model.model.encoder.language_model.layers, model.model.decoder.layers):
+        enc.layer_scalar.copy_(dec.layer_scalar)
+    return model
+
+
+def save(model: torch.nn.Module, path: Path) -> Path:
+    model.save_pretrained(path)
+    return path
