@@ -91,6 +91,9 @@ class BDGemmaConfig(TransformerConfig):
     self_conditioning: bool = True
     """Build the two-pass self-conditioning module (DESIGN §6)."""
 
+    freeze_router: bool = True
+    """Router projection and scale get `requires_grad=False` (DiffusionGemma's SFT recipe; no aux loss)."""
+
     pad_token_id: int = 0
     eos_token_ids: tuple[int, ...] = (1,)
     """End-of-sequence ids (DiffusionGemma's generation config uses (1, 106, 50))."""
@@ -107,6 +110,9 @@ class BDGemmaConfig(TransformerConfig):
         if self.activation_func is F.gelu:
             self.activation_func = gelu_tanh
         self.heterogeneous_block_specs = True  # per-layer head geometry via get_config_for_layer
+        # Our attention has q/k RMSNorms shared across heads; with this flag Megatron's finalize_model_grads sums
+        # their head-partial gradients over TP ranks.
+        self.qk_layernorm = True
         self.moe_router_load_balancing_type = "none"
         self.moe_aux_loss_coeff = 0.0
         if self.ffn_hidden_size is None and self.moe_shared_expert_intermediate_size is not None:

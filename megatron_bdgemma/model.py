@@ -23,6 +23,7 @@ from megatron.core.utils import get_pg_rank
 
 from megatron_bdgemma import masks
 from megatron_bdgemma.config import BDGemmaConfig
+from megatron_bdgemma.diffusion import DiffusionBatch, NoisedCanvas, ar_loss, diffusion_loss
 from megatron_bdgemma.layers.attention import KV
 from megatron_bdgemma.layers.rope import layer_inverse_frequencies, rope_tables
 from megatron_bdgemma.layers.self_conditioning import SelfConditioning, soft_embedding
@@ -40,6 +41,19 @@ class EncoderOutput:
 
     kv: list[KV]
     logits: torch.Tensor | None = None
+
+
+@dataclass
+class TrainingOutput:
+    """Loss sums and token counts (not means): the trainer all-reduces the counts over DP ranks and micro-batches
+    and normalises globally. Logits are kept for inspection and tests."""
+
+    diffusion_loss_sum: torch.Tensor
+    diffusion_tokens: torch.Tensor
+    ar_loss_sum: torch.Tensor
+    ar_tokens: torch.Tensor
+    canvas_logits: torch.Tensor
+    encoder_logits: torch.Tensor
 
 
 class BDGemmaModel(GPTModel):
@@ -70,6 +84,8 @@ class BDGemmaModel(GPTModel):
             self.register_buffer(f"inv_freq_{layer_type}", layer_inverse_frequencies(config, layer_type), persistent=False)
         if config.self_conditioning and pre_process:
             self.self_conditioning = SelfConditioning(config, get_glu_mlp_submodules(backend))
+        if config.freeze_router:
+            self.freeze_router()
 
     # ---- shared pieces ------------------------------------------------------------------------------------------
 
@@ -191,3 +207,44 @@ class BDGemmaModel(GPTModel):
                 hidden, rope=rope[layer.layer_type], attention_mask=attention_mask[layer.layer_type], kv_prefix=prefix_kv
             )
         return self.logits(self.decoder.final_layernorm(hidden))
+
+    # ---- training ----------------------------------------------------------------------------------------------
+
+    def training_masks(self, batch: DiffusionBatch, noised: NoisedCanvas) -> dict[str, torch.Tensor]:
+        """Block-diffusion masks of the decoded blocks, per layer type (strict block rule, anchored window)."""
+        return {
+            t: masks.block_diffusion_training_mask(
+                batch.prefix_lens, batch.response_lens, batch.seq_len, noised.canvas_ids.shape[1],
+                batch.block_size, self.config.window_of(t), canvas_block_ids=noised.block_ids,
+            )
+            for t in set(self.config.layer_types)
+        }
+
+    def training_forward(self, batch: DiffusionBatch, noised: NoisedCanvas) -> TrainingOutput:
+        """encode (grad) → decode pass 1 (no grad, zero signal) → decode pass 2 (grad, gated pass-1 signal) → losses.
+
+        Pass 1 runs every step, whatever the coins say, so every rank issues the same collectives. The canvas
+        loss reaches the encoder through its K/V, which pass 2 attends to.
+        """
+        encoded = self.encode(batch.input_ids, padding_mask=~batch.encoder_valid, return_logits=True)
+        attention = self.training_masks(batch, noised)
+
+        def decode(**self_conditioning: torch.Tensor) -> torch.Tensor:
+            return self.decode(
+                noised.canvas_ids, encoded, canvas_position_ids=noised.position_ids, attention_mask=attention,
+                **self_conditioning,
+            )
+
+        signal = {}
+        if self.config.self_conditioning:
+            with torch.no_grad():
+                signal = dict(self_conditioning_logits=decode(), self_conditioning_mask=noised.self_conditioning)
+        canvas_logits = decode(**signal)
+        diffusion_sum, diffusion_tokens = diffusion_loss(canvas_logits, noised.targets, noised.scored, noised.weights)
+        ar_sum, ar_tokens = ar_loss(encoded.logits, batch.ar_labels, batch.ar_loss_mask)
+        return TrainingOutput(diffusion_sum, diffusion_tokens, ar_sum, ar_tokens, canvas_logits, encoded.logits)
+
+    def freeze_router(self) -> None:
+        """Freeze every layer's router projection and scale (DiffusionGemma's recipe; no aux loss)."""
+        for layer in self.decoder.layers:
+            layer.mlp.router.freeze()

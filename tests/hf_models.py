@@ -44,13 +44,17 @@ TINY_VISION = dict(
 
 @torch.no_grad()
 def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give every norm weight, router scale, per-expert scale and layer scalar its own random value."""
+    """Give every norm weight, router scale, per-expert scale, layer scalar and embedding row a random value."""
     generator = torch.Generator().manual_seed(seed)
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         if name.endswith(("norm.weight", "router.scale", "per_expert_scale", "layer_scalar")) or "layernorm" in name:
             tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
         elif "experts." in name and tensor.is_floating_point():
             tensor.normal_(0.0, 0.05, generator=generator)
+        elif name.endswith("embed_tokens.weight"):
+            # HF zeroes the pad row; a zero vector through RMSNorm has a 1/sqrt(eps) gradient, which makes
+            # gradient comparisons of padded batches ill-conditioned. Real checkpoints have no zero rows.
+            tensor.normal_(0.0, 0.5, generator=generator)
     return model
 
 

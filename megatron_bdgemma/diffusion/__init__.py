@@ -22,6 +22,7 @@ Nothing here imports megatron or the model.
 """
 
 from .layout import DiffusionBatch, block_mask, build_pretrain_batch, build_sft_batch, take_blocks
+from .objective import NoisedCanvas, noise_batch
 from .loss import ar_loss, diffusion_loss, diffusion_loss_weights, normalise, weighted_cross_entropy_sum
 from .noise import (
     T_MIN,
@@ -60,6 +61,9 @@ __all__ = [
     "corrupt",
     "choose_blocks",
     "self_conditioning_coins",
+    # objective
+    "NoisedCanvas",
+    "noise_batch",
     # loss
     "weighted_cross_entropy_sum",
     "diffusion_loss",

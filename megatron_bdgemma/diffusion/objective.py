@@ -1,0 +1,86 @@
+"""One training example's diffusion inputs: noise levels, corrupted canvas, scored blocks, self-conditioning coins.
+
+`noise_batch` draws everything from (seed, global sample index, step, purpose), so the result does not depend on
+how the batch is split over ranks or micro-batches. With one scored block per example (the SFT default) only that
+block is put on the canvas: canvas blocks never see each other, so decoding the scored block alone gives the same
+logits and gradients as decoding the whole canvas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .layout import DiffusionBatch, take_blocks
+from .loss import diffusion_loss_weights
+from .noise import NoiseKind, SampleIndices, choose_blocks, corrupt, expand_t, sample_t, self_conditioning_coins
+
+
+@dataclass(frozen=True)
+class NoisedCanvas:
+    """The decoder's training inputs; R' = number of decoded blocks × block size.
+
+    canvas_ids / targets / position_ids: `[B, R']` noisy ids, clean ids, absolute positions.
+    block_ids: `[B, R' / block_size]` response block held by each canvas block (-1 = empty slot).
+    scored: `[B, R']` bool, positions that enter the diffusion loss; weights `[B, R']` their CE weights.
+    self_conditioning: `[B]` bool coins (True = pass 2 sees pass 1's signal).
+    """
+
+    canvas_ids: Tensor
+    targets: Tensor
+    position_ids: Tensor
+    block_ids: Tensor
+    scored: Tensor
+    weights: Tensor
+    self_conditioning: Tensor
+
+
+def noise_batch(
+    batch: DiffusionBatch,
+    *,
+    sample_indices: SampleIndices,
+    step: int,
+    seed: int,
+    vocab_size: int,
+    score: Literal["one_block", "all_blocks"] = "one_block",
+    kind: NoiseKind | str = NoiseKind.UNIFORM,
+    mask_id: int | None = None,
+    t_min: float = 1e-3,
+    t_max: float = 1.0,
+    self_conditioning_p: float = 0.5,
+) -> NoisedCanvas:
+    """Corrupt the response window of `batch` (DESIGN §7).
+
+    `score="one_block"`: one t per example, one uniformly chosen block scored and decoded.
+    `score="all_blocks"` (pretraining): one t per block, every block decoded and scored.
+    `kind="absorbing"` replaces with `mask_id` and weights noised positions by 1/t (MDLM / BD3-LM).
+    """
+    key = dict(sample_indices=sample_indices, step=step, seed=seed)
+    bs, device = batch.block_size, batch.input_ids.device
+    if score == "one_block":
+        t = sample_t(t_min=t_min, t_max=t_max, **key).to(device)
+    elif score == "all_blocks":
+        t = sample_t(t_min=t_min, t_max=t_max, blocks_per_example=batch.blocks_per_example, num_blocks=batch.num_blocks, **key).to(device)
+    else:
+        raise ValueError(f"score must be 'one_block' or 'all_blocks', got {score!r}")
+    noisy, noised = corrupt(
+        kind, batch.canvas_targets, batch.canvas_valid, t, vocab_size=vocab_size, mask_id=mask_id, block_size=bs, **key
+    )
+    t_per_position = expand_t(t, batch.canvas_len, bs if score == "all_blocks" else None)
+    scored = batch.canvas_valid
+    targets, positions = batch.canvas_targets, batch.canvas_position_ids
+    if score == "one_block":
+        chosen = choose_blocks(batch.response_lens, bs, **key)
+        noisy, noised, targets, positions, scored, t_per_position = (
+            take_blocks(x, chosen, bs) for x in (noisy, noised, targets, positions, scored, t_per_position)
+        )
+        block_ids = chosen[:, None]
+    else:
+        block_ids = torch.arange(batch.num_blocks, device=device).expand(batch.batch_size, -1)
+        block_ids = torch.where(block_ids < batch.blocks_per_example.to(device)[:, None], block_ids, -1)
+    weights = diffusion_loss_weights(scored, noised, t_per_position, objective=str(NoiseKind(kind)))
+    coins = self_conditioning_coins(p=self_conditioning_p, **key).to(device)
+    return NoisedCanvas(noisy, targets, positions, block_ids, scored, weights, coins)

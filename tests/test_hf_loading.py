@@ -1,0 +1,111 @@
+"""Contract: HF configs and checkpoints that we cannot represent fail with an error naming the problem."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import megatron_bdgemma
+from megatron_bdgemma.config import FULL, SLIDING, config_from_hf
+from tests import hf_models
+
+
+def _gemma4_text(**overrides):
+    from transformers import Gemma4TextConfig
+
+    values = hf_models.BASE_TEXT | dict(enable_moe_block=True, attention_k_eq_v=True, hidden_size_per_layer_input=0)
+    return Gemma4TextConfig(**(values | overrides))
+
+
+def test_config_from_hf_reads_every_geometry_field():
+    config = config_from_hf(_gemma4_text(final_logit_softcapping=30.0))
+    assert (config.kv_channels, config.num_query_groups) == (8, 2)
+    assert (config.global_kv_channels, config.num_global_query_groups) == (16, 1)
+    assert config.layer_types == [SLIDING, SLIDING, FULL]
+    assert (config.num_moe_experts, config.moe_router_topk, config.moe_ffn_hidden_size) == (4, 2, 16)
+    assert config.ffn_hidden_size == config.moe_shared_expert_intermediate_size == 48
+    assert config.global_k_eq_v and not config.self_conditioning
+    assert config.sliding_window == 4 and config.final_logit_softcapping == 30.0
+
+
+def test_diffusion_gemma_config_is_always_k_eq_v_and_self_conditioned():
+    config = config_from_hf(hf_models.diffusion_gemma().config)
+    assert config.global_k_eq_v and config.self_conditioning and config.canvas_length == 4
+
+
+@pytest.mark.parametrize(
+    "overrides,named",
+    [
+        (dict(hidden_size_per_layer_input=256), "hidden_size_per_layer_input"),
+        (dict(num_kv_shared_layers=2), "num_kv_shared_layers"),
+        (dict(enable_moe_block=False), "enable_moe_block"),
+        (dict(use_bidirectional_attention="all"), "use_bidirectional_attention"),
+        (dict(attention_bias=True), "attention_bias"),
+    ],
+)
+def test_unsupported_config_features_are_named(overrides, named):
+    with pytest.raises(ValueError, match=named):
+        config_from_hf(_gemma4_text(**overrides))
+
+
+def test_all_unsupported_features_are_listed_at_once():
+    with pytest.raises(ValueError) as error:
+        config_from_hf(_gemma4_text(hidden_size_per_layer_input=256, num_kv_shared_layers=2))
+    assert "hidden_size_per_layer_input" in str(error.value) and "num_kv_shared_layers" in str(error.value)
+
+
+def test_unsupported_model_type(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="llama"):
+        megatron_bdgemma.from_hf(tmp_path)
+
+
+@pytest.fixture
+def saved_gemma4(tmp_path):
+    return hf_models.save(hf_models.gemma4_causal_lm(), tmp_path / "hf")
+
+
+def _edit_weights(path, edit):
+    tensors = load_file(path / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_tensor_is_named(saved_gemma4, model_parallel):
+    _edit_weights(saved_gemma4, lambda t: t.pop("model.layers.1.self_attn.k_norm.weight"))
+    with pytest.raises(KeyError, match=r"model\.layers\.1\.self_attn\.k_norm\.weight"):
+        megatron_bdgemma.from_hf(saved_gemma4)
+
+
+def test_misshaped_tensor_is_named(saved_gemma4, model_parallel):
+    def shrink(tensors):
+        tensors["model.layers.0.mlp.down_proj.weight"] = tensors["model.layers.0.mlp.down_proj.weight"][:, :-1].clone()
+
+    _edit_weights(saved_gemma4, shrink)
+    with pytest.raises(ValueError, match=r"mlp\.down_proj\.weight"):
+        megatron_bdgemma.from_hf(saved_gemma4)
+
+
+def test_unexpected_tensor_is_named(saved_gemma4, model_parallel):
+    _edit_weights(saved_gemma4, lambda t: t.__setitem__("model.layers.0.mystery.weight", torch.zeros(2)))
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mystery\.weight"):
+        megatron_bdgemma.from_hf(saved_gemma4)
+
+
+def test_untied_layer_scalar_copies_must_agree(tmp_path, model_parallel):
+    path = hf_models.save(hf_models.diffusion_gemma(), tmp_path / "hf")
+    _edit_weights(path, lambda t: t["model.encoder.language_model.layers.2.layer_scalar"].mul_(2))
+    with pytest.raises(ValueError, match=r"layers\.2\.layer_scalar"):
+        megatron_bdgemma.from_hf(path)
+
+
+def test_vision_tower_is_dropped(tmp_path, model_parallel):
+    from megatron_bdgemma.conversion.hf_checkpoint import HFCheckpoint
+
+    path = hf_models.save(hf_models.diffusion_gemma(), tmp_path / "hf")
+    megatron_bdgemma.from_hf(path)  # loads without complaining about the vision tower
+    dropped = HFCheckpoint(path).dropped()
+    assert dropped and all("vision" in key for key in dropped)
