@@ -1,0 +1,256 @@
+"""Pretraining data: Megatron indexed datasets (``.bin/.idx``) through megatron-core's ``GPTDataset``.
+
+Documents are token ids (int32: Gemma's 262,144-entry vocabulary does not fit uint16) written by
+``tools/preprocess_data.py`` or :mod:`megatron_bdgemma.data.embedded` through :class:`IndexedDatasetWriter`.
+``GPTDataset`` packs them into fixed-length rows of ``seq_length`` tokens across document boundaries (each document
+ends with EOS) and shuffles; ``BlendedMegatronDatasetBuilder`` mixes several corpora by weight and carves the
+train/valid/test splits. The block-diffusion layout (prefix 0, every block scored) and the noise are applied later,
+per micro-batch: :func:`pretrain_collate` here, the noise in the training step.
+
+Samples are non-overlapping ``seq_length`` windows (``add_extra_token_to_sequence=False``): the diffusion objective
+and the AR loss both work inside the row, so megatron's extra label token would be wasted.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, NamedTuple, TypedDict
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from megatron_bdgemma.data.tokenizer import Tokenizer
+from megatron_bdgemma.diffusion.layout import DiffusionBatch, build_pretrain_batch
+
+if TYPE_CHECKING:
+    from megatron.core.datasets.blended_dataset import BlendedDataset
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+
+__all__ = [
+    "TOKEN_DTYPE",
+    "Blend",
+    "IndexedDatasetWriter",
+    "PretrainSample",
+    "PretrainDataset",
+    "PretrainSplits",
+    "build_pretrain_datasets",
+    "pretrain_collate",
+]
+
+TOKEN_DTYPE = np.int32
+"""On-disk token dtype of every dataset this package writes."""
+
+Blend = str | os.PathLike | Sequence[str] | Mapping[str, float]
+"""One dataset prefix; several prefixes, mixed in proportion to their sizes; or ``{prefix: weight}``."""
+
+
+class IndexedDatasetWriter:
+    """Write a Megatron ``.bin/.idx`` pair that appears only once it is complete.
+
+    Tokens go to temporary files beside the target, renamed into place (``.bin`` first, then ``.idx``, which
+    megatron-core reads first) when the ``with`` block ends without an exception; on an exception the temporary
+    files are deleted and nothing at ``prefix`` changes. A crashed run leaves at most ``prefix.tmp-*`` files.
+    One document is one sequence.
+
+        with IndexedDatasetWriter("out/corpus") as writer:
+            writer.add_document(ids)          # ids: 1-D ints, EOS included
+    """
+
+    def __init__(self, prefix: str | Path) -> None:
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+        self.prefix = str(prefix)
+        Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
+        # Unique per writer so concurrent writers of the same prefix (e.g. every rank building the embedded corpus)
+        # never share a temporary file; the last rename wins with identical content.
+        self._tmp = f"{self.prefix}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._builder = IndexedDatasetBuilder(self._tmp + ".bin", dtype=TOKEN_DTYPE)
+        self.num_documents = 0
+        self.num_tokens = 0
+
+    def add_document(self, ids: Sequence[int] | np.ndarray) -> None:
+        """Append one document (1-D token ids, at least one)."""
+        ids = np.asarray(ids, dtype=TOKEN_DTYPE)
+        if ids.ndim != 1 or ids.size == 0:
+            raise ValueError(f"a document must be a non-empty 1-D id sequence, got shape {ids.shape}")
+        self._builder.add_document(ids, [ids.size])
+        self.num_documents += 1
+        self.num_tokens += ids.size
+
+    def __enter__(self) -> IndexedDatasetWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is not None:
+            self._discard()
+            return
+        if self.num_documents == 0:
+            # An empty corpus would only fail later, inside megatron-core, with a less helpful message.
+            self._discard()
+            raise ValueError(f"no documents were written to {self.prefix}")
+        self._builder.finalize(self._tmp + ".idx")
+        os.replace(self._tmp + ".bin", self.prefix + ".bin")
+        os.replace(self._tmp + ".idx", self.prefix + ".idx")
+
+    def _discard(self) -> None:
+        self._builder.data_file.close()
+        for suffix in (".bin", ".idx"):
+            Path(self._tmp + suffix).unlink(missing_ok=True)
+
+
+class PretrainSample(TypedDict):
+    tokens: Tensor
+    """``[S]`` int64 token ids (a packed window; documents are separated by EOS)."""
+    sample_index: int
+    """Index of the sample in its split's dataset: the key of its noise (same on any number of GPUs)."""
+
+
+class PretrainDataset(torch.utils.data.Dataset):
+    """A megatron-core ``GPTDataset`` / ``BlendedDataset`` whose samples carry their own index."""
+
+    def __init__(self, dataset: GPTDataset | BlendedDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> PretrainSample:
+        return PretrainSample(tokens=self.dataset[index]["tokens"], sample_index=int(index))
+
+
+class PretrainSplits(NamedTuple):
+    """Each split's dataset, or None when its weight in ``split`` is 0."""
+
+    train: PretrainDataset | None
+    valid: PretrainDataset | None
+    test: PretrainDataset | None
+
+
+def build_pretrain_datasets(
+    blend: Blend,
+    *,
+    tokenizer: Tokenizer,
+    seq_length: int,
+    seed: int,
+    num_samples: Sequence[int | None],
+    split: str = "98,1,1",
+    cache_dir: str | Path | None = None,
+    is_built_on_rank: Callable[[], bool] = lambda: True,
+) -> PretrainSplits:
+    """Build the train/valid/test datasets of a blend of indexed corpora.
+
+    Documents are divided between the splits by ``split`` (e.g. ``"98,1,1"``: the first 98% of each corpus's
+    documents train, ...); within a split, ``GPTDataset`` shuffles documents, packs them into ``seq_length`` windows
+    and repeats epochs until ``num_samples`` windows exist. With a weighted blend, each split draws from the corpora
+    in proportion to the weights.
+
+    Must be called on every rank when ``torch.distributed`` is initialised: megatron-core builds the index cache
+    (``cache_dir``; by default ``<corpus dir>/cache``) on rank 0 while the others wait at a barrier, then they load it.
+
+    Args:
+        blend: see :data:`Blend`; prefixes name ``prefix.bin`` / ``prefix.idx``.
+        tokenizer: the tokenizer the corpora were written with (``eod``, ``pad``, ``vocab_size``, cache hash).
+        seq_length: tokens per sample ``S``.
+        seed: shuffling seed.
+        num_samples: ``(train, valid, test)`` sample counts: a weighted blend gives exactly these and needs all
+            three; a single corpus gives whole epochs, at least this many samples (``None``: one epoch).
+        split: train/valid/test weights of the documents.
+        cache_dir: where megatron-core caches its index arrays.
+        is_built_on_rank: whether this rank needs the datasets (e.g. only pipeline stages that read tokens); rank 0
+            must return True.
+
+    Returns:
+        :class:`PretrainSplits`; each sample is a :class:`PretrainSample` with ``tokens [S]``.
+
+    Raises:
+        FileNotFoundError: a prefix has no ``.bin``/``.idx`` (names it).
+        ValueError: a weighted blend without all sample counts, or a split that gets no documents of some corpus.
+    """
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    prefixes, weights = _parse_blend(blend)
+    num_samples = list(num_samples)
+    if len(num_samples) != 3:
+        raise ValueError(f"num_samples must be (train, valid, test), got {num_samples}")
+    if weights is not None and None in num_samples:
+        raise ValueError(f"a weighted blend needs a sample count for every split, got num_samples={num_samples}")
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=(prefixes, weights),
+        split=split,
+        tokenizer=tokenizer,
+        path_to_cache=None if cache_dir is None else str(cache_dir),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,  # the model builds its own block-diffusion masks
+        add_extra_token_to_sequence=False,
+        drop_last_partial_validation_sequence=True,  # every row is full, so pretrain_collate needs no valid mask
+    )
+    _check_splits(prefixes, split, config.split_matrix)
+    datasets = BlendedMegatronDatasetBuilder(GPTDataset, num_samples, is_built_on_rank, config).build()
+    return PretrainSplits(*(None if d is None else PretrainDataset(d) for d in datasets))
+
+
+def pretrain_collate(
+    samples: Sequence[PretrainSample], *, block_size: int, pad_id: int
+) -> tuple[DiffusionBatch, Tensor]:
+    """Stack samples into the pretraining layout (prefix 0, the whole row is the response).
+
+    Args:
+        samples: ``B`` samples with ``tokens [S]``.
+        block_size: canvas block length.
+        pad_id: id of padding up to a multiple of ``block_size``.
+
+    Returns:
+        ``(batch, sample_indices)``: a :class:`DiffusionBatch` with ``S_out = roundup(S, block_size)`` and the
+        ``[B]`` int64 sample indices that key each example's noise.
+    """
+    tokens = torch.stack([s["tokens"] for s in samples]).long()
+    indices = torch.tensor([s["sample_index"] for s in samples], dtype=torch.long)
+    return build_pretrain_batch(tokens, block_size=block_size, pad_id=pad_id), indices
+
+
+def _parse_blend(blend: Blend) -> tuple[list[str], list[float] | None]:
+    if isinstance(blend, (str, os.PathLike)):
+        prefixes, weights = [str(blend)], None
+    elif isinstance(blend, Mapping):
+        prefixes, weights = [str(p) for p in blend], [float(w) for w in blend.values()]
+        if any(w <= 0 for w in weights):
+            raise ValueError(f"blend weights must be positive, got {dict(blend)}")
+    else:
+        prefixes, weights = [str(p) for p in blend], None
+    if not prefixes:
+        raise ValueError("the blend names no dataset")
+    missing = [p for p in prefixes if not (Path(p + ".bin").is_file() and Path(p + ".idx").is_file())]
+    if missing:
+        raise FileNotFoundError(
+            f"no indexed dataset (.bin and .idx) at {missing}; write one with tools/preprocess_data.py"
+        )
+    return prefixes, weights
+
+
+def _check_splits(prefixes: Iterable[str], split: str, split_matrix: Sequence[tuple[float, float] | None]) -> None:
+    """Fail early, by name, where megatron-core would loop forever or assert: a split that gets no document."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    names = ("train", "valid", "test")
+    for prefix in prefixes:
+        n = len(IndexedDataset(prefix).sequence_lengths)
+        # The same document ranges megatron-core's builder computes.
+        empty = [names[i] for i, bounds in enumerate(split_matrix)
+                 if bounds is not None and round(bounds[1] * n) - round(bounds[0] * n) == 0]
+        if empty:
+            raise ValueError(
+                f"{prefix} has {n} documents: split {split!r} leaves the {'/'.join(empty)} split without any; "
+                f"use more documents or give those splits a larger share (or 0 to disable them)"
+            )

@@ -1,0 +1,195 @@
+"""The tokenizer interface of the data pipeline and the trainer, and its two implementations.
+
+- :class:`HFTokenizer` wraps a local Hugging Face tokenizer directory (never the hub).
+- :class:`ByteTokenizer` needs no files at all: UTF-8 bytes shifted past two special ids, with a tiny built-in chat
+  format, so pretraining and SFT both run offline on any machine (the embedded default).
+
+The same object serves three readers: megatron-core's ``GPTDatasetConfig`` (which only reads ``eod``, ``pad``,
+``vocab_size`` and ``unique_identifiers``), the SFT pipeline (``apply_chat_template``, ``stop_ids``) and the trainer
+(``eos``, ``pad``, ``decode``). This module imports neither torch nor megatron, so tokenisation workers start fast.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Tokenizer", "HFTokenizer", "ByteTokenizer", "load_tokenizer", "BYTE_TOKENIZER"]
+
+BYTE_TOKENIZER = "byte"
+"""The spec string that selects :class:`ByteTokenizer` in :func:`load_tokenizer` (and ``--tokenizer byte``)."""
+
+ChatMessage = Mapping[str, str]
+"""``{"role": "system" | "user" | "assistant", "content": str}``."""
+
+
+class Tokenizer(ABC):
+    """What the datasets and the trainer need from a tokenizer."""
+
+    vocab_size: int
+    """Number of ids the tokenizer can emit; every id is ``< vocab_size``. The model's vocabulary may be larger."""
+    eod: int
+    """End-of-document id: appended to every pretraining document and used as the EOS block fill in SFT."""
+    pad: int
+    """Global padding id (never attended, never scored). Distinct from ``eod`` (checked at construction)."""
+    bos: int | None
+    """Beginning-of-sequence id prepended to pretraining documents, or None when the tokenizer has none."""
+    stop_ids: frozenset[int]
+    """Ids that end an assistant turn (``eod`` and e.g. Gemma's ``<end_of_turn>``): an SFT response is cut just
+    after its first stop id, so a template's trailing text after the turn (a newline) is not supervised."""
+
+    @property
+    def eos(self) -> int:
+        """Alias of :attr:`eod` (megatron-core calls it ``eod``, Hugging Face ``eos``)."""
+        return self.eod
+
+    @property
+    @abstractmethod
+    def unique_identifiers(self) -> dict[str, Any]:
+        """A JSON-serialisable description; megatron-core hashes it into the dataset index cache names."""
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, without any special tokens added."""
+
+    @abstractmethod
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids`` (for samples and logs)."""
+
+    @abstractmethod
+    def apply_chat_template(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool) -> str:
+        """Render a conversation as text; ``add_generation_prompt`` appends the header that opens an assistant turn.
+
+        SFT splits an example at the text level: prompt = the rendering of the messages before the answer with the
+        generation prompt, response = what the full rendering adds after it (see :mod:`megatron_bdgemma.data.sft`).
+        """
+
+    def _check_specials(self, where: str) -> None:
+        if self.pad == self.eod:
+            # megatron-core would then stop masking pad (it resets pad to -1), and pad and the EOS fill, which is
+            # supervised, could no longer be told apart in the data.
+            raise ValueError(f"{where}: pad id {self.pad} equals the EOS/EOD id; give the tokenizer a distinct pad")
+        bad = {name: i for name, i in [("eod", self.eod), ("pad", self.pad), ("bos", self.bos)]
+               if i is not None and not 0 <= i < self.vocab_size}
+        if bad:
+            raise ValueError(f"{where}: special ids {bad} lie outside the vocabulary [0, {self.vocab_size})")
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes as tokens: id = byte + 2, with 0 = pad and 1 = EOS; no files, no training.
+
+    ``vocab_size`` is 258 rounded up to a multiple of 64 (320) so embedding tables stay kernel-friendly; ids 258..319
+    are never produced. Chat format (plain bytes, markers included)::
+
+        <|system|>{content}<|user|>{content}<|assistant|>{content}<|user|>...
+
+    An assistant turn has no closing marker: its answer ends with the EOS id, which SFT appends to the response.
+    """
+
+    PAD = 0
+    EOS = 1
+    OFFSET = 2
+    ROLES = ("system", "user", "assistant")
+
+    def __init__(self) -> None:
+        self.vocab_size = _round_up(256 + self.OFFSET, 64)
+        self.eod = self.EOS
+        self.pad = self.PAD
+        self.bos = None
+        self.stop_ids = frozenset({self.EOS})
+        self._check_specials("ByteTokenizer")
+
+    @property
+    def unique_identifiers(self) -> dict[str, Any]:
+        return {"class": type(self).__name__, "vocab_size": self.vocab_size}
+
+    def encode(self, text: str) -> list[int]:
+        return [b + self.OFFSET for b in text.encode("utf-8")]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Drops ids outside the byte range (pad, EOS, unused rows); invalid UTF-8 becomes U+FFFD."""
+        data = bytes(i - self.OFFSET for i in map(int, ids) if self.OFFSET <= i < 256 + self.OFFSET)
+        return data.decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool) -> str:
+        parts = []
+        for message in messages:
+            if message.get("role") not in self.ROLES:
+                raise ValueError(f"unknown chat role {message.get('role')!r}; ByteTokenizer knows {self.ROLES}")
+            parts.append(f"<|{message['role']}|>{message['content']}")
+        if add_generation_prompt:
+            parts.append("<|assistant|>")
+        return "".join(parts)
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face tokenizer loaded from a local directory (``local_files_only``: nothing is downloaded).
+
+    ``vocab_size`` is ``len(tokenizer)`` (base vocabulary plus added tokens). ``stop_ids`` are the EOS id plus the
+    ``eos_token_id`` list of a ``generation_config.json`` next to the tokenizer, when there is one (DiffusionGemma's
+    lists ``<end_of_turn>``).
+
+    Raises:
+        ValueError: the tokenizer has no EOS or no pad token, or its pad id equals its EOS id.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        from transformers import AutoTokenizer
+
+        self.path = Path(path).resolve()
+        self._tok = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+        where = f"tokenizer at {self.path}"
+        if self._tok.eos_token_id is None:
+            raise ValueError(f"{where} has no eos_token; documents and answers need one")
+        if self._tok.pad_token_id is None:
+            raise ValueError(f"{where} has no pad_token; set one (not eos_token) in its tokenizer_config.json")
+        self.vocab_size = len(self._tok)
+        self.eod = int(self._tok.eos_token_id)
+        self.pad = int(self._tok.pad_token_id)
+        self.bos = None if self._tok.bos_token_id is None else int(self._tok.bos_token_id)
+        self.stop_ids = frozenset({self.eod, *_generation_eos_ids(self.path)})
+        self._check_specials(where)
+
+    @property
+    def unique_identifiers(self) -> dict[str, Any]:
+        return {"class": type(self).__name__, "path": str(self.path), "vocab_size": self.vocab_size,
+                "eod": self.eod, "pad": self.pad}
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(map(int, ids)))
+
+    def apply_chat_template(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool) -> str:
+        if self._tok.chat_template is None:
+            raise ValueError(f"tokenizer at {self.path} has no chat_template; SFT needs one")
+        return self._tok.apply_chat_template(
+            [dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+
+def load_tokenizer(spec: str | Path) -> Tokenizer:
+    """``"byte"`` gives :class:`ByteTokenizer`; anything else is a local HF tokenizer directory."""
+    if str(spec) == BYTE_TOKENIZER:
+        return ByteTokenizer()
+    if not Path(spec).is_dir():
+        raise FileNotFoundError(f"tokenizer {str(spec)!r} is neither {BYTE_TOKENIZER!r} nor a local directory")
+    return HFTokenizer(spec)
+
+
+def _generation_eos_ids(path: Path) -> list[int]:
+    config = path / "generation_config.json"
+    if not config.is_file():
+        return []
+    eos = json.loads(config.read_text()).get("eos_token_id")
+    if eos is None:
+        return []
+    return [int(i) for i in (eos if isinstance(eos, list) else [eos])]
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return (x + multiple - 1) // multiple * multiple

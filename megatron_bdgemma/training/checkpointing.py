@@ -1,0 +1,118 @@
+"""Distributed checkpoints (`torch_dist`) with a crash-safe `latest` marker.
+
+Layout of a save directory:
+
+    iter_0000020/      a complete checkpoint (model, optimizer, scheduler, progress)
+    iter_0000040/
+    latest             "iter_0000040", written last
+
+A save goes to `iter_N.tmp/`, is renamed to `iter_N/` only after every rank has finished writing, and `latest` is
+replaced atomically after that. A crash at any point leaves `latest` naming the previous complete checkpoint.
+Only the newest `keep_last` complete checkpoints are kept. Megatron's sharded state dicts make every checkpoint
+loadable under another TP / EP layout.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+LATEST = "latest"
+
+
+def _name(step: int) -> str:
+    return f"iter_{step:07d}"
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The directory `latest` names, or None when there is none yet."""
+    marker = Path(root) / LATEST
+    if not marker.is_file():
+        return None
+    path = Path(root) / marker.read_text().strip()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{marker} names {path.name}, which does not exist")
+    return path
+
+
+# Optimizer state saved independent of the DP layout, so a run can resume at another parallel layout. (The
+# default `fully_sharded_model_space` format does not work with megatron-core's local, non-TE code path.)
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def _sharded_state(model: torch.nn.Module, optimizer: Any | None, is_loading: bool) -> dict[str, Any]:
+    model_state = model.sharded_state_dict()
+    state = {"model": model_state}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=OPTIMIZER_METADATA)
+    return state
+
+
+def _materialise_optimizer_state(optimizer: Any) -> None:
+    """Give a never-stepped optimizer its state tensors (and `step`) so a checkpoint can be loaded into them.
+
+    torch's Adam creates its state lazily at the first step; without Apex/TE megatron-core's distributed optimizer
+    reads `step` from that state when building the state dict to load into.
+    """
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        init = getattr(inner, "_init_optimizer_states_with_dummy_values", None)
+        if init is not None and not inner.optimizer.state:
+            init()
+
+
+def save_checkpoint(
+    root: str | Path, step: int, model: torch.nn.Module, optimizer: Any | None = None, extra: dict[str, Any] | None = None,
+    keep_last: int = 2,
+) -> Path:
+    """Save model (+ optimizer) shards and `extra` (scheduler state, data position: plain picklable values)."""
+    root = Path(root)
+    final, staging = root / _name(step), root / (_name(step) + ".tmp")
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0:
+        shutil.rmtree(staging, ignore_errors=True)  # leftovers of a crashed save of the same step
+        staging.mkdir(parents=True)
+    _barrier()
+    state = _sharded_state(model, optimizer, is_loading=False)
+    state["extra"] = extra or {}
+    dist_checkpointing.save(state, str(staging))
+    _barrier()
+    if rank0:
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+        marker = root / (LATEST + ".tmp")
+        marker.write_text(final.name)
+        os.replace(marker, root / LATEST)
+        complete = sorted(p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
+        for old in complete[:-keep_last]:
+            shutil.rmtree(old)
+    _barrier()
+    return final
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Any | None = None) -> dict[str, Any]:
+    """Load a checkpoint directory (or a save root, via `latest`) into `model` / `optimizer`; return `extra`."""
+    path = Path(path)
+    if (path / LATEST).is_file():
+        path = latest_checkpoint(path)
+    if not (path / "metadata.json").is_file():
+        raise FileNotFoundError(f"{path} is not a complete Megatron distributed checkpoint (no metadata.json)")
+    if optimizer is not None:
+        _materialise_optimizer_state(optimizer)
+    template = _sharded_state(model, optimizer, is_loading=True)
+    template["extra"] = {}
+    loaded = dist_checkpointing.load(template, str(path))
+    model.load_state_dict(loaded["model"], strict=True)
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    return loaded.get("extra", {})

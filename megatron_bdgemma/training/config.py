@@ -1,0 +1,240 @@
+"""The run configuration: a YAML file plus dotted command-line overrides, checked up front.
+
+    run = load_run_config("examples/configs/tiny_pretrain.yaml", ["train.steps=20", "parallel.tp=2"])
+
+Every section is a dataclass; an unknown key, a value of the wrong type or sizes that conflict stop the run before
+anything is built, with one message that lists every problem.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+@dataclass
+class ModelSection:
+    preset: str = "tiny"
+    """A `megatron_bdgemma.config.PRESETS` name; ignored when `hf` is set."""
+    hf: str | None = None
+    """Start from a local HF DiffusionGemma / Gemma 4 MoE directory (config and weights)."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """`BDGemmaConfig` fields to change, e.g. {num_layers: 2}."""
+    backend: Literal["local", "te"] = "local"
+
+
+@dataclass
+class ParallelSection:
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: int | None = None
+    """Expert tensor-parallel size (default: tp)."""
+    sequence_parallel: bool | None = None
+    """Default: on whenever tp > 1 (Megatron requires it for MoE training with TP)."""
+    dispatcher: Literal["allgather", "alltoall"] | None = None
+    """MoE token dispatcher; default alltoall on GPU, allgather on CPU."""
+
+
+@dataclass
+class DataSection:
+    mode: Literal["pretrain", "sft"] = "pretrain"
+    paths: list[str] = field(default_factory=list)
+    """pretrain: indexed-dataset prefixes, optionally with weights ([w1, prefix1, w2, prefix2]); sft: chat JSONL
+    files. Empty = the embedded default (text that ships with Python, byte tokenizer)."""
+    tokenizer: str = "byte"
+    """'byte' (offline) or a local HF tokenizer directory."""
+    seq_length: int = 128
+    split: str = "98,1,1"
+    on_bad: Literal["error", "skip"] = "error"
+    cache_dir: str = "runs/data_cache"
+
+
+@dataclass
+class ObjectiveSection:
+    score: Literal["one_block", "all_blocks"] | None = None
+    """Default: one_block for sft (the DiffusionGemma recipe), all_blocks for pretrain."""
+    kind: Literal["uniform", "absorbing"] = "uniform"
+    mask_id: int | None = None
+    t_min: float = 1e-3
+    t_max: float = 1.0
+    self_conditioning_p: float = 0.5
+    ar_weight: float = 1.0
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1.5e-4
+    min_lr: float = 1.5e-5
+    warmup_steps: int = 25
+    decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    beta1: float = 0.95
+    beta2: float = 0.99
+    eps: float = 1e-8
+    weight_decay: float = 1e-4
+    clip_grad: float = 1.0
+    distributed_optimizer: bool = True
+
+
+@dataclass
+class TrainSection:
+    steps: int = 100
+    micro_batch_size: int = 4
+    global_batch_size: int = 4
+    seed: int = 1234
+    bf16: bool = False
+    recompute: Literal["full"] | None = None
+    """'full': recompute every layer in backward (activation checkpointing)."""
+    log_interval: int = 10
+    eval_interval: int = 0
+    """Evaluate on the held-out split every N steps (0 = never)."""
+    eval_steps: int = 2
+
+
+@dataclass
+class CheckpointSection:
+    save: str | None = None
+    load: str | None = None
+    interval: int = 0
+    """Save every N steps (0 = only at the end, when `save` is set)."""
+    keep_last: int = 2
+
+
+@dataclass
+class LoggingSection:
+    tensorboard_dir: str | None = None
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    data: DataSection = field(default_factory=DataSection)
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // (self.parallel.tp * self.parallel.pp)
+
+    def num_microbatches(self, world_size: int) -> int:
+        return self.train.global_batch_size // (self.train.micro_batch_size * self.data_parallel_size(world_size))
+
+    def validate(self, world_size: int) -> None:
+        """Raise one ValueError listing every conflict between sizes."""
+        p, t, problems = self.parallel, self.train, []
+        if world_size % (p.tp * p.pp):
+            problems.append(f"world size {world_size} is not divisible by parallel.tp × parallel.pp = {p.tp} × {p.pp}")
+        else:
+            dp = self.data_parallel_size(world_size)
+            per_step = t.micro_batch_size * dp
+            if t.global_batch_size % per_step:
+                problems.append(
+                    f"train.global_batch_size ({t.global_batch_size}) must be a multiple of train.micro_batch_size × "
+                    f"data-parallel size = {t.micro_batch_size} × {dp}"
+                )
+        etp = p.etp or p.tp
+        if world_size % (etp * p.ep * p.pp):
+            problems.append(f"world size {world_size} is not divisible by etp × ep × pp = {etp} × {p.ep} × {p.pp}")
+        if p.pp > 1:
+            problems.append(
+                "parallel.pp > 1: the two-pass block-diffusion forward (pass 2 needs pass 1's logits) is not yet split "
+                "into pipeline schedule passes; train with pp=1 (checkpoints still convert to any pp)"
+            )
+        if p.tp > 1 and p.sequence_parallel is False:
+            problems.append("parallel.sequence_parallel=false with tp > 1: Megatron's MoE layers need SP when training with TP")
+        if self.objective.kind == "absorbing" and self.objective.mask_id is None:
+            problems.append("objective.kind=absorbing needs objective.mask_id")
+        if not 0 < self.objective.t_min <= self.objective.t_max <= 1:
+            problems.append(f"need 0 < objective.t_min <= objective.t_max <= 1, got {self.objective.t_min}, {self.objective.t_max}")
+        if self.optim.warmup_steps >= t.steps:
+            problems.append(f"optim.warmup_steps ({self.optim.warmup_steps}) must be < train.steps ({t.steps})")
+        if t.steps < 1 or t.micro_batch_size < 1 or t.global_batch_size < 1:
+            problems.append("train.steps, train.micro_batch_size and train.global_batch_size must be >= 1")
+        if problems:
+            raise ValueError("invalid run configuration:\n  - " + "\n  - ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_type(path: str, value: Any, annotation: Any) -> None:
+    """A light type check of YAML values against the dataclass annotations (names the key on mismatch)."""
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(annotation):
+            try:
+                _check_type(path, value, option)
+                return
+            except ValueError as error:
+                errors.append(str(error))
+        raise ValueError(f"{path}={value!r} does not fit {annotation}")
+    if origin is Literal:
+        if value not in typing.get_args(annotation):
+            raise ValueError(f"{path}={value!r}: expected one of {list(typing.get_args(annotation))}")
+        return
+    if annotation is type(None):
+        if value is not None:
+            raise ValueError(f"{path}={value!r}: expected null")
+        return
+    expected = origin or annotation
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ValueError(f"{path}={value!r}: expected {getattr(expected, '__name__', expected)}")
+
+
+def _build(cls: type, values: dict[str, Any], path: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown key(s) {[f'{path}{k}' for k in unknown]} (known: {sorted(known)})")
+    kwargs = {}
+    for name, value in values.items():
+        if dataclasses.is_dataclass(hints[name]):
+            if not isinstance(value, dict):
+                raise ValueError(f"{path}{name} must be a mapping")
+            kwargs[name] = _build(hints[name], value, f"{path}{name}.")
+        else:
+            _check_type(f"{path}{name}", value, hints[name])
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def apply_override(values: dict[str, Any], override: str) -> None:
+    """`a.b.c=value` (value parsed as YAML) into the nested dict `values`."""
+    if "=" not in override:
+        raise ValueError(f"override {override!r} must look like section.key=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = values
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {override!r}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML run config (None = all defaults) and apply dotted overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text()
+        values = yaml.safe_load(text) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a mapping of sections at the top level")
+    for override in overrides:
+        apply_override(values, override)
+    return _build(RunConfig, values, "")

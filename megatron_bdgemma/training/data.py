@@ -1,0 +1,85 @@
+"""Which samples each data-parallel rank trains on at each step.
+
+Step s covers the global sample stream positions `[s·G, (s+1)·G)` (G = global batch size). Micro-batch m of DP rank
+r takes positions `s·G + m·(b·D) + r·b + [0, b)` (b = micro batch, D = DP size). The noise of a sample is keyed by
+its stream position, so the losses of a step do not depend on D or on the micro-batch split, and resuming at step s
+needs nothing but s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_bdgemma.config import BDGemmaConfig
+from megatron_bdgemma.data import build_pretrain_datasets, embedded_pretrain_prefix, embedded_sft_path, load_tokenizer
+from megatron_bdgemma.data.pretrain import pretrain_collate
+from megatron_bdgemma.data.sft import SFTDataset, sft_collate
+from megatron_bdgemma.diffusion import DiffusionBatch
+from megatron_bdgemma.training.config import RunConfig
+
+SFT_VALID_EVERY = 20
+"""SFT holds out every 20th record for evaluation (chat files have no indexed split)."""
+
+
+@dataclass
+class StepData:
+    splits: dict[str, Sequence[Any]]
+    collate: Callable[[Sequence[Any]], tuple[DiffusionBatch, torch.Tensor]]
+    global_batch_size: int
+    micro_batch_size: int
+    dp_rank: int
+    dp_size: int
+
+    def microbatches(self, step: int, split: str = "train") -> list[tuple[DiffusionBatch, list[int]]]:
+        """This rank's micro-batches of `step`: (batch, stream positions that key each example's noise)."""
+        dataset = self.splits[split]
+        per_round = self.micro_batch_size * self.dp_size
+        out = []
+        for m in range(self.global_batch_size // per_round):
+            start = step * self.global_batch_size + m * per_round + self.dp_rank * self.micro_batch_size
+            positions = list(range(start, start + self.micro_batch_size))
+            batch, _ = self.collate([dataset[p % len(dataset)] for p in positions])
+            out.append((batch, positions))
+        return out
+
+
+def build_step_data(run: RunConfig, config: BDGemmaConfig) -> StepData:
+    """Datasets of the run (the embedded default when `data.paths` is empty) and the sampling scheme."""
+    d = run.data
+    tokenizer = load_tokenizer(d.tokenizer)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"data.tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is {config.vocab_size}")
+    block = config.canvas_length
+    if d.mode == "pretrain":
+        blend = d.paths or [embedded_pretrain_prefix(d.cache_dir)]
+        g = run.train.global_batch_size
+        splits = build_pretrain_datasets(
+            blend, tokenizer=tokenizer, seq_length=d.seq_length, seed=run.train.seed,
+            num_samples=(run.train.steps * g, max(run.train.eval_steps, 1) * g, None if len(blend) == 1 else g),
+            split=d.split, cache_dir=d.cache_dir,
+        )
+        datasets = {"train": splits.train, "valid": splits.valid or splits.train}
+        collate = partial(pretrain_collate, block_size=block, pad_id=tokenizer.pad)
+    else:
+        paths = d.paths or [embedded_sft_path(d.cache_dir)]
+        if len(paths) != 1:
+            raise ValueError(f"data.paths for sft takes one chat JSONL file, got {paths}")
+        full = SFTDataset(paths[0], tokenizer, max_length=d.seq_length, block_size=block, on_bad=d.on_bad)
+        if full.bad.total:
+            print(f"skipped bad SFT records: {full.bad.summary()}", flush=True)
+        indices = range(len(full))
+        datasets = {
+            "train": torch.utils.data.Subset(full, [i for i in indices if i % SFT_VALID_EVERY]),
+            "valid": torch.utils.data.Subset(full, [i for i in indices if i % SFT_VALID_EVERY == 0]),
+        }
+        collate = partial(sft_collate, block_size=block, eos_id=tokenizer.eod, pad_id=tokenizer.pad)
+    return StepData(
+        datasets, collate, run.train.global_batch_size, run.train.micro_batch_size,
+        parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
+    )

@@ -1,0 +1,237 @@
+"""The training loop on Megatron-Core: DDP + Megatron optimizer + LR schedule + pipeline schedule + checkpoints.
+
+One step reads like a list (torchtitan's `train_step`):
+  1. this DP rank's micro-batches of the step (global sample indices → deterministic noise, any DP layout);
+  2. global token counts (all micro-batches, all DP ranks), so each micro-batch loss is already globally normalised;
+  3. forward/backward of every micro-batch through Megatron's schedule (encode → pass 1 → pass 2 → losses);
+  4. `finalize_model_grads`, clip, optimizer step, LR step;
+  5. log; evaluate; checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_bdgemma.config import PRESETS, BDGemmaConfig
+from megatron_bdgemma.diffusion import DiffusionBatch, NoisedCanvas, noise_batch
+from megatron_bdgemma.model import BDGemmaModel
+from megatron_bdgemma.runtime.distributed import init_distributed
+from megatron_bdgemma.training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_bdgemma.training.config import RunConfig
+from megatron_bdgemma.training.data import StepData, build_step_data
+from megatron_bdgemma.training.metrics import MetricsLogger, model_flops_per_step
+
+
+@dataclass
+class MicroBatch:
+    batch: DiffusionBatch
+    noised: NoisedCanvas
+
+
+@dataclass
+class TrainState:
+    run: RunConfig
+    config: BDGemmaConfig
+    model: DistributedDataParallel
+    optimizer: Any
+    scheduler: OptimizerParamScheduler
+    data: StepData
+    step: int = 0
+
+
+def build_model_config(run: RunConfig) -> BDGemmaConfig:
+    p, on_gpu = run.parallel, torch.cuda.is_available()
+    megatron = dict(
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        expert_model_parallel_size=p.ep,
+        expert_tensor_parallel_size=p.etp or p.tp,
+        sequence_parallel=p.tp > 1 if p.sequence_parallel is None else p.sequence_parallel,
+        moe_token_dispatcher_type=p.dispatcher or ("alltoall" if on_gpu else "allgather"),
+        bf16=run.train.bf16,
+        params_dtype=torch.bfloat16 if run.train.bf16 else torch.float32,
+        pipeline_dtype=torch.bfloat16 if run.train.bf16 else torch.float32,
+        use_cpu_initialization=not on_gpu,
+        recompute_granularity=run.train.recompute,
+        recompute_method="uniform" if run.train.recompute else None,
+        recompute_num_layers=1 if run.train.recompute else None,
+    )
+    if run.model.hf:
+        from megatron_bdgemma.conversion.hf_checkpoint import HFCheckpoint
+        from megatron_bdgemma.config import config_from_hf
+
+        return config_from_hf(HFCheckpoint(run.model.hf).hf_config(), **(megatron | run.model.overrides))
+    if run.model.preset not in PRESETS:
+        raise ValueError(f"model.preset {run.model.preset!r} is unknown; choose from {sorted(PRESETS)}")
+    return PRESETS[run.model.preset](**(megatron | run.model.overrides))
+
+
+def setup(run: RunConfig) -> TrainState:
+    """Distributed groups, model (from a preset or HF weights), DDP, optimizer, schedule, data; resume if asked."""
+    init_distributed(tp=run.parallel.tp, pp=run.parallel.pp, ep=run.parallel.ep, etp=run.parallel.etp, seed=run.train.seed)
+    run.validate(dist.get_world_size())
+    config = build_model_config(run)
+    model = BDGemmaModel(config, backend=run.model.backend)
+    if run.model.hf:
+        from megatron_bdgemma.conversion.hf_checkpoint import HFCheckpoint, load_hf_weights
+
+        load_hf_weights(model, HFCheckpoint(run.model.hf), config)
+    if torch.cuda.is_available():
+        model.cuda()
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=run.optim.distributed_optimizer
+    )
+    model = DistributedDataParallel(config, ddp_config, model)
+    o = run.optim
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.beta1,
+            adam_beta2=o.beta2, adam_eps=o.eps, clip_grad=o.clip_grad, bf16=run.train.bf16,
+            use_distributed_optimizer=o.distributed_optimizer,
+        ),
+        [model],
+    )
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.warmup_steps,
+        lr_decay_steps=run.train.steps, lr_decay_style=o.decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
+        wd_incr_steps=run.train.steps, wd_incr_style="constant",
+    )
+    # Megatron's schedule calls these around the micro-batch loop.
+    config.no_sync_func = model.no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    state = TrainState(run, config, model, optimizer, scheduler, build_step_data(run, config))
+    if run.checkpoint.load:
+        extra = load_checkpoint(run.checkpoint.load, model.module, optimizer)
+        scheduler.load_state_dict(extra["scheduler"])
+        state.step = int(extra["step"])
+    return state
+
+
+def _microbatches(state: TrainState, step: int, split: str = "train") -> list[MicroBatch]:
+    o, vocab = state.run.objective, state.config.vocab_size
+    score = o.score or ("one_block" if state.run.data.mode == "sft" else "all_blocks")
+    out = []
+    for batch, sample_indices in state.data.microbatches(step, split):
+        noised = noise_batch(
+            batch, sample_indices=sample_indices, step=step, seed=state.run.train.seed, vocab_size=vocab, score=score,
+            kind=o.kind, mask_id=o.mask_id, t_min=o.t_min, t_max=o.t_max, self_conditioning_p=o.self_conditioning_p,
+        )
+        out.append(MicroBatch(batch, noised))
+    return out
+
+
+def _global_counts(microbatches: list[MicroBatch], device: torch.device) -> torch.Tensor:
+    """[diffusion weight sum, AR pairs] over every micro-batch of every DP rank (known before any forward)."""
+    counts = torch.zeros(2, dtype=torch.float64, device=device)
+    for mb in microbatches:
+        counts[0] += mb.noised.weights.sum().item() if mb.noised.weights.dtype.is_floating_point else 0.0
+        counts[1] += mb.batch.ar_loss_mask.sum().item()
+    dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
+    return counts.clamp(min=1.0)
+
+
+def _forward_step(state: TrainState, counts: torch.Tensor, rescale: float, data: Iterator[MicroBatch], model) -> tuple:
+    mb = next(data)
+    device = next(model.parameters()).device
+    batch, noised = mb.batch.to(device), _to(mb.noised, device)
+    out = model.module.training_forward(batch, noised)
+
+    def loss_func(_: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        diffusion = out.diffusion_loss_sum / counts[0].float()
+        ar = out.ar_loss_sum / counts[1].float()
+        loss = diffusion + state.run.objective.ar_weight * ar
+        # Already normalised by global counts; the schedule divides by the number of micro-batches and DDP averages
+        # over DP ranks, so pre-multiply by both to keep the global token average exact.
+        return loss * rescale, {"diffusion": diffusion.detach(), "ar": ar.detach()}
+
+    return out.canvas_logits, loss_func
+
+
+def _to(noised: NoisedCanvas, device: torch.device) -> NoisedCanvas:
+    return NoisedCanvas(*(getattr(noised, f).to(device) for f in noised.__dataclass_fields__))
+
+
+def train_step(state: TrainState) -> dict[str, float]:
+    run, step = state.run, state.step
+    microbatches = _microbatches(state, step)
+    device = next(state.model.parameters()).device
+    counts = _global_counts(microbatches, device)
+    dp = parallel_state.get_data_parallel_world_size()
+    state.model.zero_grad_buffer()
+    state.optimizer.zero_grad()
+    losses = get_forward_backward_func()(
+        forward_step_func=partial(_forward_step, state, counts, len(microbatches) * dp),
+        data_iterator=iter(microbatches),
+        model=[state.model],
+        num_microbatches=len(microbatches),
+        seq_length=microbatches[0].batch.seq_len,
+        micro_batch_size=run.train.micro_batch_size,
+        forward_only=False,
+    )
+    update_ok, grad_norm, _ = state.optimizer.step()
+    if not update_ok:
+        raise FloatingPointError(f"step {step}: non-finite gradients (grad norm {grad_norm})")
+    state.scheduler.step(increment=1)
+    state.step += 1
+    totals = torch.stack([sum(l["diffusion"] for l in losses), sum(l["ar"] for l in losses)]).to(device)
+    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    tokens = sum(mb.batch.encoder_valid.sum().item() + mb.noised.canvas_ids.numel() for mb in microbatches)
+    return dict(diffusion=totals[0].item(), ar=totals[1].item(), grad_norm=float(grad_norm),
+                lr=state.optimizer.param_groups[0]["lr"], tokens=tokens * dp)
+
+
+@torch.no_grad()
+def evaluate(state: TrainState) -> dict[str, float]:
+    """Held-out diffusion loss (single pass, no self-conditioning) and AR loss, globally normalised."""
+    state.model.eval()
+    sums = torch.zeros(4, dtype=torch.float64)
+    for i in range(state.run.train.eval_steps):
+        for mb in _microbatches(state, i, split="valid"):
+            model = state.model.module
+            device = next(model.parameters()).device
+            batch, noised = mb.batch.to(device), _to(mb.noised, device)
+            encoded = model.encode(batch.input_ids, padding_mask=~batch.encoder_valid, return_logits=True)
+            logits = model.decode(noised.canvas_ids, encoded, canvas_position_ids=noised.position_ids,
+                                  attention_mask=model.training_masks(batch, noised))
+            from megatron_bdgemma.diffusion import ar_loss, diffusion_loss
+
+            d, dn = diffusion_loss(logits, noised.targets, noised.scored, noised.weights)
+            a, an = ar_loss(encoded.logits, batch.ar_labels, batch.ar_loss_mask)
+            sums += torch.tensor([d.item(), float(dn), a.item(), float(an)], dtype=torch.float64)
+    dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+    state.model.train()
+    return dict(eval_diffusion=(sums[0] / sums[1].clamp(min=1)).item(), eval_ar=(sums[2] / sums[3].clamp(min=1)).item())
+
+
+def train(run: RunConfig) -> list[dict[str, float]]:
+    """Run (or resume) training; returns the per-step metrics of this process (for tests and scripts)."""
+    state = setup(run)
+    logger = MetricsLogger(run, model_flops_per_step(state.config, run))
+    history = []
+    state.model.train()
+    while state.step < run.train.steps:
+        metrics = train_step(state)
+        history.append(metrics | {"step": state.step})
+        logger.log_step(state.step, metrics)
+        if run.train.eval_interval and state.step % run.train.eval_interval == 0:
+            logger.log_eval(state.step, evaluate(state))
+        last = state.step == run.train.steps
+        if run.checkpoint.save and (last or (run.checkpoint.interval and state.step % run.checkpoint.interval == 0)):
+            save_checkpoint(run.checkpoint.save, state.step, state.model.module, state.optimizer,
+                            extra=dict(step=state.step, scheduler=state.scheduler.state_dict(), run=run.to_dict()),
+                            keep_last=run.checkpoint.keep_last)
+            logger.info(f"saved checkpoint {latest_checkpoint(run.checkpoint.save)}")
+    logger.close()
+    return history

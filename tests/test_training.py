@@ -1,0 +1,154 @@
+"""Contracts of the training job: exact resume, crash-safe checkpoints, DP/TP/EP layouts, config validation."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from megatron_bdgemma.training.config import load_run_config
+from tests.multiproc import run_in_processes
+
+CONFIG = Path(__file__).resolve().parent.parent / "examples" / "configs" / "tiny_pretrain.yaml"
+
+
+def _run(tmp: Path, *overrides: str):
+    base = [
+        f"data.cache_dir={tmp / 'data'}", "data.seq_length=32", "train.steps=6", "train.micro_batch_size=2",
+        "train.global_batch_size=4", "train.eval_interval=0", "optim.warmup_steps=2", "checkpoint.save=null",
+        "model.overrides={num_layers: 2, layer_types: [sliding_attention, full_attention]}",
+    ]
+    return load_run_config(CONFIG, base + list(overrides))
+
+
+def _losses(history):
+    return [(h["diffusion"], h["ar"]) for h in history]
+
+
+def test_exact_resume(tmp_path, model_parallel):
+    from megatron_bdgemma.training.trainer import train
+
+    full = train(_run(tmp_path, f"checkpoint.save={tmp_path / 'a'}", "checkpoint.interval=3"))
+    (tmp_path / "a" / "latest").write_text("iter_0000003")  # pretend the run stopped after step 3
+    resumed = train(_run(tmp_path, f"checkpoint.load={tmp_path / 'a'}", f"checkpoint.save={tmp_path / 'b'}"))
+    assert [h["step"] for h in resumed] == [4, 5, 6]
+    assert _losses(resumed) == _losses(full)[3:], "resumed losses must be bit-identical"
+
+
+def test_loss_falls(tmp_path, model_parallel):
+    from megatron_bdgemma.training.trainer import train
+
+    history = train(_run(tmp_path, "train.steps=12"))
+    first, last = history[0], history[-1]
+    assert last["diffusion"] < first["diffusion"] - 0.3 and last["ar"] < first["ar"] - 0.3, (first, last)
+
+
+def test_crash_during_save_keeps_previous_checkpoint(tmp_path, model_parallel):
+    """A process killed in the middle of writing step 4 leaves `latest` on step 2, which still loads."""
+    from megatron_bdgemma.training.checkpointing import latest_checkpoint
+    from megatron_bdgemma.training.trainer import train
+
+    root = tmp_path / "ckpt"
+    train(_run(tmp_path, "train.steps=2", "optim.warmup_steps=1", f"checkpoint.save={root}"))
+    script = tmp_path / "dying_save.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+        from megatron.core import dist_checkpointing
+        from megatron_bdgemma.training import checkpointing
+        from megatron_bdgemma.training.config import load_run_config
+        from megatron_bdgemma.training.trainer import train
+
+        def dying_save(state, path, *args, **kwargs):
+            real_save(state, path, *args, **kwargs)   # the shards are written ...
+            os._exit(9)                               # ... and the process dies before the rename / marker
+
+        if __name__ == "__main__":  # the checkpoint writer re-imports __main__ in a helper process
+            real_save = dist_checkpointing.save
+            checkpointing.dist_checkpointing.save = dying_save
+            train(load_run_config({str(CONFIG)!r}, {json.dumps(_overrides(tmp_path, root))}))
+    """))
+    # Its own session, so the checkpoint writer's helper process can be cleaned up with it.
+    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL,
+                               stderr=open(tmp_path / "stderr.txt", "w"), start_new_session=True)
+    try:
+        returncode = process.wait(timeout=240)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert returncode == 9, (tmp_path / "stderr.txt").read_text()[-2000:]
+    assert latest_checkpoint(root).name == "iter_0000002"
+    assert (root / "iter_0000004.tmp").exists()  # the torn save is left aside, never named by `latest`
+    resumed = train(_run(tmp_path, "train.steps=3", "optim.warmup_steps=1", f"checkpoint.load={root}"))
+    assert [h["step"] for h in resumed] == [3]
+
+
+def _overrides(tmp_path: Path, root: Path) -> list[str]:
+    return [
+        f"data.cache_dir={tmp_path / 'data'}", "data.seq_length=32", "train.steps=4", "train.micro_batch_size=2",
+        "train.global_batch_size=4", "train.eval_interval=0", "optim.warmup_steps=1", f"checkpoint.save={root}",
+        f"checkpoint.load={root}", "model.overrides={num_layers: 2, layer_types: [sliding_attention, full_attention]}",
+    ]
+
+
+def _train_in_rank(rank: int, tmp: str, overrides: list[str]) -> list[tuple[float, float]]:
+    from megatron_bdgemma.training.trainer import train
+
+    return _losses(train(_run(Path(tmp), *overrides)))
+
+
+@pytest.fixture(scope="module")
+def hf_start(tmp_path_factory) -> str:
+    """A tiny DiffusionGemma to start from, so every layout begins with the same weights (random init differs per
+    EP rank). Byte-tokenizer vocabulary; 2 KV heads on every layer so TP=2 splits whole groups."""
+    from tests import hf_models
+
+    model = hf_models.diffusion_gemma(dict(vocab_size=320, num_global_key_value_heads=2), canvas_length=16)
+    return str(hf_models.save(model, tmp_path_factory.mktemp("start") / "hf"))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["parallel.tp=2"], ["parallel.ep=2"]],
+    ids=["dp2", "tp2_sp", "ep2"],
+)
+def test_two_ranks_match_one_process(tmp_path, model_parallel, hf_start, overrides):
+    """DP=2 (same global batch), TP=2+SP and EP=2 reproduce the 1-process losses at every step."""
+    from megatron_bdgemma.training.trainer import train
+
+    start = [f"model.hf={hf_start}", "model.overrides={}", "train.steps=4"]
+    reference = _losses(train(_run(tmp_path, *start)))
+    for rank_losses in run_in_processes(_train_in_rank, 2, str(tmp_path), [*start, *overrides], timeout_s=300):
+        for step, (ours, ref) in enumerate(zip(rank_losses, reference, strict=True)):
+            assert abs(ours[0] - ref[0]) <= 1e-4 and abs(ours[1] - ref[1]) <= 1e-4, (overrides, step, ours, ref)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["train.global_batch_size=3"], "global_batch_size"),
+        (["parallel.pp=2"], "parallel.pp"),
+        (["parallel.tp=2", "parallel.sequence_parallel=false"], "sequence_parallel"),
+        (["optim.warmup_steps=10"], "warmup_steps"),
+        (["objective.kind=absorbing"], "mask_id"),
+    ],
+)
+def test_conflicting_sizes_are_named(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        _run(tmp_path, *overrides).validate(world_size=2 if any("tp=2" in o or "pp=2" in o for o in overrides) else 1)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [("train.stepz=3", "stepz"), ("train.steps=many", "train.steps"), ("data.mode=chat", "data.mode")],
+)
+def test_bad_config_keys_and_types_are_named(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        _run(tmp_path, override)
