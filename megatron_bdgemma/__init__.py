@@ -64,5 +64,7 @@ def from_hf(path: str | Path, dtype: torch.dtype = torch.float32, backend: str =
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
     )
+    if torch.cuda.is_available():
+        model.cuda()  # norms, scales and RoPE tables are created on the CPU
     load_hf_weights(model, checkpoint, config)
     return model.eval()

@@ -281,10 +281,11 @@ def _per_layer_geometry(text: Any) -> dict[str, set[tuple[str, int]]]:
     """{layer type: {(head_dim, kv_heads)}} from HF's `per_layer_config` overrides (global head dim / KV heads)."""
     # Global attributes that a per-layer override shadows are only readable from the serialised form.
     values = text.to_dict()
-    overrides = values.get("per_layer_config") or {}
+    # Keys are layer indices as strings, zero-padded by transformers for 10+ layers ("05").
+    overrides = {int(k): v for k, v in (values.get("per_layer_config") or {}).items()}
     geometry: dict[str, set[tuple[int, int]]] = {SLIDING: set(), FULL: set()}
     for index, layer_type in enumerate(values["layer_types"]):
-        entry = overrides.get(str(index), overrides.get(index, {}))
+        entry = overrides.get(index, {})
         geometry[layer_type].add(
             (int(entry.get("head_dim", values["head_dim"])), int(entry.get("num_key_value_heads", values["num_key_value_heads"])))
         )

@@ -24,10 +24,12 @@ from megatron.core.utils import get_pg_rank
 from megatron_bdgemma import masks
 from megatron_bdgemma.config import BDGemmaConfig
 from megatron_bdgemma.diffusion import DiffusionBatch, NoisedCanvas, ar_loss, diffusion_loss
+from megatron_bdgemma.diffusion.loss import scored_weights
 from megatron_bdgemma.layers.attention import KV
 from megatron_bdgemma.layers.rope import layer_inverse_frequencies, rope_tables
 from megatron_bdgemma.layers.self_conditioning import SelfConditioning, soft_embedding
 from megatron_bdgemma.spec import Backend, get_bdgemma_block_spec, get_glu_mlp_submodules
+from megatron_bdgemma.vocab_parallel import softcap, vocab_parallel_cross_entropy_sum, vocab_parallel_soft_embedding
 
 
 @dataclass
@@ -37,23 +39,27 @@ class EncoderOutput:
     kv: per layer of this stage, (K, V) each `[B, kv_heads_local, S, head_dim]` (HF cache layout): K after k_norm
         and RoPE, V after v_norm. `decode` reads them.
     logits: `[B, S, V]` fp32 softcapped next-token logits, when asked for.
+    hidden: `[S, B, H]` final-normed hidden states, the LM head's input (`[S/tp, B, H]` under sequence
+        parallelism); the vocab-parallel losses start from it.
     """
 
     kv: list[KV]
     logits: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
 
 
 @dataclass
 class TrainingOutput:
     """Loss sums and token counts (not means): the trainer all-reduces the counts over DP ranks and micro-batches
-    and normalises globally. Logits are kept for inspection and tests."""
+    and normalises globally. Logits (`[B, R', V]`, `[B, S, V]`) are kept for inspection and tests on the plain path;
+    they are None on the vocab-parallel path, which never builds them."""
 
     diffusion_loss_sum: torch.Tensor
     diffusion_tokens: torch.Tensor
     ar_loss_sum: torch.Tensor
     ar_tokens: torch.Tensor
-    canvas_logits: torch.Tensor
-    encoder_logits: torch.Tensor
+    canvas_logits: torch.Tensor | None
+    encoder_logits: torch.Tensor | None
 
 
 class BDGemmaModel(GPTModel):
@@ -103,8 +109,7 @@ class BDGemmaModel(GPTModel):
         """Final hidden `[S, B, H]` → full-vocabulary `[B, S, V]` fp32 logits, softcapped."""
         logits, _ = self.output_layer(hidden, weight=self.shared_embedding_or_output_weight())
         logits = gather_from_tensor_model_parallel_region(logits).transpose(0, 1).float()
-        cap = self.config.final_logit_softcapping
-        return logits if cap is None else cap * torch.tanh(logits / cap)
+        return softcap(logits, self.config.final_logit_softcapping)
 
     # ---- encode -------------------------------------------------------------------------------------------------
 
@@ -136,31 +141,40 @@ class BDGemmaModel(GPTModel):
             hidden, (key, value) = layer(hidden, rope=rope[layer.layer_type], attention_mask=attention[layer.layer_type])
             kv.append((key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3)))
         hidden = self.decoder.final_layernorm(hidden)
-        return EncoderOutput(kv=kv, logits=self.logits(hidden) if return_logits else None)
+        return EncoderOutput(kv=kv, logits=self.logits(hidden) if return_logits else None, hidden=hidden)
 
     # ---- decode -------------------------------------------------------------------------------------------------
 
     def decoder_input(
         self,
         canvas_ids: torch.Tensor,
-        self_conditioning_logits: torch.Tensor | None,
+        self_conditioning_signal: torch.Tensor | None,
         self_conditioning_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Canvas embeddings mixed with the self-conditioning signal → `[R, B, H]` (DESIGN §6)."""
+        """Canvas embeddings mixed with the self-conditioning signal → `[R, B, H]` (DESIGN §6).
+
+        Args:
+            canvas_ids: `[B, R]`.
+            self_conditioning_signal: `[R, B, H]` soft embedding (`[R/tp, B, H]` under sequence parallelism);
+                None = the zero signal.
+            self_conditioning_mask: `[B]` bool; False zeroes that example's signal exactly.
+        """
         embeddings = self.embed(canvas_ids)
         if not self.config.self_conditioning:
             return embeddings
-        if self_conditioning_logits is None:
+        if self_conditioning_signal is None:
             signal = torch.zeros_like(embeddings)
+        elif self_conditioning_mask is None:
+            signal = self_conditioning_signal
         else:
-            weight = self.embedding.word_embeddings.weight
-            signal = soft_embedding(self_conditioning_logits, weight, self.config.embedding_scale)
-            if self_conditioning_mask is not None:
-                signal = signal * self_conditioning_mask.to(signal.dtype)[:, None, None]
-            signal = signal.transpose(0, 1).contiguous()
-            if self.config.sequence_parallel:
-                signal = scatter_to_sequence_parallel_region(signal)
+            signal = self_conditioning_signal * self_conditioning_mask.to(self_conditioning_signal.dtype)[None, :, None]
         return self.self_conditioning(embeddings, signal)
+
+    def logits_signal(self, logits: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits `[B, R, V]` → self-conditioning signal `[R, B, H]` (`[R/tp, B, H]` under SP)."""
+        signal = soft_embedding(logits, self.embedding.word_embeddings.weight, self.config.embedding_scale)
+        signal = signal.transpose(0, 1).contiguous()
+        return scatter_to_sequence_parallel_region(signal) if self.config.sequence_parallel else signal
 
     def decode(
         self,
@@ -188,9 +202,35 @@ class BDGemmaModel(GPTModel):
                 signal.
             self_conditioning_mask: `[B]` bool; False gives that example an exactly-zero signal.
         """
+        signal = None
+        if self_conditioning_logits is not None and self.config.self_conditioning:
+            signal = self.logits_signal(self_conditioning_logits)
+        hidden = self.decode_hidden(
+            canvas_ids, encoder_kv, canvas_position_ids=canvas_position_ids, attention_mask=attention_mask,
+            encoder_padding_mask=encoder_padding_mask, self_conditioning_signal=signal,
+            self_conditioning_mask=self_conditioning_mask,
+        )
+        return self.logits(hidden)
+
+    def decode_hidden(
+        self,
+        canvas_ids: torch.Tensor,
+        encoder_kv: EncoderOutput | list[KV],
+        *,
+        canvas_position_ids: torch.Tensor,
+        attention_mask: dict[str, torch.Tensor] | None = None,
+        encoder_padding_mask: torch.Tensor | None = None,
+        self_conditioning_signal: torch.Tensor | None = None,
+        self_conditioning_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`decode` up to the LM head: → final-normed hidden `[R, B, H]` (`[R/tp, B, H]` under sequence parallelism).
+
+        Arguments as `decode`, except the self-conditioning input is the signal itself, `[R, B, H]` (`[R/tp, B, H]`
+        under SP): `logits_signal(logits)`, or `vocab_parallel_soft_embedding` of the previous pass's hidden states.
+        """
         kv = encoder_kv.kv if isinstance(encoder_kv, EncoderOutput) else encoder_kv
         batch, prefix = kv[0][0].shape[0], kv[0][0].shape[2]
-        hidden = self.decoder_input(canvas_ids, self_conditioning_logits, self_conditioning_mask)
+        hidden = self.decoder_input(canvas_ids, self_conditioning_signal, self_conditioning_mask)
         rope = self.rope(canvas_position_ids, hidden.dtype)
         if attention_mask is None:
             valid = (
@@ -206,7 +246,7 @@ class BDGemmaModel(GPTModel):
             hidden, _ = layer(
                 hidden, rope=rope[layer.layer_type], attention_mask=attention_mask[layer.layer_type], kv_prefix=prefix_kv
             )
-        return self.logits(self.decoder.final_layernorm(hidden))
+        return self.decoder.final_layernorm(hidden)
 
     # ---- training ----------------------------------------------------------------------------------------------
 
@@ -220,29 +260,56 @@ class BDGemmaModel(GPTModel):
             for t in set(self.config.layer_types)
         }
 
-    def training_forward(self, batch: DiffusionBatch, noised: NoisedCanvas) -> TrainingOutput:
+    def training_forward(
+        self, batch: DiffusionBatch, noised: NoisedCanvas, *, loss_chunk_size: int | None = None
+    ) -> TrainingOutput:
         """encode (grad) → decode pass 1 (no grad, zero signal) → decode pass 2 (grad, gated pass-1 signal) → losses.
 
         Pass 1 runs every step, whatever the coins say, so every rank issues the same collectives. The canvas
         loss reaches the encoder through its K/V, which pass 2 attends to.
+
+        Args:
+            batch, noised: the micro-batch and its corrupted canvas (`noise_batch`).
+            loss_chunk_size: None computes full-vocabulary logits (kept in the output). A token count switches to
+                the vocab-parallel path (`megatron_bdgemma.vocab_parallel`): both losses and the self-conditioning
+                signal go from hidden states to sums in chunks of this many tokens, each TP rank holding only its
+                vocabulary shard, and no logits are returned. Same values and gradients.
         """
-        encoded = self.encode(batch.input_ids, padding_mask=~batch.encoder_valid, return_logits=True)
+        encoded = self.encode(batch.input_ids, padding_mask=~batch.encoder_valid, return_logits=loss_chunk_size is None)
         attention = self.training_masks(batch, noised)
 
-        def decode(**self_conditioning: torch.Tensor) -> torch.Tensor:
-            return self.decode(
+        def decode(signal: torch.Tensor | None = None) -> torch.Tensor:
+            return self.decode_hidden(
                 noised.canvas_ids, encoded, canvas_position_ids=noised.position_ids, attention_mask=attention,
-                **self_conditioning,
+                self_conditioning_signal=signal, self_conditioning_mask=noised.self_conditioning,
             )
 
-        signal = {}
+        if loss_chunk_size is None:
+            signal = None
+            if self.config.self_conditioning:
+                with torch.no_grad():
+                    first = self.logits(decode())
+                signal = self.logits_signal(first)  # with grad: it reaches E through the soft embedding
+            canvas_logits = self.logits(decode(signal))
+            diffusion_sum, diffusion_tokens = diffusion_loss(canvas_logits, noised.targets, noised.scored, noised.weights)
+            ar_sum, ar_tokens = ar_loss(encoded.logits, batch.ar_labels, batch.ar_loss_mask)
+            return TrainingOutput(diffusion_sum, diffusion_tokens, ar_sum, ar_tokens, canvas_logits, encoded.logits)
+
+        weight = self.shared_embedding_or_output_weight()
+        head = dict(
+            cap=self.config.final_logit_softcapping, chunk_size=loss_chunk_size,
+            sequence_parallel=self.config.sequence_parallel, tp_group=self.tp_group,
+        )
+        signal = None
         if self.config.self_conditioning:
             with torch.no_grad():
-                signal = dict(self_conditioning_logits=decode(), self_conditioning_mask=noised.self_conditioning)
-        canvas_logits = decode(**signal)
-        diffusion_sum, diffusion_tokens = diffusion_loss(canvas_logits, noised.targets, noised.scored, noised.weights)
-        ar_sum, ar_tokens = ar_loss(encoded.logits, batch.ar_labels, batch.ar_loss_mask)
-        return TrainingOutput(diffusion_sum, diffusion_tokens, ar_sum, ar_tokens, canvas_logits, encoded.logits)
+                first = decode()
+            signal = vocab_parallel_soft_embedding(first, weight, scale=self.config.embedding_scale, **head)
+        diffusion_sum = vocab_parallel_cross_entropy_sum(
+            decode(signal), weight, noised.targets, scored_weights(noised.scored, noised.weights), **head
+        )
+        ar_sum = vocab_parallel_cross_entropy_sum(encoded.hidden, weight, batch.ar_labels, batch.ar_loss_mask, **head)
+        return TrainingOutput(diffusion_sum, noised.scored.sum(), ar_sum, batch.ar_loss_mask.sum(), None, None)
 
     def freeze_router(self) -> None:
         """Freeze every layer's router projection and scale (DiffusionGemma's recipe; no aux loss)."""

@@ -18,7 +18,9 @@ from torch.utils.checkpoint import checkpoint
 
 from .noise import NoiseKind
 
-__all__ = ["weighted_cross_entropy_sum", "diffusion_loss", "diffusion_loss_weights", "ar_loss", "normalise"]
+__all__ = [
+    "weighted_cross_entropy_sum", "diffusion_loss", "diffusion_loss_weights", "scored_weights", "ar_loss", "normalise",
+]
 
 
 def weighted_cross_entropy_sum(
@@ -88,9 +90,22 @@ def diffusion_loss(
     Returns:
         ``(loss_sum, token_count)``: fp32 scalar and int64 scalar.
     """
+    w = scored_weights(scored, weights)
+    return weighted_cross_entropy_sum(logits, targets, w, chunk_size=chunk_size), scored.to(torch.bool).sum()
+
+
+def scored_weights(scored: Tensor, weights: Tensor | None = None) -> Tensor:
+    """The per-slot CE weights :func:`diffusion_loss` applies: ``weights`` (default 1) on ``scored``, 0 elsewhere.
+
+    Args:
+        scored: ``[B, R']`` bool.
+        weights: ``[B, R']`` float, or None for 1.
+
+    Returns:
+        fp32 ``[B, R']``.
+    """
     scored = scored.to(torch.bool)
-    w = scored.to(torch.float32) if weights is None else torch.where(scored, weights.to(torch.float32), 0.0)
-    return weighted_cross_entropy_sum(logits, targets, w, chunk_size=chunk_size), scored.sum()
+    return scored.to(torch.float32) if weights is None else torch.where(scored, weights.to(torch.float32), 0.0)
 
 
 def diffusion_loss_weights(

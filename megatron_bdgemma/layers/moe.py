@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher
 
 from megatron_bdgemma.layers.norm import rms_normalize
 
@@ -53,6 +54,12 @@ class BDGemmaMoELayer(MoELayer):
         dense_output = self.shared_experts_compute(dense_input)
         probs, routing_map = self.route(router_input)
         hidden, probs = self.preprocess(expert_input, probs, routing_map)
+        if hidden.requires_grad and isinstance(self.token_dispatcher, MoEAllGatherTokenDispatcher):
+            # The all-gather dispatcher's backward reduce-scatters this tensor's gradient into megatron's shared
+            # global buffer. Our router / expert / dense inputs come from different norms, so autograd may run a
+            # sequence-parallel linear's backward (which reuses that buffer) before the gradient is consumed:
+            # copy it out at once (measured: wrong gradients under TP=2 + SP without this).
+            hidden.register_hook(torch.clone)
         hidden, probs = self.dispatch(hidden, probs)
         expert_output, _ = self.routed_experts_compute(hidden, probs)
         expert_output = self.token_dispatcher.combine_postprocess(self.combine(expert_output))

@@ -66,6 +66,9 @@ class ObjectiveSection:
     t_max: float = 1.0
     self_conditioning_p: float = 0.5
     ar_weight: float = 1.0
+    loss_chunk_size: int | None = None
+    """Tokens per chunk of the vocab-parallel loss and self-conditioning path (None = full logits; set it for
+    large vocabularies: 262K fp32 logits are 1 MiB per token)."""
 
 
 @dataclass

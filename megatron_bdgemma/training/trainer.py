@@ -24,9 +24,11 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_bdgemma.config import PRESETS, BDGemmaConfig
+from megatron_bdgemma.config import PRESETS, BDGemmaConfig, config_from_hf
+from megatron_bdgemma.conversion.hf_checkpoint import HFCheckpoint, load_hf_weights
+from megatron_bdgemma.conversion.megatron_checkpoint import model_config_from_dict, model_config_to_dict, read_extra
 from megatron_bdgemma.diffusion import DiffusionBatch, NoisedCanvas, noise_batch
-from megatron_bdgemma.model import BDGemmaModel
+from megatron_bdgemma.model import BDGemmaModel, TrainingOutput
 from megatron_bdgemma.runtime.distributed import init_distributed
 from megatron_bdgemma.training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_bdgemma.training.config import RunConfig
@@ -69,10 +71,10 @@ def build_model_config(run: RunConfig) -> BDGemmaConfig:
         recompute_num_layers=1 if run.train.recompute else None,
     )
     if run.model.hf:
-        from megatron_bdgemma.conversion.hf_checkpoint import HFCheckpoint
-        from megatron_bdgemma.config import config_from_hf
-
         return config_from_hf(HFCheckpoint(run.model.hf).hf_config(), **(megatron | run.model.overrides))
+    if run.checkpoint.load and "model_config" in read_extra(run.checkpoint.load):
+        # A checkpoint (saved here or converted from HF) carries its architecture; the preset is not consulted.
+        return model_config_from_dict(read_extra(run.checkpoint.load)["model_config"], **(megatron | run.model.overrides))
     if run.model.preset not in PRESETS:
         raise ValueError(f"model.preset {run.model.preset!r} is unknown; choose from {sorted(PRESETS)}")
     return PRESETS[run.model.preset](**(megatron | run.model.overrides))
@@ -85,8 +87,6 @@ def setup(run: RunConfig) -> TrainState:
     config = build_model_config(run)
     model = BDGemmaModel(config, backend=run.model.backend)
     if run.model.hf:
-        from megatron_bdgemma.conversion.hf_checkpoint import HFCheckpoint, load_hf_weights
-
         load_hf_weights(model, HFCheckpoint(run.model.hf), config)
     if torch.cuda.is_available():
         model.cuda()
@@ -113,9 +113,12 @@ def setup(run: RunConfig) -> TrainState:
     config.finalize_model_grads_func = finalize_model_grads
     state = TrainState(run, config, model, optimizer, scheduler, build_step_data(run, config))
     if run.checkpoint.load:
-        extra = load_checkpoint(run.checkpoint.load, model.module, optimizer)
-        scheduler.load_state_dict(extra["scheduler"])
-        state.step = int(extra["step"])
+        if "step" in read_extra(run.checkpoint.load):  # a training checkpoint: resume exactly
+            extra = load_checkpoint(run.checkpoint.load, model.module, optimizer)
+            scheduler.load_state_dict(extra["scheduler"])
+            state.step = int(extra["step"])
+        else:  # converted from HF: weights only; optimizer, schedule and step start fresh
+            load_checkpoint(run.checkpoint.load, model.module)
     return state
 
 
@@ -146,9 +149,9 @@ def _forward_step(state: TrainState, counts: torch.Tensor, rescale: float, data:
     mb = next(data)
     device = next(model.parameters()).device
     batch, noised = mb.batch.to(device), _to(mb.noised, device)
-    out = model.module.training_forward(batch, noised)
+    out = model.module.training_forward(batch, noised, loss_chunk_size=state.run.objective.loss_chunk_size)
 
-    def loss_func(_: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss_func(out: TrainingOutput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         diffusion = out.diffusion_loss_sum / counts[0].float()
         ar = out.ar_loss_sum / counts[1].float()
         loss = diffusion + state.run.objective.ar_weight * ar
@@ -156,7 +159,7 @@ def _forward_step(state: TrainState, counts: torch.Tensor, rescale: float, data:
         # over DP ranks, so pre-multiply by both to keep the global token average exact.
         return loss * rescale, {"diffusion": diffusion.detach(), "ar": ar.detach()}
 
-    return out.canvas_logits, loss_func
+    return out, loss_func
 
 
 def _to(noised: NoisedCanvas, device: torch.device) -> NoisedCanvas:
@@ -230,7 +233,8 @@ def train(run: RunConfig) -> list[dict[str, float]]:
         last = state.step == run.train.steps
         if run.checkpoint.save and (last or (run.checkpoint.interval and state.step % run.checkpoint.interval == 0)):
             save_checkpoint(run.checkpoint.save, state.step, state.model.module, state.optimizer,
-                            extra=dict(step=state.step, scheduler=state.scheduler.state_dict(), run=run.to_dict()),
+                            extra=dict(step=state.step, scheduler=state.scheduler.state_dict(), run=run.to_dict(),
+                                       model_config=model_config_to_dict(state.config)),
                             keep_last=run.checkpoint.keep_last)
             logger.info(f"saved checkpoint {latest_checkpoint(run.checkpoint.save)}")
     logger.close()

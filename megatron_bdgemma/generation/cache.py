@@ -1,0 +1,187 @@
+"""The encoder KV cache of generation, and the encoder step that extends it.
+
+Generation encodes the prompt once, then only each committed canvas (or, for the AR baseline, each new token),
+appending its K/V to every layer (DESIGN §10, reference/hf_numerics_details.md P3):
+
+- full-attention layers keep every position;
+- sliding layers keep only the last `window - 1` positions, exactly like HF's `DynamicSlidingWindowLayer`. That
+  is all a later query can need: the next encoder token at position L sees keys `> L - window`, and a canvas
+  starting at L sees encoder keys `[L - window + 1, L)` (the block-start-anchored window of DESIGN §5).
+
+Rows are left-padded prompts: positions are the tensor indices (HF generation's convention, padding included),
+and a per-position validity mask keeps padding out of every later attention. The padding of committed canvases
+(pad after EOS) is ordinary content: it is attended, as in HF.
+
+Tensors use HF's cache layout, K and V `[B, kv_heads_local, P, head_dim]` per layer, what `BDGemmaModel.decode`
+takes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from megatron_bdgemma import masks
+from megatron_bdgemma.layers.attention import KV
+from megatron_bdgemma.model import BDGemmaModel
+
+__all__ = ["EncoderKVCache", "encode_into"]
+
+
+class EncoderKVCache:
+    """Per-layer encoder K/V of a batch of rows, sliding layers trimmed to their window.
+
+    Attributes:
+        windows: per layer, its sliding window or None (full attention).
+        layer_types: per layer, its attention type (layers of one type share one retained length).
+        length: positions appended so far, L (the next position's index).
+        valid: `[B, L]` bool, False on (prompt) padding; kept whole, positions are absolute.
+        kv: per layer, (K, V) `[B, kv_heads_local, P_l, head_dim]`, the last `P_l` of the L positions.
+    """
+
+    def __init__(self, layer_types: Sequence[str], windows: Sequence[int | None]) -> None:
+        if len(layer_types) != len(windows):
+            raise ValueError(f"{len(layer_types)} layer types but {len(windows)} windows")
+        self.layer_types = list(layer_types)
+        self.windows = list(windows)
+        self.length = 0
+        self.valid: Tensor | None = None
+        self.kv: list[KV] = []
+
+    @classmethod
+    def for_model(cls, model: BDGemmaModel) -> EncoderKVCache:
+        """An empty cache with the model's per-layer windows (the whole stack: generation runs with PP = 1)."""
+        config = model.config
+        if len(model.decoder.layers) != len(config.layer_types):
+            raise ValueError(
+                f"generation needs the whole stack on one rank (pipeline-parallel size 1); this rank holds "
+                f"{len(model.decoder.layers)} of {len(config.layer_types)} layers"
+            )
+        return cls(config.layer_types, [config.window_of(t) for t in config.layer_types])
+
+    def retained(self, layer: int) -> int:
+        """How many of the L positions layer `layer` keeps."""
+        window = self.windows[layer]
+        return self.length if window is None else min(self.length, window - 1)
+
+    def retained_valid(self, layer_type: str) -> Tensor:
+        """`[B, P]` validity of the positions a layer of `layer_type` keeps."""
+        retained = self.retained(self.layer_types.index(layer_type))
+        return self.valid[:, self.length - retained :]
+
+    def append(self, kv: Sequence[KV], valid: Tensor) -> None:
+        """Append S new positions: `kv` per layer `[B, g, S, d]` each, `valid` `[B, S]` (False = padding)."""
+        if len(kv) != len(self.windows):
+            raise ValueError(f"got K/V of {len(kv)} layers for a cache of {len(self.windows)}")
+        self.valid = valid.bool() if self.valid is None else torch.cat([self.valid, valid.bool()], dim=1)
+        self.length += valid.shape[1]
+        new = []
+        for layer, (key, value) in enumerate(kv):
+            if self.kv:
+                key = torch.cat([self.kv[layer][0], key], dim=2)
+                value = torch.cat([self.kv[layer][1], value], dim=2)
+            # Slicing a view would pin the whole concatenation; a sliding layer must free what leaves the window.
+            keep = self.retained(layer)
+            if keep < key.shape[2]:
+                start = key.shape[2] - keep
+                key, value = key[:, :, start:].contiguous(), value[:, :, start:].contiguous()
+            new.append((key, value))
+        self.kv = new
+
+    def select(self, rows: Tensor) -> EncoderKVCache:
+        """A cache of the chosen rows only (`rows`: `[B]` bool or `[B']` indices)."""
+        subset = EncoderKVCache(self.layer_types, self.windows)
+        subset.length = self.length
+        subset.valid = self.valid[rows]
+        subset.kv = [(key[rows], value[rows]) for key, value in self.kv]
+        return subset
+
+    def decode_masks(self, canvas_length: int) -> dict[str, Tensor]:
+        """Per layer type, the decode mask `[B, 1, R, P + R]` over `[retained encoder keys ; canvas]`.
+
+        Every valid retained key and the whole canvas are visible: HF's inference contract, with the sliding
+        window already applied by the retention.
+        """
+        return {
+            layer_type: masks.decode_inference_mask(
+                self.retained_valid(layer_type), None, None, canvas_len=canvas_length
+            )
+            for layer_type in set(self.layer_types)
+        }
+
+    def encode_masks(self, new_valid: Tensor) -> dict[str, Tensor]:
+        """Per layer type, the causal mask `[B, 1, S, P + S]` of S new positions over `[retained ; new]` keys.
+
+        Query at absolute position `q = L + i` sees key `k` iff `k <= q`, `q - k < window` on sliding layers, and
+        `k` is valid, as a full causal encode of the whole sequence would; a query that would see nothing (a
+        padding position) sees only itself, so no softmax row is empty.
+        """
+        new = new_valid.shape[1]
+        device = new_valid.device
+        result = {}
+        for layer_type in set(self.layer_types):
+            layer = self.layer_types.index(layer_type)
+            retained = self.retained(layer)
+            key_valid = new_valid.bool()
+            if self.valid is not None:
+                key_valid = torch.cat([self.retained_valid(layer_type), key_valid], dim=1)
+            query = retained + torch.arange(new, device=device)[:, None]  # indices relative to the first kept key
+            key = torch.arange(retained + new, device=device)[None, :]
+            allowed = key <= query
+            if self.windows[layer] is not None:
+                allowed = allowed & (query - key < self.windows[layer])
+            allowed = allowed[None] & key_valid[:, None, :]
+            own = key == query
+            allowed = allowed | (own[None] & ~allowed.any(dim=-1, keepdim=True))
+            result[layer_type] = allowed.unsqueeze(1)
+        return result
+
+
+def encode_into(
+    model: BDGemmaModel,
+    cache: EncoderKVCache,
+    input_ids: Tensor,
+    *,
+    padding_mask: Tensor | None = None,
+    last_logits: bool = False,
+) -> Tensor | None:
+    """Encode S new tokens causally against `cache` and append their K/V to it.
+
+    The tokens sit at positions `L .. L+S-1` (L = `cache.length`). Every layer attends over
+    `[retained K/V ; new K/V]` under `cache.encode_masks`, which gives the K/V a causal encode of the whole
+    sequence would (`BDGemmaModel.encode` is this with an empty cache).
+
+    Args:
+        model: the model (whole stack on this rank).
+        cache: the cache to extend.
+        input_ids: `[B, S]` new tokens.
+        padding_mask: `[B, S]` bool, True = padding (left padding of the prompt); None = no padding.
+        last_logits: also return the last new position's `[B, V]` fp32 softcapped next-token logits (only that
+            position's: a prompt's full `[B, S, V]` logits would be large for a 262K vocabulary).
+
+    Returns:
+        the logits when asked for, else None.
+    """
+    batch, new = input_ids.shape
+    if padding_mask is None:
+        valid = torch.ones(batch, new, dtype=torch.bool, device=input_ids.device)
+    else:
+        valid = ~padding_mask.bool()
+    positions = (cache.length + torch.arange(new, device=input_ids.device)).expand(batch, new)
+    attention = cache.encode_masks(valid)
+    hidden = model.embed(input_ids)
+    rope = model.rope(positions, hidden.dtype)
+    kv = []
+    for index, layer in enumerate(model.decoder.layers):
+        # The layers take K/V as [P, B, g, d]; the cache keeps HF's [B, g, P, d].
+        prefix = tuple(t.permute(2, 0, 1, 3) for t in cache.kv[index]) if cache.kv else None
+        hidden, (key, value) = layer(
+            hidden, rope=rope[layer.layer_type], attention_mask=attention[layer.layer_type], kv_prefix=prefix
+        )
+        kv.append((key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3)))
+    cache.append(kv, valid)
+    if not last_logits:
+        return None
+    return model.logits(model.decoder.final_layernorm(hidden[-1:]))[:, 0]

@@ -1,0 +1,274 @@
+"""Contract: with `runtime.cpu_support`, stock megatron-core runs on CPU + gloo, and every parallel layout gives the
+single-process numbers.
+
+Megatron's own GPTModel with the local layer spec (tiny: 2 layers, hidden 64, 4 heads, vocab 128, fp32, dropout 0,
+RoPE, tied embeddings; MoE = 4 SequentialMLP experts top-2 + a shared expert) is run in 2 gloo ranks (one spawn,
+all layouts back to back) and compared with the same code in this 1-process world:
+- TP=2 dense, and TP=2 + sequence parallel MoE: logits and the word-embedding grad (each rank's vocab shard).
+- EP=2 MoE with the allgather and the alltoall dispatcher: each rank's logits and grads on its own batch.
+- DP=2 with megatron DDP + `get_megatron_optimizer` (fp32 optimizer and distributed optimizer), through
+  `get_forward_backward_func` + `finalize_model_grads`: parameters after 2 steps equal full-batch single-process.
+- PP=2 (1F1B schedule) with the same DDP + optimizer: per-step losses and grad norms equal PP=1.
+- `dist_checkpointing`: saved under TP=2, loaded under TP=2 and under TP=1.
+
+Sequence parallelism: megatron's local spec uses `WrappedTorchNorm`, which refuses SP (megatron policy, not a CPU
+limit: its torch norm does not flag its weights for the SP grad all-reduce). The SP layout swaps in
+`SequenceParallelLayerNorm` below, a torch LayerNorm that does; the project's own RMSNorm does the same.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+from megatron_bdgemma.runtime.distributed import init_distributed
+from tests.multiproc import ChildProcessFailed, run_in_processes
+
+SEED = 1234
+VOCAB, SEQ, BATCH = 128, 16, 4
+NUM_EXPERTS = 4
+TOL = 1e-5
+TRAIN_STEPS, MICROBATCHES = 2, 2
+
+
+class SequenceParallelLayerNorm(torch.nn.LayerNorm):
+    """The local spec's torch LayerNorm, usable with SP: flags its weights for `finalize_model_grads`' TP all-reduce."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5) -> None:
+        super().__init__(hidden_size, eps=eps)
+        for param in self.parameters():
+            param.sequence_parallel = config.sequence_parallel
+
+
+def build_gpt(moe: bool, sequence_parallel: bool = False, dispatcher: str = "allgather", seed: int = SEED,
+              full_logits: bool = True) -> GPTModel:
+    """The tiny stock GPTModel for the current parallel layout; same seed = same full (unsharded) weights.
+
+    `full_logits=False` keeps logits vocab-sharded, as training with `labels` requires (megatron's vocab-parallel
+    cross entropy works in place on them).
+    """
+    config = TransformerConfig(
+        num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
+        add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True,
+        params_dtype=torch.float32, pipeline_dtype=torch.float32,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
+        sequence_parallel=sequence_parallel,
+        **(dict(num_moe_experts=NUM_EXPERTS, moe_router_topk=2, moe_ffn_hidden_size=32,
+                moe_shared_expert_intermediate_size=32, moe_token_dispatcher_type=dispatcher,
+                moe_router_load_balancing_type="none") if moe else {}),
+    )
+    layer = get_gpt_layer_local_spec(num_experts=NUM_EXPERTS if moe else None)
+    spec: Any = layer
+    if sequence_parallel:
+        layer.submodules.input_layernorm = layer.submodules.pre_mlp_layernorm = SequenceParallelLayerNorm
+        spec = TransformerBlockSubmodules(layer_specs=[layer] * config.num_layers, layer_norm=SequenceParallelLayerNorm)
+    # Weights come from torch's default generator (CPU init), which this reseeds.
+    model_parallel_cuda_manual_seed(seed)
+    return GPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope",
+                    share_embeddings_and_output_weights=True, parallel_output=not full_logits,
+                    pre_process=parallel_state.is_pipeline_first_stage(),
+                    post_process=parallel_state.is_pipeline_last_stage())
+
+
+def batch(index: int, size: int = BATCH) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(index)
+    tokens = torch.randint(0, VOCAB, (size, SEQ + 1), generator=generator)
+    return dict(tokens=tokens[:, :-1], labels=tokens[:, 1:], position_ids=torch.arange(SEQ).expand(size, SEQ))
+
+
+def forward_backward(model: GPTModel, data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Full logits and cross-entropy; grads stay local (no DDP), so the embedding grad is this rank's own."""
+    model.train()
+    logits = model(data["tokens"], data["position_ids"], None)
+    loss = F.cross_entropy(logits.reshape(-1, VOCAB), data["labels"].reshape(-1))
+    loss.backward()
+    return dict(logits=logits.detach(), loss=loss.detach(), embedding_grad=model.embedding.word_embeddings.weight.grad)
+
+
+def localize(reference: dict[str, Any], model: GPTModel) -> dict[str, Any]:
+    """`reference` (a 1-process state dict) renamed to this rank's pipeline stage (PP) and local experts (EP)."""
+    global_layers = [layer.layer_number - 1 for layer in model.decoder.layers]
+    local_experts = NUM_EXPERTS // parallel_state.get_expert_model_parallel_world_size()
+    first_expert = parallel_state.get_expert_model_parallel_rank() * local_experts
+
+    def reference_name(name: str) -> str:
+        if name == "output_layer.weight":  # the last stage's copy of the tied embedding
+            return "embedding.word_embeddings.weight"
+        name = re.sub(r"^decoder\.layers\.(\d+)\.", lambda m: f"decoder.layers.{global_layers[int(m[1])]}.", name)
+        return re.sub(r"\.local_experts\.(\d+)\.", lambda m: f".local_experts.{first_expert + int(m[1])}.", name)
+
+    return {name: reference[reference_name(name)] for name in model.state_dict()}
+
+
+def train(weights: dict[str, Any], microbatches: list[dict[str, torch.Tensor]], use_distributed_optimizer: bool = False
+          ) -> dict[str, Any]:
+    """`TRAIN_STEPS` steps of the realistic loop from `weights`: DDP, megatron optimizer, schedule, finalize grads."""
+    model = build_gpt(moe=True, full_logits=False)
+    model.load_state_dict(localize(weights, model))
+    config = model.config
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=use_distributed_optimizer),
+        model)
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=1e-3, bf16=False, params_dtype=torch.float32, clip_grad=1.0,
+        use_distributed_optimizer=use_distributed_optimizer), [ddp])
+    config.no_sync_func = ddp.no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+
+    def forward_step(data_iterator, model):
+        data = next(data_iterator)
+        per_token = model(data["tokens"], data["position_ids"], None, labels=data["labels"])
+
+        def loss_func(output: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            loss = output.float().mean()
+            return loss, {"loss": loss.detach()}
+
+        return per_token, loss_func
+
+    losses, grad_norms = [], []
+    for _ in range(TRAIN_STEPS):
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        reports = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(microbatches), model=[ddp],
+            num_microbatches=len(microbatches), seq_length=SEQ, micro_batch_size=microbatches[0]["tokens"].shape[0])
+        update_successful, grad_norm, _ = optimizer.step()
+        assert update_successful
+        losses.append(torch.stack([r["loss"] for r in reports]) if reports else None)
+        grad_norms.append(grad_norm)
+    return dict(losses=losses, grad_norms=grad_norms,
+                params={name: param.detach().clone() for name, param in model.named_parameters()})
+
+
+def two_rank_checks(rank: int, moe_reference: dict[str, torch.Tensor], checkpoint_dir: str) -> dict[str, Any]:
+    """Every 2-rank layout, back to back in one spawn (a spawn costs ~7 s; the compute takes well under 1 s)."""
+    results: dict[str, Any] = {}
+
+    init_distributed(tp=2)
+    results["tp2_dense"] = forward_backward(build_gpt(moe=False), batch(0))
+    results["tp2_sp_moe"] = forward_backward(build_gpt(moe=True, sequence_parallel=True), batch(0))
+
+    model = build_gpt(moe=True)
+    dist_checkpointing.save(model.sharded_state_dict(), checkpoint_dir)
+    reloaded = build_gpt(moe=True, seed=SEED + 1)
+    reloaded.load_state_dict(dist_checkpointing.load(reloaded.sharded_state_dict(), checkpoint_dir))
+    results["tp2_checkpoint_reload_max_diff"] = max(
+        (a - b).abs().max().item() for a, b in zip(model.state_dict().values(), reloaded.state_dict().values())
+        if torch.is_tensor(a))
+
+    init_distributed(ep=2)
+    for dispatcher in ("allgather", "alltoall"):
+        model = build_gpt(moe=True, dispatcher=dispatcher)
+        model.load_state_dict(localize(moe_reference, model))
+        results[f"ep2_{dispatcher}"] = forward_backward(model, batch(rank))
+
+    init_distributed()  # DP=2: each rank trains on its half of every microbatch
+    half = [{k: v.chunk(2)[rank] for k, v in batch(i).items()} for i in range(MICROBATCHES)]
+    results["dp2"] = train(moe_reference, half)
+    results["dp2_distopt"] = train(moe_reference, half, use_distributed_optimizer=True)
+
+    init_distributed(pp=2)
+    results["pp2"] = train(moe_reference, [batch(i) for i in range(MICROBATCHES)])
+    return results
+
+
+@pytest.fixture(scope="module")
+def moe_reference(distributed_world) -> dict[str, torch.Tensor]:
+    init_distributed()
+    return build_gpt(moe=True).state_dict()
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tp2_checkpoint")
+
+
+@pytest.fixture(scope="module")
+def ranks(moe_reference, checkpoint_dir) -> list[dict[str, Any]]:
+    return run_in_processes(two_rank_checks, 2, moe_reference, str(checkpoint_dir))
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    torch.testing.assert_close(actual, expected, rtol=0, atol=TOL, msg=lambda m: f"{what}: {m}")
+
+
+def test_tensor_parallel_matches_single_process(model_parallel, ranks):
+    for key, moe, sp in (("tp2_dense", False, False), ("tp2_sp_moe", True, True)):
+        expected = forward_backward(build_gpt(moe=moe), batch(0))
+        vocab_shards = expected["embedding_grad"].chunk(2)
+        for rank, result in enumerate(ranks):
+            assert_close(result[key]["logits"], expected["logits"], f"{key} rank {rank} logits")
+            assert_close(result[key]["embedding_grad"], vocab_shards[rank], f"{key} rank {rank} embedding grad")
+
+
+@pytest.mark.parametrize("dispatcher", ["allgather", "alltoall"])
+def test_expert_parallel_matches_single_process(model_parallel, ranks, dispatcher):
+    for rank, result in enumerate(ranks):
+        expected = forward_backward(build_gpt(moe=True), batch(rank))
+        got = result[f"ep2_{dispatcher}"]
+        assert_close(got["logits"], expected["logits"], f"rank {rank} logits")
+        assert_close(got["embedding_grad"], expected["embedding_grad"], f"rank {rank} embedding grad")
+
+
+@pytest.mark.parametrize("key", ["dp2", "dp2_distopt"])
+def test_data_parallel_training_matches_full_batch(model_parallel, moe_reference, ranks, key):
+    expected = train(moe_reference, [batch(i) for i in range(MICROBATCHES)],
+                     use_distributed_optimizer=key == "dp2_distopt")
+    for rank, result in enumerate(ranks):
+        assert result[key]["params"].keys() == expected["params"].keys()
+        for name, param in expected["params"].items():
+            assert_close(result[key]["params"][name], param, f"rank {rank} {name}")
+
+
+def test_pipeline_parallel_matches_single_stage(model_parallel, moe_reference, ranks):
+    expected = train(moe_reference, [batch(i) for i in range(MICROBATCHES)])
+    first, last = ranks[0]["pp2"], ranks[1]["pp2"]
+    assert first["losses"] == [None] * TRAIN_STEPS  # only the last stage computes the loss
+    for step in range(TRAIN_STEPS):
+        assert_close(last["losses"][step], expected["losses"][step], f"step {step} losses")
+        for result in (first, last):  # the grad norm is reduced over both stages
+            assert result["grad_norms"][step] == pytest.approx(expected["grad_norms"][step], abs=TOL)
+
+
+def test_dist_checkpoint_saved_under_tp2_loads_under_tp2_and_tp1(model_parallel, ranks, checkpoint_dir):
+    assert all(result["tp2_checkpoint_reload_max_diff"] == 0 for result in ranks)
+    expected = build_gpt(moe=True)
+    model = build_gpt(moe=True, seed=SEED + 1)
+    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(checkpoint_dir)))
+    for (name, param), (_, reference) in zip(model.state_dict().items(), expected.state_dict().items()):
+        if torch.is_tensor(param):
+            assert torch.equal(param, reference), name
+
+
+def rank_one_fails(rank: int) -> None:
+    if rank == 1:
+        raise ValueError("rank one failed on purpose")
+    torch.distributed.barrier()  # rank 0 waits here for a peer that never comes
+
+
+def test_child_failure_reraises_with_traceback_and_does_not_hang():
+    with pytest.raises(ChildProcessFailed, match=r"(?s)rank 1.*rank_one_fails.*ValueError: rank one failed on purpose"):
+        run_in_processes(rank_one_fails, 2, timeout_s=60)
+
+
+def test_init_distributed_rejects_indivisible_sizes(model_parallel):
+    with pytest.raises(ValueError, match=r"world size 1 is not divisible by tp \* pp = 2 \* 1"):
+        init_distributed(tp=2)
+    with pytest.raises(ValueError, match=r"etp \* ep \* pp = 1 \* 2 \* 1"):
+        init_distributed(ep=2)

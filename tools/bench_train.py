@@ -1,0 +1,308 @@
+"""Training-step time: our block-diffusion step vs `transformers`' DiffusionGemma and vs an AR-only step, one run.
+
+    python tools/bench_train.py                      # a small random DiffusionGemma built here (CPU-sized)
+    python tools/bench_train.py --hf /path/to/diffusiongemma [--dtype bf16] [--batch 2 --seq-len 2048]
+
+On the same weights and SFT micro-batch (prompt + response per example, EOS-filled to whole blocks, one t and one
+scored block per example, self-conditioning coins with p = 0.5) it times forward + backward of:
+
+- ours: `BDGemmaModel.training_forward` as the trainer calls it: causal encode with grad, decode pass 1 without
+  grad, pass 2 with grad on the pass-1 signal, diffusion + AR loss sums, backward. Only the scored block is decoded
+  (exact: canvas blocks never see each other, DESIGN §5);
+- ours, vocab-parallel loss: the same with `loss_chunk_size` (no full-vocabulary logits);
+- ours, whole canvas: the same, decoding every response block as the references do (one still scored);
+- HF, Automodel-style: `DiffusionGemmaForBlockDiffusion`'s own modules driven the way NeMo Automodel trains
+  (reference/automodel_diffusion_gemma.md §1–§4): `model.encoder` over the clean sequence (causal, 2-D padding
+  mask) fills a `DynamicCache` whose layers all keep every position (a config-built cache would cut sliding layers
+  to the window, while the training mask indexes all S encoder keys); encoder logits `lm_head` + fp32 softcap;
+  `model.decoder` over the whole response canvas with the dense block-diffusion masks `{full, sliding}`
+  `[B, 1, R, S + R]` (additive, eager attention) over `[encoder K/V ; canvas K/V]`, pass 1 under `no_grad` with no
+  signal, pass 2 with the pass-1 logits and the coins; flat CE summed over the scored block plus AR CE over valid
+  pairs; backward. Router projection and scale frozen, as in the recipe. Not included: FSDP, Automodel's own
+  grouped-experts kernels, padding tokens kept out of routing;
+- HF, scored block only: the same HF step on our one-block canvas (how TRL's reference script trains);
+- ours, AR only: encode with the AR logits, AR loss sum, backward (what the same model costs as a plain LM).
+
+Every HF variant's loss is checked against ours (same batch, same numbers up to fp32 rounding). Each step is run
+`--warmup` times untimed, then `--repeats` rounds time every variant once per round, interleaved; medians are
+reported. Tokens/s counts the batch's valid sequence tokens (prompt + response + EOS fill) per step. Model FLOPs
+use `active_params_per_token` N (attention projections, dense MLP, top-k experts, router, LM head): 6·N per token
+with grad (encoder over B·S positions, pass 2 over the decoded canvas), 2·N per token for pass 1; attention scores
+and the soft-embedding matmul are not counted. The last line is machine-readable:
+
+    RESULT step_ratio_vs_hf=<ours / HF Automodel-style step time> diffusion_over_ar=<ours / AR-only step time>
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+# DiffusionGemma's geometry (5:1 sliding/full layers, K=V full layers, top-k MoE, canvas = block), scaled down so one
+# CPU run takes about a minute.
+SMALL_TEXT: dict[str, Any] = dict(
+    vocab_size=8192,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    global_head_dim=64,
+    num_global_key_value_heads=1,
+    layer_types=[SLIDING] * 5 + [FULL],
+    sliding_window=128,
+    num_experts=8,
+    top_k_experts=2,
+    moe_intermediate_size=64,
+    max_position_embeddings=8192,
+    final_logit_softcapping=30.0,
+    pad_token_id=0,
+    eos_token_id=1,
+)
+SMALL_CANVAS = 64
+
+Step = Callable[[], tuple[float, float]]
+
+
+@dataclasses.dataclass
+class Variant:
+    name: str
+    step: Step
+    canvas_positions: int  # B · decoded canvas length (pass 1 and pass 2 each run over these); 0 = AR only
+    times: list[float] = dataclasses.field(default_factory=list)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hf", type=Path, help="local HF DiffusionGemma directory (default: a small random one)")
+    parser.add_argument("--batch", type=int, default=4, help="examples per micro-batch")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per example, prompt + response + fill")
+    parser.add_argument("--loss-chunk-size", type=int, default=512, help="tokens per chunk, vocab-parallel variant")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+def small_random_hf(path: Path) -> Path:
+    """Build and save the small random DiffusionGemma (vision tower of one layer, dropped on import)."""
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+    from transformers.models.diffusion_gemma import DiffusionGemmaTextConfig
+
+    torch.manual_seed(0)
+    config = DiffusionGemmaConfig(
+        text_config=DiffusionGemmaTextConfig(**SMALL_TEXT),
+        vision_config=dict(model_type="gemma4_vision", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=2, head_dim=8),
+        canvas_length=SMALL_CANVAS,
+    )
+    model = DiffusionGemmaForBlockDiffusion(config)
+    with torch.no_grad():
+        # HF's init (std 0.02) gives near-uniform logits, on which every loss is about log V and the loss check
+        # below could not tell implementations apart; spread the tied embedding as a trained model's is.
+        model.model.decoder.embed_tokens.weight.normal_(0.0, 0.5)
+    model.save_pretrained(path)
+    return path
+
+
+def sft_batch(batch: int, seq_len: int, block_size: int, vocab: int, eos: int, pad: int, seed: int):
+    """Random single-turn examples: prompts of S/16..S/2 tokens, answers filling the rest but for up to a block."""
+    from megatron_bdgemma.diffusion import build_sft_batch
+
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, vocab, (batch, seq_len), generator=generator)
+    loss_mask = torch.zeros(batch, seq_len, dtype=torch.bool)
+    valid = torch.zeros(batch, seq_len, dtype=torch.bool)
+    for b in range(batch):
+        prompt = int(torch.randint(seq_len // 16, seq_len // 2, (), generator=generator))
+        room = (seq_len - prompt) // block_size * block_size  # the answer plus its EOS fill must fit
+        answer = room - int(torch.randint(0, block_size, (), generator=generator))
+        loss_mask[b, prompt : prompt + answer] = True
+        valid[b, : prompt + answer] = True
+    return build_sft_batch(ids, loss_mask, valid, block_size=block_size, eos_id=eos, pad_id=pad)
+
+
+def whole_canvas(batch, one, vocab: int, seed: int):
+    """The response window with every block decoded, holding `one`'s noisy scored blocks: Automodel's canvas."""
+    from megatron_bdgemma.diffusion import NoisedCanvas, block_mask, noise_batch
+
+    bs = batch.block_size
+    full = noise_batch(batch, sample_indices=list(range(batch.batch_size)), step=0, seed=seed, vocab_size=vocab,
+                       score="all_blocks")
+    chosen = one.block_ids[:, 0]
+    canvas = full.canvas_ids.clone()
+    for b, block in enumerate(chosen.tolist()):
+        canvas[b, block * bs : (block + 1) * bs] = one.canvas_ids[b]
+    scored = block_mask(chosen, batch.canvas_valid, bs)
+    return NoisedCanvas(canvas, full.targets, full.position_ids, full.block_ids, scored, scored.float(),
+                        one.self_conditioning)
+
+
+def hf_training_step(hf, batch, noised) -> Step:
+    """One Automodel-style HF step (module docstring) on `noised`'s canvas → (diffusion sum, AR sum)."""
+    from transformers import DynamicCache
+
+    from megatron_bdgemma import masks
+
+    text = hf.config.text_config
+    dtype = hf.lm_head.weight.dtype
+    attention = {
+        t: masks.to_additive(
+            masks.block_diffusion_training_mask(
+                batch.prefix_lens, batch.response_lens, batch.seq_len, noised.canvas_ids.shape[1], batch.block_size,
+                text.sliding_window if t == SLIDING else None, canvas_block_ids=noised.block_ids,
+            ),
+            dtype,
+        )
+        for t in set(text.layer_types)
+    }
+    scored = noised.scored.bool()
+
+    def head(hidden: torch.Tensor) -> torch.Tensor:
+        cap = text.final_logit_softcapping
+        return cap * torch.tanh(hf.lm_head(hidden).float() / cap)
+
+    def step() -> tuple[float, float]:
+        encoded = hf.model.encoder(input_ids=batch.input_ids, attention_mask=batch.encoder_valid.long(),
+                                   cache=DynamicCache(), use_cache=True)
+
+        def decode(**self_conditioning: torch.Tensor) -> torch.Tensor:
+            return head(hf.model.decoder(
+                decoder_input_ids=noised.canvas_ids, cache=encoded.cache, decoder_attention_mask=attention,
+                decoder_position_ids=noised.position_ids, **self_conditioning,
+            ).last_hidden_state)
+
+        with torch.no_grad():
+            first = decode()
+        logits = decode(self_conditioning_logits=first, self_conditioning_mask=noised.self_conditioning)
+        diffusion = F.cross_entropy(logits[scored], noised.targets[scored], reduction="sum")
+        pairs = batch.ar_loss_mask
+        ar = F.cross_entropy(head(encoded.last_hidden_state)[pairs], batch.ar_labels[pairs], reduction="sum")
+        (diffusion + ar).backward()
+        return diffusion.item(), ar.item()
+
+    return step
+
+
+def main() -> None:
+    args = parse_args()
+    import megatron_bdgemma
+    from megatron_bdgemma.diffusion import ar_loss, noise_batch
+    from megatron_bdgemma.runtime.distributed import init_distributed
+    from megatron_bdgemma.training.metrics import active_params_per_token
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    init_distributed(seed=args.seed)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    workdir = tempfile.TemporaryDirectory()
+    hf_path = args.hf or small_random_hf(Path(workdir.name) / "hf")
+
+    ours = megatron_bdgemma.from_hf(hf_path, dtype=dtype).to(device).train()
+    hf = DiffusionGemmaForBlockDiffusion.from_pretrained(hf_path, dtype=dtype).to(device).train()
+    hf.set_attn_implementation("eager")  # Automodel forces eager: the dense additive canvas mask
+    for layer in hf.model.decoder.layers:  # the recipe freezes the router (the encoder's layers are tied to these)
+        layer.router.proj.weight.requires_grad_(False)
+        layer.router.scale.requires_grad_(False)
+    config = ours.config
+    vocab, bs = config.vocab_size, config.canvas_length
+
+    batch = sft_batch(args.batch, args.seq_len, bs, vocab, config.eos_token_ids[0], config.pad_token_id, args.seed)
+    one = noise_batch(batch, sample_indices=list(range(args.batch)), step=0, seed=args.seed, vocab_size=vocab)
+    whole = whole_canvas(batch, one, vocab, args.seed)
+    batch, one, whole = batch.to(device), _to(one, device), _to(whole, device)
+
+    def our_step(noised, loss_chunk_size: int | None = None) -> Step:
+        def step() -> tuple[float, float]:
+            out = ours.training_forward(batch, noised, loss_chunk_size=loss_chunk_size)
+            (out.diffusion_loss_sum + out.ar_loss_sum).backward()
+            return out.diffusion_loss_sum.item(), out.ar_loss_sum.item()
+
+        return step
+
+    def ar_step() -> tuple[float, float]:
+        encoded = ours.encode(batch.input_ids, padding_mask=~batch.encoder_valid, return_logits=True)
+        loss, _ = ar_loss(encoded.logits, batch.ar_labels, batch.ar_loss_mask)
+        loss.backward()
+        return float("nan"), loss.item()
+
+    one_canvas, whole_canvas_positions = one.canvas_ids.numel(), whole.canvas_ids.numel()
+    variants = [
+        Variant("ours (training_forward, scored block decoded)", our_step(one), one_canvas),
+        Variant(f"ours, vocab-parallel loss (chunks of {args.loss_chunk_size})",
+                our_step(one, args.loss_chunk_size), one_canvas),
+        Variant("ours, whole canvas decoded", our_step(whole), whole_canvas_positions),
+        Variant("HF, Automodel-style (whole canvas, dense mask)", hf_training_step(hf, batch, whole),
+                whole_canvas_positions),
+        Variant("HF, scored block only (TRL-style)", hf_training_step(hf, batch, one), one_canvas),
+        Variant("ours, AR only (encode + AR loss)", ar_step, 0),
+    ]
+    models = (ours, hf)
+    load_before = os.getloadavg()[0]
+    losses = {}
+    for variant in variants:
+        for _ in range(args.warmup):
+            losses[variant.name] = run(variant.step, models, device)[0]
+    for _ in range(args.repeats):
+        for variant in variants:
+            variant.times.append(run(variant.step, models, device)[1])
+
+    n = active_params_per_token(config)
+    encoder_positions = batch.input_ids.numel()
+    tokens = int(batch.encoder_valid.sum())
+    print(f"device {device}, dtype {args.dtype}, {torch.get_num_threads()} threads; batch {args.batch} × S "
+          f"{batch.seq_len} ({tokens} valid tokens), block {bs}, whole canvas R {whole.canvas_ids.shape[1]}, "
+          f"vocab {vocab}, hidden {config.hidden_size}, {config.num_layers} layers, {config.num_moe_experts} experts "
+          f"top-{config.moe_router_topk}; N = active_params_per_token = {n:,}")
+    print(f"median of {args.repeats} rounds after {args.warmup} warm-up; 1-min load average {load_before:.1f} before, "
+          f"{os.getloadavg()[0]:.1f} after (other processes share these cores); losses are sums (diffusion, AR)")
+    print(f"{'':50s} {'step s':>8s} {'tokens/s':>9s} {'GFLOP':>8s} {'TFLOP/s':>8s}  losses")
+    median = {}
+    for variant in variants:
+        median[variant.name] = seconds = statistics.median(variant.times)
+        canvas = variant.canvas_positions
+        flops = 6 * n * encoder_positions + (2 + 6) * n * canvas if canvas else 6 * n * encoder_positions
+        diffusion, ar = losses[variant.name]
+        print(f"{variant.name:50s} {seconds:8.3f} {tokens / seconds:9.0f} {flops / 1e9:8.1f} "
+              f"{flops / seconds / 1e12:8.4f}  {diffusion:.4f}, {ar:.4f}")
+    reference = losses[variants[0].name]
+    worst = max(abs(losses[v.name][i] - reference[i]) / abs(reference[i]) for v in variants[1:5] for i in (0, 1))
+    print(f"loss agreement with ours (relative, all diffusion variants): {worst:.1e}")
+    ours_s, hf_s, ar_s = (median[variants[i].name] for i in (0, 3, 5))
+    print(f"RESULT step_ratio_vs_hf={ours_s / hf_s:.3f} diffusion_over_ar={ours_s / ar_s:.3f}")
+    workdir.cleanup()
+
+
+def run(step: Step, models: tuple[torch.nn.Module, ...], device: torch.device) -> tuple[tuple[float, float], float]:
+    """One forward + backward from cleared gradients → (loss sums, seconds)."""
+    for model in models:
+        model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = step()  # `.item()` on the losses waits for the device
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - start
+
+
+def _to(noised, device: torch.device):
+    return dataclasses.replace(noised, **{f.name: getattr(noised, f.name).to(device) for f in dataclasses.fields(noised)})
+
+
+if __name__ == "__main__":
+    main()

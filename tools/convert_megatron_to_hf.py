@@ -1,0 +1,64 @@
+"""Export a Megatron checkpoint of DiffusionGemma to a Hugging Face `DiffusionGemmaForBlockDiffusion` directory.
+
+    python tools/convert_megatron_to_hf.py --megatron ckpt/dg --out hf/exported
+    python tools/convert_megatron_to_hf.py --megatron runs/sft --out hf/sft --dtype bf16 --verify
+
+`--megatron` is a checkpoint directory or a save root with a `latest` marker, saved at any TP / EP / PP, with its
+model config recorded (`extra["model_config"]`). The output holds safetensors shards with an index, `config.json`
+and `generation_config.json`; `transformers` loads it with `from_pretrained` and generates with it. Tensors are
+read one layer at a time and written as they are ready. The output appears only when complete; `--verify` then
+compares logits of both sides.
+Exit status: 0 done, 1 `--verify` above tolerance, 2 bad input (the message names it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--megatron", type=Path, required=True, help="Megatron checkpoint directory or save root")
+    parser.add_argument("--out", type=Path, required=True, help="HF directory to create")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="written dtype (default: the checkpoint's)")
+    parser.add_argument("--max-shard-size", default="5GB", help="bytes per safetensors shard, e.g. 5GB, 500MB")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out")
+    parser.add_argument("--verify", action="store_true", help="compare logits of the checkpoint and the HF export")
+    parser.add_argument("--verify-tolerance", type=float, default=1e-4, help="max-abs logit difference allowed")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print("error: run the exporter as one process; it reads a checkpoint saved at any layout", file=sys.stderr)
+        return 2
+    # torch's checkpoint code warns about its own deprecated ShardedTensor on every call; Megatron uses it on purpose.
+    warnings.filterwarnings("ignore", module=r"torch\.distributed\.checkpoint")
+    from megatron_bdgemma.conversion.hf_export import convert_megatron_to_hf, parse_size
+    from megatron_bdgemma.conversion.megatron_checkpoint import DTYPES, ConversionError, verify_against_hf
+
+    log = functools.partial(print, flush=True)
+    try:
+        convert_megatron_to_hf(args.megatron, args.out, dtype=DTYPES.get(args.dtype),
+                               max_shard_size=parse_size(args.max_shard_size), overwrite=args.overwrite, log=log)
+    except (ConversionError, FileExistsError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.verify:
+        difference = verify_against_hf(args.megatron, args.out)
+        log(f"verify: max-abs logit difference {difference:.3e} (tolerance {args.verify_tolerance:.0e})")
+        if difference > args.verify_tolerance:
+            print("error: --verify: logits differ beyond the tolerance", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Generate text with a block-diffusion Gemma model (or its AR baseline) from an HF or Megatron checkpoint.
+
+    python tools/generate.py --hf /path/to/diffusiongemma --prompt "Why is the sky blue?" --chat
+    python tools/generate.py --hf DIR --prompt "5 17 42" --sampler max_prob_threshold:threshold=0.8,top_k=50
+    python tools/generate.py --load CKPT --tokenizer TOKDIR --prompt "..." --sampler autoregressive
+    torchrun --nproc-per-node 2 tools/generate.py --hf DIR --tp 2 --prompt "..."
+
+`--sampler NAME[:key=value,...]` picks one of `entropy_bound` (DiffusionGemma's default), `max_prob_threshold`,
+`greedy` or `autoregressive`; see `megatron_bdgemma.generation.samplers` for the options. Several `--prompt`s run
+as one left-padded batch. The tokenizer is `--tokenizer`, else the `--hf` directory's; without one, prompts are
+whitespace-separated token ids and the output is printed as ids. EOS / pad ids come from `--eos-token-id` /
+`--pad-token-id`, else the checkpoint's `generation_config.json`, else the model config. Every rank of a TP group
+runs the same loop with the same seed (lock-step); rank 0 prints.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Set before torch loads oneDNN: every step of a growing KV cache (one position per AR token) brings new matmul
+# shapes, and oneDNN's default cache of 1024 primitives thrashes on CPU, costing up to 20x per AR step.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "65536")
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hf", type=Path, help="local HF DiffusionGemma (or Gemma 4 MoE) directory")
+    source.add_argument("--load", type=Path, help="Megatron checkpoint directory (megatron_bdgemma.checkpointing)")
+    parser.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
+    parser.add_argument("--sampler", default="entropy_bound", help="NAME[:key=value,...] (default: entropy_bound)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--tokenizer", type=Path, help="HF tokenizer directory (default: the --hf directory)")
+    parser.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    parser.add_argument("--eos-token-id", type=int, nargs="+", help="end-of-sequence ids")
+    parser.add_argument("--pad-token-id", type=int, help="pad id written after EOS")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (launch with torchrun)")
+    parser.add_argument("--stream", action="store_true", help="print each committed canvas as it is produced")
+    return parser.parse_args(argv)
+
+
+def load_model(args: argparse.Namespace) -> Any:
+    """The model on this rank's device, from `--hf` or `--load`."""
+    from megatron_bdgemma.runtime.distributed import init_distributed
+
+    init_distributed(tp=args.tp, seed=args.seed)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    if args.hf is not None:
+        import megatron_bdgemma
+
+        model = megatron_bdgemma.from_hf(args.hf, dtype=dtype)
+    else:
+        try:
+            from megatron_bdgemma.checkpointing import load_model as load_checkpoint
+        except ImportError as error:
+            raise SystemExit(
+                f"--load needs megatron_bdgemma.checkpointing.load_model, which this installation lacks ({error}); "
+                "convert the checkpoint to HF and use --hf instead"
+            ) from error
+        # Generation runs without sequence parallelism (see generation.generate).
+        model = load_checkpoint(args.load, dtype=dtype, sequence_parallel=False)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    return model.eval()
+
+
+def load_tokenizer(args: argparse.Namespace) -> Any | None:
+    """The HF tokenizer of `--tokenizer`, else of the `--hf` directory when it has one, else None (token ids)."""
+    path = args.tokenizer or args.hf
+    if path is None:
+        return None
+    has_tokenizer = any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json"))
+    if args.tokenizer is None and not has_tokenizer:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def special_ids(args: argparse.Namespace, config: Any) -> tuple[list[int], int]:
+    """EOS ids and pad id: the flags, else the checkpoint's generation_config.json, else the model config."""
+    generation: dict[str, Any] = {}
+    if args.hf is not None and (args.hf / "generation_config.json").exists():
+        generation = json.loads((args.hf / "generation_config.json").read_text())
+    eos = args.eos_token_id or generation.get("eos_token_id") or list(config.eos_token_ids)
+    pad = args.pad_token_id if args.pad_token_id is not None else generation.get("pad_token_id", config.pad_token_id)
+    return ([eos] if isinstance(eos, int) else list(eos)), pad
+
+
+def tokenize(prompts: Sequence[str], tokenizer: Any | None, chat: bool) -> list[list[int]]:
+    if tokenizer is None:
+        if chat:
+            raise SystemExit("--chat needs a tokenizer (--tokenizer or an --hf directory with one)")
+        try:
+            return [[int(token) for token in prompt.split()] for prompt in prompts]
+        except ValueError:
+            raise SystemExit("without a tokenizer, --prompt must be whitespace-separated token ids") from None
+    if chat:
+        return [
+            list(tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=True, add_generation_prompt=True
+            ))
+            for p in prompts
+        ]
+    return [tokenizer(p)["input_ids"] for p in prompts]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    from megatron_bdgemma.generation import generate, left_pad, parse_sampler
+
+    try:
+        sampler = parse_sampler(args.sampler)
+    except ValueError as error:
+        raise SystemExit(f"--sampler: {error}") from None
+    model = load_model(args)
+    tokenizer = load_tokenizer(args)
+    eos, pad = special_ids(args, model.config)
+    input_ids, padding_mask = left_pad(tokenize(args.prompt, tokenizer, args.chat), pad)
+    is_printer = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+    def show(tokens: torch.Tensor) -> list[str]:
+        rows = [[t for t in row.tolist() if t != pad] for row in tokens]
+        return [tokenizer.decode(row) if tokenizer is not None else " ".join(map(str, row)) for row in rows]
+
+    def stream(index: int, block: torch.Tensor) -> None:
+        if is_printer:
+            print(f"[block {index}] " + " | ".join(show(block)), flush=True)
+
+    # Same seed on every rank: TP ranks draw identical noise and stay in lock-step.
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
+    start = time.perf_counter()
+    try:
+        output = generate(
+            model, input_ids, padding_mask=padding_mask, sampler=sampler, max_new_tokens=args.max_new_tokens,
+            eos_token_ids=eos, pad_token_id=pad, generator=generator, on_canvas=stream if args.stream else None,
+        )
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    if is_printer:
+        tokens = int((output.generated != pad).sum())
+        for row, text in enumerate(show(output.generated)):
+            print(f"=== prompt {row}: {args.prompt[row]!r}\n{text}")
+        per_forward = ", ".join(f"{x:.3f}" for x in output.tokens_per_forward.tolist())
+        print(f"sampler: {sampler}")
+        print(f"tokens per forward: {per_forward}")
+        print(f"generated tokens: {tokens} in {seconds:.3f} s = {tokens / seconds:.1f} tokens/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
