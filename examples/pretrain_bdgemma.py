@@ -5,7 +5,8 @@
     torchrun --nproc-per-node 8 examples/pretrain_bdgemma.py --config examples/configs/diffusiongemma_26b_sft.yaml
 
 Positional `section.key=value` arguments override the YAML (values are parsed as YAML). `--load DIR` resumes from a
-checkpoint root (its `latest`) or a checkpoint directory.
+checkpoint root (its `latest`) or a checkpoint directory; a checkpoint converted from HF starts fresh from its weights.
+`--sample PROMPT` generates from the saved model at the end (byte tokenizer runs only).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML run config")
     parser.add_argument("--load", default=None, help="resume from this checkpoint root or directory")
+    parser.add_argument("--sample", default="def ", help="prompt to generate from after training ('' = none)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_intermixed_args()
 
@@ -29,6 +31,27 @@ def main() -> None:
     overrides = list(args.overrides) + ([f"checkpoint.load={args.load}"] if args.load else [])
     run = load_run_config(args.config, overrides)
     train(run)
+    if args.sample and run.checkpoint.save and run.data.tokenizer == "byte":
+        print_sample(run.checkpoint.save, args.sample)
+
+
+def print_sample(checkpoint: str, prompt: str) -> None:
+    """Greedy block-diffusion continuation of `prompt` from the saved checkpoint (rank 0 prints)."""
+    import torch
+    import torch.distributed as dist
+
+    from megatron_bdgemma.checkpointing import load_model
+    from megatron_bdgemma.data import ByteTokenizer
+    from megatron_bdgemma.generation import Greedy, generate
+
+    tokenizer = ByteTokenizer()
+    model = load_model(checkpoint, sequence_parallel=False).eval()
+    ids = torch.tensor([tokenizer.encode(prompt)], device=next(model.parameters()).device)
+    out = generate(model, ids, sampler=Greedy(), max_new_tokens=2 * model.config.canvas_length,
+                   eos_token_ids=[tokenizer.eod], pad_token_id=tokenizer.pad)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        text = tokenizer.decode([t for t in out.generated[0].tolist() if t != tokenizer.pad])
+        print(f"sample ({out.tokens_per_forward[0]:.2f} tokens per forward): {prompt + text!r}")
 
 
 if __name__ == "__main__":
