@@ -6,12 +6,11 @@ mapping mistakes; `randomise` makes every one of them distinct.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 
-SLIDING, FULL = "sliding_attention", "full_attention"
+from megatron_bdgemma.hf_reference import FULL, SLIDING, random_diffusion_gemma, save  # noqa: F401 - re-exported
 
 # Sizes are the smallest that still exercise each feature: GQA (4 q heads over 2 KV heads), a full-layer geometry
 # different from the sliding one (head dim 16 vs 8, 1 KV head), top-2 of 4 experts, a window shorter than the
@@ -35,12 +34,6 @@ BASE_TEXT: dict[str, Any] = dict(
     pad_token_id=0,
     eos_token_id=1,
 )
-
-TINY_VISION = dict(
-    model_type="gemma4_vision", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-    num_attention_heads=2, num_key_value_heads=2, head_dim=8,
-)
-
 
 @torch.no_grad()
 def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -73,25 +66,11 @@ def gemma4_causal_lm(text_overrides: dict[str, Any] | None = None, seed: int = 0
 
 
 def diffusion_gemma(text_overrides: dict[str, Any] | None = None, canvas_length: int = 4, seed: int = 0):
-    """A `DiffusionGemmaForBlockDiffusion` with a one-layer vision tower (dropped on import)."""
-    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
-    from transformers.models.diffusion_gemma import DiffusionGemmaTextConfig
-
-    torch.manual_seed(seed)
-    config = DiffusionGemmaConfig(
-        text_config=DiffusionGemmaTextConfig(**(BASE_TEXT | (text_overrides or {}))),
-        vision_config=TINY_VISION,
-        canvas_length=canvas_length,
-    )
-    config._attn_implementation = "eager"
-    model = DiffusionGemmaForBlockDiffusion(config).eval()
+    """A `DiffusionGemmaForBlockDiffusion` with a one-layer vision tower (dropped on import), randomised."""
+    model = random_diffusion_gemma(BASE_TEXT | (text_overrides or {}), canvas_length, seed)
     randomise(model, seed)
     # The encoder's untied layer_scalar copies must equal the decoder's (a real checkpoint stores both equal).
-    for enc, dec in zip(model.model.encoder.language_model.layers, model.model.decoder.layers):
-        enc.layer_scalar.copy_(dec.layer_scalar)
+    with torch.no_grad():
+        for enc, dec in zip(model.model.encoder.language_model.layers, model.model.decoder.layers):
+            enc.layer_scalar.copy_(dec.layer_scalar)
     return model
-
-
-def save(model: torch.nn.Module, path: Path) -> Path:
-    model.save_pretrained(path)
-    return path

@@ -41,29 +41,10 @@ from typing import Any
 
 import torch
 
-SLIDING, FULL = "sliding_attention", "full_attention"
+from megatron_bdgemma import hf_reference
 
-# DiffusionGemma's geometry (canvas 256, 48 steps, 5:1 sliding/full layers, K=V full layers, top-k MoE), scaled down
-# so one CPU run takes seconds.
-SMALL_TEXT: dict[str, Any] = dict(
-    vocab_size=2048,
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=6,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=32,
-    global_head_dim=64,
-    num_global_key_value_heads=1,
-    layer_types=[SLIDING] * 5 + [FULL],
-    sliding_window=128,
-    num_experts=8,
-    top_k_experts=2,
-    moe_intermediate_size=64,
-    max_position_embeddings=8192,
-    pad_token_id=0,
-    eos_token_id=1,
-)
+# DiffusionGemma's geometry scaled down so one CPU run is quick.
+SMALL_TEXT = hf_reference.SMALL_TEXT | dict(vocab_size=2048)
 SMALL_CANVAS = 256
 
 
@@ -82,17 +63,7 @@ def parse_args() -> argparse.Namespace:
 
 def small_random_hf(path: Path) -> Path:
     """Build and save the small random DiffusionGemma (vision tower of one layer, dropped on import)."""
-    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
-    from transformers.models.diffusion_gemma import DiffusionGemmaTextConfig
-
-    torch.manual_seed(0)
-    config = DiffusionGemmaConfig(
-        text_config=DiffusionGemmaTextConfig(**SMALL_TEXT),
-        vision_config=dict(model_type="gemma4_vision", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                           num_attention_heads=2, num_key_value_heads=2, head_dim=8),
-        canvas_length=SMALL_CANVAS,
-    )
-    DiffusionGemmaForBlockDiffusion(config).eval().save_pretrained(path)
+    hf_reference.random_diffusion_gemma(SMALL_TEXT, SMALL_CANVAS).save_pretrained(path)
     return path
 
 

@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         DTYPES,
         ConversionError,
         convert_hf_to_megatron,
-        verify_against_hf,
+        report_verification,
     )
 
     log = functools.partial(print, flush=True)
@@ -63,13 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConversionError, FileExistsError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if args.verify:
-        difference = verify_against_hf(args.out, args.hf)
-        log(f"verify: max-abs logit difference {difference:.3e} (tolerance {args.verify_tolerance:.0e})")
-        if difference > args.verify_tolerance:
-            print("error: --verify: logits differ beyond the tolerance", file=sys.stderr)
-            return 1
-    return 0
+    return report_verification(args.out, args.hf, args.verify_tolerance, log) if args.verify else 0
 
 
 if __name__ == "__main__":

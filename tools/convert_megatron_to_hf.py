@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # torch's checkpoint code warns about its own deprecated ShardedTensor on every call; Megatron uses it on purpose.
     warnings.filterwarnings("ignore", module=r"torch\.distributed\.checkpoint")
     from megatron_bdgemma.conversion.hf_export import convert_megatron_to_hf, parse_size
-    from megatron_bdgemma.conversion.megatron_checkpoint import DTYPES, ConversionError, verify_against_hf
+    from megatron_bdgemma.conversion.megatron_checkpoint import DTYPES, ConversionError, report_verification
 
     log = functools.partial(print, flush=True)
     try:
@@ -51,13 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConversionError, FileExistsError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if args.verify:
-        difference = verify_against_hf(args.megatron, args.out)
-        log(f"verify: max-abs logit difference {difference:.3e} (tolerance {args.verify_tolerance:.0e})")
-        if difference > args.verify_tolerance:
-            print("error: --verify: logits differ beyond the tolerance", file=sys.stderr)
-            return 1
-    return 0
+    return report_verification(args.megatron, args.out, args.verify_tolerance, log) if args.verify else 0
 
 
 if __name__ == "__main__":

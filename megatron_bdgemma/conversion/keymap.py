@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_bdgemma.config import BDGemmaConfig
+from megatron_bdgemma.layers.layer import LAYER_NORMS
 
 Tensors = dict[str, torch.Tensor]
 
@@ -97,23 +98,12 @@ class ExpertsMapping(Mapping):
         return {self.hf_keys[0]: fc1, self.hf_keys[1]: fc2, self.hf_keys[2]: torch.ones(self.num_experts, dtype=fc2.dtype)}
 
 
-_LAYER_NORMS = (
-    "input_layernorm",
-    "post_attention_layernorm",
-    "pre_feedforward_layernorm",
-    "pre_feedforward_layernorm_2",
-    "post_feedforward_layernorm_1",
-    "post_feedforward_layernorm_2",
-    "post_feedforward_layernorm",
-)
-
-
 def layer_mappings(config: BDGemmaConfig, i: int) -> list[Mapping]:
     """Mappings of global layer i (0-based)."""
     hf, mg = f"layers.{i}.", f"decoder.layers.{i}."
     layer_config = config.get_config_for_layer(i + 1)
     projections = ["q_proj", "k_proj"] + (["v_proj"] if config.has_v_proj(layer_config.layer_attention_type) else [])
-    maps: list[Mapping] = [Mapping((hf + f"{name}.weight",), (mg + f"{name}.weight",)) for name in _LAYER_NORMS]
+    maps: list[Mapping] = [Mapping((hf + f"{name}.weight",), (mg + f"{name}.weight",)) for name in LAYER_NORMS]
     maps += [
         Mapping((hf + "layer_scalar",), (mg + "layer_scalar",)),
         QKVMapping(

@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -702,3 +703,13 @@ def verify_against_hf(checkpoint_dir: str | Path, hf_dir: str | Path, num_sequen
     stored = checkpoint_model_config(checkpoint_dir).params_dtype
     model = load_model(checkpoint_dir, dtype=torch.float32)
     return max_logit_difference(model, as_converted(_hf_model(Path(hf_dir)), stored), num_sequences)
+
+
+def report_verification(megatron_dir: str | Path, hf_dir: str | Path, tolerance: float, log: Callable[[str], None]) -> int:
+    """`verify_against_hf` for the CLIs: logs the difference; exit status 0 within `tolerance`, else 1."""
+    difference = verify_against_hf(megatron_dir, hf_dir)
+    log(f"verify: max-abs logit difference {difference:.3e} (tolerance {tolerance:.0e})")
+    if difference > tolerance:
+        print("error: --verify: logits differ beyond the tolerance", file=sys.stderr)
+        return 1
+    return 0

@@ -38,7 +38,7 @@ class BDGemmaLayerSubmodules:
     post_feedforward_layernorm: Any
 
 
-_NORMS = (
+LAYER_NORMS = (
     "input_layernorm",
     "post_attention_layernorm",
     "pre_feedforward_layernorm",
@@ -65,7 +65,7 @@ class BDGemmaLayer(MegatronModule, BaseTransformerLayer):
         pp_rank = get_pg_rank(pg_collection.pp) if hasattr(pg_collection, "pp") else 0
         self.layer_number = layer_number + get_transformer_layer_offset(config, vp_stage, pp_rank)
         self.layer_type = config.layer_attention_type
-        for name in _NORMS:
+        for name in LAYER_NORMS:
             norm = getattr(submodules, name)(config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon)
             setattr(self, name, norm)
         self.self_attention = build_module(

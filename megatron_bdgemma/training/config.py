@@ -175,13 +175,12 @@ def _check_type(path: str, value: Any, annotation: Any) -> None:
     if annotation is Any:
         return
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for option in typing.get_args(annotation):
             try:
                 _check_type(path, value, option)
                 return
-            except ValueError as error:
-                errors.append(str(error))
+            except ValueError:
+                continue
         raise ValueError(f"{path}={value!r} does not fit {annotation}")
     if origin is Literal:
         if value not in typing.get_args(annotation):

@@ -10,7 +10,6 @@ One step reads like a list (torchtitan's `train_step`):
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -27,7 +26,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_bdgemma.config import PRESETS, BDGemmaConfig, config_from_hf
 from megatron_bdgemma.conversion.hf_checkpoint import HFCheckpoint, load_hf_weights
 from megatron_bdgemma.conversion.megatron_checkpoint import model_config_from_dict, model_config_to_dict, read_extra
-from megatron_bdgemma.diffusion import DiffusionBatch, NoisedCanvas, noise_batch
+from megatron_bdgemma.diffusion import DiffusionBatch, NoisedCanvas, ar_loss, diffusion_loss, noise_batch
 from megatron_bdgemma.model import BDGemmaModel, TrainingOutput
 from megatron_bdgemma.runtime.distributed import init_distributed
 from megatron_bdgemma.training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -136,10 +135,11 @@ def _microbatches(state: TrainState, step: int, split: str = "train") -> list[Mi
 
 
 def _global_counts(microbatches: list[MicroBatch], device: torch.device) -> torch.Tensor:
-    """[diffusion weight sum, AR pairs] over every micro-batch of every DP rank (known before any forward)."""
+    """[scored canvas tokens, AR pairs] over every micro-batch of every DP rank (known before any forward), the
+    same counts `diffusion_loss` / `ar_loss` return."""
     counts = torch.zeros(2, dtype=torch.float64, device=device)
     for mb in microbatches:
-        counts[0] += mb.noised.weights.sum().item() if mb.noised.weights.dtype.is_floating_point else 0.0
+        counts[0] += mb.noised.scored.sum().item()
         counts[1] += mb.batch.ar_loss_mask.sum().item()
     dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
     return counts.clamp(min=1.0)
@@ -208,8 +208,6 @@ def evaluate(state: TrainState) -> dict[str, float]:
             encoded = model.encode(batch.input_ids, padding_mask=~batch.encoder_valid, return_logits=True)
             logits = model.decode(noised.canvas_ids, encoded, canvas_position_ids=noised.position_ids,
                                   attention_mask=model.training_masks(batch, noised))
-            from megatron_bdgemma.diffusion import ar_loss, diffusion_loss
-
             d, dn = diffusion_loss(logits, noised.targets, noised.scored, noised.weights)
             a, an = ar_loss(encoded.logits, batch.ar_labels, batch.ar_loss_mask)
             sums += torch.tensor([d.item(), float(dn), a.item(), float(an)], dtype=torch.float64)

@@ -1,0 +1,58 @@
+"""Small random Hugging Face DiffusionGemma models, built locally: the oracles of tests and benchmarks.
+
+Nothing is downloaded; a model is built from a config dict and saved with `save_pretrained`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+TINY_VISION: dict[str, Any] = dict(
+    model_type="gemma4_vision", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    num_attention_heads=2, num_key_value_heads=2, head_dim=8,
+)
+"""A one-layer vision tower: DiffusionGemma checkpoints carry one, and import must drop it."""
+
+SMALL_TEXT: dict[str, Any] = dict(
+    vocab_size=2048,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    global_head_dim=64,
+    num_global_key_value_heads=1,
+    layer_types=[SLIDING] * 5 + [FULL],
+    sliding_window=128,
+    num_experts=8,
+    top_k_experts=2,
+    moe_intermediate_size=64,
+    max_position_embeddings=8192,
+    pad_token_id=0,
+    eos_token_id=1,
+)
+"""DiffusionGemma's geometry (5:1 sliding/full layers, K=V full layers, top-k MoE) scaled down for CPU benchmarks."""
+
+
+def random_diffusion_gemma(text: dict[str, Any], canvas_length: int, seed: int = 0):
+    """An eval-mode `DiffusionGemmaForBlockDiffusion` with HF's random init (eager attention)."""
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+    from transformers.models.diffusion_gemma import DiffusionGemmaTextConfig
+
+    torch.manual_seed(seed)
+    config = DiffusionGemmaConfig(
+        text_config=DiffusionGemmaTextConfig(**text), vision_config=TINY_VISION, canvas_length=canvas_length
+    )
+    config._attn_implementation = "eager"
+    return DiffusionGemmaForBlockDiffusion(config).eval()
+
+
+def save(model: torch.nn.Module, path: Path) -> Path:
+    model.save_pretrained(path)
+    return path
