@@ -111,6 +111,16 @@ class BDGemmaModel(GPTModel):
         logits = gather_from_tensor_model_parallel_region(logits).transpose(0, 1).float()
         return softcap(logits, self.config.final_logit_softcapping)
 
+    def run_layer(self, layer: torch.nn.Module, hidden: torch.Tensor, **kwargs) -> tuple[torch.Tensor, KV]:
+        """One layer, under full activation recompute when the config asks for it (training with grad only).
+
+        Non-reentrant checkpointing keeps the autograd edge from a layer's K/V to its inputs, so the canvas loss
+        still reaches the encoder through recomputed K/V.
+        """
+        if self.config.recompute_granularity == "full" and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(layer, hidden, use_reentrant=False, **kwargs)
+        return layer(hidden, **kwargs)
+
     # ---- encode -------------------------------------------------------------------------------------------------
 
     def encode(
@@ -138,7 +148,9 @@ class BDGemmaModel(GPTModel):
         attention = {t: masks.encoder_mask(valid, self.config.window_of(t)) for t in set(self.config.layer_types)}
         kv = []
         for layer in self.decoder.layers:
-            hidden, (key, value) = layer(hidden, rope=rope[layer.layer_type], attention_mask=attention[layer.layer_type])
+            hidden, (key, value) = self.run_layer(
+                layer, hidden, rope=rope[layer.layer_type], attention_mask=attention[layer.layer_type]
+            )
             kv.append((key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3)))
         hidden = self.decoder.final_layernorm(hidden)
         return EncoderOutput(kv=kv, logits=self.logits(hidden) if return_logits else None, hidden=hidden)
@@ -243,8 +255,9 @@ class BDGemmaModel(GPTModel):
             }
         for layer, (key, value) in zip(self.decoder.layers, kv):
             prefix_kv = (key.permute(2, 0, 1, 3), value.permute(2, 0, 1, 3))  # back to [P, B, g, d]
-            hidden, _ = layer(
-                hidden, rope=rope[layer.layer_type], attention_mask=attention_mask[layer.layer_type], kv_prefix=prefix_kv
+            hidden, _ = self.run_layer(
+                layer, hidden, rope=rope[layer.layer_type], attention_mask=attention_mask[layer.layer_type],
+                kv_prefix=prefix_kv,
             )
         return self.decoder.final_layernorm(hidden)
 
