@@ -152,3 +152,21 @@ def test_conflicting_sizes_are_named(tmp_path, overrides, message):
 def test_bad_config_keys_and_types_are_named(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
         _run(tmp_path, override)
+
+
+def test_preprocessed_jsonl_trains(tmp_path, model_parallel):
+    """JSONL → tools/preprocess_data.py (int32 .bin/.idx) → GPTDataset → two training steps on it."""
+    import importlib.util
+
+    from megatron_bdgemma.training.trainer import train
+
+    lines = [json.dumps({"text": f"document {i}: " + "the quick brown fox jumps over the lazy dog " * (i % 5 + 3)})
+             for i in range(300)]
+    (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    spec = importlib.util.spec_from_file_location("preprocess_data", CONFIG.parent.parent.parent / "tools" / "preprocess_data.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    prefix = tmp_path / "corpus"
+    assert tool.main(["--input", str(tmp_path / "docs.jsonl"), "--output-prefix", str(prefix), "--tokenizer", "byte"]) == 0
+    history = train(_run(tmp_path, f"data.paths=[{prefix}]", "train.steps=3", "optim.warmup_steps=1"))
+    assert [h["step"] for h in history] == [1, 2, 3] and all(h["diffusion"] > 0 for h in history)

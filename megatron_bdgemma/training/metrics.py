@@ -49,7 +49,12 @@ class MetricsLogger:
         self.tokens = 0
         self.writer = None
         if self.rank0 and run.logging.tensorboard_dir:
-            from torch.utils.tensorboard import SummaryWriter
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as error:
+                raise ImportError(
+                    "logging.tensorboard_dir is set but TensorBoard is not installed: pip install 'megatron_bdgemma[tensorboard]'"
+                ) from error
 
             self.writer = SummaryWriter(run.logging.tensorboard_dir)
 
