@@ -43,7 +43,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -134,7 +133,7 @@ def hf_training_step(hf, batch, noised) -> Step:
         t: masks.to_additive(
             masks.block_diffusion_training_mask(
                 batch.prefix_lens, batch.response_lens, batch.seq_len, noised.canvas_ids.shape[1], batch.block_size,
-                text.sliding_window if t == SLIDING else None, canvas_block_ids=noised.block_ids,
+                text.sliding_window if t == hf_reference.SLIDING else None, canvas_block_ids=noised.block_ids,
             ),
             dtype,
         )

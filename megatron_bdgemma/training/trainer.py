@@ -10,7 +10,6 @@ One step reads like a list (torchtitan's `train_step`):
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Iterator
