@@ -130,6 +130,8 @@ class BDGemmaModel(GPTModel):
         position_ids: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
         return_logits: bool = False,
+        kv_prefix: list[KV] | None = None,
+        attention_mask: dict[str, torch.Tensor] | None = None,
     ) -> EncoderOutput:
         """Causal pass over the clean sequence.
 
@@ -138,6 +140,10 @@ class BDGemmaModel(GPTModel):
             position_ids: `[B, S]` absolute positions; default `0..S-1` (HF's default, also with padding).
             padding_mask: `[B, S]` bool, True = padding (Megatron's convention); padded keys are never attended.
             return_logits: also return the `[B, S, V]` fp32 softcapped logits (the AR head).
+            kv_prefix: per layer, earlier positions' (K, V) `[B, g, P, d]` to attend to (a generation cache); the
+                returned `.kv` holds only the new positions'. Needs `attention_mask`.
+            attention_mask: per layer type, `[B, 1, S, P + S]` bool (True = attend); default the causal encoder
+                mask of `padding_mask`.
         """
         batch, seq = input_ids.shape
         if position_ids is None:
@@ -145,11 +151,17 @@ class BDGemmaModel(GPTModel):
         valid = torch.ones_like(input_ids, dtype=torch.bool) if padding_mask is None else ~padding_mask.bool()
         hidden = self.embed(input_ids)
         rope = self.rope(position_ids, hidden.dtype)
-        attention = {t: masks.encoder_mask(valid, self.config.window_of(t)) for t in set(self.config.layer_types)}
+        if attention_mask is None:
+            if kv_prefix is not None:
+                raise ValueError("encode(kv_prefix=...) needs the attention_mask over [prefix ; new] keys")
+            attention_mask = {t: masks.encoder_mask(valid, self.config.window_of(t)) for t in set(self.config.layer_types)}
         kv = []
-        for layer in self.decoder.layers:
+        for index, layer in enumerate(self.decoder.layers):
+            # The layers take K/V as [P, B, g, d]; the public layout is HF's [B, g, P, d].
+            prefix = None if kv_prefix is None else tuple(t.permute(2, 0, 1, 3) for t in kv_prefix[index])
             hidden, (key, value) = self.run_layer(
-                layer, hidden, rope=rope[layer.layer_type], attention_mask=attention[layer.layer_type]
+                layer, hidden, rope=rope[layer.layer_type], attention_mask=attention_mask[layer.layer_type],
+                kv_prefix=prefix,
             )
             kv.append((key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3)))
         hidden = self.decoder.final_layernorm(hidden)

@@ -170,18 +170,8 @@ def encode_into(
     else:
         valid = ~padding_mask.bool()
     positions = (cache.length + torch.arange(new, device=input_ids.device)).expand(batch, new)
-    attention = cache.encode_masks(valid)
-    hidden = model.embed(input_ids)
-    rope = model.rope(positions, hidden.dtype)
-    kv = []
-    for index, layer in enumerate(model.decoder.layers):
-        # The layers take K/V as [P, B, g, d]; the cache keeps HF's [B, g, P, d].
-        prefix = tuple(t.permute(2, 0, 1, 3) for t in cache.kv[index]) if cache.kv else None
-        hidden, (key, value) = layer(
-            hidden, rope=rope[layer.layer_type], attention_mask=attention[layer.layer_type], kv_prefix=prefix
-        )
-        kv.append((key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3)))
-    cache.append(kv, valid)
-    if not last_logits:
-        return None
-    return model.logits(model.decoder.final_layernorm(hidden[-1:]))[:, 0]
+    encoded = model.encode(
+        input_ids, position_ids=positions, kv_prefix=cache.kv or None, attention_mask=cache.encode_masks(valid)
+    )
+    cache.append(encoded.kv, valid)
+    return model.logits(encoded.hidden[-1:])[:, 0] if last_logits else None
