@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import functools
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 LayerType = Literal["sliding_attention", "full_attention"]
+AttentionImpl = Literal["eager", "block_sparse"]
 
 gelu_tanh = functools.partial(F.gelu, approximate="tanh")
 """HF `gelu_pytorch_tanh`. A `partial` (not a lambda) so the config pickles into checkpoints."""
@@ -98,6 +99,14 @@ class BDGemmaConfig(TransformerConfig):
     eos_token_ids: tuple[int, ...] = (1,)
     """End-of-sequence ids (DiffusionGemma's generation config uses (1, 106, 50))."""
 
+    attention_impl: AttentionImpl = "eager"
+    """Core attention (`layers.core_attention`): `eager` builds each mask's dense grid and the full score matrix
+    (the reference; memory ∝ S·(S+R)); `block_sparse` runs one query chunk at a time over only the keys it can see
+    and recomputes chunks in backward (memory ∝ S·chunk). Same values and gradients."""
+
+    attention_chunk_size: int = 256
+    """Encoder queries per chunk of the `block_sparse` attention (canvas chunks are one block each)."""
+
     layer_attention_type: str | None = None
     """Set only on the per-layer copies from `get_config_for_layer`: that layer's attention type."""
 
@@ -153,6 +162,10 @@ class BDGemmaConfig(TransformerConfig):
                 )
         if self.sliding_window < 1:
             problems.append(f"sliding_window ({self.sliding_window}) must be >= 1")
+        if self.attention_impl not in get_args(AttentionImpl):
+            problems.append(f"attention_impl {self.attention_impl!r} is unknown (expected one of {get_args(AttentionImpl)})")
+        if self.attention_chunk_size < 1:
+            problems.append(f"attention_chunk_size ({self.attention_chunk_size}) must be >= 1")
         if self.canvas_length < 1:
             problems.append(f"canvas_length ({self.canvas_length}) must be >= 1")
         if problems:

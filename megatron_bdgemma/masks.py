@@ -1,11 +1,19 @@
 """Attention masks: the causal encoder, the block-diffusion canvas (training and inference), and conversions.
 
-Every builder returns one convention: a boolean **allowed** tensor, ``True`` = the query may attend to the key,
-shaped ``[B, 1, Q, K]`` (``B`` = batch; the ``1`` broadcasts over heads). The sliding window always lives inside
-the mask, so attention kernels never get a separate ``window_size`` (DESIGN §4). The backends' conventions are
-derived at the edge by :func:`to_megatron`, :func:`to_sdpa` and :func:`to_additive`.
+Each mask is a **rule**: a small object that answers "may query ``q`` of batch row ``b`` attend to key ``k``?" for
+any broadcastable index tensors (:meth:`AttentionMask.allowed_at`), without ever holding the ``[Q, K]`` grid. The
+rule is the one place the masking semantics live; everything else derives from it:
 
-Every row keeps at least one allowed key (a padded query gets its own diagonal), so no softmax row is empty.
+- :meth:`~AttentionMask.dense` -- the whole ``[B, 1, Q, K]`` boolean grid, ``True`` = attend (``1`` broadcasts over
+  heads), for the eager reference attention; built once per rule and cached;
+- :meth:`~AttentionMask.tile` and :meth:`~AttentionMask.key_spans` -- one query chunk's rows over only the key
+  ranges it can see, for the block-sparse attention, whose memory then grows with ``S·chunk``, not ``S·K``;
+- the same :meth:`~AttentionMask.allowed_at` is a FlexAttention ``mask_mod`` as it stands (``b, q, k`` scalars).
+
+The sliding window always lives inside the rule, so attention kernels never get a separate ``window_size``
+(DESIGN §4). Backend conventions for dense grids are derived at the edge by :func:`to_megatron`, :func:`to_sdpa`
+and :func:`to_additive`. Every row keeps at least one allowed key (a query that would see nothing gets its own
+diagonal), so no softmax row is empty.
 
 Block-diffusion canvas (DESIGN §5). Keys are ``[encoder (S clean positions) ; canvas (R noised positions)]``.
 Response blocks have ``bs`` positions and are counted from the response start ``p``. A canvas query of block ``i``
@@ -15,61 +23,139 @@ own clean block -- and the noised keys of its own canvas block only. Sliding lay
 because at inference a sliding layer's cache ends there and retains ``window - 1`` positions (HF's
 ``DynamicSlidingWindowLayer``; reference/hf_numerics_details.md P3).
 
-All builders are index-based and vectorised on the input tensors' device, with no host synchronisation.
+Rules are vectorised on their tensors' device. ``allowed_at`` never synchronises with the host; ``key_spans`` of
+the training canvas reads its per-block bounds to the host once per mask.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
 
 __all__ = [
-    "encoder_mask",
-    "block_diffusion_training_mask",
-    "decode_inference_mask",
+    "AttentionMask",
+    "EncoderMask",
+    "BlockDiffusionTrainingMask",
+    "DecodeInferenceMask",
     "to_megatron",
     "to_sdpa",
     "to_additive",
 ]
 
+Span = tuple[int, int]
+"""A half-open key index range ``[start, end)``."""
 
-def encoder_mask(valid: Tensor, window: int | None) -> Tensor:
-    """Causal (optionally sliding-window) mask for the clean encoder pass.
+
+class AttentionMask:
+    """A boolean attention rule over ``(batch row, query index, key index)``; subclasses define the rule.
+
+    Attributes (set by subclasses):
+        batch_size, num_queries, num_keys: the grid the rule covers.
+        query_chunk: queries that share their key spans (a canvas block), or None when any chunking is as good.
+    """
+
+    batch_size: int
+    num_queries: int
+    num_keys: int
+    query_chunk: int | None = None
+
+    @property
+    def device(self) -> torch.device:
+        raise NotImplementedError
+
+    def allowed_at(self, b: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        """Broadcastable integer index tensors (batch row, query, key) → bool, True = attend.
+
+        Indices must lie inside the grid; the rule only indexes and compares, so it also serves as a FlexAttention
+        ``mask_mod``.
+        """
+        raise NotImplementedError
+
+    def key_spans(self, q_start: int, q_end: int) -> list[Span]:
+        """Disjoint, increasing key ranges holding every key any query in ``[q_start, q_end)`` may see (of any row)."""
+        return [(0, self.num_keys)]
+
+    def select(self, rows: Tensor) -> AttentionMask:
+        """The same rule for the chosen batch rows only (``rows``: ``[B]`` bool or ``[B']`` indices)."""
+        raise NotImplementedError
+
+    def tile(self, queries: Tensor, keys: Tensor) -> Tensor:
+        """The rows ``queries`` ``[Q']`` over the keys ``keys`` ``[K']`` → ``[B, 1, Q', K']`` bool."""
+        b = torch.arange(self.batch_size, device=self.device)[:, None, None]
+        return self.allowed_at(b, queries[None, :, None], keys[None, None, :]).unsqueeze(1)
+
+    @cached_property
+    def _dense(self) -> Tensor:
+        device = self.device
+        return self.tile(torch.arange(self.num_queries, device=device), torch.arange(self.num_keys, device=device))
+
+    def dense(self) -> Tensor:
+        """The whole grid ``[B, 1, Q, K]`` bool, True = attend (built on first use, then cached)."""
+        return self._dense
+
+
+@dataclass(eq=False)
+class EncoderMask(AttentionMask):
+    """Causal (optionally sliding-window) mask of the clean encoder pass.
 
     Positions are the tensor indices, as in HF's ``masking_utils`` (with left padding, HF's mask is on cache
-    indices too): query ``q`` sees key ``k`` iff ``k <= q``, ``q - k < window`` on sliding layers, and
-    ``valid[b, k]``.
+    indices too). The queries are the last ``num_queries`` keys (a generation step encoding new positions after
+    cached ones; by default all of them): query ``i`` sits at key index ``q = i + K - Q`` and sees key ``k`` iff
+    ``k <= q``, ``q - k < window`` on sliding layers, and ``key_valid[b, k]``. A query that would see nothing (a
+    pad query before any valid key, or past the window of all of them) sees only itself.
 
     Args:
-        valid: ``[B, S]`` bool, False on padding (never attended).
+        key_valid: ``[B, K]`` bool, False on padding (never attended).
         window: sliding window of the layer, or None for a full-attention layer.
-
-    Returns:
-        ``[B, 1, S, S]`` bool, True = attend. A query that would see nothing (a pad query before any valid key,
-        or past the window of all of them) sees only itself.
+        num_queries: ``Q <= K``; None = ``K``.
     """
-    _check_window(window)
-    S = valid.shape[1]
-    pos = torch.arange(S, device=valid.device)
-    q, k = pos[:, None], pos[None, :]
-    allowed = k <= q
-    if window is not None:
-        allowed = allowed & (q - k < window)
-    allowed = allowed[None] & valid.bool()[:, None, :]  # [B, S, S]
-    # Give every fully blocked row its own diagonal, so no softmax row is empty.
-    empty = ~allowed.any(dim=-1, keepdim=True)
-    return (allowed | (torch.eye(S, dtype=torch.bool, device=valid.device) & empty)).unsqueeze(1)
+
+    key_valid: Tensor
+    window: int | None
+    num_queries: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_window(self.window)
+        self.key_valid = self.key_valid.bool()
+        self.batch_size, self.num_keys = self.key_valid.shape
+        if self.num_queries is None:
+            self.num_queries = self.num_keys
+        if not 0 <= self.num_queries <= self.num_keys:
+            raise ValueError(f"num_queries {self.num_queries} must be in [0, {self.num_keys}] (the number of keys)")
+        self.offset = self.num_keys - self.num_queries
+
+    @property
+    def device(self) -> torch.device:
+        return self.key_valid.device
+
+    @cached_property
+    def _row_empty(self) -> Tensor:
+        """``[B, Q]``: the query sees no valid key in its causal window (counted with a prefix sum, O(B·K))."""
+        counts = torch.nn.functional.pad(self.key_valid.long().cumsum(dim=1), (1, 0))  # [B, K + 1]
+        q = torch.arange(self.num_queries, device=self.device) + self.offset
+        lo = torch.zeros_like(q) if self.window is None else (q - self.window + 1).clamp(min=0)
+        return counts[:, q + 1] == counts[:, lo]
+
+    def allowed_at(self, b: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        position = q + self.offset
+        allowed = (k <= position) & self.key_valid[b, k]
+        if self.window is not None:
+            allowed = allowed & (position - k < self.window)
+        return allowed | ((k == position) & self._row_empty[b, q])
+
+    def key_spans(self, q_start: int, q_end: int) -> list[Span]:
+        start = 0 if self.window is None else max(0, q_start + self.offset - self.window + 1)
+        return [(start, q_end + self.offset)]
+
+    def select(self, rows: Tensor) -> EncoderMask:
+        return EncoderMask(self.key_valid[rows], self.window, self.num_queries)
 
 
-def block_diffusion_training_mask(
-    prefix_lens: Tensor,
-    response_lens: Tensor,
-    encoder_len: int,
-    canvas_len: int,
-    block_size: int,
-    window: int | None,
-    canvas_block_ids: Tensor | None = None,
-) -> Tensor:
+@dataclass(eq=False)
+class BlockDiffusionTrainingMask(AttentionMask):
     """Mask of the training decode: canvas queries over ``[encoder keys ; canvas keys]`` (DESIGN §5).
 
     Example ``b`` is laid out as in ``diffusion.layout``: the encoder row is its prompt ``[0, p_b)``, its response
@@ -97,55 +183,90 @@ def block_diffusion_training_mask(
         canvas_block_ids: optional ``[B, ceil(R / bs)]`` int, the response block held by each canvas block;
             negative = unused. None means canvas block ``c`` holds response block ``c``.
 
-    Returns:
-        ``[B, 1, R, S + R]`` bool, True = attend.
+    The grid is ``[B, 1, R, S + R]``.
     """
-    _check_window(window)
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
-    device = prefix_lens.device
-    batch = prefix_lens.shape[0]
-    if response_lens.shape != (batch,):
-        raise ValueError(f"response_lens shape {tuple(response_lens.shape)} != prefix_lens shape {(batch,)}")
-    slot = torch.arange(canvas_len, device=device)
-    canvas_block = slot // block_size  # [R], the canvas block of each slot
-    if canvas_block_ids is None:
-        block = canvas_block.expand(batch, canvas_len)
-    else:
-        num_canvas_blocks = -(-canvas_len // block_size)
-        if canvas_block_ids.shape != (batch, num_canvas_blocks):
-            raise ValueError(
-                f"canvas_block_ids shape {tuple(canvas_block_ids.shape)} != {(batch, num_canvas_blocks)} "
-                f"(batch, ceil(canvas_len / block_size))"
-            )
-        block = canvas_block_ids.to(device).long()[:, canvas_block]  # [B, R], response block of each slot
-    offset = block * block_size + slot % block_size  # [B, R], response offset held by each slot
-    slot_valid = (block >= 0) & (offset < response_lens.long()[:, None])  # [B, R]
 
-    # Block i's clean context is exactly the encoder prefix [0, p + i·bs): the prompt plus the strictly earlier
-    # response blocks (the response keys past it are its own and later blocks, then global pad). This is also
-    # where the inference cache ends when block i is decoded, which is why the window is anchored there.
-    context_end = (prefix_lens.long()[:, None] + block * block_size)[:, :, None]  # [B, R, 1]
-    key = torch.arange(encoder_len, device=device)
-    encoder = key < context_end  # [B, R, S]
-    if window is not None:
-        encoder = encoder & (key >= context_end - window + 1)
-    encoder = encoder & slot_valid[:, :, None]
+    prefix_lens: Tensor
+    response_lens: Tensor
+    encoder_len: int
+    canvas_len: int
+    block_size: int
+    window: int | None
+    canvas_block_ids: Tensor | None = None
 
-    same_block = canvas_block[:, None] == canvas_block[None, :]  # [R, R]
-    canvas = same_block & slot_valid[:, :, None] & slot_valid[:, None, :]
-    # Valid rows already hold their diagonal; invalid rows get only it.
-    canvas = canvas | torch.eye(canvas_len, dtype=torch.bool, device=device)
-    return torch.cat([encoder, canvas], dim=-1).unsqueeze(1)
+    def __post_init__(self) -> None:
+        _check_window(self.window)
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        batch = self.prefix_lens.shape[0]
+        if self.response_lens.shape != (batch,):
+            raise ValueError(f"response_lens shape {tuple(self.response_lens.shape)} != prefix_lens shape {(batch,)}")
+        device = self.prefix_lens.device
+        slot = torch.arange(self.canvas_len, device=device)
+        canvas_block = slot // self.block_size  # [R], the canvas block of each slot
+        if self.canvas_block_ids is None:
+            block = canvas_block.expand(batch, self.canvas_len)
+        else:
+            num_canvas_blocks = -(-self.canvas_len // self.block_size)
+            if self.canvas_block_ids.shape != (batch, num_canvas_blocks):
+                raise ValueError(
+                    f"canvas_block_ids shape {tuple(self.canvas_block_ids.shape)} != {(batch, num_canvas_blocks)} "
+                    f"(batch, ceil(canvas_len / block_size))"
+                )
+            block = self.canvas_block_ids.to(device).long()[:, canvas_block]  # [B, R], response block of each slot
+        offset = block * self.block_size + slot % self.block_size  # [B, R], response offset held by each slot
+        slot_valid = (block >= 0) & (offset < self.response_lens.long()[:, None])  # [B, R]
+        # Block i's clean context is exactly the encoder prefix [0, p + i·bs): the prompt plus the strictly earlier
+        # response blocks (the response keys past it are its own and later blocks, then global pad). This is also
+        # where the inference cache ends when block i is decoded, which is why the window is anchored there.
+        context_end = self.prefix_lens.long()[:, None] + block * self.block_size  # [B, R]
+        self._slots = (slot_valid, context_end)
+        self.batch_size, self.num_queries = batch, self.canvas_len
+        self.num_keys = self.encoder_len + self.canvas_len
+        self.query_chunk = self.block_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.prefix_lens.device
+
+    def allowed_at(self, b: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        slot_valid, context_end = self._slots
+        S, bs = self.encoder_len, self.block_size
+        query_valid, end = slot_valid[b, q], context_end[b, q]
+        is_encoder = k < S
+        encoder = is_encoder & query_valid & (k < end)
+        if self.window is not None:
+            encoder = encoder & (k >= end - self.window + 1)
+        j = (k - S).clamp(min=0)  # the canvas slot of a canvas key (0 for encoder keys, masked off below)
+        same_block = (j // bs == q // bs) & query_valid & slot_valid[b, j]
+        return encoder | (~is_encoder & (same_block | (j == q)))
+
+    @cached_property
+    def _host_slots(self) -> tuple[Tensor, Tensor]:
+        slot_valid, context_end = self._slots
+        return slot_valid.cpu(), context_end.cpu()  # the one host read of this mask
+
+    def key_spans(self, q_start: int, q_end: int) -> list[Span]:
+        bs, S = self.block_size, self.encoder_len
+        canvas = (S + q_start // bs * bs, S + min(-(-q_end // bs) * bs, self.canvas_len))
+        slot_valid, context_end = (t[:, q_start:q_end] for t in self._host_slots)
+        ends = context_end[slot_valid]
+        if ends.numel() == 0:
+            return [canvas]
+        start = 0 if self.window is None else max(0, int(ends.min()) - self.window + 1)
+        end = int(ends.max())
+        return [(start, end), canvas] if end > start else [canvas]
+
+    def select(self, rows: Tensor) -> BlockDiffusionTrainingMask:
+        ids = None if self.canvas_block_ids is None else self.canvas_block_ids[rows]
+        return BlockDiffusionTrainingMask(
+            self.prefix_lens[rows], self.response_lens[rows], self.encoder_len, self.canvas_len, self.block_size,
+            self.window, ids,
+        )
 
 
-def decode_inference_mask(
-    encoder_valid: Tensor,
-    canvas_valid: Tensor | None,
-    window: int | None,
-    *,
-    canvas_len: int | None = None,
-) -> Tensor:
+@dataclass(eq=False)
+class DecodeInferenceMask(AttentionMask):
     """Mask of an inference decode: one canvas after the ``S`` encoder (KV-cache) positions.
 
     Mirrors HF generation with its dynamic cache (DESIGN §10, reference/hf_numerics_details.md P3): a full layer
@@ -159,24 +280,49 @@ def decode_inference_mask(
         window: sliding window of the layer, or None for a full-attention layer.
         canvas_len: ``R`` when ``canvas_valid`` is None (must agree with it otherwise).
 
-    Returns:
-        ``[B, 1, R, S + R]`` bool, True = attend.
+    The grid is ``[B, 1, R, S + R]``.
     """
-    _check_window(window)
-    batch, S = encoder_valid.shape
-    device = encoder_valid.device
-    if canvas_valid is None:
-        if canvas_len is None:
-            raise ValueError("decode_inference_mask needs canvas_len when canvas_valid is None")
-        canvas_valid = torch.ones(batch, canvas_len, dtype=torch.bool, device=device)
-    elif canvas_len is not None and canvas_len != canvas_valid.shape[1]:
-        raise ValueError(f"canvas_len {canvas_len} != canvas_valid length {canvas_valid.shape[1]}")
-    R = canvas_valid.shape[1]
-    encoder = encoder_valid.bool()
-    if window is not None:
-        encoder = encoder & (torch.arange(S, device=device) >= S - (window - 1))
-    canvas = canvas_valid.bool()[:, None, :] | torch.eye(R, dtype=torch.bool, device=device)  # [B, R, R]
-    return torch.cat([encoder[:, None, :].expand(batch, R, S), canvas], dim=-1).unsqueeze(1)
+
+    encoder_valid: Tensor
+    canvas_valid: Tensor | None
+    window: int | None
+    canvas_len: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_window(self.window)
+        self.encoder_valid = self.encoder_valid.bool()
+        batch, self.encoder_len = self.encoder_valid.shape
+        if self.canvas_valid is None:
+            if self.canvas_len is None:
+                raise ValueError("DecodeInferenceMask needs canvas_len when canvas_valid is None")
+            self.canvas_valid = torch.ones(batch, self.canvas_len, dtype=torch.bool, device=self.device)
+        elif self.canvas_len is not None and self.canvas_len != self.canvas_valid.shape[1]:
+            raise ValueError(f"canvas_len {self.canvas_len} != canvas_valid length {self.canvas_valid.shape[1]}")
+        self.canvas_valid = self.canvas_valid.bool()
+        self.canvas_len = self.canvas_valid.shape[1]
+        self.batch_size, self.num_queries = batch, self.canvas_len
+        self.num_keys = self.encoder_len + self.canvas_len
+        self._encoder_start = 0 if self.window is None else max(0, self.encoder_len - (self.window - 1))
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder_valid.device
+
+    def allowed_at(self, b: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        S = self.encoder_len
+        is_encoder = k < S
+        j = (k - S).clamp(min=0)  # the canvas slot of a canvas key (0 for encoder keys, masked off below)
+        canvas = ~is_encoder & (self.canvas_valid[b, j] | (j == q))
+        if S == 0:
+            return canvas
+        encoder = is_encoder & (k >= self._encoder_start) & self.encoder_valid[b, k.clamp(max=S - 1)]
+        return encoder | canvas
+
+    def key_spans(self, q_start: int, q_end: int) -> list[Span]:
+        return [(self._encoder_start, self.num_keys)]
+
+    def select(self, rows: Tensor) -> DecodeInferenceMask:
+        return DecodeInferenceMask(self.encoder_valid[rows], self.canvas_valid[rows], self.window)
 
 
 def to_megatron(allowed: Tensor) -> Tensor:

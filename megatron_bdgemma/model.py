@@ -131,7 +131,7 @@ class BDGemmaModel(GPTModel):
         padding_mask: torch.Tensor | None = None,
         return_logits: bool = False,
         kv_prefix: list[KV] | None = None,
-        attention_mask: dict[str, torch.Tensor] | None = None,
+        attention_mask: dict[str, masks.AttentionMask] | None = None,
     ) -> EncoderOutput:
         """Causal pass over the clean sequence.
 
@@ -142,8 +142,8 @@ class BDGemmaModel(GPTModel):
             return_logits: also return the `[B, S, V]` fp32 softcapped logits (the AR head).
             kv_prefix: per layer, earlier positions' (K, V) `[B, g, P, d]` to attend to (a generation cache); the
                 returned `.kv` holds only the new positions'. Needs `attention_mask`.
-            attention_mask: per layer type, `[B, 1, S, P + S]` bool (True = attend); default the causal encoder
-                mask of `padding_mask`.
+            attention_mask: per layer type, the mask rule over S queries × `P + S` keys; default the causal
+                `masks.EncoderMask` of `padding_mask`.
         """
         batch, seq = input_ids.shape
         if position_ids is None:
@@ -154,7 +154,7 @@ class BDGemmaModel(GPTModel):
         if attention_mask is None:
             if kv_prefix is not None:
                 raise ValueError("encode(kv_prefix=...) needs the attention_mask over [prefix ; new] keys")
-            attention_mask = {t: masks.encoder_mask(valid, self.config.window_of(t)) for t in set(self.config.layer_types)}
+            attention_mask = {t: masks.EncoderMask(valid, self.config.window_of(t)) for t in set(self.config.layer_types)}
         kv = []
         for index, layer in enumerate(self.decoder.layers):
             # The layers take K/V as [P, B, g, d]; the public layout is HF's [B, g, P, d].
@@ -206,7 +206,7 @@ class BDGemmaModel(GPTModel):
         encoder_kv: EncoderOutput | list[KV],
         *,
         canvas_position_ids: torch.Tensor,
-        attention_mask: dict[str, torch.Tensor] | None = None,
+        attention_mask: dict[str, masks.AttentionMask] | None = None,
         encoder_padding_mask: torch.Tensor | None = None,
         self_conditioning_logits: torch.Tensor | None = None,
         self_conditioning_mask: torch.Tensor | None = None,
@@ -217,8 +217,8 @@ class BDGemmaModel(GPTModel):
             canvas_ids: `[B, R]` noised tokens.
             encoder_kv: `encode(...)` output (or its `.kv`), P encoder positions per layer.
             canvas_position_ids: `[B, R]` absolute positions (the clean copies' positions, so RoPE matches).
-            attention_mask: per layer type, `[B, 1, R, P + R]` bool (True = attend), e.g. from
-                `masks.block_diffusion_training_mask`. None = the inference contract of HF generation: full layers
+            attention_mask: per layer type, the mask rule over R queries × `P + R` keys, e.g.
+                `masks.BlockDiffusionTrainingMask`. None = the inference contract of HF generation: full layers
                 see every valid encoder key, sliding layers the last `window - 1` encoder positions, and the whole
                 canvas is visible.
             encoder_padding_mask: `[B, P]` bool, True = padding (only used when `attention_mask` is None).
@@ -242,7 +242,7 @@ class BDGemmaModel(GPTModel):
         encoder_kv: EncoderOutput | list[KV],
         *,
         canvas_position_ids: torch.Tensor,
-        attention_mask: dict[str, torch.Tensor] | None = None,
+        attention_mask: dict[str, masks.AttentionMask] | None = None,
         encoder_padding_mask: torch.Tensor | None = None,
         self_conditioning_signal: torch.Tensor | None = None,
         self_conditioning_mask: torch.Tensor | None = None,
@@ -263,7 +263,8 @@ class BDGemmaModel(GPTModel):
                 else ~encoder_padding_mask.bool()
             )
             attention_mask = {
-                t: masks.decode_inference_mask(valid, None, self.config.window_of(t), canvas_len=canvas_ids.shape[1]) for t in set(self.config.layer_types)
+                t: masks.DecodeInferenceMask(valid, None, self.config.window_of(t), canvas_len=canvas_ids.shape[1])
+                for t in set(self.config.layer_types)
             }
         for layer, (key, value) in zip(self.decoder.layers, kv):
             prefix_kv = (key.permute(2, 0, 1, 3), value.permute(2, 0, 1, 3))  # back to [P, B, g, d]
@@ -275,10 +276,10 @@ class BDGemmaModel(GPTModel):
 
     # ---- training ----------------------------------------------------------------------------------------------
 
-    def training_masks(self, batch: DiffusionBatch, noised: NoisedCanvas) -> dict[str, torch.Tensor]:
+    def training_masks(self, batch: DiffusionBatch, noised: NoisedCanvas) -> dict[str, masks.AttentionMask]:
         """Block-diffusion masks of the decoded blocks, per layer type (strict block rule, anchored window)."""
         return {
-            t: masks.block_diffusion_training_mask(
+            t: masks.BlockDiffusionTrainingMask(
                 batch.prefix_lens, batch.response_lens, batch.seq_len, noised.canvas_ids.shape[1],
                 batch.block_size, self.config.window_of(t), canvas_block_ids=noised.block_ids,
             )

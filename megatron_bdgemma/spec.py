@@ -2,8 +2,8 @@
 
 `local` (Megatron's own parallel linears and `SequentialMLP` experts) always works, CPU included. `te` swaps in
 Transformer Engine linears and grouped-GEMM experts through Megatron's `TESpecProvider`; it is import-guarded and
-only used on GPU. Both keep the block-diffusion attention in `EagerCoreAttention` because the canvas mask is an
-arbitrary boolean mask.
+only used on GPU. Both run the core attention chosen by `BDGemmaConfig.attention_impl` (`layers.core_attention`):
+the block-diffusion masks are rules that Megatron's and TE's mask types cannot express.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from megatron_bdgemma.config import BDGemmaConfig
-from megatron_bdgemma.layers.attention import BDGemmaAttention, BDGemmaAttentionSubmodules, EagerCoreAttention
+from megatron_bdgemma.layers.attention import BDGemmaAttention, BDGemmaAttentionSubmodules
+from megatron_bdgemma.layers.core_attention import CORE_ATTENTION
 from megatron_bdgemma.layers.layer import BDGemmaLayer, BDGemmaLayerSubmodules
 from megatron_bdgemma.layers.moe import BDGemmaMoELayer, BDGemmaRouter
 from megatron_bdgemma.layers.norm import RMSNorm
@@ -45,7 +46,7 @@ def get_glu_mlp_submodules(backend: Backend = "local") -> MLPSubmodules:
     return MLPSubmodules(linear_fc1=provider.column_parallel_linear(), linear_fc2=provider.row_parallel_linear())
 
 
-def get_bdgemma_layer_spec(backend: Backend = "local") -> ModuleSpec:
+def get_bdgemma_layer_spec(backend: Backend = "local", attention_impl: str = "eager") -> ModuleSpec:
     """Spec of one `BDGemmaLayer` (per-layer geometry comes from the config, not the spec)."""
     provider = _provider(backend)
     mlp = get_glu_mlp_submodules(backend)
@@ -61,7 +62,7 @@ def get_bdgemma_layer_spec(backend: Backend = "local") -> ModuleSpec:
         module=BDGemmaAttention,
         submodules=BDGemmaAttentionSubmodules(
             linear_qkv=provider.column_parallel_linear(),
-            core_attention=EagerCoreAttention,
+            core_attention=CORE_ATTENTION[attention_impl],
             linear_proj=provider.row_parallel_linear(),
             q_layernorm=RMSNorm,
             k_layernorm=RMSNorm,
@@ -87,7 +88,7 @@ def get_bdgemma_block_spec(
     config: BDGemmaConfig, backend: Backend = "local", vp_stage: int | None = None, pp_rank: int | None = None
 ) -> TransformerBlockSubmodules:
     """The layers of this pipeline stage plus the final RMSNorm."""
-    layer = get_bdgemma_layer_spec(backend)
+    layer = get_bdgemma_layer_spec(backend, config.attention_impl)
     return TransformerBlockSubmodules(
         layer_specs=[layer] * get_num_layers_to_build(config, vp_stage, pp_rank), layer_norm=RMSNorm
     )

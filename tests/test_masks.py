@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from transformers.masking_utils import causal_mask_function, sdpa_mask, sliding_window_causal_mask_function
 
 from megatron_bdgemma.masks import (
-    block_diffusion_training_mask,
-    decode_inference_mask,
-    encoder_mask,
+    BlockDiffusionTrainingMask,
+    DecodeInferenceMask,
+    EncoderMask,
     to_additive,
     to_megatron,
     to_sdpa,
@@ -111,7 +111,7 @@ def encoder_cases(draw):
 def test_encoder_mask_matches_reference(case):
     valid, window = case
     B, S = len(valid), len(valid[0])
-    _check(encoder_mask(torch.tensor(valid), window), ref_encoder(valid, window), (B, 1, S, S))
+    _check(EncoderMask(torch.tensor(valid), window).dense(), ref_encoder(valid, window), (B, 1, S, S))
 
 
 @settings(max_examples=60, deadline=None)
@@ -122,14 +122,14 @@ def test_encoder_mask_matches_transformers(case):
     B, S = len(valid), len(valid[0])
     fn = causal_mask_function if window is None else sliding_window_causal_mask_function(window)
     hf = sdpa_mask(B, S, S, mask_function=fn, attention_mask=torch.tensor(valid), allow_is_causal_skip=False)
-    ours = encoder_mask(torch.tensor(valid), window)
+    ours = EncoderMask(torch.tensor(valid), window).dense()
     empty = ~hf.any(dim=-1, keepdim=True)
     assert torch.equal(ours, torch.where(empty, torch.eye(S, dtype=torch.bool), hf))
 
 
 def test_encoder_window_boundary_is_strict():
     S, W = 10, 4
-    m = encoder_mask(torch.ones(1, S, dtype=torch.bool), W)[0, 0]
+    m = EncoderMask(torch.ones(1, S, dtype=torch.bool), W).dense()[0, 0]
     q = 7
     assert m[q, q - (W - 1)] and not m[q, q - W]  # q - k < window, not <=
     assert m[q, q] and not m[q, q + 1]  # causal
@@ -138,7 +138,7 @@ def test_encoder_window_boundary_is_strict():
 
 def test_encoder_pad_queries_keep_diagonal():
     valid = torch.tensor([[False, False, True, True]])  # left padding
-    m = encoder_mask(valid, None)[0, 0]
+    m = EncoderMask(valid, None).dense()[0, 0]
     assert m[0].tolist() == [True, False, False, False]
     assert m[1].tolist() == [False, True, False, False]
     assert m[3].tolist() == [False, False, True, True]
@@ -167,7 +167,7 @@ def training_cases(draw):
 @given(training_cases())
 def test_training_mask_matches_reference(case):
     prefix, resp, S, R, B, window, block_ids = case
-    mask = block_diffusion_training_mask(
+    mask = BlockDiffusionTrainingMask(
         torch.tensor(prefix),
         torch.tensor(resp),
         S,
@@ -175,14 +175,14 @@ def test_training_mask_matches_reference(case):
         B,
         window,
         canvas_block_ids=None if block_ids is None else torch.tensor(block_ids),
-    )
+    ).dense()
     _check(mask, ref_training(prefix, resp, S, R, B, window, block_ids), (len(prefix), 1, R, S + R))
 
 
 def test_training_strict_block_boundary():
     """The most important test in the product: a block never sees its own clean tokens (r // B == i)."""
     p, L, B, S = 2, 12, 4, 16
-    m = block_diffusion_training_mask(torch.tensor([p]), torch.tensor([L]), S, L, B, None)[0, 0]
+    m = BlockDiffusionTrainingMask(torch.tensor([p]), torch.tensor([L]), S, L, B, None).dense()[0, 0]
     for i in range(3):
         for j in range(i * B, (i + 1) * B):
             enc = m[j, :S]
@@ -193,14 +193,14 @@ def test_training_strict_block_boundary():
 
 def test_training_automodel_worked_example():
     """reference/automodel_diffusion_gemma.md §2: prefix 0, resp = enc = 16, bs 4."""
-    m = block_diffusion_training_mask(torch.tensor([0]), torch.tensor([16]), 16, 16, 4, None)[0, 0]
+    m = BlockDiffusionTrainingMask(torch.tensor([0]), torch.tensor([16]), 16, 16, 4, None).dense()[0, 0]
     for j in range(4, 8):
         assert m[j].nonzero().flatten().tolist() == [0, 1, 2, 3, 20, 21, 22, 23]
 
 
 def test_training_window_boundary_anchored_at_block_start():
     p, L, B, S, W = 3, 12, 4, 15, 5
-    m = block_diffusion_training_mask(torch.tensor([p]), torch.tensor([L]), S, L, B, W)[0, 0]
+    m = BlockDiffusionTrainingMask(torch.tensor([p]), torch.tensor([L]), S, L, B, W).dense()[0, 0]
     i = 2
     start = p + i * B  # 11: block 2's clean context is [0, 11)
     lo = start - W + 1  # 7: keys [7, 11) are the window - 1 retained positions
@@ -208,14 +208,14 @@ def test_training_window_boundary_anchored_at_block_start():
         assert m[j, :S].nonzero().flatten().tolist() == list(range(lo, start))
     assert m[i * B, lo] and not m[i * B, lo - 1]
     # A window reaching past the start of the row has no lower bound; the prompt stays visible.
-    m0 = block_diffusion_training_mask(torch.tensor([p]), torch.tensor([L]), S, L, B, 100)[0, 0]
+    m0 = BlockDiffusionTrainingMask(torch.tensor([p]), torch.tensor([L]), S, L, B, 100).dense()[0, 0]
     assert m0[:B, :p].all()
 
 
 def test_training_padded_rows_and_global_pad():
     # Example 1 has a shorter response; canvas_len exceeds both responses.
     prefix, resp, S, R, B = torch.tensor([1, 2]), torch.tensor([8, 3]), 10, 12, 4
-    m = block_diffusion_training_mask(prefix, resp, S, R, B, None)[:, 0]
+    m = BlockDiffusionTrainingMask(prefix, resp, S, R, B, None).dense()[:, 0]
     for j in range(3, R):  # padded rows of example 1: only the diagonal
         assert m[1, j].nonzero().flatten().tolist() == [S + j]
     assert not m[:, :, S - 1].any() and not m[1, :, 2 + 3 :S].any()  # global pad keys never seen
@@ -225,9 +225,9 @@ def test_training_padded_rows_and_global_pad():
 def test_training_subset_of_blocks_equals_full_canvas():
     """Decoding only some blocks (canvas_block_ids) gives the full-canvas rows of those blocks, re-indexed."""
     prefix, resp, S, B, W = torch.tensor([2, 0]), torch.tensor([12, 9]), 14, 4, 6
-    full = block_diffusion_training_mask(prefix, resp, S, 12, B, W)[:, 0]
+    full = BlockDiffusionTrainingMask(prefix, resp, S, 12, B, W).dense()[:, 0]
     ids = torch.tensor([[2, 0], [1, -1]])
-    sub = block_diffusion_training_mask(prefix, resp, S, 2 * B, B, W, canvas_block_ids=ids)[:, 0]
+    sub = BlockDiffusionTrainingMask(prefix, resp, S, 2 * B, B, W, canvas_block_ids=ids).dense()[:, 0]
     for b in range(2):
         for c in range(2):
             i = int(ids[b, c])
@@ -247,12 +247,12 @@ def test_training_subset_of_blocks_equals_full_canvas():
 def test_training_block_equals_inference_decode(p, L, B, window):
     """Training row block i == inference with the cache holding exactly the clean prefix [0, p + i·B)."""
     S, R = p + L, -(-L // B) * B
-    train = block_diffusion_training_mask(torch.tensor([p]), torch.tensor([L]), S, R, B, window)[0, 0]
+    train = BlockDiffusionTrainingMask(torch.tensor([p]), torch.tensor([L]), S, R, B, window).dense()[0, 0]
     for i in range(R // B):
         start = p + i * B
         blk = slice(i * B, (i + 1) * B)
         canvas_valid = (torch.arange(i * B, (i + 1) * B) < L)[None]
-        infer = decode_inference_mask(torch.ones(1, start, dtype=torch.bool), canvas_valid, window)[0, 0]
+        infer = DecodeInferenceMask(torch.ones(1, start, dtype=torch.bool), canvas_valid, window).dense()[0, 0]
         rows = canvas_valid[0]  # padded rows differ by design (they see only their diagonal in training)
         assert torch.equal(train[blk, :start][rows], infer[:, :start][rows])
         assert not train[blk, start:S].any()
@@ -262,11 +262,11 @@ def test_training_block_equals_inference_decode(p, L, B, window):
 def test_training_validation():
     one = torch.tensor([0])
     with pytest.raises(ValueError, match="window"):
-        block_diffusion_training_mask(one, one, 4, 4, 2, 0)
+        BlockDiffusionTrainingMask(one, one, 4, 4, 2, 0).dense()
     with pytest.raises(ValueError, match="block_size"):
-        block_diffusion_training_mask(one, one, 4, 4, 0, None)
+        BlockDiffusionTrainingMask(one, one, 4, 4, 0, None).dense()
     with pytest.raises(ValueError, match="canvas_block_ids"):
-        block_diffusion_training_mask(one, one, 4, 5, 2, None, canvas_block_ids=torch.tensor([[0, 1]]))
+        BlockDiffusionTrainingMask(one, one, 4, 5, 2, None, canvas_block_ids=torch.tensor([[0, 1]])).dense()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -288,28 +288,28 @@ def test_inference_mask_matches_reference(case):
     B, S = len(enc), len(enc[0])
     enc_t = torch.tensor(enc, dtype=torch.bool)
     if can is None:
-        mask = decode_inference_mask(enc_t, None, window, canvas_len=R)
+        mask = DecodeInferenceMask(enc_t, None, window, canvas_len=R).dense()
         can = [[True] * R for _ in range(B)]
     else:
-        mask = decode_inference_mask(enc_t, torch.tensor(can), window)
+        mask = DecodeInferenceMask(enc_t, torch.tensor(can), window).dense()
     _check(mask, ref_inference(enc, can, window), (B, 1, R, S + R))
 
 
 def test_inference_window_keeps_last_window_minus_one():
     """HF's DynamicSlidingWindowLayer retains window - 1 positions (reference/hf_numerics_details.md P3)."""
     S, R, W = 13, 4, 8
-    m = decode_inference_mask(torch.ones(1, S, dtype=torch.bool), None, W, canvas_len=R)[0, 0]
+    m = DecodeInferenceMask(torch.ones(1, S, dtype=torch.bool), None, W, canvas_len=R).dense()[0, 0]
     assert m[:, :S].nonzero()[:, 1].unique().tolist() == list(range(S - (W - 1), S))  # 7 keys, as measured
     assert m[:, S:].all()  # the canvas is never windowed
-    full = decode_inference_mask(torch.ones(1, S, dtype=torch.bool), None, None, canvas_len=R)[0, 0]
+    full = DecodeInferenceMask(torch.ones(1, S, dtype=torch.bool), None, None, canvas_len=R).dense()[0, 0]
     assert full.all()
 
 
 def test_inference_validation():
     with pytest.raises(ValueError, match="canvas_len"):
-        decode_inference_mask(torch.ones(1, 3, dtype=torch.bool), None, None)
+        DecodeInferenceMask(torch.ones(1, 3, dtype=torch.bool), None, None).dense()
     with pytest.raises(ValueError, match="canvas_len"):
-        decode_inference_mask(torch.ones(1, 3, dtype=torch.bool), torch.ones(1, 2).bool(), None, canvas_len=3)
+        DecodeInferenceMask(torch.ones(1, 3, dtype=torch.bool), torch.ones(1, 2).bool(), None, canvas_len=3).dense()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -317,7 +317,7 @@ def test_inference_validation():
 
 
 def test_conversions():
-    allowed = encoder_mask(torch.tensor([[True, True, False, True]]), 2)
+    allowed = EncoderMask(torch.tensor([[True, True, False, True]]), 2).dense()
     assert torch.equal(to_megatron(allowed), ~allowed)
     assert to_sdpa(allowed) is allowed
     for dtype in (torch.float32, torch.bfloat16):
@@ -330,7 +330,7 @@ def test_conversions():
 
 def test_conversions_agree_in_attention():
     torch.manual_seed(0)
-    allowed = block_diffusion_training_mask(torch.tensor([2, 1]), torch.tensor([5, 2]), 8, 8, 2, 3)
+    allowed = BlockDiffusionTrainingMask(torch.tensor([2, 1]), torch.tensor([5, 2]), 8, 8, 2, 3).dense()
     q, k, v = (torch.randn(2, 3, n, 4) for n in (8, 16, 16))
     sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=to_sdpa(allowed))
     scores = q @ k.transpose(-1, -2) / 2.0

@@ -131,10 +131,10 @@ def hf_training_step(hf, batch, noised) -> Step:
     dtype = hf.lm_head.weight.dtype
     attention = {
         t: masks.to_additive(
-            masks.block_diffusion_training_mask(
+            masks.BlockDiffusionTrainingMask(
                 batch.prefix_lens, batch.response_lens, batch.seq_len, noised.canvas_ids.shape[1], batch.block_size,
                 text.sliding_window if t == hf_reference.SLIDING else None, canvas_block_ids=noised.block_ids,
-            ),
+            ).dense(),
             dtype,
         )
         for t in set(text.layer_types)

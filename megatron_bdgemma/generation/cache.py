@@ -98,44 +98,30 @@ class EncoderKVCache:
         subset.kv = [(key[rows], value[rows]) for key, value in self.kv]
         return subset
 
-    def decode_masks(self, canvas_length: int) -> dict[str, Tensor]:
-        """Per layer type, the decode mask `[B, 1, R, P + R]` over `[retained encoder keys ; canvas]`.
+    def decode_masks(self, canvas_length: int) -> dict[str, masks.DecodeInferenceMask]:
+        """Per layer type, the decode mask over `[retained encoder keys ; canvas]` (R queries × `P + R` keys).
 
         Every valid retained key and the whole canvas are visible: HF's inference contract, with the sliding
         window already applied by the retention.
         """
         return {
-            layer_type: masks.decode_inference_mask(
-                self.retained_valid(layer_type), None, None, canvas_len=canvas_length
-            )
+            layer_type: masks.DecodeInferenceMask(self.retained_valid(layer_type), None, None, canvas_len=canvas_length)
             for layer_type in set(self.layer_types)
         }
 
-    def encode_masks(self, new_valid: Tensor) -> dict[str, Tensor]:
-        """Per layer type, the causal mask `[B, 1, S, P + S]` of S new positions over `[retained ; new]` keys.
+    def encode_masks(self, new_valid: Tensor) -> dict[str, masks.EncoderMask]:
+        """Per layer type, the causal mask of S new positions over `[retained ; new]` keys.
 
-        Query at absolute position `q = L + i` sees key `k` iff `k <= q`, `q - k < window` on sliding layers, and
-        `k` is valid, as a full causal encode of the whole sequence would; a query that would see nothing (a
-        padding position) sees only itself, so no softmax row is empty.
+        The new positions are the last S keys, so this is the rows of a causal encode of the whole sequence,
+        restricted to the retained keys, which hold every key those rows can see.
         """
-        new = new_valid.shape[1]
-        device = new_valid.device
         result = {}
         for layer_type in set(self.layer_types):
-            layer = self.layer_types.index(layer_type)
-            retained = self.retained(layer)
             key_valid = new_valid.bool()
             if self.valid is not None:
                 key_valid = torch.cat([self.retained_valid(layer_type), key_valid], dim=1)
-            query = retained + torch.arange(new, device=device)[:, None]  # indices relative to the first kept key
-            key = torch.arange(retained + new, device=device)[None, :]
-            allowed = key <= query
-            if self.windows[layer] is not None:
-                allowed = allowed & (query - key < self.windows[layer])
-            allowed = allowed[None] & key_valid[:, None, :]
-            own = key == query
-            allowed = allowed | (own[None] & ~allowed.any(dim=-1, keepdim=True))
-            result[layer_type] = allowed.unsqueeze(1)
+            window = self.windows[self.layer_types.index(layer_type)]
+            result[layer_type] = masks.EncoderMask(key_valid, window, num_queries=new_valid.shape[1])
         return result
 
 

@@ -210,7 +210,7 @@ def _denoise_canvas(
             if live_rows is None or not torch.equal(live_rows, live):
                 live_rows = live
                 live_cache = cache.select(live)
-                live_attention = {t: mask[live] for t, mask in attention.items()}
+                live_attention = {t: mask.select(live) for t, mask in attention.items()}
             logits = model.decode(
                 canvas[live], live_cache.kv, canvas_position_ids=positions[live], attention_mask=live_attention,
                 self_conditioning_logits=self_conditioning[live],

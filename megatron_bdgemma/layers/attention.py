@@ -2,8 +2,9 @@
 
 One module serves both phases of block diffusion: `kv_prefix` (the encoder's per-layer K/V) is prepended to this
 call's own K/V, so the encoder runs with `kv_prefix=None` and a causal mask while the decoder runs the canvas with
-the encoder K/V and a block-diffusion mask. The window, causality and block rules all live in the boolean mask
-(`megatron_bdgemma.masks`); nothing here knows about them.
+the encoder K/V and a block-diffusion mask. The window, causality and block rules all live in the mask rule
+(`megatron_bdgemma.masks`), which the core attention (`layers.core_attention`) consumes; nothing here knows about
+them.
 
 Fused projection layout, per KV group g (so TP splits whole groups, as Megatron's `linear_qkv` does):
 `[q heads of g ; k_g ; v_g]`, and `[q heads of g ; k_g]` on full layers with `global_k_eq_v` (V = raw k_g).
@@ -18,40 +19,14 @@ import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.attention import Attention
 from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.module import MegatronModule
 
 from megatron_bdgemma.config import BDGemmaConfig
 from megatron_bdgemma.layers.norm import rms_normalize
 from megatron_bdgemma.layers.rope import apply_rope
+from megatron_bdgemma.masks import AttentionMask
 
 KV = tuple[torch.Tensor, torch.Tensor]
 """(K, V), each `[S, B, kv_heads_local, head_dim]`: K after k_norm + RoPE, V after v_norm."""
-
-
-class EagerCoreAttention(MegatronModule):
-    """Masked softmax attention on local heads: the CPU and reference path.
-
-    Scores in the activation dtype, softmax in fp32 (as HF's eager path), GQA by repeating each KV head over its
-    query heads. Blocked scores get the dtype's minimum rather than -inf, so a fully blocked row is uniform, not
-    NaN (the mask builders give every row at least its diagonal anyway).
-    """
-
-    def __init__(self, config: BDGemmaConfig, softmax_scale: float | None = None, **unused: Any) -> None:
-        super().__init__(config=config)
-        self.softmax_scale = 1.0 if softmax_scale is None else softmax_scale
-
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """query `[Sq, B, h, d]`, key/value `[Sk, B, g, d]`, allowed `[B, 1, Sq, Sk]` (True = attend) → `[Sq, B, h*d]`."""
-        sq, b, h, d = query.shape
-        repeat = h // key.shape[2]
-        q = query.permute(1, 2, 0, 3)  # [B, h, Sq, d]
-        k = key.permute(1, 2, 0, 3).repeat_interleave(repeat, dim=1)  # [B, h, Sk, d]
-        v = value.permute(1, 2, 0, 3).repeat_interleave(repeat, dim=1)
-        scores = torch.matmul(q, k.transpose(-1, -2)) * self.softmax_scale
-        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out = torch.matmul(probs, v)  # [B, h, Sq, d]
-        return out.permute(2, 0, 1, 3).reshape(sq, b, h * d)
 
 
 @dataclass
@@ -121,7 +96,7 @@ class BDGemmaAttention(Attention):
         hidden_states: torch.Tensor,
         *,
         rope: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor,
+        attention_mask: AttentionMask,
         kv_prefix: KV | None = None,
     ) -> tuple[torch.Tensor, KV]:
         """Attend from `hidden_states` over `[kv_prefix ; own K/V]`.
@@ -129,7 +104,7 @@ class BDGemmaAttention(Attention):
         Args:
             hidden_states: `[S, B, H]` (sequence-parallel shard when SP is on).
             rope: cos/sin `[S_full, B, 1, d]` for this layer type at the tokens' absolute positions.
-            attention_mask: `[B, 1, S_full, P + S_full]` bool, True = attend (P = prefix length).
+            attention_mask: the rule over `S_full` queries × `P + S_full` keys (P = prefix length).
             kv_prefix: the encoder's (K, V) of this layer, `[P, B, g_local, d]`, or None.
 
         Returns:

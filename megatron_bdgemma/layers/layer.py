@@ -23,6 +23,7 @@ from megatron.core.utils import get_pg_rank
 
 from megatron_bdgemma.config import BDGemmaConfig
 from megatron_bdgemma.layers.attention import KV
+from megatron_bdgemma.masks import AttentionMask
 
 
 @dataclass
@@ -80,7 +81,7 @@ class BDGemmaLayer(MegatronModule, BaseTransformerLayer):
         hidden_states: torch.Tensor,
         *,
         rope: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor,
+        attention_mask: AttentionMask,
         kv_prefix: KV | None = None,
     ) -> tuple[torch.Tensor, KV]:
         """hidden `[S, B, H]` → (hidden `[S, B, H]`, this call's (K, V)); see `BDGemmaAttention.forward`."""
