@@ -344,3 +344,65 @@ def test_additive_fully_blocked_row_is_uniform_not_nan():
     bias = to_additive(torch.zeros(1, 1, 1, 5, dtype=torch.bool), torch.bfloat16)
     probs = torch.softmax(torch.zeros(1, 1, 1, 5, dtype=torch.bfloat16) + bias, dim=-1)
     assert torch.equal(probs, torch.full_like(probs, 0.2))  # uniform (0.2 rounded to bf16)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the rule's views: chunk tiles and key spans (the block-sparse attention), row selection (generation)
+
+
+def _check_views(mask, chunk: int) -> None:
+    """Every chunk's key spans hold all its allowed keys; its tile is the dense grid there; `select` keeps rows."""
+    dense = mask.dense()
+    for start in range(0, mask.num_queries, chunk):
+        end = min(start + chunk, mask.num_queries)
+        spans = mask.key_spans(start, end)
+        assert all(0 <= a < b <= mask.num_keys for a, b in spans)
+        assert all(b1 <= a2 for (_, b1), (a2, _) in zip(spans, spans[1:])), spans  # disjoint, increasing
+        keys = torch.cat([torch.arange(a, b) for a, b in spans])
+        outside = torch.ones(mask.num_keys, dtype=torch.bool)
+        outside[keys] = False
+        assert not dense[:, :, start:end, outside].any(), f"rows {start}:{end} see keys outside {spans}"
+        assert torch.equal(mask.tile(torch.arange(start, end), keys), dense[:, :, start:end][..., keys])
+    rows = torch.arange(mask.batch_size).flip(0)
+    assert torch.equal(mask.select(rows).dense(), dense[rows])
+
+
+@settings(max_examples=200, deadline=None)
+@given(encoder_cases(), st.integers(1, 5), st.data())
+def test_encoder_views(case, chunk, data):
+    valid, window = case
+    queries = data.draw(st.integers(0, len(valid[0])))
+    _check_views(EncoderMask(torch.tensor(valid), window, num_queries=queries), chunk)
+
+
+@settings(max_examples=200, deadline=None)
+@given(training_cases(), st.integers(1, 5))
+def test_training_views(case, chunk):
+    prefix, resp, S, R, B, window, block_ids = case
+    ids = None if block_ids is None else torch.tensor(block_ids)
+    mask = BlockDiffusionTrainingMask(torch.tensor(prefix), torch.tensor(resp), S, R, B, window, canvas_block_ids=ids)
+    _check_views(mask, chunk)
+    _check_views(mask, B)  # the chunking the block-sparse attention uses: one canvas block
+
+
+@settings(max_examples=100, deadline=None)
+@given(inference_cases(), st.integers(1, 5))
+def test_inference_views(case, chunk):
+    enc, can, R, window = case
+    can_t = None if can is None else torch.tensor(can)
+    _check_views(DecodeInferenceMask(torch.tensor(enc, dtype=torch.bool), can_t, window, canvas_len=R), chunk)
+
+
+@settings(max_examples=200, deadline=None)
+@given(encoder_cases(), st.data())
+def test_encoder_last_queries_over_retained_keys_equal_the_full_mask(case, data):
+    """Generation encodes new positions over a cache that keeps only the last `window - 1` keys (or all of them):
+    the rows must be the full encode's rows for those positions, restricted to the kept keys."""
+    valid, window = case
+    S = len(valid[0])
+    queries = data.draw(st.integers(1, S))
+    kept = S - queries if window is None else min(S - queries, window - 1)
+    full = EncoderMask(torch.tensor(valid), window).dense()[:, :, S - queries :]
+    cached = EncoderMask(torch.tensor(valid)[:, S - queries - kept :], window, num_queries=queries).dense()
+    assert torch.equal(cached, full[..., S - queries - kept :])
+    assert not full[..., : S - queries - kept].any()

@@ -64,8 +64,11 @@ class BlockSparseCoreAttention(MegatronModule):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
         """query `[Sq, B, h, d]`, key/value `[Sk, B, g, d]` → `[Sq, B, h*d]`."""
         chunk = mask.query_chunk or self.chunk_size
-        # Recompute in backward only when a graph is being built: a no-grad pass frees each chunk as it goes.
-        recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+        # Recompute in backward only when a graph is being built and there is more than one chunk: a no-grad pass
+        # frees each chunk as it goes, and a single chunk holds no more than its own recomputation would.
+        recompute = (
+            query.shape[0] > chunk and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+        )
         outputs = []
         for start in range(0, query.shape[0], chunk):
             end = min(start + chunk, query.shape[0])
