@@ -24,7 +24,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 LayerType = Literal["sliding_attention", "full_attention"]
-AttentionImpl = Literal["eager", "block_sparse"]
+AttentionImpl = Literal["eager", "block_sparse", "flex"]
 
 gelu_tanh = functools.partial(F.gelu, approximate="tanh")
 """HF `gelu_pytorch_tanh`. A `partial` (not a lambda) so the config pickles into checkpoints."""
@@ -102,7 +102,9 @@ class BDGemmaConfig(TransformerConfig):
     attention_impl: AttentionImpl = "eager"
     """Core attention (`layers.core_attention`): `eager` builds each mask's dense grid and the full score matrix
     (the reference; memory ∝ S·(S+R)); `block_sparse` runs one query chunk at a time over only the keys it can see
-    and recomputes chunks in backward (memory ∝ S·chunk). Same values and gradients."""
+    and recomputes chunks in backward (memory ∝ S·chunk); `flex` runs FlexAttention with a block mask built from
+    the mask rule (the GPU fast path: compiled kernels that skip fully blocked tiles; on CPU only a correctness
+    reference). Same values and gradients."""
 
     attention_chunk_size: int = 256
     """Encoder queries per chunk of the `block_sparse` attention (canvas chunks are one block each)."""

@@ -8,7 +8,8 @@ rule is the one place the masking semantics live; everything else derives from i
   heads), for the eager reference attention; built once per rule and cached;
 - :meth:`~AttentionMask.tile` and :meth:`~AttentionMask.key_spans` -- one query chunk's rows over only the key
   ranges it can see, for the block-sparse attention, whose memory then grows with ``S·chunk``, not ``S·K``;
-- the same :meth:`~AttentionMask.allowed_at` is a FlexAttention ``mask_mod`` as it stands (``b, q, k`` scalars).
+- the same :meth:`~AttentionMask.allowed_at` is a FlexAttention ``mask_mod`` as it stands (``b, q, k`` scalars);
+  :meth:`~AttentionMask.block_mask` wraps it in a ``BlockMask`` for the ``flex`` attention, cached like the grid.
 
 The sliding window always lives inside the rule, so attention kernels never get a separate ``window_size``
 (DESIGN §4). Backend conventions for dense grids are derived at the edge by :func:`to_megatron`, :func:`to_sdpa`
@@ -31,9 +32,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 __all__ = [
     "AttentionMask",
@@ -95,6 +100,23 @@ class AttentionMask:
     def dense(self) -> Tensor:
         """The whole grid ``[B, 1, Q, K]`` bool, True = attend (built on first use, then cached)."""
         return self._dense
+
+    def block_mask(self) -> BlockMask:
+        """This rule as a FlexAttention ``BlockMask`` (``mask_mod`` = :meth:`allowed_at`, shared by all heads), for
+        the ``flex`` core attention; built on first use, then cached, so the layers sharing this mask build it once.
+
+        Building it evaluates the rule over the whole grid once (like :meth:`dense`, but not kept).
+        """
+        return self._block_mask
+
+    @cached_property
+    def _block_mask(self) -> BlockMask:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        return create_block_mask(
+            lambda b, h, q, k: self.allowed_at(b, q, k), self.batch_size, None, self.num_queries, self.num_keys,
+            device=self.device,
+        )
 
 
 @dataclass(eq=False)

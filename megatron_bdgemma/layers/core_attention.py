@@ -1,4 +1,4 @@
-"""Core attention (softmax(QKᵀ)V over local heads) under an `AttentionMask` rule, in two interchangeable backends.
+"""Core attention (softmax(QKᵀ)V over local heads) under an `AttentionMask` rule, in three interchangeable backends.
 
 - `EagerCoreAttention`: the reference. One dense `[B, 1, Sq, Sk]` mask and one `[B, h, Sq, Sk]` score tensor;
   memory grows with Sq·Sk, which at a 16K-token prompt is gigabytes per layer.
@@ -7,14 +7,21 @@
   mask tile built from the rule on the spot. In training each chunk is recomputed in backward rather than keeping
   its probabilities, so nothing of size Sq·Sk is ever held: memory grows with S·chunk. Sliding layers touch only
   their window; canvas blocks only their encoder prefix and their own block.
+- `FlexCoreAttention`: `torch.nn.attention.flex_attention` under the rule's own `allowed_at` as `mask_mod`
+  (`AttentionMask.block_mask`, built once per mask). The GPU fast path: on CUDA a compiled, fused kernel that skips
+  fully blocked key tiles and never materialises scores. On CPU it is a correctness reference only: the
+  FlexAttention op's dense implementation, all scores in fp32 (FlexAttention's public entry point refuses
+  backward on CPU, so the op is called directly there).
 
-Both use fp32 softmax over scores in the activation dtype (HF's eager path), GQA by broadcasting each KV head over
-its query heads, and give blocked scores the dtype's minimum rather than -inf (a fully blocked row would be uniform,
-not NaN; the mask rules give every row at least its diagonal anyway). Selected by `BDGemmaConfig.attention_impl`.
+Eager and block-sparse use fp32 softmax over scores in the activation dtype (HF's eager path), GQA by broadcasting
+each KV head over its query heads, and give blocked scores the dtype's minimum rather than -inf (a fully blocked row
+would be uniform, not NaN; the mask rules give every row at least its diagonal anyway). Flex keeps scores and softmax
+in fp32 and blocks with -inf, which no row notices for the same reason. Selected by `BDGemmaConfig.attention_impl`.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -24,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from megatron_bdgemma.config import BDGemmaConfig
 from megatron_bdgemma.masks import AttentionMask
 
-__all__ = ["EagerCoreAttention", "BlockSparseCoreAttention", "CORE_ATTENTION", "masked_attention"]
+__all__ = ["EagerCoreAttention", "BlockSparseCoreAttention", "FlexCoreAttention", "CORE_ATTENTION", "masked_attention"]
 
 
 def masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
@@ -94,5 +101,65 @@ def _attend_chunk(
     return masked_attention(query, key, value, allowed, scale)
 
 
-CORE_ATTENTION = {"eager": EagerCoreAttention, "block_sparse": BlockSparseCoreAttention}
+class FlexCoreAttention(MegatronModule):
+    """Attention by FlexAttention under the mask's cached `BlockMask` (GQA native, scale explicit)."""
+
+    def __init__(self, config: BDGemmaConfig, softmax_scale: float | None = None, **unused: Any) -> None:
+        super().__init__(config=config)
+        self.softmax_scale = 1.0 if softmax_scale is None else softmax_scale
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+        """query `[Sq, B, h, d]`, key/value `[Sk, B, g, d]` → `[Sq, B, h*d]`."""
+        sq, b, h, d = query.shape
+        if sq == 0:
+            return query.new_empty(0, b, h * d)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [B, heads, S, d]
+        block_mask = mask.block_mask()
+        if q.device.type == "cuda":
+            out = _compiled_flex_attention()(
+                q, k, v, block_mask=block_mask, scale=self.softmax_scale, enable_gqa=True,
+                kernel_options=_LARGE_HEAD_KERNEL_OPTIONS if d > 256 else None,
+            )
+        else:
+            out = _flex_attention_reference(q, k, v, block_mask, self.softmax_scale)
+        return out.permute(2, 0, 1, 3).reshape(sq, b, h * d)
+
+
+_LARGE_HEAD_KERNEL_OPTIONS = {"BLOCK_M": 64, "BLOCK_N": 32, "num_stages": 1}
+"""Triton blocks for head dims > 256 (Gemma 4 full layers: 512): the defaults need more shared memory than Hopper
+has (262144 B > 232448 B); these run forward and backward at d=512 on an H200 (docs/performance.md)."""
+
+
+@functools.cache
+def _compiled_flex_attention() -> Any:
+    """`flex_attention` under `torch.compile`, made once per process; new masks of the same kind reuse its kernels."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
+
+
+def _flex_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any, scale: float
+) -> torch.Tensor:
+    """FlexAttention's own dense implementation (`[B, h, Sq, d]`, GQA by repeating KV heads), with its autograd.
+
+    The public `flex_attention` raises "FlexAttention does not support backward on CPU" for inputs that need grad
+    (also under `torch.compile`), so this calls the higher-order op it wraps, as the public function does in its
+    compile-debug mode. The op evaluates the block mask's `mask_mod` over the whole grid (vmapped) and ignores its
+    block tables; its kernel options only steer compiled kernels.
+    """
+    from torch._higher_order_ops.flex_attention import flex_attention as flex_attention_op
+
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of KV heads ({k.shape[1]})")
+    out, _, _ = flex_attention_op(q, k, v, _identity_score, block_mask.as_tuple(), scale, {})
+    return out
+
+
+def _identity_score(score: torch.Tensor, *indices: torch.Tensor) -> torch.Tensor:
+    """FlexAttention `score_mod` (score, b, h, q, k) that leaves the score alone: masking is the block mask's job."""
+    return score
+
+
+CORE_ATTENTION = {"eager": EagerCoreAttention, "block_sparse": BlockSparseCoreAttention, "flex": FlexCoreAttention}
 """`BDGemmaConfig.attention_impl` → the core-attention module the layer spec uses."""
