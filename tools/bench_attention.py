@@ -2,14 +2,16 @@
 
     python tools/bench_attention.py                          # prompts of 1K, 2K, 4K, 8K and 16K tokens (CPU)
     python tools/bench_attention.py --lengths 256 512        # a quick smoke run
-    python tools/bench_attention.py --score all_blocks --block 64 --response 1024
+    python tools/bench_attention.py --layout pretrain --mem-limit-gib 16   # the canvas spans the whole sequence
 
 A small random `BDGemmaModel` (fp32, TP=1; default 2 layers, one sliding with a 512-token window and one full, hidden
 128, 2 query heads over 1 KV head, 4 experts top-2, vocabulary 512, the real Gemma 4 structure otherwise) is built
 twice from the same seed, once per `attention_impl` ("eager": dense mask and full score matrix; "block_sparse": one
 query chunk at a time over the keys it can see, recomputed in backward). For each prompt length n, one SFT
 micro-batch of batch 1 (prompt n tokens, a response of `--response` tokens, block = canvas length `--block`,
-`noise_batch` with `--score`: one scored block decoded, as the SFT recipe trains, or every block) is run through:
+`noise_batch` with `--score`: one scored block decoded, as the SFT recipe trains, or every block; or, with
+`--layout pretrain`, a document of n tokens whose every block is decoded and scored, so the canvas grows with n)
+is run through:
 
 - step: `BDGemmaModel.training_forward` (causal encode with grad, decode pass 1 without grad, pass 2 with grad,
   diffusion + AR loss sums) and backward of their sum: what the trainer runs;
@@ -25,7 +27,11 @@ dynamic threshold would otherwise keep freed memory and hide later peaks). A cal
 known 1 GiB tensor and prints what the method reads for it. While a child runs, the parent watches its RSS and
 stops it above `--mem-limit-gib` (default: 85% of the memory available at start), reporting the RSS it reached.
 
-Both impls' loss sums and gradients are compared at every n (same weights: the parameter checksums must agree).
+Both impls' loss sums and gradients are compared at every n (same weights: the parameter checksums must agree):
+"loss rel diff" is the largest relative difference of the step's diffusion and AR sums and the canvas loss, "grad
+rel diff" the max-abs difference of all parameter gradients over their max-abs. Step seconds are one step after a
+short warm-up at a small length, with every large tensor freshly page-faulted (the malloc setting above): a rough
+guide on a shared CPU, not a timing benchmark.
 The last line is machine-readable, for the largest n where both impls finished:
 
     RESULT peak_mem_eager_over_sparse=<eager / block-sparse step peak> at_prompt_len=<n>
@@ -88,7 +94,10 @@ class PeakMeter:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384],
-                        help="prompt lengths n (tokens before the response)")
+                        help="prompt lengths n (tokens before the response); sequence lengths with --layout pretrain")
+    parser.add_argument("--layout", choices=["sft", "pretrain"], default="sft",
+                        help="sft: prompt n + response; pretrain: a document of n tokens, every block decoded and "
+                             "scored (the canvas spans the sequence; --response and --score are ignored)")
     parser.add_argument("--response", type=int, default=256, help="response tokens (a multiple of --block)")
     parser.add_argument("--block", type=int, default=64, help="block size = canvas length")
     parser.add_argument("--score", choices=["one_block", "all_blocks"], default="one_block",
@@ -147,20 +156,28 @@ def build_model(args: argparse.Namespace, impl: str):
     return model
 
 
-def sft_example(args: argparse.Namespace, prompt: int):
-    """One example: `prompt` random tokens, then a `--response`-token answer (a whole number of blocks)."""
+def example(args: argparse.Namespace, n: int):
+    """One example of random tokens and its noised canvas.
+
+    sft: an `n`-token prompt, then a `--response`-token answer (a whole number of blocks), scored as `--score` says;
+    pretrain: an `n`-token document, every block scored.
+    """
     import torch
 
-    from megatron_bdgemma.diffusion import build_sft_batch, noise_batch
+    from megatron_bdgemma.diffusion import build_pretrain_batch, build_sft_batch, noise_batch
 
-    length = prompt + args.response
-    generator = torch.Generator().manual_seed(args.seed + prompt)
+    length = n + args.response if args.layout == "sft" else n
+    generator = torch.Generator().manual_seed(args.seed + n)
     ids = torch.randint(2, args.vocab, (1, length), generator=generator)
-    loss_mask = torch.zeros(1, length, dtype=torch.bool)
-    loss_mask[0, prompt:] = True
-    valid = torch.ones(1, length, dtype=torch.bool)
-    batch = build_sft_batch(ids, loss_mask, valid, block_size=args.block, eos_id=1, pad_id=0)
-    noised = noise_batch(batch, sample_indices=[0], step=0, seed=args.seed, vocab_size=args.vocab, score=args.score)
+    if args.layout == "sft":
+        loss_mask = torch.zeros(1, length, dtype=torch.bool)
+        loss_mask[0, n:] = True
+        valid = torch.ones(1, length, dtype=torch.bool)
+        batch = build_sft_batch(ids, loss_mask, valid, block_size=args.block, eos_id=1, pad_id=0)
+        score = args.score
+    else:
+        batch, score = build_pretrain_batch(ids, block_size=args.block, pad_id=0), "all_blocks"
+    noised = noise_batch(batch, sample_indices=[0], step=0, seed=args.seed, vocab_size=args.vocab, score=score)
     return batch, noised
 
 
@@ -187,16 +204,15 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.child == "calibrate":  # what the method reads for a known 1 GiB allocation
         with PeakMeter() as meter:
-            tensor = torch.ones(MIB // 4 * 1024, dtype=torch.float32)
-            del tensor
+            torch.ones(MIB // 4 * 1024, dtype=torch.float32).sum()  # allocated, written, read, freed
         return dict(peak_mib=meter.peak_mib)
 
     model = build_model(args, args.child)
     params = [p for p in model.parameters() if p.requires_grad]
     checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
-    training_step(model, *sft_example(args, 2 * args.block))  # warm-up: lazy init of torch/oneDNN/megatron state
+    training_step(model, *example(args, 2 * args.block))  # warm-up: lazy init of torch/oneDNN/megatron state
     model.zero_grad(set_to_none=True)
-    batch, noised = sft_example(args, args.child_length)
+    batch, noised = example(args, args.child_length)
 
     print(f"BASELINE {_status_kib()['VmRSS'] / 1024:.1f}", flush=True)  # for the parent's over-limit report
     with PeakMeter() as step:
@@ -335,37 +351,39 @@ def main() -> None:
             if outcome.result:
                 r = outcome.result
                 print(f"[{done}/{total}] {impl:12s} n={length:6d}: step peak {r['step_peak_mib']:8.1f} MiB "
-                      f"({r['step_s']:.1f} s), canvas peak {r['canvas_peak_mib']:7.1f} MiB ({r['canvas_s']:.1f} s); "
+                      f"({r['step_s']:.1f} s), canvas peak {r['canvas_peak_mib']:7.1f} MiB ({r['canvas_s']:.2f} s); "
                       f"child {time.perf_counter() - start:.0f} s", flush=True)
             else:
                 print(f"[{done}/{total}] {impl:12s} n={length:6d}: {outcome.failure}", flush=True)
 
     first = next(o.result for o in outcomes.values() if o.result)
     print()
+    layout = (f"SFT: prompt n + response {args.response}, block {args.block}, score {args.score} (canvas "
+              f"{first['canvas_len']})" if args.layout == "sft" else
+              f"pretraining: document of n tokens, block {args.block}, every block decoded and scored (canvas n)")
     print(f"device cpu, fp32, {first['threads']} threads; {args.layers} layers (sliding window {args.window} / full), "
           f"hidden {args.hidden}, {args.heads} query heads over 1 KV head, head dim {args.head_dim}/"
-          f"{2 * args.head_dim}, {args.experts} experts top-2, vocab {args.vocab}; batch 1, prompt n + response "
-          f"{args.response}, block {args.block}, score {args.score} (canvas {first['canvas_len']}), "
+          f"{2 * args.head_dim}, {args.experts} experts top-2, vocab {args.vocab}; batch 1, {layout}; "
           f"block-sparse chunk {args.chunk}")
-    print(f"peak = VmHWM above VmRSS just before the call, MiB; step = training_forward + backward, canvas = one "
-          f"decode over given encoder K/V + backward; 1-min load average {load_before:.1f} before, "
-          f"{os.getloadavg()[0]:.1f} after")
-    header = (f"{'n':>6s} {'S':>6s} | {'step peak MiB':^17s} {'ratio':>6s} | {'step s':^13s} | "
+    print(f"S encoder positions, R canvas positions; peak = VmHWM above VmRSS just before the call, MiB; "
+          f"step = training_forward + backward, canvas = one decode over given encoder K/V + backward; "
+          f"1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
+    header = (f"{'n':>6s} {'S':>6s} {'R':>6s} | {'step peak MiB':^17s} {'ratio':>6s} | {'step s':^13s} | "
               f"{'canvas peak MiB':^15s} | {'loss rel':>8s} {'grad rel':>8s}")
     print(header)
-    print(f"{'':6s} {'':6s} | {'eager':>8s} {'sparse':>8s} {'':6s} | {'eager':>6s} {'sparse':>6s} | "
+    print(f"{'':6s} {'':6s} {'':6s} | {'eager':>8s} {'sparse':>8s} {'':6s} | {'eager':>6s} {'sparse':>6s} | "
           f"{'eager':>7s} {'sparse':>7s} | {'diff':>8s} {'diff':>8s}")
     result_line = None
     for length in args.lengths:
         eager, sparse = outcomes.get(("eager", length)), outcomes.get(("block_sparse", length))
-        seq = next((o.result["seq_len"] for o in (eager, sparse) if o and o.result), length + args.response)
+        done = next((o.result for o in (eager, sparse) if o and o.result), {"seq_len": 0, "canvas_len": 0})
         both = eager is not None and sparse is not None and eager.result and sparse.result
         ratio = f"{eager.result['step_peak_mib'] / sparse.result['step_peak_mib']:6.1f}" if both else f"{'-':>6s}"
-        losses, grads = compare(eager, sparse) if both else (float("nan"), float("nan"))
+        diffs = "{:8.1e} {:8.1e}".format(*compare(eager, sparse)) if both else f"{'-':>8s} {'-':>8s}"
         secs = [f"{o.result['step_s']:6.1f}" if o and o.result else f"{'-':>6s}" for o in (eager, sparse)]
-        print(f"{length:6d} {seq:6d} | {_mib(eager, 'step_peak_mib'):>8s} {_mib(sparse, 'step_peak_mib'):>8s} "
-              f"{ratio} | {secs[0]} {secs[1]} | {_mib(eager, 'canvas_peak_mib'):>7s} "
-              f"{_mib(sparse, 'canvas_peak_mib'):>7s} | {losses:8.1e} {grads:8.1e}")
+        print(f"{length:6d} {done['seq_len']:6d} {done['canvas_len']:6d} | {_mib(eager, 'step_peak_mib'):>8s} "
+              f"{_mib(sparse, 'step_peak_mib'):>8s} {ratio} | {secs[0]} {secs[1]} | "
+              f"{_mib(eager, 'canvas_peak_mib'):>7s} {_mib(sparse, 'canvas_peak_mib'):>7s} | {diffs}")
         if both:
             result_line = (eager.result["step_peak_mib"] / sparse.result["step_peak_mib"], length)
     for outcome in outcomes.values():
