@@ -166,6 +166,8 @@ class BDGemmaConfig(TransformerConfig):
             problems.append(f"sliding_window ({self.sliding_window}) must be >= 1")
         if self.attention_impl not in get_args(AttentionImpl):
             problems.append(f"attention_impl {self.attention_impl!r} is unknown (expected one of {get_args(AttentionImpl)})")
+        if self.fp8 and self.canvas_length % 16:
+            problems.append(f"fp8 needs canvas_length to be a multiple of 16 (FP8 GEMM dimensions), got {self.canvas_length}")
         if self.attention_chunk_size < 1:
             problems.append(f"attention_chunk_size ({self.attention_chunk_size}) must be >= 1")
         if self.canvas_length < 1:

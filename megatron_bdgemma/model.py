@@ -19,6 +19,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region, scatter_to_sequence_parallel_region
+from megatron.core.fp8_utils import get_fp8_context
 from megatron.core.utils import get_pg_rank
 
 from megatron_bdgemma import masks
@@ -112,14 +113,21 @@ class BDGemmaModel(GPTModel):
         return softcap(logits, self.config.final_logit_softcapping)
 
     def run_layer(self, layer: torch.nn.Module, hidden: torch.Tensor, **kwargs) -> tuple[torch.Tensor, KV]:
-        """One layer, under full activation recompute when the config asks for it (training with grad only).
+        """One layer, in its FP8 context, under full activation recompute when the config asks for it (training
+        with grad only).
 
-        Non-reentrant checkpointing keeps the autograd edge from a layer's K/V to its inputs, so the canvas loss
-        still reaches the encoder through recomputed K/V.
+        Our passes drive the layers themselves rather than through `TransformerBlock.forward`, so they enter
+        Megatron's per-layer FP8 context here (a null context without `fp8`). Non-reentrant checkpointing keeps the
+        autograd edge from a layer's K/V to its inputs, so the canvas loss still reaches the encoder through
+        recomputed K/V; the recomputation runs in the same FP8 context.
         """
         if self.config.recompute_granularity == "full" and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(layer, hidden, use_reentrant=False, **kwargs)
-        return layer(hidden, **kwargs)
+            return torch.utils.checkpoint.checkpoint(self._layer_in_fp8_context, layer, hidden, use_reentrant=False, **kwargs)
+        return self._layer_in_fp8_context(layer, hidden, **kwargs)
+
+    def _layer_in_fp8_context(self, layer: torch.nn.Module, hidden: torch.Tensor, **kwargs) -> tuple[torch.Tensor, KV]:
+        with get_fp8_context(self.config, layer.layer_number - 1):
+            return layer(hidden, **kwargs)
 
     # ---- encode -------------------------------------------------------------------------------------------------
 

@@ -109,3 +109,47 @@ def test_vision_tower_is_dropped(tmp_path, model_parallel):
     megatron_bdgemma.from_hf(path)  # loads without complaining about the vision tower
     dropped = HFCheckpoint(path).dropped()
     assert dropped and all("vision" in key for key in dropped)
+
+
+def _model_for(path):
+    from megatron_bdgemma.conversion.hf_checkpoint import HFCheckpoint
+    from megatron_bdgemma.model import BDGemmaModel
+
+    checkpoint = HFCheckpoint(path)
+    config = config_from_hf(checkpoint.hf_config())
+    return BDGemmaModel(config), checkpoint, config
+
+
+def test_parameter_no_tensor_maps_to_is_named(saved_gemma4, model_parallel):
+    """A model parameter outside the key map would keep its random init: that is an error, never silent."""
+    from megatron_bdgemma.conversion.hf_checkpoint import load_hf_weights
+
+    model, checkpoint, config = _model_for(saved_gemma4)
+    model.decoder.layers[1].mlp.register_parameter("mystery", torch.nn.Parameter(torch.zeros(3)))
+    with pytest.raises(ValueError, match=r"decoder\.layers\.1\.mlp\.mystery"):
+        load_hf_weights(model, checkpoint, config)
+
+
+def test_grouped_expert_names_load(saved_gemma4, model_parallel):
+    """The `te` spec's `TEGroupedMLP` holds expert e's weights as `linear_fc{1,2}.weight{e}` (Transformer Engine's
+    `GroupedLinear`); they receive what the local spec's `local_experts.{e}.linear_fc{1,2}.weight` receive. The
+    grouped module is stood in for by plain parameters of those names (Transformer Engine is not installed here)."""
+    from megatron_bdgemma.conversion.hf_checkpoint import load_hf_weights
+
+    reference = megatron_bdgemma.from_hf(saved_gemma4)
+    model, checkpoint, config = _model_for(saved_gemma4)
+    for layer in model.decoder.layers:
+        grouped = torch.nn.Module()
+        for n in (1, 2):
+            linear = torch.nn.Module()
+            for e, expert in enumerate(layer.mlp.experts.local_experts):
+                weight = getattr(expert, f"linear_fc{n}").weight
+                linear.register_parameter(f"weight{e}", torch.nn.Parameter(torch.zeros_like(weight)))
+            grouped.add_module(f"linear_fc{n}", linear)
+        layer.mlp.experts = grouped
+    load_hf_weights(model, checkpoint, config)
+    for i, layer in enumerate(model.decoder.layers):
+        for e, expert in enumerate(reference.decoder.layers[i].mlp.experts.local_experts):
+            for n in (1, 2):
+                expected = getattr(expert, f"linear_fc{n}").weight
+                assert torch.equal(getattr(getattr(layer.mlp.experts, f"linear_fc{n}"), f"weight{e}"), expected)

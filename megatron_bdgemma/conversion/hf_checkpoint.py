@@ -109,6 +109,12 @@ def _local_name(model: torch.nn.Module, name: str, layer_index: dict[int, int], 
     return name
 
 
+def _grouped_expert_name(name: str) -> str:
+    """`...mlp.experts.local_experts.{e}.linear_fc{n}.weight` (the local spec's `SequentialMLP`) → the same weight in
+    the `te` spec's `TEGroupedMLP`, whose Transformer Engine `GroupedLinear`s hold one `weight{e}` per local expert."""
+    return re.sub(r"mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12])\.weight$", r"mlp.experts.\2.weight\1", name)
+
+
 def shard_for_rank(name: str, full: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """This rank's slice of the unsharded tensor `full`, read off the target parameter's Megatron attributes."""
     if not getattr(target, "tensor_model_parallel", False):
@@ -133,6 +139,7 @@ def load_hf_weights(model: torch.nn.Module, checkpoint: HFCheckpoint, config: BD
     layer_index = {layer.layer_number - 1: i for i, layer in enumerate(model.decoder.layers)}
     ep_rank = parallel_state.get_expert_model_parallel_rank()
     local_experts = config.num_moe_experts // parallel_state.get_expert_model_parallel_world_size()
+    loaded: set[str] = set()
     for mapping in model_mappings(config):
         hf = {key: checkpoint.text_tensor(key) for key in mapping.hf_keys}
         try:
@@ -145,8 +152,10 @@ def load_hf_weights(model: torch.nn.Module, checkpoint: HFCheckpoint, config: BD
             if name == "embedding.word_embeddings.weight":
                 targets.append("output_layer.weight")  # the tied copy on the last PP stage
             for local in targets:
+                if local is not None and local not in params:
+                    local = _grouped_expert_name(local)
                 if local is None or local not in params:
-                    continue
+                    continue  # the tied output copy on a stage without the LM head
                 target = params[local]
                 shard = shard_for_rank(name, full, target)
                 if shard.shape != target.shape:
@@ -155,6 +164,13 @@ def load_hf_weights(model: torch.nn.Module, checkpoint: HFCheckpoint, config: BD
                         f"fit {name} (this rank's shard {tuple(target.shape)})"
                     )
                 target.copy_(shard)
+                loaded.add(local)
+    missing = [name for name in dict(model.named_parameters()) if name not in loaded]
+    if missing:
+        raise ValueError(
+            f"{checkpoint.path}: no checkpoint tensor maps to the model parameters {missing[:10]}"
+            f"{' ...' if len(missing) > 10 else ''} (names the key map does not know for this backend?)"
+        )
     unexpected = checkpoint.unconsumed()
     if unexpected:
         raise ValueError(f"{checkpoint.path}: unexpected tensors {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")

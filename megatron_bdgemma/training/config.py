@@ -17,6 +17,9 @@ from typing import Any, Literal
 
 import yaml
 
+FP8_ALIGNMENT = 16
+"""FP8 GEMMs need every dimension, the token count included, to be a multiple of this."""
+
 
 @dataclass
 class ModelSection:
@@ -92,6 +95,13 @@ class TrainSection:
     global_batch_size: int = 4
     seed: int = 1234
     bf16: bool = False
+    fp8: Literal["hybrid", "e4m3"] | None = None
+    """FP8 GEMMs through Transformer Engine (needs `model.backend: te`, `train.bf16` and a GPU); None = off."""
+    fp8_recipe: Literal["tensorwise", "blockwise", "mxfp8"] = "tensorwise"
+    """Scaling recipe. Delayed scaling is not offered: the encode and decode passes enter the FP8 context once per
+    layer call, and delayed scaling's amax history needs one context around the whole pass."""
+    fp8_param: bool = False
+    """Keep the weights in FP8 (TE's fp8_model_init); needs `train.fp8` and `optim.distributed_optimizer`."""
     recompute: Literal["full"] | None = None
     """'full': recompute every layer in backward (activation checkpointing)."""
     log_interval: int = 10
@@ -162,6 +172,18 @@ class RunConfig:
             problems.append(f"optim.warmup_steps ({self.optim.warmup_steps}) must be < train.steps ({t.steps})")
         if t.steps < 1 or t.micro_batch_size < 1 or t.global_batch_size < 1:
             problems.append("train.steps, train.micro_batch_size and train.global_batch_size must be >= 1")
+        if t.fp8:
+            if self.model.backend != "te":
+                problems.append("train.fp8 needs model.backend=te (FP8 GEMMs are Transformer Engine's)")
+            if not t.bf16:
+                problems.append("train.fp8 needs train.bf16=true (FP8 GEMMs inside a bf16 model)")
+            if self.data.seq_length % FP8_ALIGNMENT:
+                problems.append(
+                    f"train.fp8 needs data.seq_length to be a multiple of {FP8_ALIGNMENT} (FP8 GEMM dimensions), got "
+                    f"{self.data.seq_length}"
+                )
+        if t.fp8_param and not (t.fp8 and self.optim.distributed_optimizer):
+            problems.append("train.fp8_param needs train.fp8 and optim.distributed_optimizer=true")
         if problems:
             raise ValueError("invalid run configuration:\n  - " + "\n  - ".join(problems))
 

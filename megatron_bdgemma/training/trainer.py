@@ -68,6 +68,8 @@ def build_model_config(run: RunConfig) -> BDGemmaConfig:
         recompute_method="uniform" if run.train.recompute else None,
         recompute_num_layers=1 if run.train.recompute else None,
     )
+    if run.train.fp8:  # megatron-core rejects any fp8 field without Transformer Engine, so set them only when asked
+        megatron |= dict(fp8=run.train.fp8, fp8_recipe=run.train.fp8_recipe, fp8_param=run.train.fp8_param)
     if run.model.hf:
         return config_from_hf(HFCheckpoint(run.model.hf).hf_config(), **(megatron | run.model.overrides))
     if run.checkpoint.load and "model_config" in read_extra(run.checkpoint.load):
@@ -82,6 +84,8 @@ def setup(run: RunConfig) -> TrainState:
     """Distributed groups, model (from a preset or HF weights), DDP, optimizer, schedule, data; resume if asked."""
     init_distributed(tp=run.parallel.tp, pp=run.parallel.pp, ep=run.parallel.ep, etp=run.parallel.etp, seed=run.train.seed)
     run.validate(dist.get_world_size())
+    if run.train.fp8 and not torch.cuda.is_available():
+        raise ValueError("train.fp8 needs a GPU with Transformer Engine; this machine has no CUDA device")
     config = build_model_config(run)
     model = BDGemmaModel(config, backend=run.model.backend)
     if run.model.hf:
