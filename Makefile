@@ -16,8 +16,12 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# The demo starts over each time: a run never writes into another run's checkpoints (the trainer refuses).
+DEMO_RUN := runs/tiny_pretrain
+
 demo: setup
-	$(PY) examples/pretrain_bdgemma.py
+	rm -rf $(DEMO_RUN)
+	$(PY) examples/pretrain_bdgemma.py checkpoint.save=$(DEMO_RUN)
 
 test: setup
 	$(PY) -m pytest -q tests

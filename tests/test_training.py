@@ -170,3 +170,32 @@ def test_preprocessed_jsonl_trains(tmp_path, model_parallel):
     assert tool.main(["--input", str(tmp_path / "docs.jsonl"), "--output-prefix", str(prefix), "--tokenizer", "byte"]) == 0
     history = train(_run(tmp_path, f"data.paths=[{prefix}]", "train.steps=3", "optim.warmup_steps=1"))
     assert [h["step"] for h in history] == [1, 2, 3] and all(h["diffusion"] > 0 for h in history)
+
+
+def test_a_new_run_never_writes_into_another_runs_checkpoints(tmp_path, model_parallel):
+    """Starting afresh into a save directory that holds a run is refused (nothing deleted); resuming it is not."""
+    from megatron_bdgemma.training.trainer import train
+
+    root = tmp_path / "ckpt"
+    train(_run(tmp_path, "train.steps=4", f"checkpoint.save={root}", "checkpoint.interval=2"))
+    before = sorted(p.name for p in root.iterdir())
+    with pytest.raises(ValueError, match=r"already holds a run \(latest: iter_0000004\).*--load"):
+        train(_run(tmp_path, "train.steps=4", f"checkpoint.save={root}"))
+    assert sorted(p.name for p in root.iterdir()) == before
+    resumed = train(_run(tmp_path, "train.steps=6", f"checkpoint.save={root}", f"checkpoint.load={root}"))
+    assert [h["step"] for h in resumed] == [5, 6]
+
+
+def test_pruning_keeps_the_checkpoint_just_written(tmp_path, model_parallel):
+    """Later-numbered checkpoints of an abandoned run neither count against `keep_last` nor push out the new one."""
+    from megatron_bdgemma.config import tiny
+    from megatron_bdgemma.model import BDGemmaModel
+    from megatron_bdgemma.training.checkpointing import latest_checkpoint, save_checkpoint
+
+    model = BDGemmaModel(tiny(num_layers=1, layer_types=["full_attention"]))
+    for step in (7, 8):  # the abandoned run's
+        save_checkpoint(tmp_path, step, model, keep_last=2)
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, model, keep_last=2)
+    assert latest_checkpoint(tmp_path).name == "iter_0000003"
+    assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_0000002", "iter_0000003", "iter_0000007", "iter_0000008"]

@@ -8,7 +8,7 @@ Layout of a save directory:
 
 A save goes to `iter_N.tmp/`, is renamed to `iter_N/` only after every rank has finished writing, and `latest` is
 replaced atomically after that. A crash at any point leaves `latest` naming the previous complete checkpoint.
-Only the newest `keep_last` complete checkpoints are kept. Megatron's sharded state dicts make every checkpoint
+Only the newest `keep_last` complete checkpoints up to the one just written are kept. Megatron's sharded state dicts make every checkpoint
 loadable under another TP / EP layout.
 """
 
@@ -95,8 +95,10 @@ def save_checkpoint(
         marker = root / (LATEST + ".tmp")
         marker.write_text(final.name)
         os.replace(marker, root / LATEST)
-        complete = sorted(p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
-        for old in complete[:-keep_last]:
+        # Prune only this run's past: a later-numbered checkpoint left by another run is not ours to delete, and
+        # must never push out the one just written.
+        earlier = sorted(p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp") and p.name <= final.name)
+        for old in earlier[:-keep_last]:
             shutil.rmtree(old)
     _barrier()
     return final

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -28,7 +29,7 @@ from megatron_bdgemma.conversion.megatron_checkpoint import model_config_from_di
 from megatron_bdgemma.diffusion import DiffusionBatch, NoisedCanvas, ar_loss, diffusion_loss, noise_batch
 from megatron_bdgemma.model import BDGemmaModel, TrainingOutput
 from megatron_bdgemma.runtime.distributed import init_distributed
-from megatron_bdgemma.training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_bdgemma.training.checkpointing import LATEST, latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_bdgemma.training.config import RunConfig
 from megatron_bdgemma.training.data import StepData, build_step_data
 from megatron_bdgemma.training.metrics import MetricsLogger, model_flops_per_step
@@ -80,10 +81,26 @@ def build_model_config(run: RunConfig) -> BDGemmaConfig:
     return PRESETS[run.model.preset](**(megatron | run.model.overrides))
 
 
+def _check_save_root_is_free(run: RunConfig) -> None:
+    """A run that does not resume from `checkpoint.save` must not write into another run's checkpoints there."""
+    save = run.checkpoint.save
+    if not save or not (Path(save) / LATEST).is_file():
+        return
+    if run.checkpoint.load:
+        load = Path(run.checkpoint.load).resolve()
+        if Path(save).resolve() in (load, *load.parents):  # resuming this run (from `latest` or one of its iters)
+            return
+    raise ValueError(
+        f"checkpoint.save={save} already holds a run (latest: {(Path(save) / LATEST).read_text().strip()}); resume it "
+        f"with --load {save}, or save somewhere else, or delete that directory"
+    )
+
+
 def setup(run: RunConfig) -> TrainState:
     """Distributed groups, model (from a preset or HF weights), DDP, optimizer, schedule, data; resume if asked."""
     init_distributed(tp=run.parallel.tp, pp=run.parallel.pp, ep=run.parallel.ep, etp=run.parallel.etp, seed=run.train.seed)
     run.validate(dist.get_world_size())
+    _check_save_root_is_free(run)
     if run.train.fp8 and not torch.cuda.is_available():
         raise ValueError("train.fp8 needs a GPU with Transformer Engine; this machine has no CUDA device")
     config = build_model_config(run)
