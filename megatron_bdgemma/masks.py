@@ -53,6 +53,9 @@ __all__ = [
 Span = tuple[int, int]
 """A half-open key index range ``[start, end)``."""
 
+FLEX_TILE = 128
+"""Query and key tile of the FlexAttention block tables (FlexAttention's default)."""
+
 
 class AttentionMask:
     """A boolean attention rule over ``(batch row, query index, key index)``; subclasses define the rule.
@@ -105,17 +108,30 @@ class AttentionMask:
         """This rule as a FlexAttention ``BlockMask`` (``mask_mod`` = :meth:`allowed_at`, shared by all heads), for
         the ``flex`` core attention; built on first use, then cached, so the layers sharing this mask build it once.
 
-        Building it evaluates the rule over the whole grid once (like :meth:`dense`, but not kept).
+        The block tables come from :meth:`key_spans` (every 128×128 tile they touch is listed, as partial), so
+        building them never evaluates the rule over the grid: host work and memory grow with the number of tiles.
         """
         return self._block_mask
 
     @cached_property
     def _block_mask(self) -> BlockMask:
-        from torch.nn.attention.flex_attention import create_block_mask
+        from torch.nn.attention.flex_attention import BlockMask
 
-        return create_block_mask(
-            lambda b, h, q, k: self.allowed_at(b, q, k), self.batch_size, None, self.num_queries, self.num_keys,
-            device=self.device,
+        size = FLEX_TILE
+        q_blocks, k_blocks = -(-self.num_queries // size), -(-self.num_keys // size)
+        listed = torch.zeros(q_blocks, k_blocks, dtype=torch.bool)
+        for qb in range(q_blocks):
+            for start, end in self.key_spans(qb * size, min((qb + 1) * size, self.num_queries)):
+                listed[qb, start // size : -(-end // size)] = True
+        counts = listed.sum(dim=-1, dtype=torch.int32)
+        indices = torch.argsort(~listed, dim=-1, stable=True).to(torch.int32)  # the listed tiles first, in order
+        shape = (self.batch_size, 1, q_blocks)
+        return BlockMask.from_kv_blocks(
+            counts.to(self.device).expand(shape).contiguous(),
+            indices.to(self.device).expand(*shape, k_blocks).contiguous(),
+            BLOCK_SIZE=size,
+            mask_mod=lambda b, h, q, k: self.allowed_at(b, q, k),
+            seq_lengths=(self.num_queries, self.num_keys),
         )
 
 

@@ -92,8 +92,8 @@ def test_block_mask_is_built_once_per_mask(config, monkeypatch):
     import torch.nn.attention.flex_attention as fa
 
     calls = []
-    create = fa.create_block_mask
-    monkeypatch.setattr(fa, "create_block_mask", lambda *a, **kw: calls.append(1) or create(*a, **kw))
+    create = fa.BlockMask.from_kv_blocks
+    monkeypatch.setattr(fa.BlockMask, "from_kv_blocks", lambda *a, **kw: calls.append(1) or create(*a, **kw))
     mask, attention = MASKS["encoder_sliding"](), FlexCoreAttention(config)
     q, kv = torch.randn(12, 2, 4, 8), torch.randn(12, 2, 2, 8)
     first, second = attention(q, kv, kv, mask), attention(q, kv, kv, mask)  # two layers sharing one mask
