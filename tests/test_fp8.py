@@ -68,10 +68,11 @@ def test_every_layer_call_enters_the_fp8_context(model_parallel, monkeypatch, re
     assert sorted(entered) == sorted(expected), entered
 
 
-@pytest.mark.skipif(
-    not (HAVE_TE and torch.cuda.is_available()),
-    reason=f"FP8 needs a CUDA GPU and Transformer Engine (GPU: {torch.cuda.is_available()}, Transformer Engine: {HAVE_TE})",
-)
+GPU_WITH_TE = HAVE_TE and torch.cuda.is_available()
+GPU_WITH_TE_REASON = f"FP8 needs a CUDA GPU and Transformer Engine (GPU: {torch.cuda.is_available()}, TE: {HAVE_TE})"
+
+
+@pytest.mark.skipif(not GPU_WITH_TE, reason=GPU_WITH_TE_REASON)  # missing hardware: a CUDA GPU with transformer_engine
 def test_fp8_losses_follow_bf16(tmp_path):
     from megatron_bdgemma.training.trainer import train
 
