@@ -48,29 +48,28 @@ def masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return out.reshape(b, h, sq, d).permute(2, 0, 1, 3).reshape(sq, b, h * d)
 
 
-class EagerCoreAttention(MegatronModule):
-    """Attention under the mask's dense grid: the reference path."""
+class _CoreAttention(MegatronModule):
+    """What Megatron's `Attention` builds its `core_attention` with; each backend adds its `forward`."""
 
     def __init__(self, config: BDGemmaConfig, softmax_scale: float | None = None, **unused: Any) -> None:
         super().__init__(config=config)
         self.softmax_scale = 1.0 if softmax_scale is None else softmax_scale
+
+
+class EagerCoreAttention(_CoreAttention):
+    """Attention under the mask's dense grid: the reference path."""
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
         """query `[Sq, B, h, d]`, key/value `[Sk, B, g, d]` → `[Sq, B, h*d]`."""
         return masked_attention(query, key, value, mask.dense(), self.softmax_scale)
 
 
-class BlockSparseCoreAttention(MegatronModule):
+class BlockSparseCoreAttention(_CoreAttention):
     """Attention one query chunk at a time over the key spans the mask allows; memory ∝ S·chunk."""
-
-    def __init__(self, config: BDGemmaConfig, softmax_scale: float | None = None, **unused: Any) -> None:
-        super().__init__(config=config)
-        self.softmax_scale = 1.0 if softmax_scale is None else softmax_scale
-        self.chunk_size = config.attention_chunk_size
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
         """query `[Sq, B, h, d]`, key/value `[Sk, B, g, d]` → `[Sq, B, h*d]`."""
-        chunk = mask.query_chunk or self.chunk_size
+        chunk = mask.query_chunk or self.config.attention_chunk_size
         # Recompute in backward only when a graph is being built and there is more than one chunk: a no-grad pass
         # frees each chunk as it goes, and a single chunk holds no more than its own recomputation would.
         recompute = (
@@ -101,12 +100,8 @@ def _attend_chunk(
     return masked_attention(query, key, value, allowed, scale)
 
 
-class FlexCoreAttention(MegatronModule):
+class FlexCoreAttention(_CoreAttention):
     """Attention by FlexAttention under the mask's cached `BlockMask` (GQA native, scale explicit)."""
-
-    def __init__(self, config: BDGemmaConfig, softmax_scale: float | None = None, **unused: Any) -> None:
-        super().__init__(config=config)
-        self.softmax_scale = 1.0 if softmax_scale is None else softmax_scale
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
         """query `[Sq, B, h, d]`, key/value `[Sk, B, g, d]` → `[Sq, B, h*d]`."""

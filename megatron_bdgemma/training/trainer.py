@@ -29,7 +29,7 @@ from megatron_bdgemma.conversion.megatron_checkpoint import model_config_from_di
 from megatron_bdgemma.diffusion import DiffusionBatch, NoisedCanvas, ar_loss, diffusion_loss, noise_batch
 from megatron_bdgemma.model import BDGemmaModel, TrainingOutput
 from megatron_bdgemma.runtime.distributed import init_distributed
-from megatron_bdgemma.training.checkpointing import LATEST, latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_bdgemma.training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_bdgemma.training.config import RunConfig
 from megatron_bdgemma.training.data import StepData, build_step_data
 from megatron_bdgemma.training.metrics import MetricsLogger, model_flops_per_step
@@ -84,14 +84,15 @@ def build_model_config(run: RunConfig) -> BDGemmaConfig:
 def _check_save_root_is_free(run: RunConfig) -> None:
     """A run that does not resume from `checkpoint.save` must not write into another run's checkpoints there."""
     save = run.checkpoint.save
-    if not save or not (Path(save) / LATEST).is_file():
+    existing = latest_checkpoint(save) if save else None
+    if existing is None:
         return
     if run.checkpoint.load:
         load = Path(run.checkpoint.load).resolve()
         if Path(save).resolve() in (load, *load.parents):  # resuming this run (from `latest` or one of its iters)
             return
     raise ValueError(
-        f"checkpoint.save={save} already holds a run (latest: {(Path(save) / LATEST).read_text().strip()}); resume it "
+        f"checkpoint.save={save} already holds a run (latest: {existing.name}); resume it "
         f"with --load {save}, or save somewhere else, or delete that directory"
     )
 
