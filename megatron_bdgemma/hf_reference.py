@@ -53,6 +53,17 @@ def random_diffusion_gemma(text: dict[str, Any], canvas_length: int, seed: int =
     return DiffusionGemmaForBlockDiffusion(config).eval()
 
 
+def automodel_train_mode(model: torch.nn.Module) -> torch.nn.Module:
+    """A `DiffusionGemmaForBlockDiffusion` set to train as NeMo Automodel does: eager attention (the dense
+    additive canvas mask) and the router's projection and scale frozen (the encoder's layers are tied to these)."""
+    model.train()
+    model.set_attn_implementation("eager")
+    for layer in model.model.decoder.layers:
+        layer.router.proj.weight.requires_grad_(False)
+        layer.router.scale.requires_grad_(False)
+    return model
+
+
 def save(model: torch.nn.Module, path: Path) -> Path:
     model.save_pretrained(path)
     return path

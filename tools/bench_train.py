@@ -185,11 +185,7 @@ def main() -> None:
 
     ours = megatron_bdgemma.from_hf(hf_path, dtype=dtype).to(device).train()
     sparse = megatron_bdgemma.from_hf(hf_path, dtype=dtype, attention_impl="block_sparse").to(device).train()
-    hf = DiffusionGemmaForBlockDiffusion.from_pretrained(hf_path, dtype=dtype).to(device).train()
-    hf.set_attn_implementation("eager")  # Automodel forces eager: the dense additive canvas mask
-    for layer in hf.model.decoder.layers:  # the recipe freezes the router (the encoder's layers are tied to these)
-        layer.router.proj.weight.requires_grad_(False)
-        layer.router.scale.requires_grad_(False)
+    hf = hf_reference.automodel_train_mode(DiffusionGemmaForBlockDiffusion.from_pretrained(hf_path, dtype=dtype).to(device))
     config = ours.config
     vocab, bs = config.vocab_size, config.canvas_length
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch.distributed as dist
 
@@ -35,6 +36,72 @@ def model_flops_per_step(config: BDGemmaConfig, run: RunConfig) -> float:
     canvas = config.canvas_length if (run.objective.score or ("one_block" if run.data.mode == "sft" else "all_blocks")) == "one_block" else s
     passes = 6 * s + (2 + 6 if config.self_conditioning else 6) * canvas
     return float(n) * passes * run.train.global_batch_size
+
+
+@dataclass(frozen=True)
+class StepFlops:
+    """Matmul FLOPs of one training step: each pass's forward, and the backward of the passes with gradient."""
+
+    encode: float
+    pass1: float
+    pass2: float
+    backward: float
+
+    @property
+    def total(self) -> float:
+        return self.encode + self.pass1 + self.pass2 + self.backward
+
+
+def training_step_flops(
+    config: BDGemmaConfig,
+    *,
+    tokens: int,
+    canvas_tokens: int,
+    encoder_pairs: dict[str, int],
+    canvas_pairs: dict[str, int],
+    ar_only: bool = False,
+) -> StepFlops:
+    """Every matrix product of one `training_forward` + backward (or of an AR-only step), attention included.
+
+    `tokens` = B·S encoder positions, `canvas_tokens` = B·R decoded canvas positions; `*_pairs[t]` = query-key pairs
+    one layer of type t scores over the batch (B·S·S and B·R·(S+R) for a dense grid; the mask's allowed entries
+    for the work that counts). A forward product of m×k by k×n costs 2mkn. Per position and layer: the Q/K(/V)
+    and output projections, the dense GeGLU, the router, top-k GeGLU experts; per pair and head 4d (scores and
+    P·V); the tied LM head per position of the encoder (AR logits) and of each canvas pass; with self-conditioning
+    the signal GeGLU in both passes and the soft embedding `softmax(pass-1 logits) @ E` in pass 2. Pass 1 runs
+    without gradient. Backward costs twice the forward (input and weight gradients) except where one side has
+    none: a frozen router and the soft embedding (its probabilities carry no gradient) cost once.
+    """
+    h, heads = config.hidden_size, config.num_attention_heads
+
+    def stack(positions: int, pairs: dict[str, int]) -> tuple[float, float]:
+        """(forward FLOPs of the layers without the router, router forward FLOPs)."""
+        dense = router = 0
+        for layer_type in config.layer_types:
+            d, g = ((config.global_kv_channels, config.num_global_query_groups) if layer_type == FULL
+                    else (config.kv_channels, config.num_query_groups))
+            kv = g * d * (2 if config.has_v_proj(layer_type) else 1)
+            per_position = h * (heads * d + kv) + heads * d * h + 3 * h * config.ffn_hidden_size
+            per_position += config.moe_router_topk * 3 * h * config.moe_ffn_hidden_size
+            dense += 2 * positions * per_position + 4 * pairs[layer_type] * heads * d
+            router += 2 * positions * h * config.num_moe_experts
+        return float(dense), float(router)
+
+    router_backward = 1 if config.freeze_router else 2
+    head = 2.0 * h * config.vocab_size
+    encoder, encoder_router = stack(tokens, encoder_pairs)
+    encoder += tokens * head
+    if ar_only:
+        return StepFlops(encoder + encoder_router, 0.0, 0.0, 2 * encoder + router_backward * encoder_router)
+    canvas, canvas_router = stack(canvas_tokens, canvas_pairs)
+    canvas += canvas_tokens * head
+    soft = 0.0
+    if config.self_conditioning:
+        canvas += 6.0 * canvas_tokens * h * config.ffn_hidden_size
+        soft = canvas_tokens * head
+    pass1 = canvas + canvas_router if config.self_conditioning else 0.0
+    backward = 2 * (encoder + canvas) + router_backward * (encoder_router + canvas_router) + soft
+    return StepFlops(encoder + encoder_router, pass1, canvas + canvas_router + soft, backward)
 
 
 class MetricsLogger:

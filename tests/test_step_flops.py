@@ -1,0 +1,76 @@
+"""`training_step_flops` against a brute-force count: every matmul FLOP that `torch.utils.flop_counter` sees in one
+real `training_forward` + backward (and an AR-only step) of a tiny model on CPU, with the eager attention's dense
+grids; and the visible-pair counts that tools/bench_scale.py feeds it against the masks' own grids."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from megatron_bdgemma.config import FULL, SLIDING, tiny
+from megatron_bdgemma.diffusion import ar_loss, build_pretrain_batch, build_sft_batch, noise_batch
+from megatron_bdgemma.model import BDGemmaModel
+from megatron_bdgemma.training.metrics import training_step_flops
+
+
+def _counted(step) -> int:
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def _layout(kind: str, vocab: int):
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, vocab, (2, 48), generator=generator)
+    if kind == "pretrain":  # the whole sequence is the canvas
+        batch = build_pretrain_batch(ids, block_size=16, pad_id=0)
+        return batch, noise_batch(batch, sample_indices=[0, 1], step=0, seed=1, vocab_size=vocab, score="all_blocks")
+    loss_mask, valid = torch.zeros(2, 48, dtype=torch.bool), torch.zeros(2, 48, dtype=torch.bool)
+    loss_mask[0, 10:40], valid[0, :40] = True, True
+    loss_mask[1, 5:20], valid[1, :20] = True, True
+    batch = build_sft_batch(ids, loss_mask, valid, block_size=16, eos_id=1, pad_id=0)
+    return batch, noise_batch(batch, sample_indices=[0, 1], step=0, seed=1, vocab_size=vocab)  # one block each
+
+
+@pytest.mark.parametrize("kind,freeze_router,self_conditioning",
+                         [("pretrain", True, True), ("sft", True, True), ("sft", False, False)])
+def test_formula_equals_counted_matmuls(model_parallel, kind, freeze_router, self_conditioning):
+    config = tiny(num_layers=3, layer_types=[SLIDING, FULL, SLIDING], sliding_window=8, canvas_length=16,
+                  freeze_router=freeze_router, self_conditioning=self_conditioning)
+    model = BDGemmaModel(config).train()
+    batch, noised = _layout(kind, config.vocab_size)
+    B, S, R = batch.input_ids.shape[0], batch.seq_len, noised.canvas_ids.shape[1]
+
+    def diffusion_step():
+        out = model.training_forward(batch, noised)
+        (out.diffusion_loss_sum + out.ar_loss_sum).backward()
+
+    def ar_step():
+        encoded = model.encode(batch.input_ids, padding_mask=~batch.encoder_valid, return_logits=True)
+        ar_loss(encoded.logits, batch.ar_labels, batch.ar_loss_mask)[0].backward()
+
+    dense = dict(tokens=B * S, canvas_tokens=B * R, encoder_pairs={t: B * S * S for t in (SLIDING, FULL)},
+                 canvas_pairs={t: B * R * (S + R) for t in (SLIDING, FULL)})  # eager attention scores every pair
+    assert training_step_flops(config, **dense).total == _counted(diffusion_step)
+    assert training_step_flops(config, **dense, ar_only=True).total == _counted(ar_step)
+
+
+def test_visible_pairs_are_the_masks_allowed_entries(model_parallel):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from bench_scale import attention_pairs
+
+    config = tiny(num_layers=2, layer_types=[SLIDING, FULL], sliding_window=8, canvas_length=16)
+    batch, noised = _layout("pretrain", config.vocab_size)
+    encoder, canvas = attention_pairs(BDGemmaModel(config), batch, noised)
+    S = batch.seq_len
+    # Brute force from the rule itself: full layers see every key up to their own position (S(S+1)/2 per row),
+    # sliding layers at most `window`; a canvas block sees its clean prefix and itself.
+    assert encoder[FULL] == 2 * S * (S + 1) // 2
+    assert encoder[SLIDING] == 2 * sum(min(q + 1, 8) for q in range(S))
+    blocks = S // 16
+    assert canvas[FULL] == 2 * sum(16 * (16 * j + 16) for j in range(blocks))
+    assert 0 < canvas[SLIDING] < canvas[FULL]
