@@ -396,7 +396,7 @@ from megatron_bdgemma.config import tiny
 from megatron_bdgemma.model import BDGemmaModel
 from megatron_bdgemma.runtime.distributed import ensure_model_parallel
 ensure_model_parallel()
-config = tiny(bf16=True, params_dtype=torch.bfloat16, use_cpu_initialization=False, moe_grouped_gemm=True)
+config = tiny(bf16=True, params_dtype=torch.bfloat16, use_cpu_initialization=False)  # as the trainer builds it
 model = BDGemmaModel(config, backend="te").cuda()
 kinds = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.startswith("TE")})
 print("te spec modules:", ", ".join(kinds))
