@@ -49,7 +49,7 @@ INDEX_FILE = "model.safetensors.index.json"
 _DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 # Checkpoint keys of model tensors; anything else (optimizer state) is not exported.
 _MODEL_KEY_PREFIXES = ("embedding.", "decoder.", "output_layer.", "self_conditioning.")
-# DiffusionGemma's sampling defaults (DESIGN §10; the released checkpoint's generation_config.json).
+# DiffusionGemma's sampling defaults (docs/design.md §10; the released checkpoint's generation_config.json).
 GENERATION_DEFAULTS = dict(max_new_tokens=256, max_denoising_steps=48, t_min=0.4, t_max=0.8, stability_threshold=1,
                            confidence_threshold=0.005)
 ENTROPY_BOUND = 0.1
