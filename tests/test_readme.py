@@ -150,3 +150,18 @@ def test_readme_python_snippet_runs(model_parallel, hf_diffusiongemma):
     assert namespace["logits"].shape == (1, R, model.config.vocab_size)
     assert namespace["enc"].logits.shape == (1, namespace["prompt_ids"].shape[1], model.config.vocab_size)
     assert namespace["out"].generated.shape[0] == 1
+
+
+def test_docs_and_comments_cite_only_files_in_the_repository():
+    """README and docs/ name files of this repository only, and every `docs/design.md §N` cited in code exists."""
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        text = doc.read_text()
+        assert "../" not in text and "shared/" not in text, f"{doc.name} points outside the repository"
+        for ref in re.findall(r"`([\w./-]+/[\w.-]+\.(?:md|py|yaml|sbatch))`", text):
+            assert (REPO / ref).exists(), f"{doc.name} names {ref}, which is not in the repository"
+    sections = set(re.findall(r"^## (\d+)\.", (REPO / "docs" / "design.md").read_text(), re.M))
+    sources = [*REPO.glob("megatron_bdgemma/**/*.py"), *REPO.glob("tests/*.py"), *REPO.glob("tools/*.py")]
+    cited = {(p.name, n) for p in sources for n in re.findall(r"docs/design\.md §(\d+)", p.read_text())}
+    assert cited, "the code cites docs/design.md"
+    missing = sorted((name, n) for name, n in cited if n not in sections)
+    assert not missing, f"cited sections missing from docs/design.md: {missing}"
