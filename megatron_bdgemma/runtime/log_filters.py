@@ -14,7 +14,7 @@ and category or logger, so any other warning, from the same modules included, st
 | "MCore's async save is deprecated" | megatron-core `dist_checkpointing` | megatron's own synchronous save path names that strategy; saves here are synchronous |
 | "torch.distributed is disabled, unavailable or uninitialized" / "The argument order of load has been changed" / "Please use DTensor instead" | torch.distributed.checkpoint, called by megatron-core | megatron-core's calls, not ours; checkpoints load and save as tested |
 | "`torch.distributed.all_gather_into_tensor` / `reduce_scatter_tensor` is deprecated" | torch, called by megatron-core's TP/SP and DDP collectives | megatron-core's calls; the renamed functions are not in its 0.19 code |
-| "When using sequence parallelism it is recommended to set ... CUDA_DEVICE_MAX_CONNECTIONS" (only without CUDA) | megatron-core `tensor_parallel.layers` | a CUDA launch setting; on GPU it stays (the Slurm templates set the variable) |
+| "When using sequence parallelism it is recommended to set ... CUDA_DEVICE_MAX_CONNECTIONS" (`filter_cpu_noise`, without CUDA only) | megatron-core `tensor_parallel.layers` | a CUDA launch setting; on GPU it stays (the Slurm templates set the variable) |
 | "No CUDA runtime is found" | torch `cpp_extension` (imported by megatron-core) on machines without CUDA | CPU runs are supported (`runtime.cpu_support`) |
 """
 
@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-
-import torch
 
 _WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
     (r"Transformer Engine and Apex are not installed", UserWarning),
@@ -67,8 +65,14 @@ def filter_dependency_noise() -> None:
     if _installed:
         return
     _installed = True
-    cpu_only = () if torch.cuda.is_available() else _CPU_ONLY_WARNINGS
-    for message, category in _WARNINGS + cpu_only:
+    for message, category in _WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
     for name, prefixes in _LOG_LINES.items():
         logging.getLogger(name).addFilter(_DropMessages(prefixes))
+
+
+def filter_cpu_noise() -> None:
+    """Also drop the CUDA-tuning advice that means nothing without CUDA (`cpu_support.apply_cpu_support` calls this;
+    asking torch whether CUDA exists here, at import, could initialise it before a fork)."""
+    for message, category in _CPU_ONLY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
