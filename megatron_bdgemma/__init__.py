@@ -10,6 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from megatron_bdgemma.runtime.log_filters import filter_dependency_noise
+
+# Before any megatron-core import: most of the messages it filters are printed at import time.
+filter_dependency_noise()
+
 if TYPE_CHECKING:
     from megatron_bdgemma.config import BDGemmaConfig, config_from_hf
     from megatron_bdgemma.model import BDGemmaModel

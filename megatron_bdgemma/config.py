@@ -1,7 +1,7 @@
 """`BDGemmaConfig`: the Megatron `TransformerConfig` of a block-diffusion Gemma 4 MoE model.
 
-One dataclass holds everything the layers need (DESIGN §4) plus the block-diffusion fields (§5–§7). Sliding and
-full ("global") attention layers differ in head geometry, RoPE and the K=V tying, so the block asks
+One dataclass holds everything the layers need (docs/design.md §4) plus the block-diffusion fields (§5–§7).
+Sliding and full ("global") attention layers differ in head geometry, RoPE and the K=V tying, so the block asks
 `get_config_for_layer(n)` for a per-layer copy whose `kv_channels` / `num_query_groups` are that layer's; every
 other module reads the shared values.
 
@@ -90,7 +90,7 @@ class BDGemmaConfig(TransformerConfig):
     """Block size B of block diffusion: one canvas is denoised at a time."""
 
     self_conditioning: bool = True
-    """Build the two-pass self-conditioning module (DESIGN §6)."""
+    """Build the two-pass self-conditioning module (docs/design.md §6)."""
 
     freeze_router: bool = True
     """Router projection and scale get `requires_grad=False` (DiffusionGemma's SFT recipe; no aux loss)."""
@@ -248,7 +248,7 @@ def tiny(**overrides: Any) -> BDGemmaConfig:
 
 
 def diffusiongemma_26b_a4b(**overrides: Any) -> BDGemmaConfig:
-    """google/diffusiongemma-26B-A4B-it as recorded in reference/automodel_diffusion_gemma.md §1.1."""
+    """google/diffusiongemma-26B-A4B-it, as its checkpoint config gives it (docs/design.md §4)."""
     return BDGemmaConfig(
         **_common(
             num_layers=30,

@@ -12,17 +12,17 @@ rule is the one place the masking semantics live; everything else derives from i
   :meth:`~AttentionMask.block_mask` wraps it in a ``BlockMask`` for the ``flex`` attention, cached like the grid.
 
 The sliding window always lives inside the rule, so attention kernels never get a separate ``window_size``
-(DESIGN §4). Backend conventions for dense grids are derived at the edge by :func:`to_megatron`, :func:`to_sdpa`
-and :func:`to_additive`. Every row keeps at least one allowed key (a query that would see nothing gets its own
-diagonal), so no softmax row is empty.
+(docs/design.md §4). Backend conventions for dense grids are derived at the edge by :func:`to_megatron`,
+:func:`to_sdpa` and :func:`to_additive`. Every row keeps at least one allowed key (a query that would see nothing
+gets its own diagonal), so no softmax row is empty.
 
-Block-diffusion canvas (DESIGN §5). Keys are ``[encoder (S clean positions) ; canvas (R noised positions)]``.
+Block-diffusion canvas (docs/design.md §5). Keys are ``[encoder (S clean positions) ; canvas (R noised positions)]``.
 Response blocks have ``bs`` positions and are counted from the response start ``p``. A canvas query of block ``i``
 sees the clean encoder prefix ``[0, p + i·bs)`` -- the prompt and the strictly earlier response blocks, never its
 own clean block -- and the noised keys of its own canvas block only. Sliding layers additionally keep encoder keys
 ``k >= p + i·bs - window + 1``: the window is anchored at the block start, the same for every query of the block,
 because at inference a sliding layer's cache ends there and retains ``window - 1`` positions (HF's
-``DynamicSlidingWindowLayer``; reference/hf_numerics_details.md P3).
+``DynamicSlidingWindowLayer``).
 
 Rules are vectorised on their tensors' device. ``allowed_at`` never synchronises with the host; ``key_spans`` of
 the training canvas reads its per-block bounds to the host once per mask.
@@ -194,7 +194,7 @@ class EncoderMask(AttentionMask):
 
 @dataclass(eq=False)
 class BlockDiffusionTrainingMask(AttentionMask):
-    """Mask of the training decode: canvas queries over ``[encoder keys ; canvas keys]`` (DESIGN §5).
+    """Mask of the training decode: canvas queries over ``[encoder keys ; canvas keys]`` (docs/design.md §5).
 
     Example ``b`` is laid out as in ``diffusion.layout``: the encoder row is its prompt ``[0, p_b)``, its response
     including the EOS fill ``[p_b, p_b + L_b)``, then global pad. By default canvas slot ``j`` holds response
@@ -307,7 +307,7 @@ class BlockDiffusionTrainingMask(AttentionMask):
 class DecodeInferenceMask(AttentionMask):
     """Mask of an inference decode: one canvas after the ``S`` encoder (KV-cache) positions.
 
-    Mirrors HF generation with its dynamic cache (DESIGN §10, reference/hf_numerics_details.md P3): a full layer
+    Mirrors HF generation with its dynamic cache (docs/design.md §10): a full layer
     sees every valid cached key; a sliding layer's cache retains only the last ``window - 1`` positions, so it sees
     the valid keys with index ``k >= S - (window - 1)``. The canvas is bidirectional and never windowed.
 

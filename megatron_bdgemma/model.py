@@ -183,7 +183,7 @@ class BDGemmaModel(GPTModel):
         self_conditioning_signal: torch.Tensor | None,
         self_conditioning_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Canvas embeddings mixed with the self-conditioning signal → `[R, B, H]` (DESIGN §6).
+        """Canvas embeddings mixed with the self-conditioning signal → `[R, B, H]` (docs/design.md §6).
 
         Args:
             canvas_ids: `[B, R]`.

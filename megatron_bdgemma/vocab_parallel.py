@@ -97,7 +97,7 @@ def vocab_parallel_soft_embedding(
     """The self-conditioning signal `(softmax_fp32(ℓ).to(E.dtype) @ E) · √H` of the logits `ℓ` of `hidden`.
 
     Equals `soft_embedding(model.logits(hidden), E, scale)` (batch-first there, `[S, B, H]` here) but builds `ℓ`
-    and its softmax one token chunk and one vocabulary shard at a time. `ℓ` is detached (DESIGN §6: pass 1 is
+    and its softmax one token chunk and one vocabulary shard at a time. `ℓ` is detached (docs/design.md §6: pass 1 is
     not back-propagated); the gradient reaches E through the product with the probabilities, which the backward
     recomputes per chunk.
 

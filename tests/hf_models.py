@@ -52,7 +52,7 @@ def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def gemma4_causal_lm(text_overrides: dict[str, Any] | None = None, seed: int = 0):
-    """A `Gemma4ForCausalLM` MoE text model configured as DiffusionGemma's encoder (DESIGN §4)."""
+    """A `Gemma4ForCausalLM` MoE text model configured as DiffusionGemma's encoder (docs/design.md §4)."""
     from transformers import Gemma4ForCausalLM, Gemma4TextConfig
 
     text = BASE_TEXT | dict(

@@ -1,4 +1,4 @@
-"""Contract of megatron_bdgemma.diffusion.layout: the response window (DESIGN §5, §7).
+"""Contract of megatron_bdgemma.diffusion.layout: the response window (docs/design.md §5, §7).
 
 Guards: prompt = tokens before the first supervised one; response = the supervised span, EOS-filled to whole
 blocks (supervised, attended, written into the clean ids); global pad invalid; canvas slot j = absolute

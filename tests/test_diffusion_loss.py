@@ -1,4 +1,4 @@
-"""Contract of megatron_bdgemma.diffusion.loss: fp32 CE sums and counts (DESIGN §7).
+"""Contract of megatron_bdgemma.diffusion.loss: fp32 CE sums and counts (docs/design.md §7).
 
 Guards: the diffusion loss is flat CE over every scored slot, noised or not (uniform kernel), or 1/t on noised
 slots with the count still over all scored slots (absorbing option); the AR loss is next-token CE over valid

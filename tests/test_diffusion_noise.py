@@ -1,7 +1,7 @@
 """Contract of megatron_bdgemma.diffusion.noise: deterministic, batching-independent training randomness.
 
-Guards (DESIGN §7): every draw depends only on (seed, global sample index, step, purpose) — so a sample gets the
-same t, corruption, block and coin however the global batch is split over ranks and micro-batches, and on resume;
+Guards (docs/design.md §7): every draw depends only on (seed, global sample index, step, purpose) — so a sample gets
+the same t, corruption, block and coin however the global batch is split over ranks and micro-batches, and on resume;
 the corruption rate is t; only supervised canvas slots are touched (the prompt is never on the canvas); uniform
 replacements are in-vocabulary random ids, absorbing ones are the mask id.
 """

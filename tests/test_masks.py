@@ -1,6 +1,6 @@
-"""Contract of megatron_bdgemma.masks (DESIGN §5, §10; reference/hf_numerics_details.md P3, P8).
+"""Contract of megatron_bdgemma.masks (docs/design.md §5, §10).
 
-Guards: every builder against a brute-force reference written here with plain loops straight from the DESIGN text;
+Guards: every builder against a brute-force reference written here with plain loops straight from docs/design.md §5;
 the strict block rule (a canvas block never sees its own clean tokens); both window boundaries (``<``, not
 ``<=``); no empty softmax row anywhere; training decode of block i == inference decode with the cache ending at
 the block start; the encoder mask against transformers' own ``sdpa_mask``; the backend conversions.
@@ -25,7 +25,7 @@ windows = st.one_of(st.none(), st.integers(1, 8))
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# brute-force references (plain loops, literal DESIGN rules)
+# brute-force references (plain loops, the rules of docs/design.md §5)
 
 
 def ref_encoder(valid: list[list[bool]], window: int | None) -> list[list[list[bool]]]:
@@ -192,7 +192,7 @@ def test_training_strict_block_boundary():
 
 
 def test_training_automodel_worked_example():
-    """reference/automodel_diffusion_gemma.md §2: prefix 0, resp = enc = 16, bs 4."""
+    """NeMo Automodel's worked example of its training mask: prefix 0, resp = enc = 16, bs 4."""
     m = BlockDiffusionTrainingMask(torch.tensor([0]), torch.tensor([16]), 16, 16, 4, None).dense()[0, 0]
     for j in range(4, 8):
         assert m[j].nonzero().flatten().tolist() == [0, 1, 2, 3, 20, 21, 22, 23]
@@ -296,7 +296,7 @@ def test_inference_mask_matches_reference(case):
 
 
 def test_inference_window_keeps_last_window_minus_one():
-    """HF's DynamicSlidingWindowLayer retains window - 1 positions (reference/hf_numerics_details.md P3)."""
+    """HF's DynamicSlidingWindowLayer retains window - 1 positions (docs/design.md §5, §10)."""
     S, R, W = 13, 4, 8
     m = DecodeInferenceMask(torch.ones(1, S, dtype=torch.bool), None, W, canvas_len=R).dense()[0, 0]
     assert m[:, :S].nonzero()[:, 1].unique().tolist() == list(range(S - (W - 1), S))  # 7 keys, as measured

@@ -268,7 +268,7 @@ def test_child_failure_reraises_with_traceback_and_does_not_hang():
 
 
 def test_init_distributed_rejects_indivisible_sizes(model_parallel):
-    with pytest.raises(ValueError, match=r"world size 1 is not divisible by tp \* pp = 2 \* 1"):
+    with pytest.raises(ValueError, match=r"world size 1 is not divisible by tp \* pp = 2 \* 1.*torchrun --nproc-per-node"):
         init_distributed(tp=2)
     with pytest.raises(ValueError, match=r"etp \* ep \* pp = 1 \* 2 \* 1"):
         init_distributed(ep=2)

@@ -1,5 +1,5 @@
-"""Contracts of the training forward (DESIGN §5–§7): no leakage, training decode = inference decode, the cost cut
-is exact, pass 1 builds no graph, the router is frozen, gradients reach self-conditioning and the encoder K/V."""
+"""Contracts of the training forward (docs/design.md §5–§7): no leakage, training decode = inference decode, the
+cost cut is exact, pass 1 builds no graph, the router is frozen, gradients reach self-conditioning and the encoder K/V."""
 
 from __future__ import annotations
 

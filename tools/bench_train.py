@@ -8,13 +8,13 @@ scored block per example, self-conditioning coins with p = 0.5) it times forward
 
 - ours: `BDGemmaModel.training_forward` as the trainer calls it: causal encode with grad, decode pass 1 without
   grad, pass 2 with grad on the pass-1 signal, diffusion + AR loss sums, backward. Only the scored block is decoded
-  (exact: canvas blocks never see each other, DESIGN §5);
+  (exact: canvas blocks never see each other, docs/design.md §5);
 - ours, vocab-parallel loss: the same with `loss_chunk_size` (no full-vocabulary logits);
 - ours, whole canvas: the same, decoding every response block as the references do (one still scored);
 - ours, block-sparse attention: the first and third rows with `attention_impl="block_sparse"` (one query chunk at a
   time over only the keys it can see, recomputed in backward) instead of the eager dense-mask attention;
 - HF, Automodel-style: `DiffusionGemmaForBlockDiffusion`'s own modules driven the way NeMo Automodel trains
-  (reference/automodel_diffusion_gemma.md §1–§4): `model.encoder` over the clean sequence (causal, 2-D padding
+  (its DiffusionGemma recipe): `model.encoder` over the clean sequence (causal, 2-D padding
   mask) fills a `DynamicCache` whose layers all keep every position (a config-built cache would cut sliding layers
   to the window, while the training mask indexes all S encoder keys); encoder logits `lm_head` + fp32 softcap;
   `model.decoder` over the whole response canvas with the dense block-diffusion masks `{full, sliding}`

@@ -3,13 +3,16 @@
     python tools/generate.py --hf /path/to/diffusiongemma --prompt "Why is the sky blue?" --chat
     python tools/generate.py --hf DIR --prompt "5 17 42" --sampler max_prob_threshold:threshold=0.8,top_k=50
     python tools/generate.py --load CKPT --tokenizer TOKDIR --prompt "..." --sampler autoregressive
+    python tools/generate.py --load runs/tiny_pretrain --prompt "def "      # the run's own (byte) tokenizer
     torchrun --nproc-per-node 2 tools/generate.py --hf DIR --tp 2 --prompt "..."
 
 `--sampler NAME[:key=value,...]` picks one of `entropy_bound` (DiffusionGemma's default), `max_prob_threshold`,
 `greedy` or `autoregressive`; see `megatron_bdgemma.generation.samplers` for the options. Several `--prompt`s run
-as one left-padded batch. The tokenizer is `--tokenizer`, else the `--hf` directory's; without one, prompts are
-whitespace-separated token ids and the output is printed as ids. EOS / pad ids come from `--eos-token-id` /
-`--pad-token-id`, else the checkpoint's `generation_config.json`, else the model config. Every rank of a TP group
+as one left-padded batch. The tokenizer is `--tokenizer`, else the `--hf` directory's, else for `--load` the one the
+checkpoint's run trained with (`data.tokenizer`: `byte`, or a tokenizer directory that still exists); without one,
+prompts are whitespace-separated token ids and the output is printed as ids. EOS / pad ids come from
+`--eos-token-id` / `--pad-token-id`, else the checkpoint's `generation_config.json`, else the run's tokenizer, else
+the model config. Every rank of a TP group
 runs the same loop with the same seed (lock-step); rank 0 prints.
 """
 
@@ -77,10 +80,11 @@ def load_model(args: argparse.Namespace) -> Any:
 
 
 def load_tokenizer(args: argparse.Namespace) -> Any | None:
-    """The HF tokenizer of `--tokenizer`, else of the `--hf` directory when it has one, else None (token ids)."""
+    """The HF tokenizer of `--tokenizer`, else of the `--hf` directory when it has one, else the tokenizer a
+    `--load` checkpoint's run trained with (a `megatron_bdgemma.data.Tokenizer`), else None (token ids)."""
     path = args.tokenizer or args.hf
     if path is None:
-        return None
+        return run_tokenizer(args.load)
     has_tokenizer = any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json"))
     if args.tokenizer is None and not has_tokenizer:
         return None
@@ -89,17 +93,41 @@ def load_tokenizer(args: argparse.Namespace) -> Any | None:
     return AutoTokenizer.from_pretrained(path)
 
 
-def special_ids(args: argparse.Namespace, config: Any) -> tuple[list[int], int]:
-    """EOS ids and pad id: the flags, else the checkpoint's generation_config.json, else the model config."""
+def run_tokenizer(checkpoint: Path) -> Any | None:
+    """The tokenizer named by the training run config stored in `checkpoint` (`data.tokenizer`), when it can be
+    loaded here: `byte`, or a tokenizer directory that exists on this machine. None for converted checkpoints."""
+    from megatron_bdgemma.conversion.megatron_checkpoint import read_extra
+    from megatron_bdgemma.data import load_tokenizer as load_run_tokenizer
+
+    spec = ((read_extra(checkpoint).get("run") or {}).get("data") or {}).get("tokenizer")
+    if spec is None or (spec != "byte" and not Path(spec).is_dir()):
+        return None
+    return load_run_tokenizer(spec)
+
+
+def special_ids(args: argparse.Namespace, config: Any, tokenizer: Any | None) -> tuple[list[int], int]:
+    """EOS ids and pad id: the flags, else the checkpoint's generation_config.json, else the tokenizer of a
+    `--load` checkpoint's run, else the model config."""
+    from megatron_bdgemma.data import Tokenizer
+
     generation: dict[str, Any] = {}
     if args.hf is not None and (args.hf / "generation_config.json").exists():
         generation = json.loads((args.hf / "generation_config.json").read_text())
+    if isinstance(tokenizer, Tokenizer):
+        generation = {"eos_token_id": sorted(tokenizer.stop_ids), "pad_token_id": tokenizer.pad}
     eos = args.eos_token_id or generation.get("eos_token_id") or list(config.eos_token_ids)
     pad = args.pad_token_id if args.pad_token_id is not None else generation.get("pad_token_id", config.pad_token_id)
     return ([eos] if isinstance(eos, int) else list(eos)), pad
 
 
 def tokenize(prompts: Sequence[str], tokenizer: Any | None, chat: bool) -> list[list[int]]:
+    from megatron_bdgemma.data import Tokenizer
+
+    if isinstance(tokenizer, Tokenizer):  # a training run's tokenizer: its chat template renders text
+        if chat:
+            prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+                       for p in prompts]
+        return [tokenizer.encode(p) for p in prompts]
     if tokenizer is None:
         if chat:
             raise SystemExit("--chat needs a tokenizer (--tokenizer or an --hf directory with one)")
@@ -127,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"--sampler: {error}") from None
     model = load_model(args)
     tokenizer = load_tokenizer(args)
-    eos, pad = special_ids(args, model.config)
+    eos, pad = special_ids(args, model.config, tokenizer)
     input_ids, padding_mask = left_pad(tokenize(args.prompt, tokenizer, args.chat), pad)
     is_printer = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 

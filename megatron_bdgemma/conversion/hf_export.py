@@ -14,7 +14,8 @@ The text stack goes to `model.decoder.*`. `transformers` ties the encoder tree t
 `layer_scalar`, which is a buffer: it is written twice (`model.encoder.language_model.layers.N.layer_scalar` too),
 because a missing encoder copy loads as uninitialised memory. The vision tower was dropped on import; `config.json`
 keeps the source's vision config, so `transformers` initialises the tower randomly on load (text generation does not
-use it).
+use it). A text-only model (trained from a preset) gets `MINIMAL_VISION`: `DiffusionGemmaForBlockDiffusion` always
+builds a tower, and the default one (16 layers, 768 wide) would add 167M random parameters to a tiny model.
 """
 
 from __future__ import annotations
@@ -48,10 +49,15 @@ INDEX_FILE = "model.safetensors.index.json"
 _DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 # Checkpoint keys of model tensors; anything else (optimizer state) is not exported.
 _MODEL_KEY_PREFIXES = ("embedding.", "decoder.", "output_layer.", "self_conditioning.")
-# DiffusionGemma's sampling defaults (DESIGN §10; the released checkpoint's generation_config.json).
+# DiffusionGemma's sampling defaults (docs/design.md §10; the released checkpoint's generation_config.json).
 GENERATION_DEFAULTS = dict(max_new_tokens=256, max_denoising_steps=48, t_min=0.4, t_max=0.8, stability_threshold=1,
                            confidence_threshold=0.005)
 ENTROPY_BOUND = 0.1
+MINIMAL_VISION: dict[str, Any] = dict(
+    model_type="gemma4_vision", hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+    num_key_value_heads=1, head_dim=8, patch_size=1, pooling_kernel_size=1, position_embedding_size=1,
+)
+"""A one-layer, 8-wide vision tower (about 1K parameters plus an `H × 8` projection), written for text-only models."""
 
 Entry = tuple[str, tuple[int, ...], torch.dtype]
 
@@ -165,8 +171,8 @@ def hf_configs(config: BDGemmaConfig, source: dict[str, Any] | None, dtype: torc
 
     Every architecture value comes from `config`. Token ids, the vision config and initialiser settings that
     `BDGemmaConfig` does not hold come from the HF source the checkpoint was converted from (`source`, recorded in
-    the checkpoint's `extra["converted_from"]`) when there is one; generation EOS / pad / BOS ids from the source's
-    `generation_config.json`, else the model config.
+    the checkpoint's `extra["converted_from"]`) when there is one, else the vision config is `MINIMAL_VISION`;
+    generation EOS / pad / BOS ids from the source's `generation_config.json`, else the model config.
     """
     from transformers import DiffusionGemmaConfig
     from transformers.models.diffusion_gemma import DiffusionGemmaTextConfig
@@ -203,7 +209,7 @@ def hf_configs(config: BDGemmaConfig, source: dict[str, Any] | None, dtype: torc
     top = {key: source_config[key] for key in ("boi_token_id", "eoi_token_id", "image_token_id", "initializer_range")
            if source_config.get(key) is not None}
     hf_config = DiffusionGemmaConfig(
-        text_config=DiffusionGemmaTextConfig(**text), vision_config=source_config.get("vision_config"),
+        text_config=DiffusionGemmaTextConfig(**text), vision_config=source_config.get("vision_config") or MINIMAL_VISION,
         canvas_length=config.canvas_length, tie_word_embeddings=True, **top,
     )
     hf_config.architectures = ["DiffusionGemmaForBlockDiffusion"]

@@ -1,8 +1,8 @@
 """SFT data: chat JSONL → (prompt, single supervised answer) examples → the block-diffusion SFT layout.
 
 Input: one record per line, ``{"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}``.
-Exactly one assistant turn, and it is the last message (DESIGN §7: single supervised turn; the references reject
-the rest too). The split follows the tokenizer's chat template, at the text level::
+Exactly one assistant turn, and it is the last message (docs/design.md §7: single supervised turn; the references
+reject the rest too). The split follows the tokenizer's chat template, at the text level::
 
     prompt   = template(messages[:-1], add_generation_prompt=True)      # what generation is given
     full     = template(messages)                                       # must start with `prompt`

@@ -1,4 +1,4 @@
-"""Model-independent pieces of the block-diffusion objective (DESIGN §5–§7).
+"""Model-independent pieces of the block-diffusion objective (docs/design.md §5–§7).
 
 - :mod:`.layout` — the response window: clean encoder ids with EOS block fill, the canvas, AR labels.
 - :mod:`.noise` — deterministic per-sample randomness: t, corruption, block choice, self-conditioning coins.

@@ -1,6 +1,6 @@
 """Batch layout for block-diffusion training: the response window and its canvas.
 
-Contract (DESIGN §5, §7). A training example is a right-padded token row::
+Contract (docs/design.md §5, §7). A training example is a right-padded token row::
 
     [ prompt (p tokens) | response (+ EOS block fill) | global pad ]
       positions 0..p-1    p .. p+L-1                   p+L .. S-1
@@ -243,8 +243,8 @@ def block_mask(block_index: Tensor, canvas_valid: Tensor, block_size: int) -> Te
 def take_blocks(x: Tensor, block_index: Tensor, block_size: int) -> Tensor:
     """Gather one canvas block per example, e.g. to decode only the scored block.
 
-    Canvas blocks never attend to each other (DESIGN §5), so decoding just the chosen block gives the same logits
-    and gradients as decoding the whole canvas and scoring that block.
+    Canvas blocks never attend to each other (docs/design.md §5), so decoding just the chosen block gives the same
+    logits and gradients as decoding the whole canvas and scoring that block.
 
     Args:
         x: ``[B, R, *rest]`` (canvas ids, positions, targets, masks, hidden states …).

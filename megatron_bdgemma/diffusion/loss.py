@@ -1,4 +1,4 @@
-"""Training losses: the canvas diffusion CE and the encoder AR CE (DESIGN §7).
+"""Training losses: the canvas diffusion CE and the encoder AR CE (docs/design.md §7).
 
 Both return ``(loss_sum, token_count)`` rather than a mean: the trainer all-reduces the counts over data-parallel
 ranks and micro-batches and divides by the **global** count (``normalise``), so every token weighs the same

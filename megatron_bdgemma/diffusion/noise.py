@@ -1,7 +1,7 @@
 """Deterministic training randomness: noise level t, corruption, block choice, self-conditioning coins.
 
 Every random draw for example ``b`` comes from its own CPU generator seeded by a stable hash of
-``(seed, global sample index, step, purpose)`` (DESIGN §7). So the noise an example receives depends only on
+``(seed, global sample index, step, purpose)`` (docs/design.md §7). So the noise an example receives depends only on
 which sample it is and which step it is trained in — not on the number of data-parallel ranks, the micro-batch
 split, the other examples in the batch or the padded canvas width — and it replays exactly on resume. TP/CP peers
 hold the same samples and therefore draw identical noise. (The references match this in distribution, not draw

@@ -52,7 +52,7 @@ def noise_batch(
     t_max: float = 1.0,
     self_conditioning_p: float = 0.5,
 ) -> NoisedCanvas:
-    """Corrupt the response window of `batch` (DESIGN §7).
+    """Corrupt the response window of `batch` (docs/design.md §7).
 
     `score="one_block"`: one t per example, one uniformly chosen block scored and decoded.
     `score="all_blocks"` (pretraining): one t per block, every block decoded and scored.

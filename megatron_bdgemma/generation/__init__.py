@@ -5,7 +5,7 @@
     out.generated, out.tokens_per_forward
 
 `generate` reproduces HF `DiffusionGemmaForBlockDiffusion.generate` token for token under the same seed
-(DESIGN §10); `EncoderKVCache` / `encode_into` are the cache it runs on.
+(docs/design.md §10); `EncoderKVCache` / `encode_into` are the cache it runs on.
 """
 
 from megatron_bdgemma.generation.cache import EncoderKVCache, encode_into

@@ -1,12 +1,12 @@
 """The encoder KV cache of generation, and the encoder step that extends it.
 
 Generation encodes the prompt once, then only each committed canvas (or, for the AR baseline, each new token),
-appending its K/V to every layer (DESIGN §10, reference/hf_numerics_details.md P3):
+appending its K/V to every layer (docs/design.md §10):
 
 - full-attention layers keep every position;
 - sliding layers keep only the last `window - 1` positions, exactly like HF's `DynamicSlidingWindowLayer`. That
   is all a later query can need: the next encoder token at position L sees keys `> L - window`, and a canvas
-  starting at L sees encoder keys `[L - window + 1, L)` (the block-start-anchored window of DESIGN §5).
+  starting at L sees encoder keys `[L - window + 1, L)` (the block-start-anchored window of docs/design.md §5).
 
 Rows are left-padded prompts: positions are the tensor indices (HF generation's convention, padding included),
 and a per-position validity mask keeps padding out of every later attention. The padding of committed canvases

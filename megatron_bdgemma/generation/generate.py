@@ -1,7 +1,6 @@
 """The block-diffusion generation loop (and the autoregressive baseline) over `encode` / `decode`.
 
-Block diffusion, HF `DiffusionGemmaForBlockDiffusion.generate` semantics (DESIGN §10, reference/hf_numerics_details.md
-P1–P3, P13, P14):
+Block diffusion, HF `DiffusionGemmaForBlockDiffusion.generate` semantics (docs/design.md §10):
 
 1. encode the prompt once into the KV cache;
 2. per canvas of R = `canvas_length` tokens at positions `L .. L+R-1`: draw a uniform random canvas, then for

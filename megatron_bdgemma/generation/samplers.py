@@ -1,7 +1,7 @@
 """Canvas samplers for block-diffusion generation, and the autoregressive baseline's decoding options.
 
 A canvas sampler turns one decoder forward's softcapped fp32 logits `[B, R, V]` into the next canvas. Every
-sampler shares DiffusionGemma's frame (DESIGN §10, reference/hf_numerics_details.md P1, P13):
+sampler shares DiffusionGemma's frame (docs/design.md §10):
 
 - n counts the steps *remaining*, N..1; the logits are divided by `T_n = t_min + (t_max - t_min)·n/N`, computed
   in fp32 exactly as HF does (a float64 T changes multinomial draws on saturated logits);

@@ -1,4 +1,4 @@
-"""One Gemma 4 MoE decoder layer (DESIGN §4), with HF's norm names so the key map reads one-to-one.
+"""One Gemma 4 MoE decoder layer (docs/design.md §4), with HF's norm names so the key map reads one-to-one.
 
     h = x + post_attention_layernorm(attn(input_layernorm(x)))
     d = post_feedforward_layernorm_1(dense(pre_feedforward_layernorm(h)))

@@ -1,4 +1,4 @@
-"""Two-pass self-conditioning (DESIGN §6, Analog Bits style).
+"""Two-pass self-conditioning (docs/design.md §6, Analog Bits style).
 
 The decoder input is `rmsnorm_noscale(e + down(gelu_tanh(gate(u)) * up(u)))` with `u = rmsnorm_w(s)`, where `s`
 is the soft embedding of the previous pass's logits (`soft_embedding`) or exactly zero when self-conditioning is

@@ -52,6 +52,8 @@ from typing import Any
 
 import torch
 
+from megatron_bdgemma.runtime.log_filters import filter_cpu_noise
+
 __all__ = ["apply_cpu_support"]
 
 _applied = False
@@ -175,6 +177,7 @@ def apply_cpu_support() -> None:
     if _applied or torch.cuda.is_available():
         return
     _applied = True  # also guards the Tensor.type wrapper against wrapping itself
+    filter_cpu_noise()
     torch.cuda.current_device = lambda: "cpu"  # current_device
     torch.Tensor.type = _type_string  # type_strings
     torch.Tensor.cuda = lambda self, *args, **kwargs: self  # tensor_cuda

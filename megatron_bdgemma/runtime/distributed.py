@@ -43,12 +43,14 @@ def _check_sizes(world: int, tp: int, pp: int, ep: int, etp: int, vpp: int | Non
     for name, size in dict(tp=tp, pp=pp, ep=ep, etp=etp).items():
         if size < 1:
             raise ValueError(f"{name} must be a positive integer, got {size}")
+    # A plain `python script.py` is a world of one process; model parallelism needs one process per rank.
+    launch = " (start one process per rank: torchrun --nproc-per-node N ...)" if world == 1 else ""
     if world % (tp * pp):
         raise ValueError(f"world size {world} is not divisible by tp * pp = {tp} * {pp}; "
-                         "the data-parallel size would not be an integer")
+                         f"the data-parallel size would not be an integer{launch}")
     if world % (etp * ep * pp):
         raise ValueError(f"world size {world} is not divisible by etp * ep * pp = {etp} * {ep} * {pp}; "
-                         "the expert data-parallel size would not be an integer")
+                         f"the expert data-parallel size would not be an integer{launch}")
     if vpp is not None and (vpp < 1 or pp == 1):
         raise ValueError(f"vpp (virtual pipeline stages per rank) needs pp > 1 and vpp >= 1, got pp={pp}, vpp={vpp}")
 
