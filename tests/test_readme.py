@@ -26,16 +26,23 @@ README = (REPO / "README.md").read_text()
 SHORT_TRAINING = ["train.steps=2", "optim.warmup_steps=1", "train.log_interval=1", "train.eval_interval=0"]
 SHORT_GENERATION = ["--max-new-tokens", "8"]
 GPU_ONLY = {"examples/configs/diffusiongemma_26b_sft.yaml": "8 GPUs with Transformer Engine (backend te, bf16, ep 8)"}
+# The GPU-machine set-up downloads and builds Transformer Engine: here each of its steps is only checked to exist.
+GPU_SETUP = "tools/gpu_setup/te_wheels.py"
 # Messages of our dependencies that `megatron_bdgemma.runtime.log_filters` removes; none may reach a user.
 NOISE = re.compile(r"Warning|warnings\.warn|DEPRECATED|deprecated|No CUDA runtime|is experimental")
 
 
 def bash_commands(markdown: str) -> list[list[str]]:
-    """Every command of the ```bash blocks (continuation lines joined, comments dropped), split like the shell."""
+    """Every command of the ```bash blocks (continuation lines joined, comments dropped, `a && b` split in two),
+    split like the shell."""
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", markdown, re.S):
         for line in block.replace("\\\n", " ").splitlines():
             words = shlex.split(line, comments=True)
+            while "&&" in words:
+                cut = words.index("&&")
+                commands.append(words[:cut])
+                words = words[cut + 1:]
             if words:
                 commands.append(words)
     return commands
@@ -109,6 +116,13 @@ def test_readme_commands_run_after_make_demo(tmp_path, model_parallel, hf_diffus
     for words in commands:
         if words[0] == "make":
             continue  # `make demo` ran above from its recipe; `make test` is this suite
+        if words[0] == "export":
+            assert len(words) == 2 and "=" in words[1], words
+            continue  # sets the shell's environment for the commands after it on the GPU machine
+        if GPU_SETUP in words:
+            step = words[words.index(GPU_SETUP) + 1]
+            _run([sys.executable, GPU_SETUP, step, "--help"], clone)  # the step exists; running it needs the device
+            continue
         gpu_only = [GPU_ONLY[w] for w in words if w in GPU_ONLY]
         if gpu_only:
             config = words[words.index("--config") + 1]
