@@ -56,6 +56,9 @@ class DataSection:
     seq_length: int = 128
     split: str = "98,1,1"
     on_bad: Literal["error", "skip"] = "error"
+    truncation: bool = False
+    """sft: cut a record longer than seq_length there (NeMo Automodel's rule; a partial last block is possible)
+    instead of refusing or skipping it (on_bad)."""
     cache_dir: str = "runs/data_cache"
 
 
