@@ -227,10 +227,16 @@ def test_sft_supervises_what_the_template_marks(hf_dir, tmp_path):
     assert batch.canvas_supervised[1, len(ids2) - p2 : L2].all() and L2 % 4 == 0
 
 
-def test_sft_template_without_generation_tags_is_refused(tmp_path):
-    tok = load_tokenizer(build_hf_tokenizer(tmp_path / "tok", ["hi there"], chat_template=PLAIN_TEMPLATE))
-    with pytest.raises(ValueError, match=r"no \{% generation %\} tags"):
-        SFTDataset(write_jsonl(tmp_path / "c.jsonl", [chat("hi", "there")]), tok, max_length=64, block_size=4)
+def test_sft_template_without_generation_tags_is_refused_or_replaced(tmp_path):
+    tok_dir = build_hf_tokenizer(tmp_path / "tok", ["hi there"], chat_template=PLAIN_TEMPLATE)
+    path = write_jsonl(tmp_path / "c.jsonl", [chat("hi", "there")])
+    with pytest.raises(ValueError, match=r"no \{% generation %\} tags.*data.chat_template"):
+        SFTDataset(path, load_tokenizer(tok_dir), max_length=64, block_size=4)
+    (tmp_path / "tagged.jinja").write_text(CHAT_TEMPLATE)
+    data = SFTDataset(path, load_tokenizer(tok_dir, tmp_path / "tagged.jinja"), max_length=64, block_size=4)
+    assert data[0]["loss_mask"].sum() == 3  # "there <|end|> ."
+    with pytest.raises(FileNotFoundError, match="data.chat_template"):
+        load_tokenizer(tok_dir, tmp_path / "missing.jinja")
 
 
 def test_byte_sft_supervises_answer_bytes_then_eos(tmp_path):
@@ -325,3 +331,24 @@ def test_embedded_default_builds_offline(tmp_path, monkeypatch):
     assert len(data) == len(sft_records()) and data.bad.total == 0
     batch, _ = sft_collate([data[i] for i in range(8)], block_size=16, eos_id=tok.eos, pad_id=tok.pad)
     assert batch.num_blocks == 1 and batch.seq_len <= 128  # every answer fits one tiny-preset canvas block
+
+
+def test_multi_turn_chat_jsonl_trains(hf_dir, tmp_path, model_parallel, capsys):
+    """Multi-turn JSONL on a local HF tokenizer with {% generation %} tags → SFTDataset → two training steps."""
+    from megatron_bdgemma.training.config import load_run_config
+    from megatron_bdgemma.training.trainer import train
+
+    records = [chat(f"{i} + 1 ?", str(i + 1), f"{i} + 2 ?", str(i + 2), *([f"{i} * 2 ?", str(2 * i)] if i % 2 else []))
+               for i in range(38)]
+    records += [chat("what is 3 + 4 ?"), chat("what is 3 + 4 ?", "7 " * 80)]  # AR only; answer truncated
+    path = write_jsonl(tmp_path / "chat.jsonl", records)
+    config = Path(__file__).resolve().parent.parent / "examples" / "configs" / "tiny_sft.yaml"
+    run = load_run_config(config, [
+        f"data.paths=[{path}]", f"data.tokenizer={hf_dir}", "data.seq_length=64", "data.truncation=true",
+        f"data.cache_dir={tmp_path / 'cache'}", "train.steps=2", "train.micro_batch_size=4",
+        "train.global_batch_size=4", "train.eval_interval=0", "optim.warmup_steps=1", "checkpoint.save=null",
+        "model.overrides={num_layers: 2, layer_types: [sliding_attention, full_attention]}",
+    ])
+    history = train(run)
+    assert [h["step"] for h in history] == [1, 2] and all(h["diffusion"] > 0 and h["ar"] > 0 for h in history)
+    assert "1 without a supervised token (AR loss only), 1 truncated at max_length" in capsys.readouterr().out

@@ -149,17 +149,24 @@ class HFTokenizer(Tokenizer):
     """A Hugging Face tokenizer loaded from a local directory (``local_files_only``: nothing is downloaded).
 
     ``vocab_size`` is ``len(tokenizer)`` (base vocabulary plus added tokens). SFT needs a chat template with
-    ``{% generation %}`` tags (:meth:`tokenize_chat`).
+    ``{% generation %}`` tags (:meth:`tokenize_chat`); ``chat_template`` (a Jinja file) replaces the tokenizer's own,
+    e.g. NeMo Automodel's ``examples/dllm_sft/diffusion_gemma_chat_template.jinja`` for DiffusionGemma, whose
+    released template has no such tags.
 
     Raises:
         ValueError: the tokenizer has no EOS or no pad token, or its pad id equals its EOS id.
+        FileNotFoundError: ``chat_template`` is not a file.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, chat_template: str | Path | None = None) -> None:
         from transformers import AutoTokenizer
 
         self.path = Path(path).resolve()
         self._tok = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+        if chat_template is not None:
+            if not Path(chat_template).is_file():
+                raise FileNotFoundError(f"chat template {str(chat_template)!r} (data.chat_template) is not a file")
+            self._tok.chat_template = Path(chat_template).read_text()
         where = f"tokenizer at {self.path}"
         if self._tok.eos_token_id is None:
             raise ValueError(f"{where} has no eos_token; documents and answers need one")
@@ -204,7 +211,8 @@ class HFTokenizer(Tokenizer):
             raise ValueError(
                 f"the chat template of the tokenizer at {self.path} has no {{% generation %}} tags, so SFT cannot "
                 "tell which tokens to supervise; wrap each assistant turn's content and end of turn in "
-                "{% generation %}...{% endgeneration %} (as NeMo Automodel's DiffusionGemma template does)"
+                "{% generation %}...{% endgeneration %} (as NeMo Automodel's DiffusionGemma template does) or give "
+                "such a template with data.chat_template"
             )
         out = self._tok.apply_chat_template(
             [dict(m) for m in messages], tokenize=True, return_dict=True, return_assistant_tokens_mask=True
@@ -212,13 +220,16 @@ class HFTokenizer(Tokenizer):
         return list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]
 
 
-def load_tokenizer(spec: str | Path) -> Tokenizer:
-    """``"byte"`` gives :class:`ByteTokenizer`; anything else is a local HF tokenizer directory."""
+def load_tokenizer(spec: str | Path, chat_template: str | Path | None = None) -> Tokenizer:
+    """``"byte"`` gives :class:`ByteTokenizer`; anything else is a local HF tokenizer directory, whose chat template
+    a Jinja file ``chat_template`` replaces (the byte tokenizer's chat format is fixed: no template accepted)."""
     if str(spec) == BYTE_TOKENIZER:
+        if chat_template is not None:
+            raise ValueError("data.chat_template needs a Hugging Face tokenizer; the byte tokenizer's format is fixed")
         return ByteTokenizer()
     if not Path(spec).is_dir():
         raise FileNotFoundError(f"tokenizer {str(spec)!r} is neither {BYTE_TOKENIZER!r} nor a local directory")
-    return HFTokenizer(spec)
+    return HFTokenizer(spec, chat_template)
 
 
 def _round_up(x: int, multiple: int) -> int:

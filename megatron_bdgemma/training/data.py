@@ -52,7 +52,7 @@ class StepData:
 def build_step_data(run: RunConfig, config: BDGemmaConfig) -> StepData:
     """Datasets of the run (the embedded default when `data.paths` is empty) and the sampling scheme."""
     d = run.data
-    tokenizer = load_tokenizer(d.tokenizer)
+    tokenizer = load_tokenizer(d.tokenizer, d.chat_template)
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"data.tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is {config.vocab_size}")
     block = config.canvas_length
