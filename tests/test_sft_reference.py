@@ -214,7 +214,7 @@ def ref_loss(model, ref_ids, attn, w: RefWindow, masks_by_type, coins):
 
 def _padded(rows, left: list[bool]):
     """Our inputs: rows padded to a common width, on the left where ``left[b]``, else on the right."""
-    width = max(len(ids) for ids, _ in rows) + 2
+    width = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), width), PAD)
     sup = torch.zeros(len(rows), width, dtype=torch.bool)
     valid = torch.zeros(len(rows), width, dtype=torch.bool)

@@ -146,8 +146,9 @@ def build_sft_batch(
       so the model learns to end an answer with EOS for the rest of its block;
     - an example with no supervised token is all prompt: no window, no fill, AR loss only (``response_lens`` 0,
       ``prefix_lens`` = ``S``, as the reference);
-    - ``S = roundup(max_b(end of fill), seq_multiple_of)``, then capped at ``max_len``: a fill (or content) that
-      crosses ``max_len`` is cut there, which leaves a partial last block (the reference's truncation).
+    - ``S = roundup(max(S_in, max_b(end of fill)), seq_multiple_of)``, then capped at ``max_len``: a fill (or
+      content) that crosses ``max_len`` is cut there, which leaves a partial last block (the reference's
+      truncation).
 
     Args:
         input_ids: ``[B, S_in]`` token ids.
@@ -193,7 +194,7 @@ def build_sft_batch(
     window = _round_up(lengths - first, block_size)
     ends = torch.where(has_answer, first + window, lengths)  # end of the EOS fill
 
-    S = _round_up(max(int(ends.max()), 1), seq_multiple_of)
+    S = _round_up(max(S_in, int(ends.max())), seq_multiple_of)
     if max_len is not None:
         S = min(S, max_len)
     ends = ends.clamp(max=S)
