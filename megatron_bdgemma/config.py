@@ -369,6 +369,9 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> BDGemmaConfig:
                 "only gelu_pytorch_tanh is supported")
     for name in ("num_experts", "top_k_experts", "moe_intermediate_size"):
         unsupported(name, getattr(text, name, None) is None, "MoE sizes must be given")
+    if any(getattr(c, "tie_word_embeddings", True) is False for c in (hf_config, text)):
+        problems.append("tie_word_embeddings=False: an untied LM head (lm_head.weight) is not supported; the output "
+                        "layer is the embedding")
 
     geometry = _per_layer_geometry(text)
     for layer_type, shapes in geometry.items():
