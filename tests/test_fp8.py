@@ -81,3 +81,12 @@ def test_fp8_losses_follow_bf16(tmp_path):
     fp8 = _losses(train(_run(tmp_path / "fp8", *common, "train.fp8=hybrid", "train.fp8_recipe=tensorwise")))
     for step, (a, b) in enumerate(zip(bf16, fp8, strict=True)):
         assert abs(a[0] - b[0]) <= 0.05 * abs(a[0]) and abs(a[1] - b[1]) <= 0.05 * abs(a[1]), (step, a, b)
+
+
+@pytest.mark.skipif(HAVE_TE, reason="Transformer Engine is installed here: nothing to refuse")
+def test_te_backend_without_transformer_engine_says_how_to_install(model_parallel):
+    """megatron-core's mock TE classes used to fail with a bare StopIteration inside layer construction."""
+    from megatron_bdgemma.model import BDGemmaModel
+
+    with pytest.raises(ImportError, match=r"Transformer Engine, which is not installed: pip install -e \.\[te\]"):
+        BDGemmaModel(tiny(), backend="te")
