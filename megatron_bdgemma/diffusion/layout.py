@@ -135,7 +135,7 @@ def build_sft_batch(
 ) -> DiffusionBatch:
     """Lay out chat examples for block-diffusion SFT, by NeMo Automodel's response-window rules (DESIGN §7).
 
-    Per example, with ``n`` valid tokens (its content, cut to ``max_len`` when given):
+    Per example (its valid tokens, cut to ``max_len`` when given):
 
     - the prompt is everything before the **first** supervised token; the response window runs from there to the
       last valid token. Supervised tokens inside it (every assistant turn of a multi-turn chat) are noised and
