@@ -78,10 +78,11 @@ class BDGemmaConfig(TransformerConfig):
     head dim D, the remaining pairs unrotated. Not Megatron's `rotary_percent`."""
 
     rope_scaling_factor: float = 1.0
-    """HF `rope_parameters[sliding]['factor']`: inverse frequencies are divided by it."""
+    """Inverse frequencies are divided by it: HF `rope_parameters[sliding]['factor']` of a `linear` or
+    `proportional` RoPE (HF's `default` RoPE ignores `factor`, so `config_from_hf` gives 1 there)."""
 
     global_rope_scaling_factor: float = 1.0
-    """HF `rope_parameters[full]['factor']`."""
+    """The same for full layers (HF `rope_parameters[full]`)."""
 
     final_logit_softcapping: float | None = 30.0
     """logits = cap * tanh(logits / cap), computed in fp32; None disables it (a plain Gemma 4 AR config)."""
@@ -309,16 +310,32 @@ def _per_layer_geometry(text: Any) -> dict[str, set[tuple[str, int]]]:
     return geometry
 
 
+ROPE_TYPES = ("default", "linear", "proportional")
+"""RoPE types of HF Gemma 4 this project computes exactly as transformers does."""
+
+
 def _rope(text: Any, layer_type: str, problems: list[str]) -> tuple[float, float, float]:
-    """(theta, partial rotary factor, scaling factor) of a layer type; unsupported RoPE types are reported."""
+    """(theta, partial rotary factor, scaling factor) of a layer type, as HF Gemma 4's rotary embedding computes it.
+
+    - ``default``: Gemma 4's own init, ``theta^(-2j/D)`` over the whole head dim; it reads neither ``factor`` nor
+      ``partial_rotary_factor`` (DiffusionGemma's shortens the table by the latter, which then no longer fits the
+      head, so a partial default RoPE is refused).
+    - ``linear``: the same frequencies divided by ``factor`` (a partial one is refused for the same reason).
+    - ``proportional``: ``int(partial·D/2)`` frequencies over the full D, the rest 0, all divided by ``factor``.
+
+    transformers' other types (``dynamic``, ``yarn``, ``longrope``, ``llama3``: sequence-length dependent tables or
+    scaled cos/sin) are reported in ``problems``.
+    """
     params = (text.rope_parameters or {}).get(layer_type) or {}
     rope_type = params.get("rope_type", "default")
     partial = float(params.get("partial_rotary_factor", 1.0))
-    if rope_type == "default" and partial != 1.0:
-        problems.append(f"rope_parameters[{layer_type!r}]: 'default' RoPE with partial_rotary_factor {partial}")
-    elif rope_type not in ("default", "proportional"):
-        problems.append(f"rope_parameters[{layer_type!r}].rope_type {rope_type!r} (only default / proportional)")
-    return float(params.get("rope_theta", 10_000.0)), partial, float(params.get("factor", 1.0))
+    where = f"rope_parameters[{layer_type!r}]"
+    if rope_type not in ROPE_TYPES:
+        problems.append(f"{where}.rope_type {rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
+    elif (rope_type != "proportional" or layer_type == SLIDING) and partial != 1.0:
+        problems.append(f"{where}: {rope_type!r} RoPE with partial_rotary_factor {partial}")
+    factor = 1.0 if rope_type == "default" else float(params.get("factor", 1.0))
+    return float(params.get("rope_theta", 10_000.0)), partial if rope_type == "proportional" else 1.0, factor
 
 
 def config_from_hf(hf_config: Any, **overrides: Any) -> BDGemmaConfig:
@@ -352,6 +369,9 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> BDGemmaConfig:
                 "only gelu_pytorch_tanh is supported")
     for name in ("num_experts", "top_k_experts", "moe_intermediate_size"):
         unsupported(name, getattr(text, name, None) is None, "MoE sizes must be given")
+    if any(getattr(c, "tie_word_embeddings", True) is False for c in (hf_config, text)):
+        problems.append("tie_word_embeddings=False: an untied LM head (lm_head.weight) is not supported; the output "
+                        "layer is the embedding")
 
     geometry = _per_layer_geometry(text)
     for layer_type, shapes in geometry.items():

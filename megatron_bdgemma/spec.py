@@ -8,6 +8,7 @@ the block-diffusion masks are rules that Megatron's and TE's mask types cannot e
 
 from __future__ import annotations
 
+import importlib.util
 from functools import partial
 from typing import Literal
 
@@ -32,10 +33,13 @@ def _provider(backend: Backend) -> BackendSpecProvider:
     if backend == "local":
         return LocalSpecProvider()
     if backend == "te":
-        try:
-            from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
-        except ImportError as error:  # pragma: no cover - depends on the machine
-            raise ImportError("backend='te' needs Transformer Engine: pip install 'megatron_bdgemma[te]'") from error
+        # megatron-core imports its TE provider without Transformer Engine too (it stands mocks in for TE's classes,
+        # which then fail deep inside layer construction), so ask for the package itself.
+        if importlib.util.find_spec("transformer_engine") is None:
+            raise ImportError("backend='te' needs Transformer Engine, which is not installed: pip install -e .[te] "
+                              "(or pip install 'megatron_bdgemma[te]'); backend='local' runs without it")
+        from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+
         return TESpecProvider()
     raise ValueError(f"unknown backend {backend!r}: expected 'local' or 'te'")
 

@@ -345,3 +345,34 @@ def test_not_a_checkpoint_is_named(tmp_path, capsys, model_parallel):
     assert export_tool.main(["--megatron", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "is not a Megatron distributed checkpoint" in capsys.readouterr().err
     _no_output(tmp_path / "out")
+
+
+def test_sharded_source_with_any_softcap_and_linear_rope_round_trips(tmp_path, model_parallel):
+    """A DiffusionGemma checkpoint saved in several shards (model.safetensors.index.json), with a final softcap of 20
+    and a linear sliding RoPE (factor 2): from_hf and the converter read it, and the export keeps both (HF's config
+    stores and honours any softcap), so transformers' logits of the export equal the source's."""
+    import megatron_bdgemma
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    sliding = {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}
+    full = {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6, "factor": 1.5}
+    model = hf_models.diffusion_gemma(TEXT | dict(final_logit_softcapping=20.0,
+                                                  rope_parameters={"sliding_attention": sliding, "full_attention": full}))
+    source = tmp_path / "hf"
+    model.save_pretrained(source, max_shard_size="40KB")
+    shards = set(json.loads((source / "model.safetensors.index.json").read_text())["weight_map"].values())
+    assert len(shards) > 2 and not (source / "model.safetensors").exists()
+
+    def hf(path: Path):
+        return DiffusionGemmaForBlockDiffusion.from_pretrained(path, attn_implementation="eager").eval()
+
+    reference = as_converted(hf(source), torch.float32)
+    assert max_logit_difference(megatron_bdgemma.from_hf(source), reference) <= TRANSFORMERS_TOL
+    convert_hf_to_megatron(source, tmp_path / "megatron", log=_quiet)
+    assert max_logit_difference(load_model(tmp_path / "megatron"), reference) <= TRANSFORMERS_TOL
+    convert_megatron_to_hf(tmp_path / "megatron", tmp_path / "exported", log=_quiet)
+    text = json.loads((tmp_path / "exported" / "config.json").read_text())["text_config"]
+    assert text["final_logit_softcapping"] == 20.0
+    assert text["rope_parameters"]["sliding_attention"] == sliding
+    assert text["rope_parameters"]["full_attention"] == full
+    assert (_hf_logits(hf(tmp_path / "exported")) - _hf_logits(reference)).abs().max() <= ROUND_TRIP_TOL

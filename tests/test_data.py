@@ -2,9 +2,10 @@
 
 Guards: the byte tokenizer's ids and chat format; a locally built HF tokenizer loads offline and its pad/EOS are
 checked; pretraining samples are ``tokens [S]`` int64 with their sample index, splits take disjoint document ranges
-and blends follow their weights; SFT splits prompt/response exactly as the chat template renders them, cuts the
-response after its end-of-turn and lays it out with the EOS fill; bad chat records (no answer, two answers, invalid
-JSON, too long) raise naming file and line or are skipped and counted; the embedded corpus and SFT set build offline.
+and blends follow their weights; SFT supervises exactly what the chat template's {% generation %} spans mark
+(HF's return_assistant_tokens_mask), every assistant turn of a multi-turn chat, refuses a template without those tags,
+trains records without an answer on the AR loss only, truncates on request; bad chat records (invalid JSON or shape,
+too long) raise naming file and line or are skipped and counted; the embedded corpus and SFT set build offline.
 """
 
 from __future__ import annotations
@@ -23,22 +24,24 @@ from megatron_bdgemma.data.pretrain import IndexedDatasetWriter, build_pretrain_
 from megatron_bdgemma.data.sft import SFTDataset, sft_collate
 from megatron_bdgemma.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
-# A chat template in the style of Gemma's: a turn closes with an end-of-turn token and trailing text ("." here,
-# "\n" in Gemma), which generation never produces, so SFT must not supervise it.
+# A chat template in the style of NeMo Automodel's DiffusionGemma template: a turn closes with an end-of-turn token
+# and trailing text ("." here, "\n" in Gemma); {% generation %} wraps each assistant turn's content, end-of-turn and
+# that trailing text, so exactly those tokens are supervised.
 CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>.{% endfor %}"
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{% if m['role'] == 'assistant' %}{% generation %}"
+    "{{ m['content'] }}<|end|>.{% endgeneration %}{% else %}{{ m['content'] }}<|end|>.{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
+PLAIN_TEMPLATE = CHAT_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
 
 def build_hf_tokenizer(
-    directory: Path, texts: list[str], *, pad: bool = True, stop_on_end_of_turn: bool = True
+    directory: Path, texts: list[str], *, pad: bool = True, chat_template: str = CHAT_TEMPLATE
 ) -> Path:
     """A word-level HF tokenizer trained on ``texts`` (plus digits and punctuation), saved with ``save_pretrained``.
 
-    Ids: ``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2, ``<unk>`` 3, role markers 4-6, ``<|end|>`` 7. With
-    ``stop_on_end_of_turn`` a ``generation_config.json`` lists ``<|end|>`` among the EOS ids, as DiffusionGemma's does.
+    Ids: ``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2, ``<unk>`` 3, role markers 4-6, ``<|end|>`` 7.
     """
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -49,11 +52,9 @@ def build_hf_tokenizer(
     tok.train_from_iterator([*texts, "0 1 2 3 4 5 6 7 8 9 . ? + - * ' ,"], trainer)
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<eos>", bos_token="<bos>", unk_token="<unk>",
-        pad_token="<pad>" if pad else None, additional_special_tokens=SPECIALS[4:], chat_template=CHAT_TEMPLATE,
+        pad_token="<pad>" if pad else None, additional_special_tokens=SPECIALS[4:], chat_template=chat_template,
     )
     hf.save_pretrained(directory)
-    if stop_on_end_of_turn:
-        (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 7], "pad_token_id": 0}))
     return directory
 
 
@@ -93,7 +94,7 @@ def test_byte_tokenizer_ids_specials_and_chat_format():
 def test_hf_tokenizer_loads_locally_with_checked_specials(hf_dir, tmp_path):
     tok = load_tokenizer(hf_dir)
     assert isinstance(tok, HFTokenizer)
-    assert (tok.pad, tok.eod, tok.bos) == (0, 1, 2) and tok.stop_ids == {1, 7}
+    assert (tok.pad, tok.eod, tok.bos) == (0, 1, 2)
     assert tok.decode(tok.encode("what is 3 + 4 ?")) == "what is 3 + 4 ?"
     assert tok.unique_identifiers["path"] == str(hf_dir.resolve())
 
@@ -194,49 +195,85 @@ def test_writer_leaves_nothing_behind_on_failure(tmp_path):
 # ------------------------------------------------------------------------------------------------------------------ SFT
 
 
-def test_sft_split_matches_chat_template(hf_dir, tmp_path):
+def test_sft_supervises_what_the_template_marks(hf_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    records = [chat("what is 3 + 4 ?", "7"), chat("reverse ' apple ' .", "elppa", system="you are terse")]
+    records = [chat("what is 3 + 4 ?", "7"), chat("reverse ' apple ' .", "elppa", system="you are terse"),
+               chat("what is 3 + 4 ?", "7", "reverse ' apple ' .", "elppa"),
+               chat("1 + 1 ?", "2", "2 + 2 ?", "4", "3 + 3 ?", "6"), chat("1 + 1 ?", "2", "what is 3 + 4 ?")]
     data = SFTDataset(write_jsonl(tmp_path / "chat.jsonl", records), load_tokenizer(hf_dir), max_length=64,
                       block_size=4)
     hf = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
     for i, record in enumerate(records):
-        sample = data[i]
-        prompt = hf.apply_chat_template(record["messages"][:-1], add_generation_prompt=True)["input_ids"]
-        full = hf.apply_chat_template(record["messages"])["input_ids"]
-        end = full.index(7, len(prompt))  # the answer's <|end|>; the template's trailing "." is not supervised
-        assert sample["prompt_len"] == len(prompt) and sample["sample_index"] == i
-        assert sample["input_ids"].tolist() == full[: end + 1]
+        marked = hf.apply_chat_template(record["messages"], return_dict=True, return_assistant_tokens_mask=True)
+        assert data[i]["input_ids"].tolist() == marked["input_ids"] and data[i]["sample_index"] == i
+        assert data[i]["loss_mask"].tolist() == [bool(m) for m in marked["assistant_masks"]]
+        # Each assistant turn is supervised as its content, <|end|> and the template's trailing ".".
+        answers = [m["content"] for m in record["messages"] if m["role"] == "assistant"]
+        supervised = [t for t, m in zip(marked["input_ids"], marked["assistant_masks"]) if m]
+        assert hf.convert_ids_to_tokens(supervised) == [x for a in answers for x in (a, "<|end|>", ".")]
+    assert data.ar_only == 0 and data.truncated == 0
 
-    batch, indices = sft_collate([data[0], data[1]], block_size=4, eos_id=1, pad_id=0)
-    p0, p1 = data[0]["prompt_len"], data[1]["prompt_len"]
-    assert indices.tolist() == [0, 1] and batch.prefix_lens.tolist() == [p0, p1]
-    answer0 = data[0]["input_ids"][p0:].tolist()  # "7 <|end|>"
-    assert hf.convert_ids_to_tokens(answer0) == ["7", "<|end|>"] and batch.response_lens[0] == 4
-    assert batch.canvas_targets[0].tolist() == answer0 + [1, 1] + [0] * (batch.canvas_len - 4)  # EOS fill, then pad
-    assert torch.equal(batch.input_ids[1, :p1], data[1]["input_ids"][:p1])
-
-
-def test_sft_without_stop_id_appends_eos(tmp_path):
-    tok_dir = build_hf_tokenizer(tmp_path / "tok", ["hi there"], stop_on_end_of_turn=False)
-    data = SFTDataset(write_jsonl(tmp_path / "c.jsonl", [chat("hi", "there")]), load_tokenizer(tok_dir),
-                      max_length=64, block_size=4)
-    tok, p = load_tokenizer(tok_dir), data[0]["prompt_len"]
-    # The whole rendered turn "there<|end|>." is kept (nothing marks where it ends), then EOS.
-    assert data[0]["input_ids"][p:].tolist() == tok.encode("there<|end|>.") + [tok.eos]
+    batch, indices = sft_collate([data[0], data[2]], block_size=4, eos_id=1, pad_id=0)
+    ids0, ids2 = data[0]["input_ids"].tolist(), data[2]["input_ids"].tolist()
+    p0 = data[0]["loss_mask"].tolist().index(True)
+    assert indices.tolist() == [0, 2] and batch.prefix_lens[0] == p0
+    assert batch.canvas_targets[0, :4].tolist() == ids0[p0:] + [1]  # "7 <|end|> ." then one EOS of fill
+    # The multi-turn record: one window from the first answer; the user turn inside it is clean and unscored.
+    p2 = data[2]["loss_mask"].tolist().index(True)
+    L2 = int(batch.response_lens[1])
+    assert batch.canvas_targets[1, : len(ids2) - p2].tolist() == ids2[p2:]
+    assert batch.canvas_supervised[1, : len(ids2) - p2].tolist() == data[2]["loss_mask"].tolist()[p2:]
+    assert batch.canvas_supervised[1, len(ids2) - p2 : L2].all() and L2 % 4 == 0
 
 
-def test_byte_sft_response_is_answer_bytes_then_eos(tmp_path):
+def test_sft_template_without_generation_tags_is_refused_or_replaced(tmp_path):
+    tok_dir = build_hf_tokenizer(tmp_path / "tok", ["hi there"], chat_template=PLAIN_TEMPLATE)
+    path = write_jsonl(tmp_path / "c.jsonl", [chat("hi", "there")])
+    with pytest.raises(ValueError, match=r"no \{% generation %\} tags.*data.chat_template"):
+        SFTDataset(path, load_tokenizer(tok_dir), max_length=64, block_size=4)
+    (tmp_path / "tagged.jinja").write_text(CHAT_TEMPLATE)
+    data = SFTDataset(path, load_tokenizer(tok_dir, tmp_path / "tagged.jinja"), max_length=64, block_size=4)
+    assert data[0]["loss_mask"].sum() == 3  # "there <|end|> ."
+    with pytest.raises(FileNotFoundError, match="data.chat_template"):
+        load_tokenizer(tok_dir, tmp_path / "missing.jinja")
+
+
+def test_byte_sft_supervises_answer_bytes_then_eos(tmp_path):
     tok = ByteTokenizer()
-    data = SFTDataset(write_jsonl(tmp_path / "c.jsonl", [chat("2+2?", "4")]), tok, max_length=64, block_size=16)
-    ids, p = data[0]["input_ids"].tolist(), data[0]["prompt_len"]
+    data = SFTDataset(write_jsonl(tmp_path / "c.jsonl", [chat("2+2?", "4"), chat("1?", "a", "2?", "b")]), tok,
+                      max_length=64, block_size=16)
+    ids, mask = data[0]["input_ids"].tolist(), data[0]["loss_mask"].tolist()
+    p = mask.index(True)
     assert tok.decode(ids[:p]) == "<|user|>2+2?<|assistant|>" and ids[p:] == tok.encode("4") + [tok.eos]
+    assert mask == [False] * p + [True] * 2
+    ids, mask = data[1]["input_ids"].tolist(), data[1]["loss_mask"].tolist()
+    assert [i for i, m in zip(ids, mask) if m] == tok.encode("a") + [tok.eos] + tok.encode("b") + [tok.eos]
+
+
+def test_sft_record_without_answer_is_ar_only(tmp_path):
+    data = SFTDataset(write_jsonl(tmp_path / "c.jsonl", [chat("1+1?", "2"), chat("only a question")]), ByteTokenizer(),
+                      max_length=64, block_size=16)
+    assert len(data) == 2 and data.ar_only == 1 and not data[1]["loss_mask"].any()
+    assert "1 without a supervised token (AR loss only)" in data.summary()
+    batch, _ = sft_collate([data[0], data[1]], block_size=16, eos_id=1, pad_id=0)
+    assert batch.response_lens[1] == 0 and batch.ar_loss_mask[1].sum() == len(data[1]["input_ids"]) - 1
+
+
+def test_sft_truncation_cuts_at_max_length(tmp_path):
+    # Prompts of 41 bytes: an answer cut inside (A), an answer that fits whose EOS fill does not (B).
+    path = write_jsonl(tmp_path / "c.jsonl", [chat("word " * 4, "x" * 30), chat("word " * 4, "x")])
+    with pytest.raises(BadDataError, match="over max_length 48 .*data.truncation"):
+        SFTDataset(path, ByteTokenizer(), max_length=48, block_size=16)
+    data = SFTDataset(path, ByteTokenizer(), max_length=48, block_size=16, truncation=True)
+    assert data.truncated == 2 and [len(data[i]["input_ids"]) for i in range(2)] == [48, 43]
+    batch, _ = sft_collate([data[0], data[1]], block_size=16, eos_id=1, pad_id=0, max_len=48)
+    assert batch.seq_len == 48 and batch.encoder_valid.all()
+    assert batch.response_lens.tolist() == [7, 7]  # partial last (only) block
+    assert batch.input_ids[1, 43:].tolist() == [1] * 5  # the fill, cut at max_length
 
 
 BAD_RECORDS = {
-    "no_assistant": chat("only a question"),
-    "multiple_assistant": chat("q", "a", "q2", "a2"),
     "invalid_json": '{"messages": [',
     "invalid_record": {"messages": [{"role": "robot", "content": "x"}]},
     "too_long": chat("word " * 40, "x"),
@@ -246,8 +283,7 @@ BAD_RECORDS = {
 @pytest.mark.parametrize("reason", BAD_RECORDS)
 def test_sft_bad_record_raises_with_location(tmp_path, reason):
     path = write_jsonl(tmp_path / "c.jsonl", [chat("1+1?", "2"), BAD_RECORDS[reason]])
-    expected = {"no_assistant": "no assistant turn", "multiple_assistant": "2 assistant turns",
-                "invalid_json": "invalid JSON", "invalid_record": "message 0 is not",
+    expected = {"invalid_json": "invalid JSON", "invalid_record": "message 0 is not",
                 "too_long": "over max_length 64"}[reason]
     with pytest.raises(BadDataError, match=f"{path}:2: .*{expected}"):
         SFTDataset(path, ByteTokenizer(), max_length=64, block_size=16)
@@ -259,9 +295,9 @@ def test_sft_skip_counts_bad_records(tmp_path):
     data = SFTDataset(path, ByteTokenizer(), max_length=64, block_size=16, on_bad="skip")
     assert len(data) == 2 and [data[i]["sample_index"] for i in range(2)] == [0, 1]
     assert data.bad.counts == {reason: 1 for reason in BAD_RECORDS}
-    assert f"{path}:3" in data.bad.summary() and data.bad.summary().startswith("skipped 5 bad records")
+    assert f"{path}:3" in data.bad.summary() and data.bad.summary().startswith("skipped 3 bad records")
     with pytest.raises(ValueError, match="no usable chat record"):
-        SFTDataset(write_jsonl(tmp_path / "bad.jsonl", [BAD_RECORDS["no_assistant"]]), ByteTokenizer(),
+        SFTDataset(write_jsonl(tmp_path / "bad.jsonl", [BAD_RECORDS["invalid_json"]]), ByteTokenizer(),
                    max_length=64, block_size=16, on_bad="skip")
 
 
@@ -295,3 +331,24 @@ def test_embedded_default_builds_offline(tmp_path, monkeypatch):
     assert len(data) == len(sft_records()) and data.bad.total == 0
     batch, _ = sft_collate([data[i] for i in range(8)], block_size=16, eos_id=tok.eos, pad_id=tok.pad)
     assert batch.num_blocks == 1 and batch.seq_len <= 128  # every answer fits one tiny-preset canvas block
+
+
+def test_multi_turn_chat_jsonl_trains(hf_dir, tmp_path, model_parallel, capsys):
+    """Multi-turn JSONL on a local HF tokenizer with {% generation %} tags → SFTDataset → two training steps."""
+    from megatron_bdgemma.training.config import load_run_config
+    from megatron_bdgemma.training.trainer import train
+
+    records = [chat(f"{i} + 1 ?", str(i + 1), f"{i} + 2 ?", str(i + 2), *([f"{i} * 2 ?", str(2 * i)] if i % 2 else []))
+               for i in range(38)]
+    records += [chat("what is 3 + 4 ?"), chat("what is 3 + 4 ?", "7 " * 80)]  # AR only; answer truncated
+    path = write_jsonl(tmp_path / "chat.jsonl", records)
+    config = Path(__file__).resolve().parent.parent / "examples" / "configs" / "tiny_sft.yaml"
+    run = load_run_config(config, [
+        f"data.paths=[{path}]", f"data.tokenizer={hf_dir}", "data.seq_length=64", "data.truncation=true",
+        f"data.cache_dir={tmp_path / 'cache'}", "train.steps=2", "train.micro_batch_size=4",
+        "train.global_batch_size=4", "train.eval_interval=0", "optim.warmup_steps=1", "checkpoint.save=null",
+        "model.overrides={num_layers: 2, layer_types: [sliding_attention, full_attention]}",
+    ])
+    history = train(run)
+    assert [h["step"] for h in history] == [1, 2] and all(h["diffusion"] > 0 and h["ar"] > 0 for h in history)
+    assert "1 without a supervised token (AR loss only), 1 truncated at max_length" in capsys.readouterr().out

@@ -1,8 +1,10 @@
 """Contract of megatron_bdgemma.diffusion.layout: the response window (docs/design.md §5, §7).
 
-Guards: prompt = tokens before the first supervised one; response = the supervised span, EOS-filled to whole
-blocks (supervised, attended, written into the clean ids); global pad invalid; canvas slot j = absolute
-position p + j; AR pairs cover every valid pair, prompt included; multi-turn supervision is rejected by name.
+Guards: prompt = tokens before the first supervised one; response window = from there to the last valid token,
+EOS-filled to whole blocks (supervised, attended, written into the clean ids); valid unsupervised tokens inside the
+window stay clean and unscored; a row with no supervised token is AR-only; global pad invalid; canvas slot j =
+absolute position p + j; AR pairs cover every valid pair, prompt included. The batch-level comparison with NeMo
+Automodel's own rules is tests/test_sft_reference.py.
 """
 
 import pytest
@@ -76,33 +78,62 @@ def test_sft_ar_labels_cover_all_valid_pairs():
         assert (b.ar_labels[r, n - 1 :] == PAD).all()
 
 
-def test_sft_drops_unsupervised_tail_and_rounds_seq():
-    # A template's trailing token after the answer (valid, unsupervised) is replaced by the EOS fill.
+def test_sft_keeps_unsupervised_tail_clean_and_rounds_seq():
+    # A template's trailing token after the answer (valid, unsupervised) stays in the window, clean and unscored;
+    # the EOS fill starts after it.
     ids, lm, valid = _batch([_row([11], [21, 22], [99], 6)])
     b = build_sft_batch(ids, lm, valid, block_size=4, eos_id=EOS, pad_id=PAD, seq_multiple_of=8)
     assert b.seq_len == 8
-    assert b.input_ids.tolist() == [[11, 21, 22, EOS, EOS, PAD, PAD, PAD]]
-    assert 99 not in b.input_ids.tolist()[0]
+    assert b.input_ids.tolist() == [[11, 21, 22, 99, EOS, PAD, PAD, PAD]]
+    assert b.canvas_targets[0, :4].tolist() == [21, 22, 99, EOS]
+    assert b.canvas_valid[0].tolist() == [True] * 4
+    assert b.canvas_supervised[0].tolist() == [True, True, False, True]
 
 
-def test_single_turn_guard_names_example_and_spans():
-    good = _row([11], [21, 22], [], 8)
-    ids, lm, valid = _batch([good, good])
-    lm[1] = torch.tensor([0, 1, 0, 0, 1, 1, 0, 0])
-    valid[1] = True
-    with pytest.raises(ValueError, match=r"example 1 has 2 supervised spans \[\(1, 2\), \(4, 6\)\]"):
-        build_sft_batch(ids, lm, valid, block_size=4, eos_id=EOS, pad_id=PAD)
+def test_multi_turn_spans_share_one_window():
+    # prompt [11], answer 1 [21, 22], user turn [12, 13], answer 2 [23]: one window from the first answer on.
+    ids = torch.tensor([[11, 21, 22, 12, 13, 23, PAD, PAD]])
+    lm = torch.tensor([[0, 1, 1, 0, 0, 1, 0, 0]])
+    b = build_sft_batch(ids, lm, ids != PAD, block_size=4, eos_id=EOS, pad_id=PAD)
+    assert b.prefix_lens.tolist() == [1] and b.response_lens.tolist() == [8]
+    assert b.input_ids.tolist() == [[11, 21, 22, 12, 13, 23, EOS, EOS, EOS]]
+    assert b.canvas_supervised[0].tolist() == [True, True, False, False, True, True, True, True]
 
 
-def test_no_supervised_token_is_rejected():
+def test_row_without_supervised_token_is_ar_only():
     ids, lm, valid = _batch([_row([11], [21], [], 4), _row([11, 12], [], [], 4)])
-    with pytest.raises(ValueError, match="example 1 has no supervised token"):
-        build_sft_batch(ids, lm, valid, block_size=4, eos_id=EOS, pad_id=PAD)
+    b = build_sft_batch(ids, lm, valid, block_size=4, eos_id=EOS, pad_id=PAD)
+    assert b.seq_len == 5 and b.prefix_lens.tolist() == [1, 5] and b.response_lens.tolist() == [4, 0]
+    assert b.input_ids[1].tolist() == [11, 12, PAD, PAD, PAD]  # no EOS fill
+    assert not b.canvas_valid[1].any() and not b.canvas_supervised[1].any()
+    assert b.ar_loss_mask[1].tolist() == [True, False, False, False, False]
+
+
+def test_max_len_truncates_content_and_fill():
+    # Answer of 5 from position 2: the fill would end at 10; cut at 8 leaves a partial second block.
+    ids, lm, valid = _batch([_row([11, 12], [21, 22, 23, 24, 25], [], 7), _row([13], [31], [], 7)])
+    b = build_sft_batch(ids, lm, valid, block_size=4, eos_id=EOS, pad_id=PAD, max_len=8)
+    assert b.seq_len == 8 and b.response_lens.tolist() == [6, 4]
+    assert b.input_ids[0].tolist() == [11, 12, 21, 22, 23, 24, 25, EOS]
+    # Content past max_len is cut too.
+    b = build_sft_batch(ids, lm, valid, block_size=4, eos_id=EOS, pad_id=PAD, max_len=4)
+    assert b.input_ids.tolist() == [[11, 12, 21, 22], [13, 31, EOS, EOS]]
+    assert b.response_lens.tolist() == [2, 3] and b.canvas_supervised.sum(1).tolist() == [2, 3]
+
+
+def test_left_padding_equals_right_padding():
+    right = _batch([_row([11, 12], [21, 22, 23], [9], 8), _row([13], [31], [], 8)])
+    left = tuple(torch.stack([torch.roll(t[0], 2), torch.roll(t[1], 6)]) for t in right)
+    a = build_sft_batch(*right, block_size=2, eos_id=EOS, pad_id=PAD)
+    b = build_sft_batch(*left, block_size=2, eos_id=EOS, pad_id=PAD)
+    for name in DiffusionBatch.__dataclass_fields__:
+        x, y = getattr(a, name), getattr(b, name)
+        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, name
 
 
 def test_bad_padding_is_rejected():
     ids, lm, valid = _batch([_row([11], [21], [], 4)])
-    with pytest.raises(ValueError, match="right-padded"):
+    with pytest.raises(ValueError, match="contiguous run"):
         build_sft_batch(ids, lm, torch.tensor([[True, False, True, False]]), block_size=4, eos_id=EOS, pad_id=PAD)
     with pytest.raises(ValueError, match="outside valid"):
         build_sft_batch(ids, torch.tensor([[0, 1, 1, 0]]), valid, block_size=4, eos_id=EOS, pad_id=PAD)
@@ -126,19 +157,20 @@ def test_sft_matches_per_example_reference(examples, block_size):
         prompt = [100 + 10 * b + i for i in range(p)]
         answer = [200 + 10 * b + i for i in range(a)]
         rows.append(_row(prompt, answer, [99] * t, S))
-        filled = -(-a // block_size) * block_size
-        expected.append((p, prompt + answer + [EOS] * (filled - a)))
+        filled = -(-(a + t) // block_size) * block_size
+        expected.append((p, prompt + answer + [99] * t + [EOS] * (filled - a - t), [True] * a + [False] * t))
     b = build_sft_batch(*_batch(rows), block_size=block_size, eos_id=EOS, pad_id=PAD)
 
-    assert b.canvas_len == max(len(clean) - p for p, clean in expected)
+    assert b.canvas_len == max(len(clean) - p for p, clean, _ in expected)
     assert b.canvas_len % block_size == 0
-    for r, (p, clean) in enumerate(expected):
+    for r, (p, clean, supervised) in enumerate(expected):
         L = len(clean) - p
         assert b.prefix_lens[r] == p and b.response_lens[r] == L and L % block_size == 0
         assert b.input_ids[r, : len(clean)].tolist() == clean
         assert (b.input_ids[r, len(clean) :] == PAD).all()
         assert b.encoder_valid[r].tolist() == [True] * len(clean) + [False] * (b.seq_len - len(clean))
         assert b.canvas_targets[r, :L].tolist() == clean[p:]
+        assert b.canvas_supervised[r, :L].tolist() == supervised + [True] * (L - len(supervised))
         assert (b.canvas_targets[r, L:] == PAD).all() and not b.canvas_valid[r, L:].any()
         assert b.canvas_position_ids[r, :L].tolist() == list(range(p, p + L))
 
@@ -171,7 +203,7 @@ def test_block_mask_and_take_blocks():
     ids, lm, valid = _batch([_row([11], [21, 22, 23, 24, 25], [], 8), _row([12, 13], [31, 32], [], 8)])
     b = build_sft_batch(ids, lm, valid, block_size=3, eos_id=EOS, pad_id=PAD)
     blocks = torch.tensor([1, 0])
-    scored = block_mask(blocks, b.canvas_valid, b.block_size)
+    scored = block_mask(blocks, b.canvas_supervised, b.block_size)
     assert scored.tolist() == [[False] * 3 + [True] * 3, [True] * 3 + [False] * 3]
     assert take_blocks(b.canvas_targets, blocks, 3).tolist() == [[24, 25, EOS], [31, 32, EOS]]
     assert take_blocks(b.canvas_position_ids, blocks, 3).tolist() == [[4, 5, 6], [2, 3, 4]]

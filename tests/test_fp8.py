@@ -99,3 +99,16 @@ def test_fp8_losses_follow_bf16(tmp_path, bf16_losses, recipe, fp8_param):
                              f"train.fp8_param={str(fp8_param).lower()}")))
     for step, (a, b) in enumerate(zip(bf16_losses, fp8, strict=True), 1):
         assert abs(a[0] - b[0]) <= 0.02 * abs(a[0]) and abs(a[1] - b[1]) <= 0.02 * abs(a[1]), (step, a, b)
+
+
+def test_te_backend_without_transformer_engine_says_how_to_install(model_parallel, monkeypatch):
+    """megatron-core's mock TE classes used to fail with a bare StopIteration inside layer construction. Runs with or
+    without Transformer Engine installed: the package lookup is made to miss it."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformer_engine" else find_spec(name, *a))
+    from megatron_bdgemma.model import BDGemmaModel
+
+    with pytest.raises(ImportError, match=r"Transformer Engine, which is not installed: pip install -e \.\[te\]"):
+        BDGemmaModel(tiny(), backend="te")

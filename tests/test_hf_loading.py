@@ -153,3 +153,35 @@ def test_grouped_expert_names_load(saved_gemma4, model_parallel):
             for n in (1, 2):
                 expected = getattr(expert, f"linear_fc{n}").weight
                 assert torch.equal(getattr(getattr(layer.mlp.experts, f"linear_fc{n}"), f"weight{e}"), expected)
+
+
+def test_untied_lm_head_is_refused(tmp_path, model_parallel):
+    """A checkpoint whose config unties the head would lose its lm_head.weight: refused by name, by from_hf and the
+    converter (which then writes nothing)."""
+    from megatron_bdgemma.conversion.megatron_checkpoint import ConversionError, convert_hf_to_megatron
+
+    path = hf_models.save(hf_models.gemma4_causal_lm(dict(tie_word_embeddings=False)), tmp_path / "hf")
+    with pytest.raises(ValueError, match="tie_word_embeddings=False"):
+        megatron_bdgemma.from_hf(path)
+    with pytest.raises((ConversionError, ValueError), match="tie_word_embeddings=False"):
+        convert_hf_to_megatron(path, tmp_path / "out", log=lambda _: None)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("equal", [True, False])
+def test_tied_checkpoint_with_lm_head_loads_only_if_equal(saved_gemma4, tmp_path, model_parallel, equal):
+    from megatron_bdgemma.conversion.megatron_checkpoint import ConversionError, convert_hf_to_megatron
+
+    reference = megatron_bdgemma.from_hf(saved_gemma4)
+    _edit_weights(saved_gemma4, lambda t: t.__setitem__(
+        "lm_head.weight", t["model.embed_tokens.weight"].clone() * (1.0 if equal else 1.5)))
+    if equal:
+        loaded = megatron_bdgemma.from_hf(saved_gemma4)
+        assert all(torch.equal(p, dict(reference.named_parameters())[n]) for n, p in loaded.named_parameters())
+        convert_hf_to_megatron(saved_gemma4, tmp_path / "out", log=lambda _: None)
+        return
+    with pytest.raises(ValueError, match=r"lm_head\.weight differs from model\.embed_tokens\.weight"):
+        megatron_bdgemma.from_hf(saved_gemma4)
+    with pytest.raises(ConversionError, match=r"lm_head\.weight differs"):
+        convert_hf_to_megatron(saved_gemma4, tmp_path / "out", log=lambda _: None)
+    assert not (tmp_path / "out").exists()

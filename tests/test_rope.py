@@ -52,3 +52,54 @@ def test_proportional_rope_rotates_both_halves_of_the_first_quarter():
 
 def test_rope_scaling_factor_divides_frequencies():
     torch.testing.assert_close(inverse_frequencies(64, 1e4, 1.0, factor=8.0), inverse_frequencies(64, 1e4) / 8.0)
+
+
+@pytest.mark.parametrize(
+    "sliding,full",
+    [
+        # HF's default RoPE ignores `factor`: dividing by it moved every sliding layer's frequencies.
+        ({"rope_type": "default", "rope_theta": 1e4, "factor": 2.0},
+         {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6, "factor": 2.0}),
+        ({"rope_type": "linear", "rope_theta": 1e4, "factor": 4.0},
+         {"rope_type": "default", "rope_theta": 1e6, "factor": 3.0}),
+        ({"rope_type": "default", "rope_theta": 5e3},
+         {"rope_type": "linear", "rope_theta": 1e6, "factor": 0.5}),
+    ],
+)
+def test_every_supported_rope_type_equals_hf(sliding, full):
+    """config_from_hf + our tables = HF Gemma 4's and DiffusionGemma's own rotary embeddings, per layer type."""
+    from transformers import Gemma4TextConfig
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4TextRotaryEmbedding
+
+    from megatron_bdgemma.config import config_from_hf
+    from megatron_bdgemma.layers.rope import layer_inverse_frequencies
+    from tests.hf_models import BASE_TEXT
+
+    text = BASE_TEXT | dict(enable_moe_block=True, attention_k_eq_v=True, hidden_size_per_layer_input=0,
+                            final_logit_softcapping=30.0, rope_parameters={SLIDING: sliding, FULL: full})
+    for hf_config, rotary in [(Gemma4TextConfig(**text), Gemma4TextRotaryEmbedding),
+                              (DiffusionGemmaTextConfig(**{k: v for k, v in text.items() if k in BASE_TEXT or
+                                                           k == "rope_parameters"}), DiffusionGemmaTextRotaryEmbedding)]:
+        ours = config_from_hf(hf_config)
+        hf_rope = rotary(hf_config)
+        for layer_type in (SLIDING, FULL):
+            torch.testing.assert_close(layer_inverse_frequencies(ours, layer_type),
+                                       getattr(hf_rope, f"{layer_type}_inv_freq"), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("params,named", [
+    ({"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0, "original_max_position_embeddings": 256}, "'yarn'"),
+    ({"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}, "'dynamic'"),
+    ({"rope_type": "proportional", "rope_theta": 1e4, "partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5"),
+])
+def test_unsupported_rope_is_named(params, named):
+    from transformers import Gemma4TextConfig
+
+    from megatron_bdgemma.config import config_from_hf
+    from tests.hf_models import BASE_TEXT
+
+    full = {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6}
+    text = BASE_TEXT | dict(enable_moe_block=True, attention_k_eq_v=True, hidden_size_per_layer_input=0,
+                            rope_parameters={SLIDING: params, FULL: full})
+    with pytest.raises(ValueError, match=rf"rope_parameters\['sliding_attention'\].*{named}"):
+        config_from_hf(Gemma4TextConfig(**text))

@@ -92,7 +92,7 @@ def test_decoding_only_the_scored_block_is_exact(model_parallel):
     one = noise_batch(batch, sample_indices=[0, 1], step=3, seed=1, vocab_size=512)  # decodes the chosen block only
     full = _all_blocks(batch, step=3)
     chosen = one.block_ids[:, 0]
-    scored = block_mask(chosen, batch.canvas_valid, BLOCK)
+    scored = block_mask(chosen, batch.canvas_supervised, BLOCK)
     # The full canvas must hold the same noisy tokens in the chosen block as the one-block canvas.
     canvas = full.canvas_ids.clone()
     for b in range(2):

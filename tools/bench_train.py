@@ -118,7 +118,7 @@ def whole_canvas(batch, one, vocab: int, seed: int):
     canvas = full.canvas_ids.clone()
     for b, block in enumerate(chosen.tolist()):
         canvas[b, block * bs : (block + 1) * bs] = one.canvas_ids[b]
-    scored = block_mask(chosen, batch.canvas_valid, bs)
+    scored = block_mask(chosen, batch.canvas_supervised, bs)
     return NoisedCanvas(canvas, full.targets, full.position_ids, full.block_ids, scored, scored.float(),
                         one.self_conditioning)
 

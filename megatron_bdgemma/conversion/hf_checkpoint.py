@@ -27,7 +27,11 @@ TEXT_PREFIXES = {
     "gemma4_text": ("model.",),
 }
 # Parts of a checkpoint that are not the text stack and are dropped on purpose.
-DROPPED = re.compile(r"^(lm_head\.weight|model\.(encoder\.)?(vision_tower|embed_vision|audio_tower|embed_audio)\..*)$")
+DROPPED = re.compile(r"^model\.(encoder\.)?(vision_tower|embed_vision|audio_tower|embed_audio)\..*$")
+# The LM head: our output layer is the embedding (untied heads are refused by `config_from_hf`), so a tied checkpoint
+# that stores it anyway must store the embedding (`HFCheckpoint.check_tied_head`).
+LM_HEAD = "lm_head.weight"
+_COMPARE_ROWS = 8192  # rows per chunk when comparing the head with the embedding (bounded memory)
 
 
 class HFCheckpoint:
@@ -82,6 +86,31 @@ class HFCheckpoint:
             if not torch.equal(tensor, self.read(other)):
                 raise ValueError(f"{self.path}: {keys[0]} and its untied copy {other} differ")
         return tensor
+
+    def check_tied_head(self) -> None:
+        """A stored `lm_head.weight` must equal the embedding (compared in row chunks); it then counts as read.
+
+        Raises:
+            ValueError: it differs, naming both tensors.
+        """
+        if LM_HEAD not in self.key_files:
+            return
+        prefixes = TEXT_PREFIXES[self.model_type]
+        embed = next((p + "embed_tokens.weight" for p in prefixes if p + "embed_tokens.weight" in self.key_files), None)
+        if embed is None:
+            raise KeyError(f"{self.path}: missing tensor {prefixes[0]}embed_tokens.weight")
+        with safe_open(self.key_files[LM_HEAD], "pt") as a, safe_open(self.key_files[embed], "pt") as b:
+            head, table = a.get_slice(LM_HEAD), b.get_slice(embed)
+            same = head.get_shape() == table.get_shape() and all(
+                torch.equal(head[start : start + _COMPARE_ROWS], table[start : start + _COMPARE_ROWS])
+                for start in range(0, head.get_shape()[0], _COMPARE_ROWS)
+            )
+        if not same:
+            raise ValueError(
+                f"{self.path}: {LM_HEAD} differs from {embed}, but the config ties them (tie_word_embeddings) and the "
+                "model's output layer is the embedding; an untied head cannot be loaded"
+            )
+        self._consumed.add(LM_HEAD)
 
     def unconsumed(self) -> list[str]:
         """Keys that no mapping read and that are not dropped on purpose."""
@@ -171,6 +200,7 @@ def load_hf_weights(model: torch.nn.Module, checkpoint: HFCheckpoint, config: BD
             f"{checkpoint.path}: no checkpoint tensor maps to the model parameters {missing[:10]}"
             f"{' ...' if len(missing) > 10 else ''} (names the key map does not know for this backend?)"
         )
+    checkpoint.check_tied_head()
     unexpected = checkpoint.unconsumed()
     if unexpected:
         raise ValueError(f"{checkpoint.path}: unexpected tensors {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")

@@ -155,10 +155,8 @@ def check_exportable(config: BDGemmaConfig) -> None:
         problems.append("self_conditioning=False: DiffusionGemmaForBlockDiffusion always self-conditions")
     if not config.global_k_eq_v:
         problems.append("global_k_eq_v=False: DiffusionGemma's full-attention layers always use K = V")
-    if config.final_logit_softcapping != 30.0:
-        problems.append(f"final_logit_softcapping={config.final_logit_softcapping}: DiffusionGemma fixes it at 30.0")
-    if config.rope_scaling_factor != 1.0:
-        problems.append(f"rope_scaling_factor={config.rope_scaling_factor}: HF's default (sliding) RoPE has no factor")
+    if config.final_logit_softcapping is None:
+        problems.append("final_logit_softcapping=None: DiffusionGemma always softcaps its logits")
     if config.layer_types[-1] != FULL:
         problems.append("the last layer slides: DiffusionGemma forces the last layer to full attention")
     if problems:
@@ -184,8 +182,11 @@ def hf_configs(config: BDGemmaConfig, source: dict[str, Any] | None, dtype: torc
     source = source or {}
     source_config = source.get("hf_config") or {}
     source_text = source_config.get("text_config", source_config) if source_config else {}
+    # HF's default RoPE ignores `factor`; its linear RoPE is the same table divided by it.
+    sliding = {"rope_type": "default"} if config.rope_scaling_factor == 1.0 else {
+        "rope_type": "linear", "factor": config.rope_scaling_factor}
     rope = {
-        "sliding_attention": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "sliding_attention": {**sliding, "rope_theta": config.rope_theta},
         "full_attention": {"rope_type": "proportional", "partial_rotary_factor": config.global_partial_rotary_factor,
                            "rope_theta": config.global_rope_theta},
     }
@@ -205,6 +206,7 @@ def hf_configs(config: BDGemmaConfig, source: dict[str, Any] | None, dtype: torc
         sliding_window=config.sliding_window, layer_types=list(config.layer_types), rope_parameters=rope,
         num_experts=config.num_moe_experts, top_k_experts=config.moe_router_topk,
         moe_intermediate_size=config.moe_ffn_hidden_size, attention_bias=False, tie_word_embeddings=True,
+        final_logit_softcapping=config.final_logit_softcapping,
     )
     top = {key: source_config[key] for key in ("boi_token_id", "eoi_token_id", "image_token_id", "initializer_range")
            if source_config.get(key) is not None}

@@ -42,7 +42,7 @@ from torch.distributed.checkpoint import save as dcp_save
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 
 from megatron_bdgemma.config import BDGemmaConfig, config_from_hf
-from megatron_bdgemma.conversion.hf_checkpoint import DROPPED, TEXT_PREFIXES, HFCheckpoint
+from megatron_bdgemma.conversion.hf_checkpoint import DROPPED, LM_HEAD, TEXT_PREFIXES, HFCheckpoint
 from megatron_bdgemma.conversion.keymap import Mapping, Tensors, model_mappings
 
 if TYPE_CHECKING:
@@ -503,6 +503,12 @@ def _preflight(checkpoint: HFCheckpoint, headers: dict[str, tuple[tuple[int, ...
                     f"{checkpoint.path}: tensors {shapes} give {name} the shape {tuple(tensor.shape)}, but the config "
                     f"needs {tuple(layout.shapes[name])}"
                 )
+    if LM_HEAD in headers:
+        try:
+            checkpoint.check_tied_head()
+        except ValueError as error:
+            raise ConversionError(str(error)) from error
+        read.add(LM_HEAD)
     unexpected = sorted(key for key in headers if key not in read and not DROPPED.match(key))
     if unexpected:
         more = f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else ""
@@ -527,8 +533,7 @@ def _fresh_self_conditioning(config: BDGemmaConfig, seed: int) -> Tensors:
 
 def _drop_summary(dropped: list[str], merged: list[str]) -> str:
     groups = Counter(".".join(key.split(".")[:3]) if key.startswith("model.") else key for key in dropped)
-    parts = [f"{count} × {name}.*" if name != "lm_head.weight" else "lm_head.weight (tied to the embedding)"
-             for name, count in sorted(groups.items())]
+    parts = [f"{count} × {name}.*" for name, count in sorted(groups.items())]
     if merged:
         parts.append(f"{len(merged)} duplicate encoder copies (model.encoder.language_model.*, checked equal)")
     return "dropped: " + ("; ".join(parts) if parts else "nothing")

@@ -3,12 +3,12 @@
 - :mod:`.tokenizer` — ``Tokenizer`` (``HFTokenizer`` from a local directory, ``ByteTokenizer`` offline).
 - :mod:`.pretrain` — ``.bin/.idx`` corpora through megatron-core's ``GPTDataset`` (blends, splits) and
   ``pretrain_collate``; ``tools/preprocess_data.py`` writes the corpora.
-- :mod:`.sft` — chat JSONL → ``SFTDataset`` (prompt / single supervised answer) and ``sft_collate``.
+- :mod:`.sft` — chat JSONL → ``SFTDataset`` (ids + the chat template's supervised mask) and ``sft_collate``.
 - :mod:`.embedded` — a corpus and an SFT set built from what ships with Python, for runs with no data given.
 
 Both collates return ``(DiffusionBatch, sample_indices [B])``; the indices key each example's noise.
 
-Bad input (unreadable JSON, empty documents, ids past the vocabulary, chat records without exactly one answer, ...)
+Bad input (unreadable JSON, empty documents, ids past the vocabulary, chat records that are not a list of role messages, ...)
 goes through :class:`BadRecords`: ``on_bad="error"`` stops at the first one with its file and line,
 ``on_bad="skip"`` drops it and counts it by reason. This module stays light: the submodules load on first use, so
 tokenisation workers do not import megatron-core.

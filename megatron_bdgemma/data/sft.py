@@ -1,21 +1,23 @@
-"""SFT data: chat JSONL → (prompt, single supervised answer) examples → the block-diffusion SFT layout.
+"""SFT data: chat JSONL → token rows with a supervised mask → the block-diffusion SFT layout.
 
-Input: one record per line, ``{"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}``.
-Exactly one assistant turn, and it is the last message (docs/design.md §7: single supervised turn; the references
-reject the rest too). The split follows the tokenizer's chat template, at the text level::
+Input: one record per line, ``{"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}``,
+any number of turns in any order. The rules are NeMo Automodel's DiffusionGemma recipe (docs/design.md §7):
 
-    prompt   = template(messages[:-1], add_generation_prompt=True)      # what generation is given
-    full     = template(messages)                                       # must start with `prompt`
-    response = full[len(prompt):]                                       # the answer and its end-of-turn
-
-Prompt and response are encoded separately, so the prompt ids are exactly those a generation call encodes. The
-response is cut just after its first stop id (EOS, or e.g. Gemma's ``<end_of_turn>``: the trailing newline after
-the turn is not supervised, as in the reference template's ``{% generation %}`` span); when it holds none, EOS is
-appended. The collate then adds the EOS block fill (:func:`~megatron_bdgemma.diffusion.layout.build_sft_batch`).
-
-Records that break these rules, or whose laid-out length ``prompt + roundup(response, block_size)`` exceeds
-``max_length``, raise or are skipped and counted (``on_bad``). Over-long records are **never truncated**: a cut
-answer followed by the EOS fill would teach the model to stop mid-answer.
+- The conversation is tokenised whole by the tokenizer's chat template; the **supervised** tokens are what the
+  template's ``{% generation %}`` spans mark (:meth:`~megatron_bdgemma.data.tokenizer.Tokenizer.tokenize_chat`,
+  Hugging Face's ``return_assistant_tokens_mask``): every assistant turn with its end of turn (the reference's
+  template includes the newline after ``<turn|>``). A Hugging Face template without those tags is refused with a
+  clear error. The byte tokenizer (the embedded default) has its own fixed format: each assistant turn's bytes
+  plus EOS are supervised.
+- The prompt is everything before the first supervised token; the layout
+  (:func:`~megatron_bdgemma.diffusion.layout.build_sft_batch`) supervises every assistant turn, keeps the turns
+  between them clean and unscored, and adds the EOS block fill after the last valid token.
+- A record with no supervised token (no assistant turn) trains the AR loss only; :attr:`SFTDataset.ar_only` counts
+  them.
+- A record whose laid-out length (prompt + the window rounded up to whole blocks) exceeds ``max_length`` is
+  refused or skipped (``on_bad``), or with ``truncation=True`` cut at ``max_length`` as the reference does (the
+  collate then cuts the EOS fill there too, which can leave a partial last block; :attr:`SFTDataset.truncated`
+  counts them). Refusing is the default: a cut answer is trained without its end, which should be a choice.
 
 The whole file is tokenised in memory when the dataset is built (on every rank); that suits up to a few hundred
 thousand records.
@@ -47,15 +49,18 @@ class ChatExample:
     """One tokenised record."""
 
     input_ids: np.ndarray
-    """``[L]`` int32: prompt ids then response ids (the response ends with a stop id)."""
-    prompt_len: int
-    """``p``: the response starts at position ``p``."""
+    """``[L]`` int32: the whole conversation."""
+    supervised: np.ndarray
+    """``[L]`` bool: the tokens the chat template marks as generated (all False: an AR-only row)."""
+    truncated: bool = False
+    """Cut at ``max_length`` (``truncation=True``)."""
 
 
 class SFTSample(TypedDict):
     input_ids: Tensor
-    """``[L]`` int64: prompt + response."""
-    prompt_len: int
+    """``[L]`` int64: the conversation."""
+    loss_mask: Tensor
+    """``[L]`` bool: the supervised tokens."""
     sample_index: int
     """Index of the example in the dataset: the key of its noise."""
 
@@ -68,14 +73,16 @@ class ChatRecordError(ValueError):
         self.reason, self.detail = reason, detail
 
 
-def encode_chat(record: Any, tokenizer: Tokenizer, *, max_length: int, block_size: int) -> ChatExample:
-    """Tokenise one chat record (already parsed from JSON) into prompt + response.
+def encode_chat(record: Any, tokenizer: Tokenizer, *, max_length: int, block_size: int,
+                truncation: bool = False) -> ChatExample:
+    """Tokenise one chat record (already parsed from JSON) with its supervised mask.
 
     Args:
         record: ``{"messages": [...]}``.
-        tokenizer: supplies the chat template, ``encode`` and ``stop_ids``.
-        max_length: the longest allowed ``prompt + roundup(response, block_size)``.
+        tokenizer: supplies :meth:`~megatron_bdgemma.data.tokenizer.Tokenizer.tokenize_chat`.
+        max_length: the longest allowed ``prompt + roundup(window, block_size)`` (``data.seq_length``).
         block_size: canvas block length (for the EOS fill in the length budget).
+        truncation: cut an over-long record at ``max_length`` instead of refusing it.
 
     Returns:
         A :class:`ChatExample`.
@@ -84,37 +91,18 @@ def encode_chat(record: Any, tokenizer: Tokenizer, *, max_length: int, block_siz
         ChatRecordError: the record breaks a rule of the module docstring.
     """
     messages = _messages(record)
-    answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    if not answers:
-        raise ChatRecordError("no_assistant", "the record has no assistant turn (one supervised answer is required)")
-    if len(answers) > 1:
-        raise ChatRecordError("multiple_assistant",
-                         f"the record has {len(answers)} assistant turns (messages {answers}); only a single "
-                         "supervised turn per example is supported")
-    if answers[0] != len(messages) - 1:
-        raise ChatRecordError("invalid_record", f"the assistant turn (message {answers[0]}) must be the last message")
-    if answers[0] == 0:
-        raise ChatRecordError("invalid_record", "the assistant turn has no prompt before it")
-    if not messages[-1]["content"].strip():
-        raise ChatRecordError("empty_response", "the assistant turn is empty")
-
-    prompt_text = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True)
-    full_text = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
-    if not full_text.startswith(prompt_text):
-        raise ChatRecordError("template_mismatch",
-                         "the chat template does not render the prompt with its generation header as a prefix of "
-                         "the whole conversation, so prompt and answer cannot be split")
-    prompt = tokenizer.encode(prompt_text)
-    response = tokenizer.encode(full_text[len(prompt_text):])
-    stops = [i for i, t in enumerate(response) if t in tokenizer.stop_ids]
-    response = response[: stops[0] + 1] if stops else [*response, tokenizer.eod]
-
-    laid_out = len(prompt) + -(-len(response) // block_size) * block_size
-    if laid_out > max_length:
-        raise ChatRecordError("too_long",
-                         f"prompt {len(prompt)} + response {len(response)} tokens take {laid_out} positions with the "
-                         f"EOS block fill (block {block_size}), over max_length {max_length}")
-    return ChatExample(np.asarray(prompt + response, dtype=np.int32), len(prompt))
+    ids, supervised = tokenizer.tokenize_chat(messages)
+    if len(ids) != len(supervised):  # a tokenizer contract, not a data problem
+        raise ValueError(f"tokenize_chat gave {len(ids)} ids but {len(supervised)} mask entries")
+    first = supervised.index(True) if any(supervised) else None
+    laid_out = len(ids) if first is None else first + -(-(len(ids) - first) // block_size) * block_size
+    truncated = laid_out > max_length
+    if truncated and not truncation:
+        where = "tokens" if first is None else f"positions with the EOS block fill (block {block_size})"
+        raise ChatRecordError("too_long", f"the conversation takes {laid_out} {where}, over max_length {max_length} "
+                              "(data.truncation: true cuts it there instead)")
+    ids, supervised = ids[:max_length], supervised[:max_length]
+    return ChatExample(np.asarray(ids, dtype=np.int32), np.asarray(supervised, dtype=bool), truncated)
 
 
 class SFTDataset(torch.utils.data.Dataset):
@@ -127,6 +115,7 @@ class SFTDataset(torch.utils.data.Dataset):
         block_size: canvas block length.
         on_bad: ``"error"`` raises :class:`~megatron_bdgemma.data.BadDataError` naming ``path:line`` at the first
             bad record; ``"skip"`` drops bad records and counts them in :attr:`bad` (``bad.summary()``).
+        truncation: cut over-long records at ``max_length`` (see :func:`encode_chat`).
 
     Raises:
         BadDataError: a bad record under ``on_bad="error"``.
@@ -134,7 +123,7 @@ class SFTDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, path: str | Path, tokenizer: Tokenizer, *, max_length: int, block_size: int,
-                 on_bad: OnBad = "error") -> None:
+                 on_bad: OnBad = "error", truncation: bool = False) -> None:
         self.path = Path(path)
         self.bad = BadRecords(on_bad)
         self.examples: list[ChatExample] = []
@@ -148,46 +137,53 @@ class SFTDataset(torch.utils.data.Dataset):
                         record = json.loads(raw)
                     except (json.JSONDecodeError, UnicodeDecodeError) as err:
                         raise ChatRecordError("invalid_json", f"invalid JSON ({err})") from None
-                    self.examples.append(encode_chat(record, tokenizer, max_length=max_length, block_size=block_size))
+                    self.examples.append(encode_chat(record, tokenizer, max_length=max_length, block_size=block_size,
+                                                     truncation=truncation))
                 except ChatRecordError as bad:
                     self.bad.report(bad.reason, location, bad.detail)
         if not self.examples:
             raise ValueError(f"{self.path} has no usable chat record ({self.bad.summary()})")
+        self.ar_only = sum(not e.supervised.any() for e in self.examples)  # no supervised token: AR loss only
+        self.truncated = sum(e.truncated for e in self.examples)  # cut at max_length
+
+    def summary(self) -> str:
+        """One line for the logs: examples, AR-only and truncated counts, skipped records."""
+        return (f"{len(self)} SFT examples from {self.path}: {self.ar_only} without a supervised token (AR loss "
+                f"only), {self.truncated} truncated at max_length; {self.bad.summary()}")
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, index: int) -> SFTSample:
         example = self.examples[index]
-        return SFTSample(input_ids=torch.from_numpy(example.input_ids).long(), prompt_len=example.prompt_len,
-                         sample_index=int(index))
+        return SFTSample(input_ids=torch.from_numpy(example.input_ids).long(),
+                         loss_mask=torch.from_numpy(example.supervised), sample_index=int(index))
 
 
 def sft_collate(samples: Sequence[SFTSample], *, block_size: int, eos_id: int, pad_id: int,
-                seq_multiple_of: int = 1) -> tuple[DiffusionBatch, Tensor]:
-    """Right-pad SFT samples and lay them out with the EOS block fill.
+                seq_multiple_of: int = 1, max_len: int | None = None) -> tuple[DiffusionBatch, Tensor]:
+    """Right-pad SFT samples and lay them out with the EOS block fill (:func:`build_sft_batch`).
 
     Args:
-        samples: ``B`` samples, ``input_ids [L_b]`` with the response from ``prompt_len`` on.
+        samples: ``B`` samples.
         block_size: canvas block length.
         eos_id: the EOS fill id.
         pad_id: global padding id.
         seq_multiple_of: round ``S`` up to a multiple of this (e.g. 16 for FP8 kernels).
+        max_len: cap on ``S`` (``data.seq_length``): an EOS fill past it is cut (truncated records).
 
     Returns:
-        ``(batch, sample_indices)``: a :class:`DiffusionBatch` with ``S = roundup(max_b(p_b + roundup(L_b - p_b,
-        block_size)), seq_multiple_of)`` and the ``[B]`` int64 sample indices.
+        ``(batch, sample_indices)``: a :class:`DiffusionBatch` and the ``[B]`` int64 sample indices.
     """
     lengths = torch.tensor([len(s["input_ids"]) for s in samples], dtype=torch.long)  # [B]
-    prompt_lens = torch.tensor([s["prompt_len"] for s in samples], dtype=torch.long)  # [B]
     ids = torch.full((len(samples), int(lengths.max())), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros(ids.shape, dtype=torch.bool)
     for row, sample in enumerate(samples):
         ids[row, : len(sample["input_ids"])] = sample["input_ids"]
-    pos = torch.arange(ids.shape[1])[None, :]  # [1, L_max]
-    valid = pos < lengths[:, None]
-    loss_mask = valid & (pos >= prompt_lens[:, None])  # the response: one supervised span
+        loss_mask[row, : len(sample["loss_mask"])] = sample["loss_mask"]
+    valid = torch.arange(ids.shape[1])[None, :] < lengths[:, None]
     batch = build_sft_batch(ids, loss_mask, valid, block_size=block_size, eos_id=eos_id, pad_id=pad_id,
-                            seq_multiple_of=seq_multiple_of)
+                            seq_multiple_of=seq_multiple_of, max_len=max_len)
     return batch, torch.tensor([s["sample_index"] for s in samples], dtype=torch.long)
 
 
@@ -202,4 +198,6 @@ def _messages(record: Any) -> list[dict[str, str]]:
             raise ChatRecordError("invalid_record",
                              f"message {i} is not {{'role': one of {ROLES}, 'content': str}}: {str(message)[:80]}")
         messages.append({"role": message["role"], "content": message["content"]})
+    if not messages:
+        raise ChatRecordError("invalid_record", "the record has no messages")
     return messages

@@ -5,13 +5,13 @@
   format, so pretraining and SFT both run offline on any machine (the embedded default).
 
 The same object serves three readers: megatron-core's ``GPTDatasetConfig`` (which only reads ``eod``, ``pad``,
-``vocab_size`` and ``unique_identifiers``), the SFT pipeline (``apply_chat_template``, ``stop_ids``) and the trainer
+``vocab_size`` and ``unique_identifiers``), the SFT pipeline (``tokenize_chat``) and the trainer
 (``eos``, ``pad``, ``decode``). This module imports neither torch nor megatron, so tokenisation workers start fast.
 """
 
 from __future__ import annotations
 
-import json
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,6 +25,8 @@ BYTE_TOKENIZER = "byte"
 ChatMessage = Mapping[str, str]
 """``{"role": "system" | "user" | "assistant", "content": str}``."""
 
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
 
 class Tokenizer(ABC):
     """What the datasets and the trainer need from a tokenizer."""
@@ -37,9 +39,6 @@ class Tokenizer(ABC):
     """Global padding id (never attended, never scored). Distinct from ``eod`` (checked at construction)."""
     bos: int | None
     """Beginning-of-sequence id prepended to pretraining documents, or None when the tokenizer has none."""
-    stop_ids: frozenset[int]
-    """Ids that end an assistant turn (``eod`` and e.g. Gemma's ``<end_of_turn>``): an SFT response is cut just
-    after its first stop id, so a template's trailing text after the turn (a newline) is not supervised."""
 
     @property
     def eos(self) -> int:
@@ -63,8 +62,15 @@ class Tokenizer(ABC):
     def apply_chat_template(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool) -> str:
         """Render a conversation as text; ``add_generation_prompt`` appends the header that opens an assistant turn.
 
-        SFT splits an example at the text level: prompt = the rendering of the messages before the answer with the
-        generation prompt, response = what the full rendering adds after it (see :mod:`megatron_bdgemma.data.sft`).
+        Generation renders its prompt with this; SFT tokenises whole conversations with :meth:`tokenize_chat`.
+        """
+
+    @abstractmethod
+    def tokenize_chat(self, messages: Sequence[ChatMessage]) -> tuple[list[int], list[bool]]:
+        """Token ids of a whole conversation and, per token, whether it is supervised (part of an assistant turn).
+
+        The supervised tokens are what the chat template marks as generated: every assistant turn, each with its
+        end of turn (docs/design.md §7; see :mod:`megatron_bdgemma.data.sft`).
         """
 
     def _check_specials(self, where: str) -> None:
@@ -86,7 +92,8 @@ class ByteTokenizer(Tokenizer):
 
         <|system|>{content}<|user|>{content}<|assistant|>{content}<|user|>...
 
-    An assistant turn has no closing marker: its answer ends with the EOS id, which SFT appends to the response.
+    An assistant turn has no closing marker in the text; as tokens (:meth:`tokenize_chat`, what SFT trains on) it
+    ends with the EOS id, and its content plus that EOS are the supervised tokens. Generation stops at that EOS.
     """
 
     PAD = 0
@@ -99,7 +106,6 @@ class ByteTokenizer(Tokenizer):
         self.eod = self.EOS
         self.pad = self.PAD
         self.bos = None
-        self.stop_ids = frozenset({self.EOS})
         self._check_specials("ByteTokenizer")
 
     @property
@@ -124,23 +130,43 @@ class ByteTokenizer(Tokenizer):
             parts.append("<|assistant|>")
         return "".join(parts)
 
+    def tokenize_chat(self, messages: Sequence[ChatMessage]) -> tuple[list[int], list[bool]]:
+        ids: list[int] = []
+        supervised: list[bool] = []
+        for message in messages:
+            header = self.encode(self.apply_chat_template([{**message, "content": ""}], add_generation_prompt=False))
+            ids += header
+            supervised += [False] * len(header)
+            content = self.encode(message["content"])
+            if message["role"] == "assistant":
+                content.append(self.EOS)
+            ids += content
+            supervised += [message["role"] == "assistant"] * len(content)
+        return ids, supervised
+
 
 class HFTokenizer(Tokenizer):
     """A Hugging Face tokenizer loaded from a local directory (``local_files_only``: nothing is downloaded).
 
-    ``vocab_size`` is ``len(tokenizer)`` (base vocabulary plus added tokens). ``stop_ids`` are the EOS id plus the
-    ``eos_token_id`` list of a ``generation_config.json`` next to the tokenizer, when there is one (DiffusionGemma's
-    lists ``<end_of_turn>``).
+    ``vocab_size`` is ``len(tokenizer)`` (base vocabulary plus added tokens). SFT needs a chat template with
+    ``{% generation %}`` tags (:meth:`tokenize_chat`); ``chat_template`` (a Jinja file) replaces the tokenizer's own,
+    e.g. NeMo Automodel's ``examples/dllm_sft/diffusion_gemma_chat_template.jinja`` for DiffusionGemma, whose
+    released template has no such tags.
 
     Raises:
         ValueError: the tokenizer has no EOS or no pad token, or its pad id equals its EOS id.
+        FileNotFoundError: ``chat_template`` is not a file.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, chat_template: str | Path | None = None) -> None:
         from transformers import AutoTokenizer
 
         self.path = Path(path).resolve()
         self._tok = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+        if chat_template is not None:
+            if not Path(chat_template).is_file():
+                raise FileNotFoundError(f"chat template {str(chat_template)!r} (data.chat_template) is not a file")
+            self._tok.chat_template = Path(chat_template).read_text()
         where = f"tokenizer at {self.path}"
         if self._tok.eos_token_id is None:
             raise ValueError(f"{where} has no eos_token; documents and answers need one")
@@ -150,7 +176,6 @@ class HFTokenizer(Tokenizer):
         self.eod = int(self._tok.eos_token_id)
         self.pad = int(self._tok.pad_token_id)
         self.bos = None if self._tok.bos_token_id is None else int(self._tok.bos_token_id)
-        self.stop_ids = frozenset({self.eod, *_generation_eos_ids(self.path)})
         self._check_specials(where)
 
     @property
@@ -171,24 +196,40 @@ class HFTokenizer(Tokenizer):
             [dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
+    def tokenize_chat(self, messages: Sequence[ChatMessage]) -> tuple[list[int], list[bool]]:
+        """Hugging Face's own mechanism: ``apply_chat_template(..., return_assistant_tokens_mask=True)`` marks the
+        tokens the template's ``{% generation %}`` spans render (NeMo Automodel's DiffusionGemma template wraps each
+        model turn's content and its end-of-turn line in them).
 
-def load_tokenizer(spec: str | Path) -> Tokenizer:
-    """``"byte"`` gives :class:`ByteTokenizer`; anything else is a local HF tokenizer directory."""
+        Raises:
+            ValueError: the tokenizer has no chat template, or its template has no ``{% generation %}`` tags.
+        """
+        template = self._tok.chat_template
+        if template is None:
+            raise ValueError(f"tokenizer at {self.path} has no chat_template; SFT needs one")
+        if not _GENERATION_TAG.search(template if isinstance(template, str) else str(template)):
+            raise ValueError(
+                f"the chat template of the tokenizer at {self.path} has no {{% generation %}} tags, so SFT cannot "
+                "tell which tokens to supervise; wrap each assistant turn's content and end of turn in "
+                "{% generation %}...{% endgeneration %} (as NeMo Automodel's DiffusionGemma template does) or give "
+                "such a template with data.chat_template"
+            )
+        out = self._tok.apply_chat_template(
+            [dict(m) for m in messages], tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        return list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]
+
+
+def load_tokenizer(spec: str | Path, chat_template: str | Path | None = None) -> Tokenizer:
+    """``"byte"`` gives :class:`ByteTokenizer`; anything else is a local HF tokenizer directory, whose chat template
+    a Jinja file ``chat_template`` replaces (the byte tokenizer's chat format is fixed: no template accepted)."""
     if str(spec) == BYTE_TOKENIZER:
+        if chat_template is not None:
+            raise ValueError("data.chat_template needs a Hugging Face tokenizer; the byte tokenizer's format is fixed")
         return ByteTokenizer()
     if not Path(spec).is_dir():
         raise FileNotFoundError(f"tokenizer {str(spec)!r} is neither {BYTE_TOKENIZER!r} nor a local directory")
-    return HFTokenizer(spec)
-
-
-def _generation_eos_ids(path: Path) -> list[int]:
-    config = path / "generation_config.json"
-    if not config.is_file():
-        return []
-    eos = json.loads(config.read_text()).get("eos_token_id")
-    if eos is None:
-        return []
-    return [int(i) for i in (eos if isinstance(eos, list) else [eos])]
+    return HFTokenizer(spec, chat_template)
 
 
 def _round_up(x: int, multiple: int) -> int:

@@ -9,10 +9,10 @@ A training step uses them in this order::
     batch = build_sft_batch(ids, loss_mask, valid, block_size=256, eos_id=1, pad_id=0)
     key = dict(sample_indices=idx, step=step, seed=seed)
     t = sample_t(**key)                                                       # [B]
-    noisy, noised = corrupt_uniform(batch.canvas_targets, batch.canvas_valid, t, vocab_size=V, **key)
+    noisy, noised = corrupt_uniform(batch.canvas_targets, batch.canvas_supervised, t, vocab_size=V, **key)
     blocks = choose_blocks(batch.response_lens, batch.block_size, **key)      # [B]
     coins = self_conditioning_coins(**key)                                    # [B]
-    scored = block_mask(blocks, batch.canvas_valid, batch.block_size)         # [B, R]
+    scored = block_mask(blocks, batch.canvas_supervised, batch.block_size)    # [B, R]
     ... model forward -> canvas logits [B, R, V], encoder logits [B, S, V] ...
     diff_sum, diff_count = diffusion_loss(canvas_logits, batch.canvas_targets, scored)
     ar_sum, ar_count = ar_loss(encoder_logits, batch.ar_labels, batch.ar_loss_mask)

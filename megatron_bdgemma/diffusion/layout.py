@@ -1,14 +1,16 @@
 """Batch layout for block-diffusion training: the response window and its canvas.
 
-Contract (docs/design.md §5, §7). A training example is a right-padded token row::
+Contract (docs/design.md §5, §7). A training example is a token row::
 
-    [ prompt (p tokens) | response (+ EOS block fill) | global pad ]
-      positions 0..p-1    p .. p+L-1                   p+L .. S-1
+    [ prompt (p tokens) | response window (+ EOS block fill) | global pad ]
+      positions 0..p-1    p .. p+L-1                          p+L .. S-1
 
-The **encoder** runs causally over the clean row (prompt + response + fill); global pad is neither attended
-nor scored. The **canvas** holds the response only, left-aligned: canvas slot ``j`` of example ``b`` is the
-response token at absolute position ``p_b + j``, so its RoPE equals that of its clean copy in the encoder.
-Blocks are counted from the response start (block of slot ``j`` is ``j // block_size``), not from position 0.
+The **encoder** runs causally over the clean row (prompt + response window + fill); global pad is neither attended
+nor scored. The **canvas** holds the response window only, left-aligned: canvas slot ``j`` of example ``b`` is the
+token at absolute position ``p_b + j``, so its RoPE equals that of its clean copy in the encoder. Blocks are counted
+from the response start (block of slot ``j`` is ``j // block_size``), not from position 0. Inside the window only
+*supervised* slots are noised and scored; other valid slots (SFT: a template's trailing newline, the user turns
+between assistant turns) sit on the canvas clean and are attended like any other slot.
 
 This module only arranges tokens. It knows nothing about the model, noise or losses; everything here is pure
 torch on whatever device the inputs live on (normally CPU, in the data pipeline).
@@ -40,13 +42,17 @@ class DiffusionBatch:
     prefix_lens: Tensor
     """``[B]`` long. Prompt length ``p_b`` (0 for pretraining): the response starts at position ``p_b``."""
     response_lens: Tensor
-    """``[B]`` long. Response length including the EOS fill, so ``encoder_valid[b].sum() == p_b + L_b``.
-    SFT: a multiple of ``block_size``. Pretraining: the valid length, whose last block may be partial."""
+    """``[B]`` long. Response window length including the EOS fill, so ``encoder_valid[b].sum() == p_b + L_b``.
+    SFT: a multiple of ``block_size`` unless the row was cut at ``max_len``; 0 for a row with no supervised token.
+    Pretraining: the valid length, whose last block may be partial."""
     canvas_targets: Tensor
     """``[B, R]`` long. Clean response token for canvas slot ``j`` (= ``input_ids[b, p_b + j]``);
     ``pad_id`` where not ``canvas_valid``."""
     canvas_valid: Tensor
-    """``[B, R]`` bool. ``j < response_lens[b]``: the slot holds a real (supervised, noisable) token."""
+    """``[B, R]`` bool. ``j < response_lens[b]``: the slot holds a real token (attended by its block)."""
+    canvas_supervised: Tensor
+    """``[B, R]`` bool, within ``canvas_valid``: the slots that are noised and scored. SFT: the supervised tokens
+    and the EOS fill; valid unsupervised slots stay clean. Pretraining: every valid slot."""
     canvas_position_ids: Tensor
     """``[B, R]`` long. Absolute position ``p_b + j`` (clamped to ``S - 1`` on invalid slots, which only
     attend to themselves, so their position is irrelevant)."""
@@ -66,6 +72,7 @@ class DiffusionBatch:
             "response_lens": (B,),
             "canvas_targets": (B, R),
             "canvas_valid": (B, R),
+            "canvas_supervised": (B, R),
             "canvas_position_ids": (B, R),
             "ar_labels": (B, S),
             "ar_loss_mask": (B, S),
@@ -77,6 +84,8 @@ class DiffusionBatch:
         ]
         if bad:
             raise ValueError("DiffusionBatch shape mismatch: " + "; ".join(bad))
+        if bad := _rows(self.canvas_supervised & ~self.canvas_valid):
+            raise ValueError(f"DiffusionBatch examples {bad}: canvas_supervised outside canvas_valid")
         if self.block_size < 1 or R % self.block_size != 0:
             raise ValueError(f"canvas length R ({R}) must be a positive multiple of block_size ({self.block_size})")
 
@@ -122,70 +131,86 @@ def build_sft_batch(
     eos_id: int,
     pad_id: int,
     seq_multiple_of: int = 1,
+    max_len: int | None = None,
 ) -> DiffusionBatch:
-    """Lay out right-padded single-turn chat examples for block-diffusion SFT.
+    """Lay out chat examples for block-diffusion SFT, by NeMo Automodel's response-window rules (docs/design.md §7).
 
-    The prompt is everything before the first supervised token; the response is the supervised span, which must
-    be contiguous (one supervised turn). The response is then filled with ``eos_id`` up to a multiple of
-    ``block_size`` (**EOS block fill**): the fill is supervised, attended and written into the clean ids, so the
-    model learns to end an answer by emitting EOS for the rest of its block. Valid but unsupervised tokens after
-    the supervised span (e.g. a template's trailing newline) are dropped: the fill takes their place, exactly as
-    generation would continue after the answer. ``S`` grows with pad when the fill does not fit; nothing is
-    truncated (budget the sequence length in the data pipeline).
+    Per example (its valid tokens, cut to ``max_len`` when given):
+
+    - the prompt is everything before the **first** supervised token; the response window runs from there to the
+      last valid token. Supervised tokens inside it (every assistant turn of a multi-turn chat) are noised and
+      scored; valid unsupervised ones (a template's newline after the turn, the user turns between assistant
+      turns) stay clean, unscored and attended, on the canvas and in the encoder;
+    - **EOS block fill**: after the last valid token the window is filled with ``eos_id`` up to a whole number of
+      blocks (counted from the response start); the fill is supervised, attended and written into the clean ids,
+      so the model learns to end an answer with EOS for the rest of its block;
+    - an example with no supervised token is all prompt: no window, no fill, AR loss only (``response_lens`` 0,
+      ``prefix_lens`` = ``S``, as the reference);
+    - ``S = roundup(max(S_in, max_b(end of fill)), seq_multiple_of)``, then capped at ``max_len``: a fill (or
+      content) that crosses ``max_len`` is cut there, which leaves a partial last block (the reference's
+      truncation).
 
     Args:
-        input_ids: ``[B, S]`` token ids, right-padded.
-        loss_mask: ``[B, S]`` nonzero on supervised tokens.
-        valid: ``[B, S]`` bool, True on real tokens; each row must be ``True…True False…False``.
+        input_ids: ``[B, S_in]`` token ids.
+        loss_mask: ``[B, S_in]`` nonzero on supervised tokens.
+        valid: ``[B, S_in]`` bool, True on real tokens: one contiguous run per row (left or right padding); rows are
+            shifted so their content starts at position 0.
         block_size: canvas block length.
         eos_id: id written into the EOS block fill.
         pad_id: id written into global pad (also canvas/label filler where nothing is scored).
         seq_multiple_of: round the output ``S`` up to a multiple of this (e.g. 16 for FP8 kernels).
+        max_len: cap on the output ``S`` (``data.seq_length``); None = no cap.
 
     Returns:
-        A :class:`DiffusionBatch` with ``S_out = roundup(max(S, max_b(p_b + L_b)), seq_multiple_of)``.
+        A :class:`DiffusionBatch`.
 
     Raises:
-        ValueError: on bad shapes, non-right-padded ``valid``, supervised tokens outside ``valid``, an example
-            with no supervised token, or an example with more than one supervised span (all offenders listed).
+        ValueError: on bad shapes, a row whose valid tokens are not one contiguous run, or supervised tokens
+            outside ``valid`` (offending examples listed).
     """
     input_ids, valid = _check_rows(input_ids, valid, block_size, seq_multiple_of)
     supervised = loss_mask.to(torch.bool)
     if supervised.shape != input_ids.shape:
         raise ValueError(f"loss_mask shape {tuple(supervised.shape)} != input_ids shape {tuple(input_ids.shape)}")
     if bad := _rows(supervised & ~valid):
-        raise ValueError(f"examples {bad}: supervised tokens lie outside valid (global pad)")
+        raise ValueError(f"examples {bad}: supervised tokens lie outside valid (padding)")
+    if max_len is not None and max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
 
-    # A supervised run starts where the mask rises; more than one run means more than one supervised turn.
-    starts = supervised & ~_shift_right(supervised)
-    num_spans = starts.sum(dim=1)
-    problems = [
-        f"example {b} has no supervised token"
-        if num_spans[b] == 0
-        else f"example {b} has {int(num_spans[b])} supervised spans {_spans(supervised[b])} (half-open [start, end))"
-        for b in _rows(num_spans != 1)
-    ]
-    if problems:
-        raise ValueError(
-            "build_sft_batch needs exactly one contiguous supervised span (a single supervised turn) per example: "
-            + "; ".join(problems)
-        )
-
-    B, S = input_ids.shape
+    B, S_in = input_ids.shape
     device = input_ids.device
-    prefix_lens = supervised.to(torch.int8).argmax(dim=1)  # first supervised position
-    answer_lens = supervised.sum(dim=1)
-    response_lens = _round_up(answer_lens, block_size)  # answer + EOS fill
-    ends = prefix_lens + response_lens  # first global-pad position
+    # Shift every row left so its content starts at position 0 (left padding becomes right padding).
+    first_valid = valid.to(torch.int8).argmax(dim=1)
+    shift = (torch.arange(S_in, device=device)[None, :] + first_valid[:, None]).clamp(max=S_in - 1)
+    lengths = valid.sum(dim=1)
+    if max_len is not None:
+        lengths = lengths.clamp(max=max_len)
+    content = torch.arange(S_in, device=device)[None, :] < lengths[:, None]
+    input_ids = torch.where(content, torch.gather(input_ids, 1, shift), pad_id)
+    supervised = content & torch.gather(supervised, 1, shift)
 
-    S_out = _round_up(max(S, int(ends.max())), seq_multiple_of)
-    pos = torch.arange(S_out, device=device)[None, :]  # [1, S_out]
-    ids = torch.full((B, S_out), pad_id, dtype=input_ids.dtype, device=device)
-    ids[:, :S] = input_ids
-    answer_end = (prefix_lens + answer_lens)[:, None]
-    ids = torch.where(pos < answer_end, ids, torch.where(pos < ends[:, None], eos_id, pad_id))
-    encoder_valid = pos < ends[:, None]
-    return _assemble(ids, encoder_valid, prefix_lens, response_lens, block_size, pad_id)
+    has_answer = supervised.any(dim=1)
+    first = supervised.to(torch.int8).argmax(dim=1)
+    window = _round_up(lengths - first, block_size)
+    ends = torch.where(has_answer, first + window, lengths)  # end of the EOS fill
+
+    S = _round_up(max(S_in, int(ends.max())), seq_multiple_of)
+    if max_len is not None:
+        S = min(S, max_len)
+    ends = ends.clamp(max=S)
+    pos = torch.arange(S, device=device)[None, :]  # [1, S]
+    width = min(S, S_in)
+    ids = torch.full((B, S), pad_id, dtype=input_ids.dtype, device=device)
+    ids[:, :width] = input_ids[:, :width]
+    is_content = pos < lengths[:, None]
+    fill = ~is_content & (pos < ends[:, None])
+    ids = torch.where(fill, eos_id, ids)
+    scored = torch.zeros((B, S), dtype=torch.bool, device=device)
+    scored[:, :width] = supervised[:, :width]
+    scored = scored | fill
+    prefix_lens = torch.where(has_answer, first, S)  # a row with no answer is all prompt
+    return _assemble(ids, pos < ends[:, None], prefix_lens, ends - prefix_lens.clamp(max=ends), block_size, pad_id,
+                     supervised=scored)
 
 
 def build_pretrain_batch(
@@ -214,6 +239,8 @@ def build_pretrain_batch(
     if valid is None:
         valid = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
     input_ids, valid = _check_rows(input_ids, valid, block_size, 1)
+    if bad := _rows(valid[:, 1:] & ~valid[:, :-1]):
+        raise ValueError(f"examples {bad}: valid must be right-padded (True...True False...False)")
     B, S = input_ids.shape
     S_out = _round_up(S, block_size)
     ids = torch.full((B, S_out), pad_id, dtype=input_ids.dtype, device=input_ids.device)
@@ -224,20 +251,20 @@ def build_pretrain_batch(
     return _assemble(ids, encoder_valid, prefix_lens, valid.sum(dim=1), block_size, pad_id)
 
 
-def block_mask(block_index: Tensor, canvas_valid: Tensor, block_size: int) -> Tensor:
+def block_mask(block_index: Tensor, canvas_supervised: Tensor, block_size: int) -> Tensor:
     """Scored canvas slots when one block per example is chosen.
 
     Args:
         block_index: ``[B]`` long, the chosen block of each example.
-        canvas_valid: ``[B, R]`` bool.
+        canvas_supervised: ``[B, R]`` bool, the scorable slots (``DiffusionBatch.canvas_supervised``).
         block_size: canvas block length.
 
     Returns:
-        ``[B, R]`` bool: ``canvas_valid & (j // block_size == block_index[b])``.
+        ``[B, R]`` bool: ``canvas_supervised & (j // block_size == block_index[b])``.
     """
-    R = canvas_valid.shape[1]
-    slot_block = torch.arange(R, device=canvas_valid.device) // block_size  # [R]
-    return canvas_valid & (slot_block[None, :] == block_index.to(canvas_valid.device)[:, None])
+    R = canvas_supervised.shape[1]
+    slot_block = torch.arange(R, device=canvas_supervised.device) // block_size  # [R]
+    return canvas_supervised & (slot_block[None, :] == block_index.to(canvas_supervised.device)[:, None])
 
 
 def take_blocks(x: Tensor, block_index: Tensor, block_size: int) -> Tensor:
@@ -273,8 +300,13 @@ def _assemble(
     response_lens: Tensor,
     block_size: int,
     pad_id: int,
+    *,
+    supervised: Tensor | None = None,
 ) -> DiffusionBatch:
-    """Derive the canvas and AR label views from the final clean ids ``[B, S]``."""
+    """Derive the canvas and AR label views from the final clean ids ``[B, S]``.
+
+    ``supervised`` ``[B, S]``: the noised and scored positions; None = every valid position (pretraining).
+    """
     B, S = ids.shape
     device = ids.device
     # At least one block so an all-empty pretraining batch still has a canvas to decode.
@@ -283,6 +315,7 @@ def _assemble(
     canvas_valid = j < response_lens[:, None]
     src = (prefix_lens[:, None] + j).clamp(max=S - 1)  # absolute position of canvas slot j
     canvas_targets = torch.where(canvas_valid, torch.gather(ids, 1, src), pad_id)
+    canvas_supervised = canvas_valid if supervised is None else canvas_valid & torch.gather(supervised, 1, src)
 
     # Next-token pairs (i, i+1) with both ends valid; the last position has no successor.
     ar_loss_mask = torch.zeros_like(encoder_valid)
@@ -298,6 +331,7 @@ def _assemble(
         response_lens=response_lens.long(),
         canvas_targets=canvas_targets,
         canvas_valid=canvas_valid,
+        canvas_supervised=canvas_supervised,
         canvas_position_ids=src,
         ar_labels=ar_labels,
         ar_loss_mask=ar_loss_mask,
@@ -313,9 +347,10 @@ def _check_rows(input_ids: Tensor, valid: Tensor, block_size: int, seq_multiple_
     if block_size < 1 or seq_multiple_of < 1:
         raise ValueError(f"block_size ({block_size}) and seq_multiple_of ({seq_multiple_of}) must be >= 1")
     valid = valid.to(torch.bool)
-    # Right padding only: a valid token after an invalid one would break "positions are 0..n-1".
-    if bad := _rows(valid[:, 1:] & ~valid[:, :-1]):
-        raise ValueError(f"examples {bad}: valid must be right-padded (True...True False...False)")
+    # One contiguous run of real tokens per row: a gap would break "positions are 0..n-1".
+    runs = (valid & ~_shift_right(valid)).sum(dim=1)
+    if bad := _rows(runs > 1):
+        raise ValueError(f"examples {bad}: valid tokens must be one contiguous run (left or right padding only)")
     return input_ids.long(), valid
 
 
@@ -335,10 +370,3 @@ def _rows(flags: Tensor) -> list[int]:
     if flags.dim() > 1:
         flags = flags.any(dim=1)
     return flags.nonzero().flatten().tolist()
-
-
-def _spans(row: Tensor) -> list[tuple[int, int]]:
-    """Half-open ``[start, end)`` runs of True in a 1-D bool tensor."""
-    padded = torch.cat([row.new_zeros(1), row, row.new_zeros(1)]).to(torch.int8)
-    edges = (padded[1:] - padded[:-1]).nonzero().flatten().tolist()
-    return list(zip(edges[0::2], edges[1::2]))

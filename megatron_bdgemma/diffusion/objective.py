@@ -67,10 +67,10 @@ def noise_batch(
     else:
         raise ValueError(f"score must be 'one_block' or 'all_blocks', got {score!r}")
     noisy, noised = corrupt(
-        kind, batch.canvas_targets, batch.canvas_valid, t, vocab_size=vocab_size, mask_id=mask_id, block_size=bs, **key
+        kind, batch.canvas_targets, batch.canvas_supervised, t, vocab_size=vocab_size, mask_id=mask_id, block_size=bs, **key
     )
     t_per_position = expand_t(t, batch.canvas_len, bs if score == "all_blocks" else None)
-    scored = batch.canvas_valid
+    scored = batch.canvas_supervised  # valid unsupervised slots (SFT) are neither noised nor scored
     targets, positions = batch.canvas_targets, batch.canvas_position_ids
     if score == "one_block":
         chosen = choose_blocks(batch.response_lens, bs, **key)

@@ -53,9 +53,15 @@ class DataSection:
     files. Empty = the embedded default (text that ships with Python, byte tokenizer)."""
     tokenizer: str = "byte"
     """'byte' (offline) or a local HF tokenizer directory."""
+    chat_template: str | None = None
+    """sft: a Jinja chat template file replacing the HF tokenizer's own; it must mark the supervised tokens with
+    {% generation %} tags (DiffusionGemma's released template has none: use NeMo Automodel's)."""
     seq_length: int = 128
     split: str = "98,1,1"
     on_bad: Literal["error", "skip"] = "error"
+    truncation: bool = False
+    """sft: cut a record longer than seq_length there (NeMo Automodel's rule; a partial last block is possible)
+    instead of refusing or skipping it (on_bad)."""
     cache_dir: str = "runs/data_cache"
 
 

@@ -52,7 +52,7 @@ class StepData:
 def build_step_data(run: RunConfig, config: BDGemmaConfig) -> StepData:
     """Datasets of the run (the embedded default when `data.paths` is empty) and the sampling scheme."""
     d = run.data
-    tokenizer = load_tokenizer(d.tokenizer)
+    tokenizer = load_tokenizer(d.tokenizer, d.chat_template)
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"data.tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is {config.vocab_size}")
     block = config.canvas_length
@@ -70,15 +70,17 @@ def build_step_data(run: RunConfig, config: BDGemmaConfig) -> StepData:
         paths = d.paths or [embedded_sft_path(d.cache_dir)]
         if len(paths) != 1:
             raise ValueError(f"data.paths for sft takes one chat JSONL file, got {paths}")
-        full = SFTDataset(paths[0], tokenizer, max_length=d.seq_length, block_size=block, on_bad=d.on_bad)
-        if full.bad.total:
-            print(f"skipped bad SFT records: {full.bad.summary()}", flush=True)
+        full = SFTDataset(paths[0], tokenizer, max_length=d.seq_length, block_size=block, on_bad=d.on_bad,
+                          truncation=d.truncation)
+        if full.bad.total or full.ar_only or full.truncated:
+            print(full.summary(), flush=True)
         indices = range(len(full))
         datasets = {
             "train": torch.utils.data.Subset(full, [i for i in indices if i % SFT_VALID_EVERY]),
             "valid": torch.utils.data.Subset(full, [i for i in indices if i % SFT_VALID_EVERY == 0]),
         }
-        collate = partial(sft_collate, block_size=block, eos_id=tokenizer.eod, pad_id=tokenizer.pad)
+        collate = partial(sft_collate, block_size=block, eos_id=tokenizer.eod, pad_id=tokenizer.pad,
+                          max_len=d.seq_length)
     return StepData(
         datasets, collate, run.train.global_batch_size, run.train.micro_batch_size,
         parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
