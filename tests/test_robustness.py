@@ -339,3 +339,23 @@ def test_disk_full_during_a_save_names_the_directory_and_keeps_the_last_checkpoi
     monkeypatch.undo()
     assert latest_checkpoint(tmp_path).name == "iter_0000001"
     load_checkpoint(tmp_path, model)
+
+
+# ---- 5. random initialisation does not depend on the expert layout -------------------------------------------------
+
+
+def _ep_losses_in_rank(rank: int, tmp: str, overrides: list[str]) -> list[tuple[float, float, float]]:
+    from megatron_bdgemma.training.trainer import train
+
+    history = train(_run(Path(tmp), "train.steps=3", "train.log_interval=100", *overrides))
+    return [(h["diffusion"], h["ar"], h["grad_norm"]) for h in history]
+
+
+def test_ep2_from_random_init_matches_one_process(tmp_path, model_parallel):
+    """From the preset's random init (no HF weights), EP=2 gives the 1-process losses and grad norms at every step."""
+    from tests.multiproc import run_in_processes
+
+    reference = _ep_losses_in_rank(0, str(tmp_path), [])
+    for rank_values in run_in_processes(_ep_losses_in_rank, 2, str(tmp_path), ["parallel.ep=2"], timeout_s=300):
+        for step, (ours, ref) in enumerate(zip(rank_values, reference, strict=True)):
+            assert all(abs(a - b) <= 1e-4 * max(1.0, abs(b)) for a, b in zip(ours, ref)), (step, ours, ref)
