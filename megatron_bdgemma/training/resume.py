@@ -32,18 +32,24 @@ IMPLEMENTATION_OVERRIDES = ("attention_impl", "attention_chunk_size")
 _NOT_COMPARED = ("checkpoint.load", "checkpoint.init_from")
 
 
+def read_checkpoint_extra(path: str | Path, flag: str) -> dict[str, Any]:
+    """The `extra` of the checkpoint at `path`; ValueError naming `flag` and `path` when it is missing, has a broken
+    `latest` or is not a checkpoint."""
+    from megatron_bdgemma.conversion.megatron_checkpoint import ConversionError, read_extra
+
+    try:
+        return read_extra(path)
+    except ConversionError as error:
+        raise ValueError(f"{flag} {path}: {error}") from None
+
+
 def read_training_extra(path: str | Path, flag: str) -> dict[str, Any]:
     """The `extra` of the training checkpoint at `path` (a save root or an `iter_N` directory).
 
     Raises ValueError naming `flag` and `path` when it is missing, has a broken `latest`, is not a checkpoint, or
     holds weights only (converted from HF: start from it with `--init-from`).
     """
-    from megatron_bdgemma.conversion.megatron_checkpoint import ConversionError, read_extra
-
-    try:
-        extra = read_extra(path)
-    except ConversionError as error:
-        raise ValueError(f"{flag} {path}: {error}") from None
+    extra = read_checkpoint_extra(path, flag)
     if "step" not in extra or "run" not in extra:
         raise ValueError(
             f"{flag} {path} resumes a training run, but this checkpoint holds weights only (converted from HF, or "

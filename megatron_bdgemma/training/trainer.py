@@ -32,8 +32,8 @@ from megatron_bdgemma.runtime.distributed import init_distributed
 from megatron_bdgemma.training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_bdgemma.training.config import RunConfig
 from megatron_bdgemma.training.data import StepData, build_step_data
-from megatron_bdgemma.training.resume import check_resume, read_training_extra
 from megatron_bdgemma.training.metrics import MetricsLogger, model_flops_per_step
+from megatron_bdgemma.training.resume import check_resume, read_checkpoint_extra, read_training_extra
 
 
 @dataclass
@@ -111,7 +111,7 @@ def setup(run: RunConfig) -> TrainState:
         if changes and dist.get_rank() == 0:
             print(f"resuming {run.checkpoint.load} with changes to its run config:\n  " + "\n  ".join(changes), flush=True)
     elif run.checkpoint.init_from:
-        read_extra(run.checkpoint.init_from)  # a missing or broken checkpoint is named before anything is built
+        read_checkpoint_extra(run.checkpoint.init_from, "checkpoint.init_from")  # named before anything is built
     _check_save_root_is_free(run)
     if run.train.fp8 and not torch.cuda.is_available():
         raise ValueError("train.fp8 needs a GPU with Transformer Engine; this machine has no CUDA device")
