@@ -69,6 +69,33 @@ def test_load_resumes_the_runs_own_config_and_save_directory(sft_run, capsys):
     assert "train.log_interval: 10 → 100" in capsys.readouterr().out  # each change is printed
 
 
+def test_cli_load_and_init_from(sft_run, monkeypatch):
+    """The job's flags: `--load DIR` alone resumes DIR's SFT run (the default pretraining YAML is not read);
+    `--init-from DIR` takes the YAML given and DIR's model; both at once are refused."""
+    import importlib.util
+
+    from megatron_bdgemma.training import trainer
+
+    spec = importlib.util.spec_from_file_location("pretrain_bdgemma", REPO / "examples" / "pretrain_bdgemma.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    runs = []
+    monkeypatch.setattr(trainer, "train", runs.append)
+    root, _ = sft_run
+    monkeypatch.setattr(sys, "argv", ["pretrain_bdgemma.py", "--load", str(root), "train.steps=8", "--sample", ""])
+    job.main()
+    big = REPO / "examples" / "configs" / "diffusiongemma_26b_sft.yaml"  # sets model.hf, which --init-from replaces
+    monkeypatch.setattr(sys, "argv", ["pretrain_bdgemma.py", "--config", str(big), "--init-from", str(root), "--sample", ""])
+    job.main()
+    resumed, started = runs
+    assert (resumed.data.mode, resumed.checkpoint.save, resumed.checkpoint.load, resumed.train.steps) == (
+        "sft", str(root), str(root), 8)
+    assert started.checkpoint.init_from == str(root) and started.model.hf is None and started.checkpoint.load is None
+    monkeypatch.setattr(sys, "argv", ["pretrain_bdgemma.py", "--load", str(root), "--init-from", str(root)])
+    with pytest.raises(SystemExit):
+        job.main()
+
+
 @pytest.mark.parametrize("override,key", [("data.mode=pretrain", "data.mode"), ("train.seed=7", "train.seed"),
                                           ("objective.ar_weight=0.5", "objective.ar_weight"),
                                           ("model.overrides.canvas_length=32", "model.overrides.canvas_length")])
@@ -89,6 +116,20 @@ def test_a_run_built_from_another_config_cannot_resume_silently(sft_run, tmp_pat
     root, _ = sft_run
     with pytest.raises(ValueError, match=r"data\.mode \('sft' → 'pretrain'\)"):
         train(_run(tmp_path, f"checkpoint.load={root}", f"checkpoint.save={root}"))
+
+
+def test_resuming_into_another_runs_directory_names_both(sft_run, tmp_path):
+    from megatron_bdgemma.training.resume import resume_run_config
+    from megatron_bdgemma.training.trainer import train
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "iter_0000009").mkdir()
+    (other / "latest").write_text("iter_0000009")
+    root, _ = sft_run
+    with pytest.raises(ValueError, match=rf"checkpoint.save={other} holds another run \(latest: iter_0000009\) than "
+                                         rf"the one being resumed, {root}; `--load {root}` alone saves"):
+        train(resume_run_config(root, None, [f"checkpoint.save={other}"]))
 
 
 def test_init_from_starts_a_new_run_from_weights(sft_run, tmp_path):

@@ -96,6 +96,12 @@ def _check_save_root_is_free(run: RunConfig) -> None:
         load = Path(run.checkpoint.load).resolve()
         if Path(save).resolve() in (load, *load.parents):  # resuming this run (from `latest` or one of its iters)
             return
+    if run.checkpoint.load:  # name the run being resumed, not only the one in the way
+        raise ValueError(
+            f"checkpoint.save={save} holds another run (latest: {existing.name}) than the one being resumed, "
+            f"{run.checkpoint.load}; `--load {run.checkpoint.load}` alone saves into its own directory, or set "
+            "checkpoint.save to a new directory"
+        )
     raise ValueError(
         f"checkpoint.save={save} already holds a run (latest: {existing.name}); resume it "
         f"with --load {save}, or save somewhere else, or delete that directory"
