@@ -237,6 +237,8 @@ def _check_type(path: str, value: Any, annotation: Any) -> None:
     expected = origin or annotation
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return
+    if expected is tuple and isinstance(value, list):  # YAML has no tuples
+        return
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         raise ValueError(f"{path}={value!r}: expected {getattr(expected, '__name__', expected)}")
 
