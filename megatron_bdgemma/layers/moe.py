@@ -75,10 +75,10 @@ class BDGemmaMoELayer(MoELayer):
             return
         rank = parallel_state.get_expert_tensor_parallel_rank()
         size = parallel_state.get_expert_tensor_parallel_world_size()
-        base = torch.initial_seed() % (1 << 40)
+        base = torch.initial_seed()  # the run seed (train.seed), the same on every rank
         for global_index, weights in zip(self.local_expert_indices, local_weights, strict=True):
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed((base * 1_000_003 + self.layer_number) * 10_007 + global_index)
+                torch.manual_seed(((base * 1_000_003 + self.layer_number) * 10_007 + global_index) % (1 << 63))
                 for fc, init in (("linear_fc1", config.init_method), ("linear_fc2", config.output_layer_init_method)):
                     weight = weights[fc]
                     dim = getattr(weight, "partition_dim", 0)
