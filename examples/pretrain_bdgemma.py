@@ -4,8 +4,13 @@
     python examples/pretrain_bdgemma.py --config examples/configs/tiny_sft.yaml train.steps=20
     torchrun --nproc-per-node 8 examples/pretrain_bdgemma.py --config examples/configs/diffusiongemma_26b_sft.yaml
 
-Positional `section.key=value` arguments override the YAML (values are parsed as YAML). `--load DIR` resumes from a
-checkpoint root (its `latest`) or a checkpoint directory; a checkpoint converted from HF starts fresh from its weights.
+Positional `section.key=value` arguments override the YAML (values are parsed as YAML).
+
+`--load DIR` resumes the training run in DIR (its save root, or one of its `iter_N` directories) exactly: with the
+run config stored in its checkpoint, saving into DIR; `--config` and overrides apply on top, each change is printed,
+and changes to the data, objective, sample stream or architecture are refused. `--init-from DIR` starts a new run
+(the `--config` and overrides given) from DIR's model: a checkpoint converted from HF, or another run's (e.g. SFT
+from a pretraining run); optimizer, schedule and step start fresh.
 `--sample PROMPT` generates from the saved model at the end (byte tokenizer runs only).
 """
 
@@ -19,17 +24,27 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny_pretrain.yaml"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML run config")
-    parser.add_argument("--load", default=None, help="resume from this checkpoint root or directory")
+    parser.add_argument("--config", default=None,
+                        help=f"YAML run config (default: {DEFAULT_CONFIG.name}; with --load: the run's own, this on top)")
+    parser.add_argument("--load", default=None, help="resume the training run in this save root or iter_N directory")
+    parser.add_argument("--init-from", default=None,
+                        help="start a new run from this checkpoint's model (converted from HF, or another run's)")
     parser.add_argument("--sample", default="def ", help="prompt to generate from after training ('' = none)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_intermixed_args()
 
+    if args.load and args.init_from:
+        parser.error("--load resumes a run, --init-from starts a new one from weights: give one")
+
     from megatron_bdgemma.training.config import load_run_config
+    from megatron_bdgemma.training.resume import resume_run_config
     from megatron_bdgemma.training.trainer import train
 
-    overrides = list(args.overrides) + ([f"checkpoint.load={args.load}"] if args.load else [])
-    run = load_run_config(args.config, overrides)
+    if args.load:
+        run = resume_run_config(args.load, args.config, list(args.overrides))
+    else:
+        start = [f"checkpoint.init_from={args.init_from}", "model.hf=null"] if args.init_from else []
+        run = load_run_config(args.config or DEFAULT_CONFIG, [*args.overrides, *start])
     train(run)
     if args.sample and run.checkpoint.save and run.data.tokenizer == "byte":
         print_sample(run.checkpoint.save, args.sample)

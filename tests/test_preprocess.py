@@ -69,6 +69,7 @@ BAD_LINES = {
     "invalid_json": ('{"text": "the cat', "invalid JSON"),
     "empty": ({"text": "   "}, "empty document"),
     "invalid_record": ({"title": "no text"}, "no string under key 'text'"),
+    "invalid_text": ({"text": "x\ud800y"}, "text is not valid Unicode (surrogates not allowed at character 1)"),
 }
 
 
@@ -104,7 +105,8 @@ def test_skip_counts_every_kind(tmp_path, capsys):
             "--workers", "1", "--log-interval", "1"]
     assert preprocess_data.main(argv) == 0
     out, err = capsys.readouterr()
-    assert "skipped 4 bad records: empty 2" in out and "invalid_json 1" in out and "invalid_record 1" in out
+    assert "skipped 5 bad records: empty 2" in out and "invalid_json 1" in out and "invalid_record 1" in out
+    assert "invalid_text 1" in out
     assert "2 documents" in err  # progress lines
     byte = load_tokenizer("byte")
     assert read_documents(str(tmp_path / "out")) == [byte.encode("the cat") + [1], byte.encode("sat") + [1]]

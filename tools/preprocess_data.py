@@ -64,6 +64,10 @@ class _Encoder:
         text = record.get(self.json_key) if isinstance(record, dict) else None
         if not isinstance(text, str):
             return BadLine("invalid_record", location, f"no string under key {self.json_key!r}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:  # JSON's \ud800 escapes decode to lone surrogates no tokenizer takes
+            return BadLine("invalid_text", location, f"text is not valid Unicode ({err.reason} at character {err.start})")
         ids = self.tokenizer.encode(text) if text.strip() else []
         if not ids:
             return BadLine("empty", location, "empty document")

@@ -55,10 +55,16 @@ class HFCheckpoint:
         index_file = self.path / "model.safetensors.index.json"
         if index_file.is_file():
             weight_map = json.loads(index_file.read_text())["weight_map"]
+            for file in sorted({self.path / name for name in weight_map.values()}):
+                if not file.is_file():
+                    raise FileNotFoundError(f"{index_file} names {file.name}, which does not exist")
+                check_safetensors_file(file)
             return {key: self.path / name for key, name in weight_map.items()}
         files = sorted(self.path.glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"{self.path}: no *.safetensors files")
+        for file in files:
+            check_safetensors_file(file)
         key_files = {}
         for file in files:
             with safe_open(file, "pt") as handle:
@@ -82,6 +88,9 @@ class HFCheckpoint:
             raise KeyError(f"{self.path}: missing tensor {TEXT_PREFIXES[self.model_type][0] + name}")
         self._consumed.update(keys)
         tensor = self.read(keys[0])
+        if not tensor.is_floating_point():  # casting integers to the model's float dtype would train on garbage
+            raise ValueError(f"{self.key_files[keys[0]]}: {keys[0]} is stored as {tensor.dtype}; a floating-point "
+                             "tensor is expected")
         for other in keys[1:]:
             if not torch.equal(tensor, self.read(other)):
                 raise ValueError(f"{self.path}: {keys[0]} and its untied copy {other} differ")
@@ -118,6 +127,28 @@ class HFCheckpoint:
 
     def dropped(self) -> list[str]:
         return sorted(k for k in self.key_files if DROPPED.match(k))
+
+
+def check_safetensors_file(file: Path) -> None:
+    """Raise ValueError naming `file` when it is not a whole safetensors file (truncated, empty, not one at all).
+
+    Reads only the header: 8 bytes of little-endian header length, the JSON header, then the tensor data, whose
+    extent the header's `data_offsets` give.
+    """
+    size = file.stat().st_size
+    with file.open("rb") as handle:
+        head = handle.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < length <= size - 8:
+            raise ValueError(f"{file}: not a safetensors file, or truncated ({size} bytes, no complete header)")
+        try:
+            header = json.loads(handle.read(length))
+            end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError) as error:
+            raise ValueError(f"{file}: not a safetensors file (unreadable header: {error})") from None
+    if 8 + length + end > size:
+        raise ValueError(f"{file}: truncated safetensors file: its header describes {8 + length + end} bytes, the "
+                         f"file holds {size}")
 
 
 def _local_name(model: torch.nn.Module, name: str, layer_index: dict[int, int], expert_offset: int, local_experts: int) -> str | None:

@@ -37,6 +37,7 @@ from megatron_bdgemma.conversion.megatron_checkpoint import (
     CheckpointLayout,
     ConversionError,
     Log,
+    check_output_apart,
     checkpoint_model_config,
     layer_of,
     read_extra,
@@ -310,6 +311,7 @@ def convert_megatron_to_hf(
     started = time.monotonic()
     ensure_model_parallel()
     path = resolve_checkpoint_dir(megatron_dir)
+    check_output_apart(out, megatron_dir, path)
     stored = dist_checkpointing.load_tensors_metadata(str(path))
     embedding = stored.get("embedding.word_embeddings.weight")
     stored_dtype = embedding.dtype if embedding is not None else None

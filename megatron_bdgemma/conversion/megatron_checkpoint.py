@@ -119,8 +119,13 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     from megatron_bdgemma.training.checkpointing import LATEST, latest_checkpoint
 
     path = Path(path)
+    if not path.is_dir():
+        raise ConversionError(f"checkpoint directory {path} does not exist")
     if (path / LATEST).is_file():
-        path = latest_checkpoint(path)
+        try:
+            path = latest_checkpoint(path)
+        except (ValueError, FileNotFoundError) as error:
+            raise ConversionError(str(error)) from error
     if not (path / "metadata.json").is_file():
         raise ConversionError(f"{path} is not a Megatron distributed checkpoint (no metadata.json)")
     return path
@@ -177,6 +182,16 @@ def load_model(checkpoint_dir: str | Path, dtype: torch.dtype | None = None, bac
     )
     load_checkpoint(path, model)
     return model.eval()
+
+
+def check_output_apart(out: str | Path, *sources: str | Path) -> None:
+    """Refuse an `out` that is, contains or lies inside a source: replacing it (`--overwrite`) would delete the input."""
+    target = Path(out).resolve()
+    for source in sources:
+        src = Path(source).resolve()
+        if target == src or target in src.parents or src in target.parents:
+            relation = "is" if target == src else "contains" if target in src.parents else "is inside"
+            raise ConversionError(f"--out {out} {relation} the source {source}; write the output somewhere else")
 
 
 @contextmanager
@@ -491,7 +506,10 @@ def _preflight(checkpoint: HFCheckpoint, headers: dict[str, tuple[tuple[int, ...
             read.update(keys)
             merged += keys[1:]
             shape, dtype = headers[keys[0]]
-            meta[name] = torch.empty(shape, dtype=SAFETENSORS_DTYPES.get(dtype, torch.float32), device="meta")
+            if dtype not in SAFETENSORS_DTYPES:  # a cast from integers would silently load garbage weights
+                raise ConversionError(f"{checkpoint.path}: {keys[0]} is stored as {dtype}; a floating-point tensor "
+                                      f"({'/'.join(SAFETENSORS_DTYPES)}) is expected")
+            meta[name] = torch.empty(shape, dtype=SAFETENSORS_DTYPES[dtype], device="meta")
         shapes = {prefixes[0] + name: tuple(t.shape) for name, t in meta.items()}
         try:
             converted = mapping.to_megatron(meta)
@@ -579,6 +597,7 @@ def convert_hf_to_megatron(
     except ValueError as error:
         raise ConversionError(f"{checkpoint.path}: {error}") from error
     check_layout(config, tp, ep, pp)
+    check_output_apart(out, checkpoint.path)
     mappings = model_mappings(config)
     # An AR source has no self-conditioning tensors: those groups come from a fresh module instead.
     fresh = [] if is_diffusion else [m for m in mappings if m.hf_keys[0].startswith("self_conditioning.")]

@@ -13,6 +13,7 @@ and the AR loss both work inside the row, so megatron's extra label token would 
 
 from __future__ import annotations
 
+import functools
 import os
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -45,8 +46,9 @@ __all__ = [
 TOKEN_DTYPE = np.int32
 """On-disk token dtype of every dataset this package writes."""
 
-Blend = str | os.PathLike | Sequence[str] | Mapping[str, float]
-"""One dataset prefix; several prefixes, mixed in proportion to their sizes; or ``{prefix: weight}``."""
+Blend = str | os.PathLike | Sequence[str | float] | Mapping[str, float]
+"""One dataset prefix; several prefixes, mixed in proportion to their sizes; ``[w1, prefix1, w2, prefix2, ...]``
+(Megatron's form); or ``{prefix: weight}``."""
 
 
 class IndexedDatasetWriter:
@@ -143,6 +145,7 @@ def build_pretrain_datasets(
     split: str = "98,1,1",
     cache_dir: str | Path | None = None,
     is_built_on_rank: Callable[[], bool] = lambda: True,
+    vocab_size: int | None = None,
 ) -> PretrainSplits:
     """Build the train/valid/test datasets of a blend of indexed corpora.
 
@@ -162,27 +165,41 @@ def build_pretrain_datasets(
         num_samples: ``(train, valid, test)`` sample counts: a weighted blend gives exactly these and needs all
             three; a single corpus gives whole epochs, at least this many samples (``None``: one epoch).
         split: train/valid/test weights of the documents.
-        cache_dir: where megatron-core caches its index arrays.
+        cache_dir: where megatron-core caches its index arrays (keyed on the corpora's size and modification time,
+            so a corpus rewritten at the same prefix gets a fresh index) and each corpus's token range.
         is_built_on_rank: whether this rank needs the datasets (e.g. only pipeline stages that read tokens); rank 0
             must return True.
+        vocab_size: the model's vocabulary; a corpus with a token id outside ``[0, vocab_size)`` is refused.
 
     Returns:
         :class:`PretrainSplits`; each sample is a :class:`PretrainSample` with ``tokens [S]``.
 
     Raises:
         FileNotFoundError: a prefix has no ``.bin``/``.idx`` (names it).
-        ValueError: a weighted blend without all sample counts, or a split that gets no documents of some corpus.
+        ValueError: an empty, truncated or foreign ``.bin``/``.idx``; token ids past ``vocab_size``; a weighted blend
+            without all sample counts, or a split that gets no documents of some corpus.
     """
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     prefixes, weights = _parse_blend(blend)
+    cache = Path(cache_dir) if cache_dir is not None else Path(prefixes[0]).parent / "cache"
+    corpora = [inspect_corpus(prefix, cache) for prefix in prefixes]
+    if vocab_size is not None:
+        for corpus in corpora:
+            if corpus.max_token >= vocab_size or corpus.min_token < 0:
+                raise ValueError(
+                    f"{corpus.prefix}.bin holds token ids {corpus.min_token}..{corpus.max_token}, but the model's "
+                    f"vocabulary has ids 0..{vocab_size - 1}: was it written with another tokenizer? (data.tokenizer, "
+                    "the model's vocab_size)"
+                )
     num_samples = list(num_samples)
     if len(num_samples) != 3:
         raise ValueError(f"num_samples must be (train, valid, test), got {num_samples}")
     if weights is not None and None in num_samples:
         raise ValueError(f"a weighted blend needs a sample count for every split, got num_samples={num_samples}")
-    config = GPTDatasetConfig(
+    config_class, dataset_class = _gpt_dataset_classes()
+    config = config_class(
+        data_identity={c.prefix: c.identity for c in corpora},
         random_seed=seed,
         sequence_length=seq_length,
         blend=(prefixes, weights),
@@ -197,8 +214,98 @@ def build_pretrain_datasets(
         drop_last_partial_validation_sequence=True,  # every row is full, so pretrain_collate needs no valid mask
     )
     _check_splits(prefixes, split, config.split_matrix)
-    datasets = BlendedMegatronDatasetBuilder(GPTDataset, num_samples, is_built_on_rank, config).build()
+    datasets = BlendedMegatronDatasetBuilder(dataset_class, num_samples, is_built_on_rank, config).build()
     return PretrainSplits(*(None if d is None else PretrainDataset(d) for d in datasets))
+
+
+class CorpusInfo(NamedTuple):
+    prefix: str
+    identity: str
+    """Sizes and modification times of ``.bin`` and ``.idx``: a corpus rewritten in place gets another identity."""
+    min_token: int
+    max_token: int
+
+
+_IDX_HEADER_BYTES = 34  # magic (9), version (8), dtype code (1), sequence count (8), document count (8)
+
+
+def inspect_corpus(prefix: str, cache_dir: Path) -> CorpusInfo:
+    """Check that ``prefix.bin/.idx`` is a whole Megatron indexed dataset, and read its token range.
+
+    The structure is checked from the ``.idx`` alone (header, array sizes, the ``.bin`` size they imply); the token
+    range needs one pass over the ``.bin``, so it is cached in ``cache_dir`` under the files' identity.
+
+    Raises:
+        ValueError: naming the file, when it is empty, truncated or not an indexed dataset.
+    """
+    import hashlib
+    import json
+    import struct
+
+    from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType
+
+    idx, bin_ = Path(prefix + ".idx"), Path(prefix + ".bin")
+    stats = [idx.stat(), bin_.stat()]
+    identity = ";".join(f"{st.st_size}:{st.st_mtime_ns}" for st in stats)
+    idx_size, bin_size = stats[0].st_size, stats[1].st_size
+    with idx.open("rb") as f:
+        header = f.read(_IDX_HEADER_BYTES)
+    if len(header) < _IDX_HEADER_BYTES or header[:9] != _INDEX_HEADER:
+        raise ValueError(f"{idx} is not a Megatron indexed-dataset index ({idx_size} bytes: "
+                         f"{'too short' if len(header) < _IDX_HEADER_BYTES else 'no MMIDIDX header'}); rewrite it with "
+                         "tools/preprocess_data.py")
+    version, code, num_sequences, num_documents = struct.unpack("<QBQQ", header[9:])
+    try:
+        dtype = np.dtype(DType.dtype_from_code(code))
+    except (KeyError, ValueError):
+        dtype = None
+    expected = _IDX_HEADER_BYTES + num_sequences * 12 + num_documents * 8
+    if version != 1 or dtype is None or idx_size not in (expected, expected + num_sequences):
+        raise ValueError(f"{idx} is damaged or truncated (version {version}, dtype code {code}, {num_sequences} "
+                         f"sequences and {num_documents} documents need {expected} bytes, the file has {idx_size}); "
+                         "rewrite it with tools/preprocess_data.py")
+    lengths = np.fromfile(idx, dtype=np.int32, count=num_sequences, offset=_IDX_HEADER_BYTES)
+    needed = int(lengths.sum(dtype=np.int64)) * dtype.itemsize
+    if bin_size != needed or num_sequences == 0:
+        raise ValueError(f"{bin_} does not match its index: {num_sequences} sequences of {dtype} need {needed} bytes, "
+                         f"the file has {bin_size} (truncated, or written separately from {idx.name}); rewrite both "
+                         "with tools/preprocess_data.py")
+
+    record = cache_dir / f"{hashlib.sha1(str(Path(prefix).resolve()).encode()).hexdigest()[:16]}-token_range.json"
+    if record.is_file():
+        cached = json.loads(record.read_text())
+        if cached.get("identity") == identity:
+            return CorpusInfo(prefix, identity, cached["min"], cached["max"])
+    tokens = np.memmap(bin_, dtype=dtype, mode="r")
+    step = 1 << 26
+    lo = min(int(tokens[i:i + step].min()) for i in range(0, len(tokens), step))
+    hi = max(int(tokens[i:i + step].max()) for i in range(0, len(tokens), step))
+    del tokens
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_name(f"{record.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps({"prefix": str(prefix), "identity": identity, "min": lo, "max": hi}))
+    os.replace(tmp, record)  # atomic: ranks computing it at once write the same content
+    return CorpusInfo(prefix, identity, lo, hi)
+
+
+@functools.cache
+def _gpt_dataset_classes() -> tuple[type, type]:
+    """megatron-core's GPTDataset and its config, with the corpora's identity in the index cache's key."""
+    import dataclasses
+
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    @dataclasses.dataclass
+    class IdentifiedGPTDatasetConfig(GPTDatasetConfig):
+        data_identity: dict[str, str] = dataclasses.field(default_factory=dict)
+        """{prefix: CorpusInfo.identity}: megatron-core keys its cache on paths and settings only."""
+
+    class IdentifiedGPTDataset(GPTDataset):
+        @staticmethod
+        def _key_config_attributes() -> list[str]:
+            return [*GPTDataset._key_config_attributes(), "data_identity"]
+
+    return IdentifiedGPTDatasetConfig, IdentifiedGPTDataset
 
 
 def pretrain_collate(
@@ -225,10 +332,12 @@ def _parse_blend(blend: Blend) -> tuple[list[str], list[float] | None]:
         prefixes, weights = [str(blend)], None
     elif isinstance(blend, Mapping):
         prefixes, weights = [str(p) for p in blend], [float(w) for w in blend.values()]
-        if any(w <= 0 for w in weights):
-            raise ValueError(f"blend weights must be positive, got {dict(blend)}")
+    elif len(blend) % 2 == 0 and blend and all(_is_number(w) for w in blend[::2]):  # Megatron's [w1, p1, w2, p2]
+        prefixes, weights = [str(p) for p in blend[1::2]], [float(w) for w in blend[::2]]
     else:
         prefixes, weights = [str(p) for p in blend], None
+    if weights is not None and any(w <= 0 for w in weights):
+        raise ValueError(f"blend weights must be positive, got {dict(zip(prefixes, weights))}")
     if not prefixes:
         raise ValueError("the blend names no dataset")
     missing = [p for p in prefixes if not (Path(p + ".bin").is_file() and Path(p + ".idx").is_file())]
@@ -237,6 +346,17 @@ def _parse_blend(blend: Blend) -> tuple[list[str], list[float] | None]:
             f"no indexed dataset (.bin and .idx) at {missing}; write one with tools/preprocess_data.py"
         )
     return prefixes, weights
+
+
+def _is_number(value: object) -> bool:
+    """A blend weight: a number, or a string that reads as one (YAML / command lines give either)."""
+    if isinstance(value, bool):
+        return False
+    try:
+        float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _check_splits(prefixes: Iterable[str], split: str, split_matrix: Sequence[tuple[float, float] | None]) -> None:

@@ -197,6 +197,11 @@ def _messages(record: Any) -> list[dict[str, str]]:
                 or not isinstance(message.get("content"), str)):
             raise ChatRecordError("invalid_record",
                              f"message {i} is not {{'role': one of {ROLES}, 'content': str}}: {str(message)[:80]}")
+        try:
+            message["content"].encode("utf-8")
+        except UnicodeEncodeError as error:  # JSON's \ud800 escapes decode to lone surrogates no tokenizer takes
+            raise ChatRecordError("invalid_text", f"message {i} content is not valid Unicode ({error.reason} at "
+                                                  f"character {error.start})") from None
         messages.append({"role": message["role"], "content": message["content"]})
     if not messages:
         raise ChatRecordError("invalid_record", "the record has no messages")

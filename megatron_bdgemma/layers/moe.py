@@ -8,8 +8,14 @@ three inputs and returns the two branch outputs; the layer applies the norms.
 
 from __future__ import annotations
 
+import dataclasses
+from functools import partial
+from typing import Any
+
 import torch
-from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core import parallel_state
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher
 
@@ -45,7 +51,49 @@ class BDGemmaRouter(TopKRouter):
 
 
 class BDGemmaMoELayer(MoELayer):
-    """Megatron MoE with Gemma's separate router / expert / dense inputs (see module docstring)."""
+    """Megatron MoE with Gemma's separate router / expert / dense inputs (see module docstring).
+
+    Expert weights are initialised apart from the rest of the model, so random init does not depend on the expert
+    layout: Megatron draws each rank's local experts from one RNG stream (or a per-EP-rank tracker on GPU), which
+    makes EP=2 start from other weights than one process, and shifts every parameter drawn after the experts.
+    Here the experts are built with the RNG state put back afterwards, and each global expert is then drawn whole
+    from its own seed (the run seed, layer number, expert index) and sliced to this rank's expert-TP shard.
+    """
+
+    def __init__(self, config: TransformerConfig, submodules: MoESubmodules, layer_number: int | None = None,
+                 **kwargs: Any) -> None:
+        submodules = dataclasses.replace(submodules, experts=partial(_built_apart, submodules.experts))
+        super().__init__(config, submodules, layer_number=layer_number, **kwargs)
+        if layer_number is not None:
+            self._initialise_experts_by_global_index()
+
+    @torch.no_grad()
+    def _initialise_experts_by_global_index(self) -> None:
+        config = self.config
+        local_weights = _local_expert_weights(self.experts)
+        if not config.perform_initialization or any(w.is_meta for ws in local_weights for w in ws.values()):
+            return
+        rank = parallel_state.get_expert_tensor_parallel_rank()
+        size = parallel_state.get_expert_tensor_parallel_world_size()
+        base = torch.initial_seed()  # the run seed (train.seed), the same on every rank
+        for global_index, weights in zip(self.local_expert_indices, local_weights, strict=True):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(((base * 1_000_003 + self.layer_number) * 10_007 + global_index) % (1 << 63))
+                for fc, init in (("linear_fc1", config.init_method), ("linear_fc2", config.output_layer_init_method)):
+                    weight = weights[fc]
+                    dim = getattr(weight, "partition_dim", 0)
+                    sharded = getattr(weight, "tensor_model_parallel", False) and size > 1
+                    shape = list(weight.shape)
+                    if sharded:
+                        shape[dim] *= size
+                    full = torch.empty(shape, dtype=torch.float32)
+                    init(full)
+                    if sharded and fc == "linear_fc1":  # a GLU shard holds [gate_r ; up_r]
+                        gate, up = full.chunk(2, dim=0)
+                        full = torch.cat([gate.chunk(size, dim)[rank], up.chunk(size, dim)[rank]], dim=0)
+                    elif sharded:
+                        full = full.chunk(size, dim)[rank]
+                    weight.copy_(full)
 
     def forward(
         self, router_input: torch.Tensor, expert_input: torch.Tensor, dense_input: torch.Tensor
@@ -64,3 +112,19 @@ class BDGemmaMoELayer(MoELayer):
         expert_output, _ = self.routed_experts_compute(hidden, probs)
         expert_output = self.token_dispatcher.combine_postprocess(self.combine(expert_output))
         return dense_output, expert_output
+
+
+def _built_apart(build: Any, *args: Any, **kwargs: Any) -> torch.nn.Module:
+    """Build the experts with the RNG state restored afterwards: what is drawn after them does not depend on how
+    many of them this rank holds."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        return build(*args, **kwargs)
+
+
+def _local_expert_weights(experts: torch.nn.Module) -> list[dict[str, torch.Tensor]]:
+    """{"linear_fc1": w, "linear_fc2": w} per local expert: `SequentialMLP` (local) or `TEGroupedMLP` (te)."""
+    if hasattr(experts, "local_experts"):
+        return [{fc: getattr(e, fc).weight for fc in ("linear_fc1", "linear_fc2")} for e in experts.local_experts]
+    return [{fc: getattr(getattr(experts, fc), f"weight{i}") for fc in ("linear_fc1", "linear_fc2")}
+            for i in range(experts.num_local_experts)]

@@ -14,6 +14,7 @@ loadable under another TP / EP layout.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -40,7 +41,18 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     marker = Path(root) / LATEST
     if not marker.is_file():
         return None
-    path = Path(root) / marker.read_text().strip()
+    raw = marker.read_bytes()
+    try:
+        name = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        name = None
+    if name is None or not name.isprintable() or "/" in name:
+        raise ValueError(f"{marker} is not a checkpoint marker (binary or garbled: {raw[:32]!r}); it should hold a "
+                         f"directory name such as {_name(40)}")
+    if not name:
+        raise ValueError(f"{marker} is empty; it should name the newest complete checkpoint, e.g. {_name(40)} "
+                         f"(present here: {sorted(p.name for p in Path(root).glob('iter_*'))})")
+    path = Path(root) / name
     if not path.is_dir():
         raise FileNotFoundError(f"{marker} names {path.name}, which does not exist")
     return path
@@ -87,7 +99,18 @@ def save_checkpoint(
     _barrier()
     state = _sharded_state(model, optimizer, is_loading=False)
     state["extra"] = extra or {}
-    dist_checkpointing.save(state, str(staging))
+    try:
+        dist_checkpointing.save(state, str(staging))
+    except BaseException as error:  # torch's CheckpointException is a BaseException
+        disk_full = _is_disk_full(error, root, model)  # before the partial save is removed and frees space again
+        if rank0:
+            shutil.rmtree(staging, ignore_errors=True)  # every rank has failed too: DCP gathers the failures
+        if disk_full:
+            previous = latest_checkpoint(root)
+            raise OSError(errno.ENOSPC, f"no space left on {root} while saving {final.name}: removed the partial "
+                          f"{staging.name}; {f'{previous} is kept' if previous else 'no earlier checkpoint exists'}"
+                          ) from error
+        raise
     _barrier()
     if rank0:
         shutil.rmtree(final, ignore_errors=True)
@@ -104,9 +127,33 @@ def save_checkpoint(
     return final
 
 
+def _is_disk_full(error: BaseException, root: Path, model: torch.nn.Module) -> bool:
+    """Whether a failed save ran out of space on `root`.
+
+    torch and megatron-core wrap a writer's OSError in their own exceptions (chained, or per rank in
+    `CheckpointException.failures`); megatron's threaded writer keeps only the class name (`<class 'OSError'>`). So
+    ENOSPC is recognised in the chain, or an OSError with less room left on `root` than this rank's weights need.
+    """
+    seen, todo, oserror = set(), [error], False
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or os.strerror(errno.ENOSPC) in str(e):
+            return True
+        oserror |= isinstance(e, OSError) or "OSError" in str(e)
+        todo += [e.__cause__, e.__context__]
+        todo += [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
+    needed = sum(p.numel() * p.element_size() for p in model.parameters())
+    return oserror and shutil.disk_usage(root).free < needed
+
+
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Any | None = None) -> dict[str, Any]:
     """Load a checkpoint directory (or a save root, via `latest`) into `model` / `optimizer`; return `extra`."""
     path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     if (path / LATEST).is_file():
         path = latest_checkpoint(path)
     if not (path / "metadata.json").is_file():

@@ -9,6 +9,7 @@ anything is built, with one message that lists every problem.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ class ParallelSection:
 @dataclass
 class DataSection:
     mode: Literal["pretrain", "sft"] = "pretrain"
-    paths: list[str] = field(default_factory=list)
+    paths: list[str | float] = field(default_factory=list)
     """pretrain: indexed-dataset prefixes, optionally with weights ([w1, prefix1, w2, prefix2]); sft: chat JSONL
     files. Empty = the embedded default (text that ships with Python, byte tokenizer)."""
     tokenizer: str = "byte"
@@ -120,9 +121,15 @@ class TrainSection:
 class CheckpointSection:
     save: str | None = None
     load: str | None = None
+    """Resume this training run exactly (its save root or an `iter_N` directory); see `training/resume.py`."""
+    init_from: str | None = None
+    """Start a new run from this checkpoint's model (architecture and weights: converted from HF, or another run's);
+    optimizer, schedule and step start fresh."""
     interval: int = 0
     """Save every N steps (0 = only at the end, when `save` is set)."""
     keep_last: int = 2
+    """Keep the newest N >= 1 complete checkpoints of this run (the one just written included); older ones of
+    this run are deleted after each save. There is no "keep all": use a large N."""
 
 
 @dataclass
@@ -178,6 +185,21 @@ class RunConfig:
             problems.append(f"optim.warmup_steps ({self.optim.warmup_steps}) must be < train.steps ({t.steps})")
         if t.steps < 1 or t.micro_batch_size < 1 or t.global_batch_size < 1:
             problems.append("train.steps, train.micro_batch_size and train.global_batch_size must be >= 1")
+        if t.log_interval < 1 or t.eval_interval < 0 or t.eval_steps < 1:
+            problems.append(f"need train.log_interval >= 1, train.eval_interval >= 0 and train.eval_steps >= 1, got "
+                            f"{t.log_interval}, {t.eval_interval}, {t.eval_steps}")
+        if self.data.seq_length < 1:
+            problems.append(f"data.seq_length must be >= 1, got {self.data.seq_length}")
+        if self.checkpoint.keep_last < 1:
+            problems.append(f"checkpoint.keep_last must be >= 1 (the newest N checkpoints are kept), got "
+                            f"{self.checkpoint.keep_last}")
+        if self.checkpoint.interval < 0:
+            problems.append(f"checkpoint.interval must be >= 0 (0 = save only at the end), got {self.checkpoint.interval}")
+        problems += _model_override_problems(self.model.overrides)
+        starts = [name for name, value in [("model.hf", self.model.hf), ("checkpoint.load", self.checkpoint.load),
+                                           ("checkpoint.init_from", self.checkpoint.init_from)] if value]
+        if len(starts) > 1 and starts != ["model.hf", "checkpoint.load"]:  # a resumed run may have begun from HF
+            problems.append(f"{' and '.join(starts)} each choose the starting weights; give one")
         if t.fp8:
             if self.model.backend != "te":
                 problems.append("train.fp8 needs model.backend=te (FP8 GEMMs are Transformer Engine's)")
@@ -221,8 +243,30 @@ def _check_type(path: str, value: Any, annotation: Any) -> None:
     expected = origin or annotation
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return
+    if expected is tuple and isinstance(value, list):  # YAML has no tuples
+        return
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         raise ValueError(f"{path}={value!r}: expected {getattr(expected, '__name__', expected)}")
+
+
+def _model_override_problems(overrides: dict[str, Any]) -> list[str]:
+    """Unknown `BDGemmaConfig` fields and values of the wrong type in `model.overrides`, each named."""
+    from megatron_bdgemma.config import BDGemmaConfig
+
+    hints = typing.get_type_hints(BDGemmaConfig)
+    problems = []
+    for key, value in overrides.items():
+        if key not in hints:
+            close = difflib.get_close_matches(key, hints, n=3)
+            problems.append(f"model.overrides.{key} is not a BDGemmaConfig field{f' (did you mean {close}?)' if close else ''}")
+            continue
+        try:
+            _check_type(f"model.overrides.{key}", value, hints[key])
+        except ValueError as error:
+            problems.append(str(error))
+        except TypeError:  # an annotation isinstance cannot check (e.g. a protocol); the config's own checks apply
+            pass
+    return problems
 
 
 def _build(cls: type, values: dict[str, Any], path: str) -> Any:

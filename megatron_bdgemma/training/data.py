@@ -62,7 +62,7 @@ def build_step_data(run: RunConfig, config: BDGemmaConfig) -> StepData:
         splits = build_pretrain_datasets(
             blend, tokenizer=tokenizer, seq_length=d.seq_length, seed=run.train.seed,
             num_samples=(run.train.steps * g, max(run.train.eval_steps, 1) * g, None if len(blend) == 1 else g),
-            split=d.split, cache_dir=d.cache_dir,
+            split=d.split, cache_dir=d.cache_dir, vocab_size=config.vocab_size,
         )
         datasets = {"train": splits.train, "valid": splits.valid or splits.train}
         collate = partial(pretrain_collate, block_size=block, pad_id=tokenizer.pad)
@@ -74,6 +74,9 @@ def build_step_data(run: RunConfig, config: BDGemmaConfig) -> StepData:
                           truncation=d.truncation)
         if full.bad.total or full.ar_only or full.truncated:
             print(full.summary(), flush=True)
+        if len(full) < 2:
+            raise ValueError(f"{paths[0]} has {len(full)} usable chat record(s); SFT needs at least 2 (every "
+                             f"{SFT_VALID_EVERY}th record, the first included, is held out for evaluation)")
         indices = range(len(full))
         datasets = {
             "train": torch.utils.data.Subset(full, [i for i in indices if i % SFT_VALID_EVERY]),

@@ -33,6 +33,7 @@ from megatron_bdgemma.training.checkpointing import latest_checkpoint, load_chec
 from megatron_bdgemma.training.config import RunConfig
 from megatron_bdgemma.training.data import StepData, build_step_data
 from megatron_bdgemma.training.metrics import MetricsLogger, model_flops_per_step
+from megatron_bdgemma.training.resume import check_resume, read_checkpoint_extra, read_training_extra
 
 
 @dataclass
@@ -71,11 +72,15 @@ def build_model_config(run: RunConfig) -> BDGemmaConfig:
     )
     if run.train.fp8:  # megatron-core rejects any fp8 field without Transformer Engine, so set them only when asked
         megatron |= dict(fp8=run.train.fp8, fp8_recipe=run.train.fp8_recipe, fp8_param=run.train.fp8_param)
+    source = run.checkpoint.load or run.checkpoint.init_from
+    if source:
+        # A checkpoint (saved here or converted from HF) carries its architecture; preset and HF config are not read.
+        extra = read_extra(source)
+        if "model_config" not in extra:
+            raise ValueError(f"{source}: the checkpoint does not record its model config (extra['model_config'])")
+        return model_config_from_dict(extra["model_config"], **(megatron | run.model.overrides))
     if run.model.hf:
         return config_from_hf(HFCheckpoint(run.model.hf).hf_config(), **(megatron | run.model.overrides))
-    if run.checkpoint.load and "model_config" in read_extra(run.checkpoint.load):
-        # A checkpoint (saved here or converted from HF) carries its architecture; the preset is not consulted.
-        return model_config_from_dict(read_extra(run.checkpoint.load)["model_config"], **(megatron | run.model.overrides))
     if run.model.preset not in PRESETS:
         raise ValueError(f"model.preset {run.model.preset!r} is unknown; choose from {sorted(PRESETS)}")
     return PRESETS[run.model.preset](**(megatron | run.model.overrides))
@@ -91,6 +96,12 @@ def _check_save_root_is_free(run: RunConfig) -> None:
         load = Path(run.checkpoint.load).resolve()
         if Path(save).resolve() in (load, *load.parents):  # resuming this run (from `latest` or one of its iters)
             return
+    if run.checkpoint.load:  # name the run being resumed, not only the one in the way
+        raise ValueError(
+            f"checkpoint.save={save} holds another run (latest: {existing.name}) than the one being resumed, "
+            f"{run.checkpoint.load}; `--load {run.checkpoint.load}` alone saves into its own directory, or set "
+            "checkpoint.save to a new directory"
+        )
     raise ValueError(
         f"checkpoint.save={save} already holds a run (latest: {existing.name}); resume it "
         f"with --load {save}, or save somewhere else, or delete that directory"
@@ -101,12 +112,18 @@ def setup(run: RunConfig) -> TrainState:
     """Distributed groups, model (from a preset or HF weights), DDP, optimizer, schedule, data; resume if asked."""
     init_distributed(tp=run.parallel.tp, pp=run.parallel.pp, ep=run.parallel.ep, etp=run.parallel.etp, seed=run.train.seed)
     run.validate(dist.get_world_size())
+    if run.checkpoint.load:
+        changes = check_resume(run, read_training_extra(run.checkpoint.load, "checkpoint.load")["run"])
+        if changes and dist.get_rank() == 0:
+            print(f"resuming {run.checkpoint.load} with changes to its run config:\n  " + "\n  ".join(changes), flush=True)
+    elif run.checkpoint.init_from:
+        read_checkpoint_extra(run.checkpoint.init_from, "checkpoint.init_from")  # named before anything is built
     _check_save_root_is_free(run)
     if run.train.fp8 and not torch.cuda.is_available():
         raise ValueError("train.fp8 needs a GPU with Transformer Engine; this machine has no CUDA device")
     config = build_model_config(run)
     model = BDGemmaModel(config, backend=run.model.backend)
-    if run.model.hf:
+    if run.model.hf and not run.checkpoint.load:  # a resumed run's weights come from its checkpoint
         load_hf_weights(model, HFCheckpoint(run.model.hf), config)
     if torch.cuda.is_available():
         model.cuda()
@@ -132,13 +149,12 @@ def setup(run: RunConfig) -> TrainState:
     config.no_sync_func = model.no_sync
     config.finalize_model_grads_func = finalize_model_grads
     state = TrainState(run, config, model, optimizer, scheduler, build_step_data(run, config))
-    if run.checkpoint.load:
-        if "step" in read_extra(run.checkpoint.load):  # a training checkpoint: resume exactly
-            extra = load_checkpoint(run.checkpoint.load, model.module, optimizer)
-            scheduler.load_state_dict(extra["scheduler"])
-            state.step = int(extra["step"])
-        else:  # converted from HF: weights only; optimizer, schedule and step start fresh
-            load_checkpoint(run.checkpoint.load, model.module)
+    if run.checkpoint.load:  # a training run: resume exactly
+        extra = load_checkpoint(run.checkpoint.load, model.module, optimizer)
+        scheduler.load_state_dict(extra["scheduler"])
+        state.step = int(extra["step"])
+    elif run.checkpoint.init_from:  # weights only; optimizer, schedule and step start fresh
+        load_checkpoint(run.checkpoint.init_from, model.module)
     return state
 
 

@@ -1,0 +1,123 @@
+"""Resuming a training run, as opposed to starting a new run from a checkpoint's weights.
+
+- **Resume** (`--load DIR`, `checkpoint.load`): DIR is a training run (its save root, or one of its `iter_N`
+  directories). The run continues with the run config stored in the checkpoint and saves into DIR's save root;
+  a YAML given with `--config` and the command-line overrides apply on top. Every value that differs from the
+  stored run is printed, and a change that breaks exact resume (the data, the objective, the sample stream, the
+  architecture) is refused.
+- **Start from weights** (`--init-from DIR`, `checkpoint.init_from`): a new run whose model architecture and
+  weights come from DIR (a checkpoint converted from HF, or another run, e.g. SFT from a pretraining run);
+  optimizer, schedule and step start fresh, and the run config is the one given.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megatron_bdgemma.training.config import RunConfig, _build, apply_override
+
+# Keys whose change makes a resumed run differ from the uninterrupted one: which samples, in which order, under
+# which objective, with which model. Prefixes end with a dot.
+BREAKS_EXACT_RESUME = (
+    "data.mode", "data.paths", "data.tokenizer", "data.seq_length", "data.split", "objective.", "train.seed",
+    "train.global_batch_size", "model.overrides.",
+)
+# `model.overrides` keys that choose an implementation, not the model: same values and gradients (to rounding).
+IMPLEMENTATION_OVERRIDES = ("attention_impl", "attention_chunk_size")
+# Not part of what a resumed run reproduces: where it comes from and where it writes.
+_NOT_COMPARED = ("checkpoint.load", "checkpoint.init_from")
+
+
+def read_checkpoint_extra(path: str | Path, flag: str) -> dict[str, Any]:
+    """The `extra` of the checkpoint at `path`; ValueError naming `flag` and `path` when it is missing, has a broken
+    `latest` or is not a checkpoint."""
+    from megatron_bdgemma.conversion.megatron_checkpoint import ConversionError, read_extra
+
+    try:
+        return read_extra(path)
+    except ConversionError as error:
+        raise ValueError(f"{flag} {path}: {error}") from None
+
+
+def read_training_extra(path: str | Path, flag: str) -> dict[str, Any]:
+    """The `extra` of the training checkpoint at `path` (a save root or an `iter_N` directory).
+
+    Raises ValueError naming `flag` and `path` when it is missing, has a broken `latest`, is not a checkpoint, or
+    holds weights only (converted from HF: start from it with `--init-from`).
+    """
+    extra = read_checkpoint_extra(path, flag)
+    if "step" not in extra or "run" not in extra:
+        raise ValueError(
+            f"{flag} {path} resumes a training run, but this checkpoint holds weights only (converted from HF, or "
+            f"saved without a run config); start a new run from its weights with --init-from {path} "
+            "(checkpoint.init_from)"
+        )
+    return extra
+
+
+def save_root(path: str | Path) -> Path:
+    """The save directory a checkpoint belongs to: `path` itself when it holds `latest`, else its parent."""
+    from megatron_bdgemma.training.checkpointing import LATEST
+
+    path = Path(path)
+    return path if (path / LATEST).is_file() else path.parent
+
+
+def resume_run_config(load: str | Path, config_path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """The run config that resumes the training run at `load`: the stored one, saving into `load`'s save root,
+    then the values of the YAML at `config_path` (if given), then `overrides` (`section.key=value`)."""
+    values = copy.deepcopy(read_training_extra(load, "--load")["run"])
+    values.setdefault("checkpoint", {}).update(save=str(save_root(load)), load=str(load), init_from=None)
+    if config_path is not None:
+        given = yaml.safe_load(Path(config_path).read_text()) or {}
+        if not isinstance(given, dict):
+            raise ValueError(f"{config_path}: expected a mapping of sections at the top level")
+        _merge(values, given)
+    for override in overrides:
+        apply_override(values, override)
+    values["checkpoint"]["load"] = str(load)
+    return _build(RunConfig, values, "")
+
+
+def check_resume(run: RunConfig, stored: dict[str, Any]) -> list[str]:
+    """Compare `run` with the stored run config of the checkpoint it resumes.
+
+    Returns one line per changed value (`key: old → new`); raises ValueError listing the changes that break exact
+    resume.
+    """
+    old, new = _flatten(stored), _flatten(run.to_dict())
+    changed = [key for key in sorted(old.keys() | new.keys())
+               if not key.startswith(_NOT_COMPARED) and old.get(key) != new.get(key)]
+    refused = [key for key in changed if key.startswith(BREAKS_EXACT_RESUME)
+               and key.removeprefix("model.overrides.") not in IMPLEMENTATION_OVERRIDES]
+    lines = [f"{key}: {old.get(key)!r} → {new.get(key)!r}" for key in changed]
+    if refused:
+        raise ValueError(
+            f"resuming {run.checkpoint.load} with a different "
+            + ", ".join(f"{key} ({old.get(key)!r} → {new.get(key)!r})" for key in refused)
+            + " would not continue the same run (other data, objective or model); drop those overrides, or start a "
+            f"new run from its weights with --init-from {run.checkpoint.load}"
+        )
+    return lines
+
+
+def _merge(into: dict[str, Any], given: dict[str, Any]) -> None:
+    for key, value in given.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -1,0 +1,402 @@
+"""Nothing lost, every bad input named (issue 12, items 1-11): resume vs start from weights, converters that never
+touch their input, checkpoint pruning and disk-full saves, stale data caches, layout-independent initialisation,
+and a named error for each kind of bad data, config and checkpoint input."""
+
+from __future__ import annotations
+
+import errno
+import json
+import re
+import shutil
+import sys
+from collections import Counter, namedtuple
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from megatron_bdgemma.training.config import load_run_config
+from tests import hf_models
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = REPO / "examples" / "configs" / "tiny_pretrain.yaml"
+SFT_CONFIG = REPO / "examples" / "configs" / "tiny_sft.yaml"
+sys.path.insert(0, str(REPO / "tools"))
+import convert_hf_to_megatron as import_tool  # noqa: E402  (scripts, not a package)
+import convert_megatron_to_hf as export_tool  # noqa: E402
+
+SMALL = ["data.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=4", "train.eval_interval=0",
+         "optim.warmup_steps=1", "model.overrides={num_layers: 2, layer_types: [sliding_attention, full_attention]}"]
+
+
+def _run(tmp: Path, *overrides: str, config: Path = CONFIG):
+    return load_run_config(config, [f"data.cache_dir={tmp / 'data'}", "checkpoint.save=null", *SMALL, *overrides])
+
+
+def _losses(history):
+    return [(h["diffusion"], h["ar"]) for h in history]
+
+
+# ---- 1. resume uses the run config stored in the checkpoint; starting from weights is --init-from --------------
+
+
+@pytest.fixture
+def sft_run(tmp_path, model_parallel) -> tuple[Path, list]:
+    """A 4-step SFT run saved at steps 2 and 4, with `latest` put back on step 2 (as if it stopped there)."""
+    from megatron_bdgemma.training.trainer import train
+
+    root = tmp_path / "ft"
+    history = train(_run(tmp_path, "data.seq_length=96", "train.steps=4", f"checkpoint.save={root}",
+                         "checkpoint.interval=2", config=SFT_CONFIG))
+    (root / "latest").write_text("iter_0000002")
+    return root, history
+
+
+def test_load_resumes_the_runs_own_config_and_save_directory(sft_run, capsys):
+    """`--load DIR` with only `train.steps` (the pretraining default config is not read): the SFT data and its
+    save directory come from the checkpoint, and the losses continue the run bit for bit."""
+    from megatron_bdgemma.training.resume import resume_run_config
+    from megatron_bdgemma.training.trainer import train
+
+    root, full = sft_run
+    run = resume_run_config(root, None, ["train.log_interval=100"])
+    assert run.data.mode == "sft" and run.checkpoint.save == str(root) and run.checkpoint.load == str(root)
+    resumed = train(run)
+    assert [h["step"] for h in resumed] == [3, 4]
+    assert _losses(resumed) == _losses(full)[2:]
+    assert "train.log_interval: 10 → 100" in capsys.readouterr().out  # each change is printed
+
+
+def test_cli_load_and_init_from(sft_run, monkeypatch):
+    """The job's flags: `--load DIR` alone resumes DIR's SFT run (the default pretraining YAML is not read);
+    `--init-from DIR` takes the YAML given and DIR's model; both at once are refused."""
+    import importlib.util
+
+    from megatron_bdgemma.training import trainer
+
+    spec = importlib.util.spec_from_file_location("pretrain_bdgemma", REPO / "examples" / "pretrain_bdgemma.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    runs = []
+    monkeypatch.setattr(trainer, "train", runs.append)
+    root, _ = sft_run
+    monkeypatch.setattr(sys, "argv", ["pretrain_bdgemma.py", "--load", str(root), "train.steps=8", "--sample", ""])
+    job.main()
+    big = REPO / "examples" / "configs" / "diffusiongemma_26b_sft.yaml"  # sets model.hf, which --init-from replaces
+    monkeypatch.setattr(sys, "argv", ["pretrain_bdgemma.py", "--config", str(big), "--init-from", str(root), "--sample", ""])
+    job.main()
+    resumed, started = runs
+    assert (resumed.data.mode, resumed.checkpoint.save, resumed.checkpoint.load, resumed.train.steps) == (
+        "sft", str(root), str(root), 8)
+    assert started.checkpoint.init_from == str(root) and started.model.hf is None and started.checkpoint.load is None
+    monkeypatch.setattr(sys, "argv", ["pretrain_bdgemma.py", "--load", str(root), "--init-from", str(root)])
+    with pytest.raises(SystemExit):
+        job.main()
+
+
+@pytest.mark.parametrize("override,key", [("data.mode=pretrain", "data.mode"), ("train.seed=7", "train.seed"),
+                                          ("objective.ar_weight=0.5", "objective.ar_weight"),
+                                          ("model.overrides.canvas_length=32", "model.overrides.canvas_length")])
+def test_load_refuses_changes_that_break_exact_resume(sft_run, override, key):
+    from megatron_bdgemma.training.resume import resume_run_config
+    from megatron_bdgemma.training.trainer import train
+
+    root, _ = sft_run
+    with pytest.raises(ValueError, match=rf"resuming {root} with a different {key} .*--init-from {root}"):
+        train(resume_run_config(root, None, [override]))
+    assert (root / "latest").read_text() == "iter_0000002"
+
+
+def test_a_run_built_from_another_config_cannot_resume_silently(sft_run, tmp_path):
+    """The API path: a pretraining config pointed at the SFT run is refused, naming the data it would switch to."""
+    from megatron_bdgemma.training.trainer import train
+
+    root, _ = sft_run
+    with pytest.raises(ValueError, match=r"data\.mode \('sft' → 'pretrain'\)"):
+        train(_run(tmp_path, f"checkpoint.load={root}", f"checkpoint.save={root}"))
+
+
+def test_resuming_into_another_runs_directory_names_both(sft_run, tmp_path):
+    from megatron_bdgemma.training.resume import resume_run_config
+    from megatron_bdgemma.training.trainer import train
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "iter_0000009").mkdir()
+    (other / "latest").write_text("iter_0000009")
+    root, _ = sft_run
+    with pytest.raises(ValueError, match=rf"checkpoint.save={other} holds another run \(latest: iter_0000009\) than "
+                                         rf"the one being resumed, {root}; `--load {root}` alone saves"):
+        train(resume_run_config(root, None, [f"checkpoint.save={other}"]))
+
+
+def test_init_from_starts_a_new_run_from_weights(sft_run, tmp_path):
+    """SFT from a run's weights: step 1 again, another save directory, and `--load` of a weights-only checkpoint
+    points to `--init-from`."""
+    from megatron_bdgemma.config import tiny
+    from megatron_bdgemma.conversion.megatron_checkpoint import model_config_to_dict
+    from megatron_bdgemma.model import BDGemmaModel
+    from megatron_bdgemma.training.checkpointing import save_checkpoint
+    from megatron_bdgemma.training.resume import resume_run_config
+    from megatron_bdgemma.training.trainer import train
+
+    root, _ = sft_run
+    history = train(_run(tmp_path, "train.steps=2", f"checkpoint.init_from={root}", f"checkpoint.save={tmp_path / 'b'}"))
+    assert [h["step"] for h in history] == [1, 2]
+    config = tiny(num_layers=1, layer_types=["full_attention"])
+    weights = tmp_path / "weights"
+    save_checkpoint(weights, 1, BDGemmaModel(config), extra={"model_config": model_config_to_dict(config)})
+    with pytest.raises(ValueError, match=rf"holds weights only.*--init-from {weights}"):
+        resume_run_config(weights)
+
+
+# ---- 2. converters never replace their input ---------------------------------------------------------------------
+
+
+def test_converters_refuse_an_output_that_overlaps_the_source(tmp_path, capsys, model_parallel):
+    from megatron_bdgemma.conversion.megatron_checkpoint import convert_hf_to_megatron
+
+    hf = hf_models.save(hf_models.diffusion_gemma(), tmp_path / "hf")
+    run = tmp_path / "project" / "run"
+    convert_hf_to_megatron(hf, run, log=lambda _: None)
+    (tmp_path / "project" / "notes.txt").write_text("mine")
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    for out, relation in [(run, "is"), (tmp_path / "project", "contains"), (run / "hf", "is inside")]:
+        assert export_tool.main(["--megatron", str(run), "--out", str(out), "--overwrite"]) == 2
+        assert f"--out {out} {relation} the source" in capsys.readouterr().err
+    for out, relation in [(hf, "is"), (tmp_path, "contains"), (hf / "mg", "is inside")]:
+        assert import_tool.main(["--hf", str(hf), "--out", str(out), "--overwrite"]) == 2
+        assert f"--out {out} {relation} the source" in capsys.readouterr().err
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+# ---- 3. keep_last, 7. config values --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("checkpoint.keep_last=0", r"checkpoint\.keep_last must be >= 1.*got 0"),
+        ("checkpoint.keep_last=-1", r"checkpoint\.keep_last must be >= 1.*got -1"),
+        ("data.seq_length=0", r"data\.seq_length must be >= 1, got 0"),
+        ("data.seq_length=-8", r"data\.seq_length must be >= 1, got -8"),
+        ("model.overrides={num_layerz: 2}", r"model\.overrides\.num_layerz is not a BDGemmaConfig field.*num_layers"),
+        ("model.overrides={num_layers: two}", r"model\.overrides\.num_layers='two': expected int"),
+        ("model.overrides={attention_impl: fast}", r"model\.overrides\.attention_impl='fast': expected one of"),
+    ],
+)
+def test_bad_config_values_are_named(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        _run(tmp_path, override).validate(world_size=1)
+
+
+def _corpus(prefix: Path, token: int, num_docs: int = 40, length: int = 8) -> str:
+    from megatron_bdgemma.data.pretrain import IndexedDatasetWriter
+
+    with IndexedDatasetWriter(prefix) as writer:
+        for _ in range(num_docs):
+            writer.add_document(np.full(length, token))
+    return str(prefix)
+
+
+def test_weighted_blend_as_the_readme_writes_it(tmp_path):
+    """`data.paths=[w1, p1, w2, p2]` from the command line: numbers are weights, the rest prefixes."""
+    from megatron_bdgemma.data import ByteTokenizer
+    from megatron_bdgemma.data.pretrain import build_pretrain_datasets
+
+    a, b = _corpus(tmp_path / "a", 10), _corpus(tmp_path / "b", 20)
+    run = _run(tmp_path, f"data.paths=[0.25, {a}, 0.75, {b}]")
+    assert run.data.paths == [0.25, a, 0.75, b]
+    splits = build_pretrain_datasets(run.data.paths, tokenizer=ByteTokenizer(), seq_length=8, seed=0,
+                                     num_samples=(200, 8, 8), split="90,5,5", cache_dir=tmp_path / "cache")
+    assert Counter(int(splits.train[i]["tokens"][0]) for i in range(200)) == {10: 50, 20: 150}
+
+
+# ---- 4. stale index cache, 6. bad pretraining data -----------------------------------------------------------------
+
+
+def test_corpus_rewritten_in_place_gets_a_fresh_index(tmp_path):
+    from megatron_bdgemma.data import ByteTokenizer
+    from megatron_bdgemma.data.pretrain import build_pretrain_datasets
+
+    def build(prefix):
+        return build_pretrain_datasets(prefix, tokenizer=ByteTokenizer(), seq_length=8, seed=0, num_samples=(30, 2, 2),
+                                       split="80,10,10", cache_dir=tmp_path / "cache")
+
+    prefix = _corpus(tmp_path / "c", 10, num_docs=40)
+    assert int(build(prefix).train[0]["tokens"][0]) == 10
+    _corpus(tmp_path / "c", 30, num_docs=60, length=5)  # preprocess_data.py run again into the same prefix
+    fresh = build(prefix)
+    assert all(set(fresh.train[i]["tokens"].tolist()) == {30} for i in range(len(fresh.train)))
+
+
+def _truncate(path: Path, keep: int) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:keep])
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda p: Path(p + ".idx").write_bytes(b""), r"c\.idx is not a Megatron indexed-dataset index \(0 bytes"),
+        (lambda p: Path(p + ".bin").write_bytes(b""), r"c\.bin does not match its index.*the file has 0"),
+        (lambda p: _truncate(Path(p + ".bin"), 100), r"c\.bin does not match its index: 40 sequences of int32 need 1280"),
+        (lambda p: _truncate(Path(p + ".idx"), 60), r"c\.idx is damaged or truncated"),
+        (lambda p: Path(p + ".idx").write_bytes(np.random.default_rng(0).bytes(700)), r"c\.idx is not a Megatron"),
+        (lambda p: None, r"c\.bin holds token ids 300\.\.300, but the model's vocabulary has ids 0\.\.255"),
+    ],
+    ids=["empty_idx", "empty_bin", "truncated_bin", "truncated_idx", "random_idx", "token_past_vocab"],
+)
+def test_bad_pretraining_data_is_named(tmp_path, damage, message):
+    from megatron_bdgemma.data import ByteTokenizer
+    from megatron_bdgemma.data.pretrain import build_pretrain_datasets
+
+    prefix = _corpus(tmp_path / "c", 300)
+    damage(prefix)
+    with pytest.raises(ValueError, match=message):
+        build_pretrain_datasets(prefix, tokenizer=ByteTokenizer(), seq_length=8, seed=0, num_samples=(8, 2, 2),
+                                split="80,10,10", cache_dir=tmp_path / "cache", vocab_size=256)
+
+
+# ---- 8. SFT -----------------------------------------------------------------------------------------------------
+
+
+def _chat(q: str, a: str) -> str:
+    return json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+
+
+def test_sft_with_too_few_records_is_named(tmp_path, model_parallel):
+    from megatron_bdgemma.config import tiny
+    from megatron_bdgemma.training.data import build_step_data
+
+    path = tmp_path / "one.jsonl"
+    path.write_text(_chat("hi", "hello") + "\n")
+    run = _run(tmp_path, "data.mode=sft", f"data.paths=[{path}]", "data.seq_length=96", config=SFT_CONFIG)
+    with pytest.raises(ValueError, match=rf"{path} has 1 usable chat record\(s\); SFT needs at least 2"):
+        build_step_data(run, tiny())
+
+
+def test_sft_lone_surrogate_is_a_bad_record_with_its_line(tmp_path):
+    from megatron_bdgemma.data import BadDataError, ByteTokenizer
+    from megatron_bdgemma.data.sft import SFTDataset
+
+    path = tmp_path / "chat.jsonl"
+    path.write_text(_chat("a", "b") + "\n" + _chat("x\ud800y", "z") + "\n")
+    assert "\\ud800" in path.read_text()
+    skipped = SFTDataset(path, ByteTokenizer(), max_length=64, block_size=16, on_bad="skip")
+    assert len(skipped) == 1 and skipped.bad.counts == {"invalid_text": 1}
+    assert skipped.bad.locations["invalid_text"] == [f"{path}:2"]
+    with pytest.raises(BadDataError, match=rf"{path}:2: message 0 content is not valid Unicode"):
+        SFTDataset(path, ByteTokenizer(), max_length=64, block_size=16)
+
+
+# ---- 9. HF input ---------------------------------------------------------------------------------------------------
+
+
+def _int_tensor(path: Path) -> None:
+    tensors = load_file(path / "model.safetensors")
+    key = "model.layers.0.self_attn.q_norm.weight"
+    tensors[key] = tensors[key].to(torch.int32)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda p: _truncate(p / "model.safetensors", (p / "model.safetensors").stat().st_size - 1000),
+         r"model\.safetensors: truncated safetensors file: its header describes \d+ bytes, the file holds \d+"),
+        (lambda p: _truncate(p / "model.safetensors", 5), r"model\.safetensors: not a safetensors file, or truncated"),
+        (_int_tensor, r"model\.layers\.0\.self_attn\.q_norm\.weight is stored as I32; a floating-point tensor"),
+    ],
+    ids=["truncated_data", "truncated_header", "integer_tensor"],
+)
+def test_bad_hf_files_exit_2_with_the_file_named(tmp_path, capsys, model_parallel, damage, message):
+    from megatron_bdgemma.conversion.hf_checkpoint import HFCheckpoint
+
+    source = hf_models.save(hf_models.gemma4_causal_lm(), tmp_path / "hf")
+    damage(source)
+    assert import_tool.main(["--hf", str(source), "--out", str(tmp_path / "mg")]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "mg").exists()
+    if "I32" in message:  # training straight from HF (model.hf) reads through the same checks
+        with pytest.raises(ValueError, match="is stored as torch.int32; a floating-point tensor is expected"):
+            HFCheckpoint(source).text_tensor("layers.0.self_attn.q_norm.weight")
+
+
+# ---- 10. --load of a missing or broken checkpoint ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda root: None, r"checkpoint directory .*/ckpt does not exist"),
+        (lambda root: (root / "latest").write_text(""), r"ckpt/latest is empty; it should name"),
+        (lambda root: (root / "latest").write_bytes(b"\x00\xff\xfe\x81binary"), r"ckpt/latest is not a checkpoint marker"),
+    ],
+    ids=["missing", "empty_latest", "binary_latest"],
+)
+def test_load_of_a_broken_checkpoint_says_which(tmp_path, model_parallel, make, message):
+    from megatron_bdgemma.training.resume import resume_run_config
+    from megatron_bdgemma.training.trainer import train
+
+    root = tmp_path / "ckpt"
+    if "does not exist" not in message:
+        root.mkdir()
+        (root / "iter_0000002").mkdir()
+    make(root)
+    with pytest.raises(ValueError, match=rf"--load {root}: .*{message}"):
+        resume_run_config(root)
+    with pytest.raises(ValueError, match=rf"checkpoint\.load {root}: .*{message}"):
+        train(_run(tmp_path, f"checkpoint.load={root}"))
+
+
+# ---- 11. disk full during a save -----------------------------------------------------------------------------------
+
+
+def test_disk_full_during_a_save_names_the_directory_and_keeps_the_last_checkpoint(tmp_path, model_parallel,
+                                                                                   monkeypatch):
+    """ENOSPC inside megatron-core's writer (which keeps only the exception's class) and a full file system."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from megatron_bdgemma.config import tiny
+    from megatron_bdgemma.model import BDGemmaModel
+    from megatron_bdgemma.training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+
+    model = BDGemmaModel(tiny(num_layers=1, layer_types=["full_attention"]))
+    save_checkpoint(tmp_path, 1, model)
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(filesystem_async, "_write_item", no_space)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: namedtuple("usage", "total used free")(1 << 30, 1 << 30, 0))
+    with pytest.raises(OSError, match=rf"no space left on {tmp_path} while saving iter_0000002: removed the partial "
+                                      rf"iter_0000002\.tmp; {tmp_path}/iter_0000001 is kept") as error:
+        save_checkpoint(tmp_path, 2, model)
+    assert error.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000001", "latest"]
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path).name == "iter_0000001"
+    load_checkpoint(tmp_path, model)
+
+
+# ---- 5. random initialisation does not depend on the expert layout -------------------------------------------------
+
+
+def _ep_losses_in_rank(rank: int, tmp: str, overrides: list[str]) -> list[tuple[float, float, float]]:
+    from megatron_bdgemma.training.trainer import train
+
+    history = train(_run(Path(tmp), "train.steps=3", "train.log_interval=100", *overrides))
+    return [(h["diffusion"], h["ar"], h["grad_norm"]) for h in history]
+
+
+def test_ep2_from_random_init_matches_one_process(tmp_path, model_parallel):
+    """From the preset's random init (no HF weights), EP=2 gives the 1-process losses and grad norms at every step."""
+    from tests.multiproc import run_in_processes
+
+    reference = _ep_losses_in_rank(0, str(tmp_path), [])
+    for rank_values in run_in_processes(_ep_losses_in_rank, 2, str(tmp_path), ["parallel.ep=2"], timeout_s=300):
+        for step, (ours, ref) in enumerate(zip(rank_values, reference, strict=True)):
+            assert all(abs(a - b) <= 1e-4 * max(1.0, abs(b)) for a, b in zip(ours, ref)), (step, ours, ref)
