@@ -74,3 +74,25 @@ def test_visible_pairs_are_the_masks_allowed_entries(model_parallel):
     blocks = S // 16
     assert canvas[FULL] == 2 * sum(16 * (16 * j + 16) for j in range(blocks))
     assert 0 < canvas[SLIDING] < canvas[FULL]
+
+
+def test_progress_line_flops_are_the_formula_over_full_rows(model_parallel):
+    """The trainer's TFLOP/s counts one full-length row per example with the pairs its masks allow (the same
+    `training_step_flops`, not a second formula)."""
+    import sys
+    from pathlib import Path
+
+    from megatron_bdgemma.training.config import load_run_config
+    from megatron_bdgemma.training.metrics import model_flops_per_step
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from bench_scale import attention_pairs
+
+    config = tiny(num_layers=2, layer_types=[SLIDING, FULL], sliding_window=8, canvas_length=16)
+    run = load_run_config(Path(__file__).resolve().parents[1] / "examples/configs/tiny_pretrain.yaml",
+                          ["data.seq_length=48", "train.global_batch_size=6"])
+    batch, noised = _layout("pretrain", config.vocab_size)  # 2 full rows of 48, every block decoded
+    encoder, canvas = attention_pairs(BDGemmaModel(config), batch, noised)
+    two_rows = training_step_flops(config, tokens=2 * 48, canvas_tokens=2 * 48, encoder_pairs=encoder,
+                                   canvas_pairs=canvas)
+    assert model_flops_per_step(config, run) == pytest.approx(two_rows.total * 3, rel=1e-12)

@@ -1,4 +1,4 @@
-"""Progress lines, TensorBoard scalars and the model-FLOP estimate of a block-diffusion training step."""
+"""Progress lines, TensorBoard scalars and the model-FLOP count of a block-diffusion training step."""
 
 from __future__ import annotations
 
@@ -21,21 +21,6 @@ def active_params_per_token(config: BDGemmaConfig) -> int:
         total += 3 * h * config.ffn_hidden_size
         total += config.moe_router_topk * 3 * h * config.moe_ffn_hidden_size + h * config.num_moe_experts
     return total + h * config.vocab_size
-
-
-def model_flops_per_step(config: BDGemmaConfig, run: RunConfig) -> float:
-    """Model FLOPs of one global batch, counting all three passes.
-
-    Per token, a forward costs 2·N and forward+backward 6·N (N = `active_params_per_token`). The encoder pass runs
-    with gradient over S tokens, decode pass 1 forward-only and pass 2 with gradient over the decoded canvas (one
-    block per example for SFT, the whole response for pretraining). Attention score FLOPs are left out (small next to
-    the MoE at these lengths); the number is an estimate for MFU, not a measurement.
-    """
-    n = active_params_per_token(config)
-    s = run.data.seq_length
-    canvas = config.canvas_length if (run.objective.score or ("one_block" if run.data.mode == "sft" else "all_blocks")) == "one_block" else s
-    passes = 6 * s + (2 + 6 if config.self_conditioning else 6) * canvas
-    return float(n) * passes * run.train.global_batch_size
 
 
 @dataclass(frozen=True)
@@ -102,6 +87,26 @@ def training_step_flops(
     pass1 = canvas + canvas_router if config.self_conditioning else 0.0
     backward = 2 * (encoder + canvas) + router_backward * (encoder_router + canvas_router) + soft
     return StepFlops(encoder + encoder_router, pass1, canvas + canvas_router + soft, backward)
+
+
+def model_flops_per_step(config: BDGemmaConfig, run: RunConfig) -> float:
+    """Model FLOPs of one global batch for the progress line: `training_step_flops` of full-length rows.
+
+    The attention pairs are those of a row without padding: causal (windowed on sliding layers) over the encoder;
+    each decoded canvas block sees the clean keys before it (the window anchored at its start) and its own block.
+    SFT decodes one block, counted at the end of the row (the most keys it can see); pretraining decodes every block.
+    """
+    s, block = run.data.seq_length, config.canvas_length
+    one_block = (run.objective.score or ("one_block" if run.data.mode == "sft" else "all_blocks")) == "one_block"
+    blocks = [(max(s - block, 0), min(block, s))] if one_block else [(a, min(block, s - a)) for a in range(0, s, block)]
+    encoder_pairs, canvas_pairs = {}, {}
+    for layer_type in set(config.layer_types):
+        window = config.window_of(layer_type) or s + 1
+        encoder_pairs[layer_type] = sum(min(q + 1, window) for q in range(s))
+        canvas_pairs[layer_type] = sum(width * (min(start, window - 1) + width) for start, width in blocks)
+    per_row = training_step_flops(config, tokens=s, canvas_tokens=sum(width for _, width in blocks),
+                                  encoder_pairs=encoder_pairs, canvas_pairs=canvas_pairs)
+    return per_row.total * run.train.global_batch_size
 
 
 class MetricsLogger:
