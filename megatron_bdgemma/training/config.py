@@ -117,6 +117,10 @@ class CheckpointSection:
     interval: int = 0
     """Save every N steps (0 = only at the end, when `save` is set)."""
     keep_last: int = 2
+    optimizer_format: Literal["fully_reshardable", "dp_reshardable"] = "fully_reshardable"
+    """How the distributed optimizer's state is saved: fully_reshardable loads at any TP/EP/PP/DP layout (saving
+    gathers the state over DP); dp_reshardable saves each rank's shard without a gather but loads only at the same
+    TP/EP/PP sizes (DP may change). Loading reads the format from the checkpoint."""
 
 
 @dataclass

@@ -254,7 +254,7 @@ def train(run: RunConfig) -> list[dict[str, float]]:
             save_checkpoint(run.checkpoint.save, state.step, state.model.module, state.optimizer,
                             extra=dict(step=state.step, scheduler=state.scheduler.state_dict(), run=run.to_dict(),
                                        model_config=model_config_to_dict(state.config)),
-                            keep_last=run.checkpoint.keep_last)
+                            keep_last=run.checkpoint.keep_last, optimizer_format=run.checkpoint.optimizer_format)
             logger.info(f"saved checkpoint {latest_checkpoint(run.checkpoint.save)}")
     logger.close()
     return history
