@@ -71,8 +71,10 @@ def build_model_config(run: RunConfig) -> BDGemmaConfig:
     )
     if run.train.fp8:  # megatron-core rejects any fp8 field without Transformer Engine, so set them only when asked
         megatron |= dict(fp8=run.train.fp8, fp8_recipe=run.train.fp8_recipe, fp8_param=run.train.fp8_param)
-    if run.model.hf:
-        return config_from_hf(HFCheckpoint(run.model.hf).hf_config(), **(megatron | run.model.overrides))
+    if run.model.hf:  # the shape needs config.json only (tools/plan.py plans from it); weights load in `setup`
+        from transformers import AutoConfig
+
+        return config_from_hf(AutoConfig.from_pretrained(run.model.hf, local_files_only=True), **(megatron | run.model.overrides))
     if run.checkpoint.load and "model_config" in read_extra(run.checkpoint.load):
         # A checkpoint (saved here or converted from HF) carries its architecture; the preset is not consulted.
         return model_config_from_dict(read_extra(run.checkpoint.load)["model_config"], **(megatron | run.model.overrides))
