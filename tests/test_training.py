@@ -40,8 +40,8 @@ def _metrics(history):
 @pytest.mark.parametrize(
     "optimizer",
     [["optim.distributed_optimizer=true"], ["optim.distributed_optimizer=true", "checkpoint.optimizer_format=dp_reshardable"],
-     ["optim.distributed_optimizer=false"]],
-    ids=["distributed", "distributed_dp_reshardable", "plain"],
+     ["optim.distributed_optimizer=true", "train.bf16=true"], ["optim.distributed_optimizer=false"]],
+    ids=["distributed", "distributed_dp_reshardable", "distributed_bf16", "plain"],
 )
 def test_exact_resume(tmp_path, model_parallel, optimizer):
     from megatron_bdgemma.training.trainer import train
@@ -181,6 +181,7 @@ def test_layouts_match_one_process_and_reshard(tmp_path, model_parallel, hf_star
         (["parallel.tp=2", "parallel.sequence_parallel=false"], "sequence_parallel"),
         (["optim.warmup_steps=10"], "warmup_steps"),
         (["objective.kind=absorbing"], "mask_id"),
+        (["train.recompute=selective", "train.recompute_modules=[core_attn, mlp]"], "recompute_modules"),
     ],
 )
 def test_conflicting_sizes_are_named(tmp_path, overrides, message):

@@ -21,6 +21,8 @@ Activations of one micro-batch (an estimate, elements per token per layer times 
   + 6H + k·(2H + 3I_e) (router, norms, k dispatched copies through the expert GeGLU) elements per token, plus the
   attention probabilities: heads × keys per query in fp32 for `eager`, one query chunk's only for `block_sparse` /
   `flex` (recomputed in backward);
+- with `train.recompute=selective`, `core_attn` drops the probabilities, `moe` the experts' fc1/activation (the
+  dispatched inputs and outputs stay), `shared_experts` the dense GeGLU's inner tensors;
 - with `train.recompute=full` a layer keeps its input (H) and the encoder K/V the decoder reads, and one layer's
   working set is live during its backward;
 - logits: fp32 [tokens, V/TP] times 3 (logits, softmax, gradient) for the encoder and the canvas, and for pass 1's
@@ -109,10 +111,18 @@ def _activation_bytes(run: RunConfig, config, tp: int, tokens_s: int, tokens_r: 
     q = heads * max(config.kv_channels, config.global_kv_channels)
     kv = max(config.num_query_groups * config.kv_channels, config.num_global_query_groups * config.global_kv_channels)
     k, ie, i = config.moe_router_topk, config.moe_ffn_hidden_size, config.ffn_hidden_size
-    per_token_layer = (4 * h + 2 * q + 2 * kv) + (3 * h + 3 * i) + (6 * h + k * (2 * h + 3 * ie))
+    selective = run.train.recompute_modules if run.train.recompute == "selective" else []
+    attention, dense, experts = 4 * h + 2 * q + 2 * kv, 3 * h + 3 * i, 6 * h + k * (2 * h + 3 * ie)
+    if "shared_experts" in selective:  # keeps the dense branch's input and output only
+        dense = 2 * h
+    if "moe" in selective:  # keeps the dispatched inputs and the experts' outputs
+        experts = 6 * h + k * 2 * h
+    per_token_layer = attention + dense + experts
     tokens = (tokens_s + tokens_r) * b
     kv_cache = tokens_s * b * 2 * kv // tp * act * layers  # encoder K/V the canvas attends to (per TP shard)
-    if run.model.overrides.get("attention_impl", config.attention_impl) == "eager":
+    if "core_attn" in selective:
+        probs_per_layer = 0
+    elif config.attention_impl == "eager":
         probs_per_layer = b * heads // tp * (tokens_s * tokens_s + tokens_r * (tokens_s + tokens_r)) * 4 * 2
     else:
         chunk = config.attention_chunk_size

@@ -66,8 +66,9 @@ def build_model_config(run: RunConfig) -> BDGemmaConfig:
         pipeline_dtype=torch.bfloat16 if run.train.bf16 else torch.float32,
         use_cpu_initialization=not on_gpu,
         recompute_granularity=run.train.recompute,
-        recompute_method="uniform" if run.train.recompute else None,
-        recompute_num_layers=1 if run.train.recompute else None,
+        recompute_method="uniform" if run.train.recompute == "full" else None,
+        recompute_num_layers=1 if run.train.recompute == "full" else None,
+        recompute_modules=run.train.recompute_modules if run.train.recompute == "selective" else None,
     )
     if run.train.fp8:  # megatron-core rejects any fp8 field without Transformer Engine, so set them only when asked
         megatron |= dict(fp8=run.train.fp8, fp8_recipe=run.train.fp8_recipe, fp8_param=run.train.fp8_param)
