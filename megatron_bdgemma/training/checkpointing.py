@@ -171,7 +171,8 @@ def _load_optimizer_state(optimizer: Any, state: Any, optimizer_format: str) -> 
     - Its param groups are the ones built for this layout (their count and grouping change with it: EP=1 builds one
       chained optimizer, EP=2 one for dense and one for expert parameters, so the saved common state need not have
       this layout's shape); their learning rate and weight decay come from the LR scheduler's state, loaded after.
-    - Adam's step count is the saved one, a tensor per parameter. Without Apex/TE megatron-core keeps it in the
+    - Adam's step count is the saved one: a tensor per parameter for torch's Adam, the param groups' `step` for
+      TE / Apex FusedAdam. Without Apex/TE megatron-core keeps it in the
       saved param groups and restores it wrongly: `load_state_dict` gives every parameter ONE shared tensor (torch's
       Adam increments `state["step"]` in place once per parameter, so the next update would count N steps), and the
       parameter-state loaders then treat `step` as a state tensor: dp_reshardable `copy_`s in the load template's
@@ -189,9 +190,14 @@ def _load_optimizer_state(optimizer: Any, state: Any, optimizer_format: str) -> 
     param_states = [state["param_state"]] if len(inners) == 1 else [state[i]["param_state"] for i in range(len(inners))]
     with torch.no_grad():
         for inner, param_state in zip(inners, param_states, strict=True):
+            # torch's Adam keeps `step` in each parameter's state; TE / Apex FusedAdam keeps it in the param group.
+            per_parameter = any("step" in one for one in inner.optimizer.state.values())
             for one in inner.optimizer.state.values():
                 one.pop("step", None)
             getattr(inner, f"load_parameter_state_from_{optimizer_format}")(param_state)
             for group in inner.optimizer.param_groups:
+                if not per_parameter:
+                    group["step"] = int(step)
+                    continue
                 for param in group["params"]:
                     inner.optimizer.state[param]["step"] = torch.tensor(step, dtype=torch.float32)
