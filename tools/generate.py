@@ -114,7 +114,11 @@ def special_ids(args: argparse.Namespace, config: Any, tokenizer: Any | None) ->
     if args.hf is not None and (args.hf / "generation_config.json").exists():
         generation = json.loads((args.hf / "generation_config.json").read_text())
     if isinstance(tokenizer, Tokenizer):
-        generation = {"eos_token_id": sorted(tokenizer.stop_ids), "pad_token_id": tokenizer.pad}
+        # A run's HF tokenizer directory may carry the model's generation_config.json (e.g. Gemma's end-of-turn id).
+        path = getattr(tokenizer, "path", None)
+        stored = path / "generation_config.json" if path is not None else None
+        eos_ids = json.loads(stored.read_text()).get("eos_token_id") if stored and stored.exists() else None
+        generation = {"eos_token_id": eos_ids or tokenizer.eos, "pad_token_id": tokenizer.pad}
     eos = args.eos_token_id or generation.get("eos_token_id") or list(config.eos_token_ids)
     pad = args.pad_token_id if args.pad_token_id is not None else generation.get("pad_token_id", config.pad_token_id)
     return ([eos] if isinstance(eos, int) else list(eos)), pad

@@ -115,6 +115,12 @@ class BDGemmaAttention(Attention):
         if kv_prefix is not None:
             key = torch.cat([kv_prefix[0], key], dim=0)
             value = torch.cat([kv_prefix[1], value], dim=0)
-        context = self.core_attention(query, key, value, attention_mask)
+        if self.checkpoint_core_attention and self.training and torch.is_grad_enabled():
+            # Selective recompute (`recompute_modules` has core_attn): keep q/k/v, not the score grid.
+            context = torch.utils.checkpoint.checkpoint(
+                self.core_attention, query, key, value, attention_mask, use_reentrant=False
+            )
+        else:
+            context = self.core_attention(query, key, value, attention_mask)
         output, _ = self.linear_proj(context)
         return output, own_kv

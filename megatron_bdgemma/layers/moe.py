@@ -109,10 +109,23 @@ class BDGemmaMoELayer(MoELayer):
             # copy it out at once (measured: wrong gradients under TP=2 + SP without this).
             hidden.register_hook(torch.clone)
         hidden, probs = self.dispatch(hidden, probs)
-        expert_output, _ = self.routed_experts_compute(hidden, probs)
+        if self.moe_layer_recompute and self.training and torch.is_grad_enabled():
+            expert_output = self._recomputed_experts(hidden, probs)
+        else:
+            expert_output, _ = self.routed_experts_compute(hidden, probs)
         expert_output = self.token_dispatcher.combine_postprocess(self.combine(expert_output))
         return dense_output, expert_output
 
+    def _recomputed_experts(self, hidden: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """`routed_experts_compute` under selective recompute (`recompute_modules` has moe): the experts' fc1,
+        activation and fc2 run again in backward. Only the experts module is checkpointed: the dispatcher keeps
+        per-call state (routing map, permutation) that its combine clears, so its steps cannot be replayed; and
+        unlike Megatron's `moe` recompute, no dispatch or combine communication is repeated."""
+        dispatched, tokens_per_expert, permuted_probs = self.token_dispatcher.dispatch_postprocess(hidden, probs)
+        output, _ = torch.utils.checkpoint.checkpoint(
+            self.experts, dispatched, tokens_per_expert, permuted_probs, use_reentrant=False
+        )
+        return self.token_dispatcher.combine_preprocess(output)
 
 def _built_apart(build: Any, *args: Any, **kwargs: Any) -> torch.nn.Module:
     """Build the experts with the RNG state restored afterwards: what is drawn after them does not depend on how

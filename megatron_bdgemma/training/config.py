@@ -18,6 +18,9 @@ from typing import Any, Literal
 
 import yaml
 
+SELECTIVE_RECOMPUTE_MODULES = ("core_attn", "moe", "shared_experts")
+"""Megatron `recompute_modules` names this model honours with `train.recompute=selective`."""
+
 FP8_ALIGNMENT = 16
 """FP8 GEMMs need every dimension, the token count included, to be a multiple of this."""
 
@@ -109,8 +112,12 @@ class TrainSection:
     layer call, and delayed scaling's amax history needs one context around the whole pass."""
     fp8_param: bool = False
     """Keep the weights in FP8 (TE's fp8_model_init); needs `train.fp8` and `optim.distributed_optimizer`."""
-    recompute: Literal["full"] | None = None
-    """'full': recompute every layer in backward (activation checkpointing)."""
+    recompute: Literal["full", "selective"] | None = None
+    """'full': recompute every layer in backward (activation checkpointing); 'selective': recompute only the parts of
+    each layer named in `recompute_modules`."""
+    recompute_modules: list[str] = field(default_factory=lambda: list(SELECTIVE_RECOMPUTE_MODULES))
+    """With recompute=selective, any of: core_attn (attention scores and probabilities), moe (the routed experts'
+    fc1, activation and fc2; dispatch and combine are not repeated), shared_experts (the dense GeGLU branch)."""
     log_interval: int = 10
     eval_interval: int = 0
     """Evaluate on the held-out split every N steps (0 = never)."""
@@ -130,6 +137,10 @@ class CheckpointSection:
     keep_last: int = 2
     """Keep the newest N >= 1 complete checkpoints of this run (the one just written included); older ones of
     this run are deleted after each save. There is no "keep all": use a large N."""
+    optimizer_format: Literal["fully_reshardable", "dp_reshardable"] = "fully_reshardable"
+    """How the distributed optimizer's state is saved: fully_reshardable loads at any TP/EP/PP/DP layout (saving
+    gathers the state over DP); dp_reshardable saves each rank's shard without a gather but loads only at the same
+    TP/EP/PP sizes (DP may change). Loading reads the format from the checkpoint."""
 
 
 @dataclass
@@ -210,6 +221,9 @@ class RunConfig:
                     f"train.fp8 needs data.seq_length to be a multiple of {FP8_ALIGNMENT} (FP8 GEMM dimensions), got "
                     f"{self.data.seq_length}"
                 )
+        unknown = sorted(set(t.recompute_modules) - set(SELECTIVE_RECOMPUTE_MODULES))
+        if t.recompute == "selective" and (unknown or not t.recompute_modules):
+            problems.append(f"train.recompute_modules {t.recompute_modules}: choose one or more of {list(SELECTIVE_RECOMPUTE_MODULES)}")
         if t.fp8_param and not (t.fp8 and self.optim.distributed_optimizer):
             problems.append("train.fp8_param needs train.fp8 and optim.distributed_optimizer=true")
         if problems:

@@ -67,8 +67,9 @@ def build_model_config(run: RunConfig) -> BDGemmaConfig:
         pipeline_dtype=torch.bfloat16 if run.train.bf16 else torch.float32,
         use_cpu_initialization=not on_gpu,
         recompute_granularity=run.train.recompute,
-        recompute_method="uniform" if run.train.recompute else None,
-        recompute_num_layers=1 if run.train.recompute else None,
+        recompute_method="uniform" if run.train.recompute == "full" else None,
+        recompute_num_layers=1 if run.train.recompute == "full" else None,
+        recompute_modules=run.train.recompute_modules if run.train.recompute == "selective" else None,
     )
     if run.train.fp8:  # megatron-core rejects any fp8 field without Transformer Engine, so set them only when asked
         megatron |= dict(fp8=run.train.fp8, fp8_recipe=run.train.fp8_recipe, fp8_param=run.train.fp8_param)
@@ -79,8 +80,10 @@ def build_model_config(run: RunConfig) -> BDGemmaConfig:
         if "model_config" not in extra:
             raise ValueError(f"{source}: the checkpoint does not record its model config (extra['model_config'])")
         return model_config_from_dict(extra["model_config"], **(megatron | run.model.overrides))
-    if run.model.hf:
-        return config_from_hf(HFCheckpoint(run.model.hf).hf_config(), **(megatron | run.model.overrides))
+    if run.model.hf:  # the shape needs config.json only (tools/plan.py plans from it); weights load in `setup`
+        from transformers import AutoConfig
+
+        return config_from_hf(AutoConfig.from_pretrained(run.model.hf, local_files_only=True), **(megatron | run.model.overrides))
     if run.model.preset not in PRESETS:
         raise ValueError(f"model.preset {run.model.preset!r} is unknown; choose from {sorted(PRESETS)}")
     return PRESETS[run.model.preset](**(megatron | run.model.overrides))
@@ -270,7 +273,7 @@ def train(run: RunConfig) -> list[dict[str, float]]:
             save_checkpoint(run.checkpoint.save, state.step, state.model.module, state.optimizer,
                             extra=dict(step=state.step, scheduler=state.scheduler.state_dict(), run=run.to_dict(),
                                        model_config=model_config_to_dict(state.config)),
-                            keep_last=run.checkpoint.keep_last)
+                            keep_last=run.checkpoint.keep_last, optimizer_format=run.checkpoint.optimizer_format)
             logger.info(f"saved checkpoint {latest_checkpoint(run.checkpoint.save)}")
     logger.close()
     return history
