@@ -16,6 +16,8 @@ and category or logger, so any other warning, from the same modules included, st
 | "`torch.distributed.all_gather_into_tensor` / `reduce_scatter_tensor` is deprecated" | torch, called by megatron-core's TP/SP and DDP collectives | megatron-core's calls; the renamed functions are not in its 0.19 code |
 | "When using sequence parallelism it is recommended to set ... CUDA_DEVICE_MAX_CONNECTIONS" (`filter_cpu_noise`, without CUDA only) | megatron-core `tensor_parallel.layers` | a CUDA launch setting; on GPU it stays (the Slurm templates set the variable) |
 | "No CUDA runtime is found" | torch `cpp_extension` (imported by megatron-core) on machines without CUDA | CPU runs are supported (`runtime.cpu_support`) |
+| "DistributedDataParallel: full_param_layout not provided" | megatron-core DDP with the distributed optimizer | DDP then computes the layout with `DistributedOptimizer.compute_full_param_layout`, the call megatron's own trainer makes before it |
+| "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed" (from megatron-core's optimizer module only) | megatron-core `_zero_grad_group_helper` | with fp32 parameters the distributed optimizer's main parameters are views of the model's; megatron zeroes their (unused) `.grad` each step |
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ _WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
     (r"Please use DTensor instead and we are deprecating ShardedTensor", FutureWarning),
     (r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated", FutureWarning),
 )
+# (message, category, the module that warns): filtered only where that module raises it.
+_MODULE_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
+    (r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed", UserWarning,
+     r"megatron\.core\.optimizer\.optimizer"),
+)
 _CPU_ONLY_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
     (r"When using sequence parallelism it is recommended to set the environment variable CUDA_DEVICE_MAX_CONNECTIONS",
      UserWarning),
@@ -44,6 +51,7 @@ _LOG_LINES: dict[str, tuple[str, ...]] = {
     "megatron.core.models.gpt.gpt_model": ("GPTModel IS DEPRECATED",),
     "megatron.core.dist_checkpointing.strategies.torch": ("MCore's async save is deprecated",),
     "torch.utils.cpp_extension": ("No CUDA runtime is found",),
+    "megatron.core.distributed.distributed_data_parallel": ("DistributedDataParallel: full_param_layout not provided",),
 }
 
 
@@ -67,6 +75,8 @@ def filter_dependency_noise() -> None:
     _installed = True
     for message, category in _WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
+    for message, category, module in _MODULE_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
     for name, prefixes in _LOG_LINES.items():
         logging.getLogger(name).addFilter(_DropMessages(prefixes))
 
