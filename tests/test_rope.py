@@ -74,7 +74,9 @@ ROPE_CASES = {
                              {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6, "factor": 2.0}),
     "linear_default": ({"rope_type": "linear", "rope_theta": 1e4, "factor": 4.0}, {"rope_type": "default", "rope_theta": 1e6}),
     "dynamic_yarn": ({"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0},
-                     {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": ORIGINAL}),
+                     # transformers reads `truncate` from the outer dict, so a layer type's own is ignored (rope.py).
+                     {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": ORIGINAL,
+                      "truncate": False}),
     "yarn_mscale_dynamic": ({"rope_type": "yarn", "rope_theta": 1e4, "factor": 8.0, "original_max_position_embeddings": ORIGINAL,
                              "mscale": 0.7, "mscale_all_dim": 1.3, "beta_fast": 16, "beta_slow": 2},
                             {"rope_type": "dynamic", "rope_theta": 1e6, "factor": 3.5}),
@@ -167,3 +169,17 @@ def test_rope_hf_refuses_is_named_by_config_from_hf(params, named):
 def test_bad_rope_parameters_are_named_by_the_config(params, named):
     with pytest.raises(ValueError, match=rf"rope_parameters\['sliding_attention'\].*{named}"):
         tiny(rope_parameters={SLIDING: params, FULL: {"rope_type": "default", "rope_theta": 1e6}})
+
+
+def test_checkpoints_with_scalar_rope_fields_still_load():
+    """Checkpoints written before `rope_parameters` stored five scalars; they load as the same RoPE."""
+    from megatron_bdgemma.conversion.megatron_checkpoint import model_config_from_dict, model_config_to_dict
+
+    values = model_config_to_dict(tiny())
+    del values["rope_parameters"]
+    values |= dict(rope_theta=5e3, rope_scaling_factor=2.0, global_rope_theta=1e6, global_partial_rotary_factor=0.25,
+                   global_rope_scaling_factor=1.0)
+    assert model_config_from_dict(values).rope_parameters == {
+        SLIDING: {"rope_type": "linear", "factor": 2.0, "rope_theta": 5e3},
+        FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6},
+    }
