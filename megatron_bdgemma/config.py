@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_bdgemma.layers.rope import default_rope_parameters, rope_problems
+
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 LayerType = Literal["sliding_attention", "full_attention"]
@@ -67,22 +69,11 @@ class BDGemmaConfig(TransformerConfig):
     global_k_eq_v: bool = True
     """Full layers have no v_proj: V is the raw k_proj output (before k_norm/RoPE), then v_norm."""
 
-    rope_theta: float = 10_000.0
-    """RoPE base of sliding layers (rotates the whole head dim)."""
-
-    global_rope_theta: float = 1_000_000.0
-    """RoPE base of full layers."""
-
-    global_partial_rotary_factor: float = 0.25
-    """Full layers use HF's "proportional" RoPE: `int(factor * D / 2)` frequencies `theta^(-2j/D)` over the full
-    head dim D, the remaining pairs unrotated. Not Megatron's `rotary_percent`."""
-
-    rope_scaling_factor: float = 1.0
-    """Inverse frequencies are divided by it: HF `rope_parameters[sliding]['factor']` of a `linear` or
-    `proportional` RoPE (HF's `default` RoPE ignores `factor`, so `config_from_hf` gives 1 there)."""
-
-    global_rope_scaling_factor: float = 1.0
-    """The same for full layers (HF `rope_parameters[full]`)."""
+    rope_parameters: dict[str, dict[str, Any]] | None = None
+    """HF `rope_parameters`: per layer type, `rope_type`, `rope_theta` and that type's own keys (`factor`,
+    `partial_rotary_factor`, `original_max_position_embeddings`, ...), computed as transformers' Gemma 4 does for
+    every type it accepts (`layers/rope.py`). None = Gemma 4's: default θ=1e4 on sliding layers, "proportional"
+    θ=1e6 over a quarter of the head on full ones (not Megatron's `rotary_percent`)."""
 
     final_logit_softcapping: float | None = 30.0
     """logits = cap * tanh(logits / cap), computed in fp32; None disables it (a plain Gemma 4 AR config)."""
@@ -137,6 +128,8 @@ class BDGemmaConfig(TransformerConfig):
         if self.num_global_query_groups is None:
             self.num_global_query_groups = self.num_query_groups or self.num_attention_heads
         self.eos_token_ids = tuple(self.eos_token_ids)
+        if self.rope_parameters is None:
+            self.rope_parameters = default_rope_parameters()
         super().__post_init__()
         self._validate()
 
@@ -173,6 +166,12 @@ class BDGemmaConfig(TransformerConfig):
             problems.append(f"attention_chunk_size ({self.attention_chunk_size}) must be >= 1")
         if self.canvas_length < 1:
             problems.append(f"canvas_length ({self.canvas_length}) must be >= 1")
+        for layer_type in sorted(set(self.layer_types) & {SLIDING, FULL}):
+            if layer_type not in self.rope_parameters:
+                problems.append(f"rope_parameters has no entry for {layer_type!r}")
+            else:
+                problems += rope_problems(self.rope_parameters[layer_type], self.head_dim_of(layer_type),
+                                          f"rope_parameters[{layer_type!r}]")
         if problems:
             raise ValueError("invalid BDGemmaConfig:\n  - " + "\n  - ".join(problems))
 
@@ -194,6 +193,9 @@ class BDGemmaConfig(TransformerConfig):
             layer_config.kv_channels = self.global_kv_channels
             layer_config.num_query_groups = self.num_global_query_groups
         return layer_config
+
+    def head_dim_of(self, layer_type: str) -> int:
+        return self.global_kv_channels if layer_type == FULL else self.kv_channels
 
     def window_of(self, layer_type: str) -> int | None:
         """The sliding window of a layer type, None for full attention."""
@@ -310,32 +312,11 @@ def _per_layer_geometry(text: Any) -> dict[str, set[tuple[str, int]]]:
     return geometry
 
 
-ROPE_TYPES = ("default", "linear", "proportional")
-"""RoPE types of HF Gemma 4 this project computes exactly as transformers does."""
-
-
-def _rope(text: Any, layer_type: str, problems: list[str]) -> tuple[float, float, float]:
-    """(theta, partial rotary factor, scaling factor) of a layer type, as HF Gemma 4's rotary embedding computes it.
-
-    - ``default``: Gemma 4's own init, ``theta^(-2j/D)`` over the whole head dim; it reads neither ``factor`` nor
-      ``partial_rotary_factor`` (DiffusionGemma's shortens the table by the latter, which then no longer fits the
-      head, so a partial default RoPE is refused).
-    - ``linear``: the same frequencies divided by ``factor`` (a partial one is refused for the same reason).
-    - ``proportional``: ``int(partial·D/2)`` frequencies over the full D, the rest 0, all divided by ``factor``.
-
-    transformers' other types (``dynamic``, ``yarn``, ``longrope``, ``llama3``: sequence-length dependent tables or
-    scaled cos/sin) are reported in ``problems``.
-    """
-    params = (text.rope_parameters or {}).get(layer_type) or {}
-    rope_type = params.get("rope_type", "default")
-    partial = float(params.get("partial_rotary_factor", 1.0))
-    where = f"rope_parameters[{layer_type!r}]"
-    if rope_type not in ROPE_TYPES:
-        problems.append(f"{where}.rope_type {rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
-    elif (rope_type != "proportional" or layer_type == SLIDING) and partial != 1.0:
-        problems.append(f"{where}: {rope_type!r} RoPE with partial_rotary_factor {partial}")
-    factor = 1.0 if rope_type == "default" else float(params.get("factor", 1.0))
-    return float(params.get("rope_theta", 10_000.0)), partial if rope_type == "proportional" else 1.0, factor
+def _rope(text: Any, layer_type: str, head_dim: int, problems: list[str]) -> dict[str, Any]:
+    """One layer type's HF rope parameters as plain values; what `layers/rope.py` cannot compute goes to `problems`."""
+    params = copy.deepcopy(dict((text.rope_parameters or {}).get(layer_type) or {"rope_type": "default"}))
+    problems += rope_problems(params, head_dim, f"rope_parameters[{layer_type!r}]")
+    return params
 
 
 def config_from_hf(hf_config: Any, **overrides: Any) -> BDGemmaConfig:
@@ -382,8 +363,7 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> BDGemmaConfig:
     sliding_dims = sliding_dims or (full_dims[0] // 2, full_dims[1])  # unused when no layer slides
     full_dims = full_dims or (2 * sliding_dims[0], sliding_dims[1])
 
-    rope_sliding = _rope(text, SLIDING, problems)
-    rope_full = _rope(text, FULL, problems)
+    rope = {SLIDING: _rope(text, SLIDING, sliding_dims[0], problems), FULL: _rope(text, FULL, full_dims[0], problems)}
     if problems:
         raise ValueError(f"unsupported HF {text.model_type} config:\n  - " + "\n  - ".join(problems))
 
@@ -407,11 +387,7 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> BDGemmaConfig:
         max_position_embeddings=text.max_position_embeddings,
         sliding_window=text.sliding_window,
         layernorm_epsilon=text.rms_norm_eps,
-        rope_theta=rope_sliding[0],
-        rope_scaling_factor=rope_sliding[2],
-        global_rope_theta=rope_full[0],
-        global_partial_rotary_factor=rope_full[1],
-        global_rope_scaling_factor=rope_full[2],
+        rope_parameters=rope,
         # DiffusionGemma's softcap is a class attribute (30); Gemma 4's is a config field that may be None.
         final_logit_softcapping=text.final_logit_softcapping,
         canvas_length=canvas_length or 256,

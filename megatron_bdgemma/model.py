@@ -27,7 +27,7 @@ from megatron_bdgemma.config import BDGemmaConfig
 from megatron_bdgemma.diffusion import DiffusionBatch, NoisedCanvas, ar_loss, diffusion_loss
 from megatron_bdgemma.diffusion.loss import scored_weights
 from megatron_bdgemma.layers.attention import KV
-from megatron_bdgemma.layers.rope import layer_inverse_frequencies, rope_tables
+from megatron_bdgemma.layers.rope import RotaryTables
 from megatron_bdgemma.layers.self_conditioning import SelfConditioning, soft_embedding
 from megatron_bdgemma.spec import Backend, get_bdgemma_block_spec, get_glu_mlp_submodules
 from megatron_bdgemma.vocab_parallel import softcap, vocab_parallel_cross_entropy_sum, vocab_parallel_soft_embedding
@@ -87,8 +87,7 @@ class BDGemmaModel(GPTModel):
             vp_stage=vp_stage,
         )
         self.config: BDGemmaConfig = config
-        for layer_type in set(config.layer_types):
-            self.register_buffer(f"inv_freq_{layer_type}", layer_inverse_frequencies(config, layer_type), persistent=False)
+        self.rotary_tables = RotaryTables(config)
         if config.self_conditioning and pre_process:
             self.self_conditioning = SelfConditioning(config, get_glu_mlp_submodules(backend))
         if config.freeze_router:
@@ -104,7 +103,7 @@ class BDGemmaModel(GPTModel):
 
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """cos/sin `[S, B, 1, D]` per layer type for positions `[B, S]`."""
-        return {t: rope_tables(position_ids, getattr(self, f"inv_freq_{t}"), dtype) for t in set(self.config.layer_types)}
+        return self.rotary_tables(position_ids, dtype)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden `[S, B, H]` → full-vocabulary `[B, S, V]` fp32 logits, softcapped."""

@@ -51,6 +51,39 @@ def test_encode_logits_match_gemma4(tmp_path, model_parallel, name, seq, left_pa
     assert diff <= TOL, f"{name}: max-abs logit difference {diff:.2e} > {TOL}"
 
 
+SCALED_ROPE = {
+    # Full layers YaRN (cos/sin scaled by its attention factor), sliding layers dynamic NTK grown past max positions.
+    "yarn_dynamic": {FULL: {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 64},
+                     SLIDING: {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}},
+    # Sliding layers Llama 3, full layers LongRoPE on its long factors (positions past the original 64).
+    "llama3_longrope": {SLIDING: {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                        FULL: {"rope_type": "longrope", "rope_theta": 1e6, "original_max_position_embeddings": 64,
+                               "short_factor": [1.0 + 0.1 * j for j in range(8)], "long_factor": [1.0 + 0.9 * j for j in range(8)]}},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCALED_ROPE))
+def test_encode_logits_match_gemma4_with_scaled_rope(tmp_path, model_parallel, name):
+    """Non-default RoPE types through the whole stack: positions 600.. lie past `max_position_embeddings` (512) and
+    every original context, so dynamic grows, longrope takes its long factors and yarn / longrope scale cos/sin."""
+    overrides = dict(rope_parameters=SCALED_ROPE[name])
+    if name == "llama3_longrope":
+        overrides["allow_global_per_layer_attribute_access"] = True  # HF's longrope validation reads the global head_dim
+    hf = hf_models.gemma4_causal_lm(overrides)
+    ours = megatron_bdgemma.from_hf(hf_models.save(hf, tmp_path / "hf"))
+    ids, valid = _inputs(2, 9, hf.config.vocab_size, [0, 3])
+    positions = torch.arange(600, 609).expand(2, 9)
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=valid.long(), position_ids=positions).logits.float()
+        got = ours.encode(ids, position_ids=positions, padding_mask=~valid, return_logits=True).logits
+        default_rope = megatron_bdgemma.from_hf(hf_models.save(hf_models.gemma4_causal_lm(), tmp_path / "plain"))
+        other = default_rope.encode(ids, position_ids=positions, padding_mask=~valid, return_logits=True).logits
+    diff = (got - expected)[valid].abs().max().item()
+    assert diff <= TOL, f"{name}: max-abs logit difference {diff:.2e} > {TOL}"
+    assert (other - expected)[valid].abs().max().item() > 100 * TOL  # the RoPE type matters at these positions
+
+
 @pytest.mark.parametrize("seq", [3, 10])  # shorter and longer than the sliding window (4)
 def test_encode_kv_match_diffusion_gemma_cache(tmp_path, model_parallel, seq):
     from transformers import DynamicCache

@@ -341,6 +341,41 @@ def test_bad_megatron_input_is_named_and_leaves_no_output(tmp_path, capsys, mode
     _no_output(out)
 
 
+SCALED_ROPE = [
+    {"sliding_attention": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0},
+     "full_attention": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 64,
+                        "attention_factor": 1.2, "beta_fast": 16.0}},
+    {"sliding_attention": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+     "full_attention": {"rope_type": "longrope", "rope_theta": 1e6, "original_max_position_embeddings": 2,
+                        "short_factor": [1.0 + 0.1 * j for j in range(8)], "long_factor": [1.0 + 0.9 * j for j in range(8)]}},
+]
+
+
+@pytest.mark.parametrize("rope", SCALED_ROPE, ids=["dynamic_yarn", "llama3_longrope"])
+def test_scaled_rope_round_trips(tmp_path, model_parallel, rope):
+    """HF → Megatron → HF keeps every rope parameter of every type, and the export computes the source's logits
+    (longrope's original context of 2 positions puts the test prompt on its long factors)."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    text = TEXT | dict(rope_parameters=rope)
+    if any(params["rope_type"] == "longrope" for params in rope.values()):
+        text["allow_global_per_layer_attribute_access"] = True  # HF's longrope validation reads the global head_dim
+    hf_models.diffusion_gemma(text).save_pretrained(tmp_path / "hf")
+    convert_hf_to_megatron(tmp_path / "hf", tmp_path / "megatron", log=_quiet)
+    assert load_model(tmp_path / "megatron").config.rope_parameters == rope
+    convert_megatron_to_hf(tmp_path / "megatron", tmp_path / "exported", log=_quiet)
+    assert json.loads((tmp_path / "exported" / "config.json").read_text())["text_config"]["rope_parameters"] == rope
+
+    def hf(path: Path):
+        return DiffusionGemmaForBlockDiffusion.from_pretrained(path, attn_implementation="eager").eval()
+
+    with torch.no_grad():
+        reference = as_converted(hf(tmp_path / "hf"), torch.float32)  # down_proj · per_expert_scale folded
+        diff = (_hf_logits(hf(tmp_path / "exported")) - _hf_logits(reference)).abs().max().item()
+    assert diff <= ROUND_TRIP_TOL
+
+
 def test_not_a_checkpoint_is_named(tmp_path, capsys, model_parallel):
     assert export_tool.main(["--megatron", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "is not a Megatron distributed checkpoint" in capsys.readouterr().err

@@ -352,3 +352,81 @@ def test_multi_turn_chat_jsonl_trains(hf_dir, tmp_path, model_parallel, capsys):
     history = train(run)
     assert [h["step"] for h in history] == [1, 2] and all(h["diffusion"] > 0 and h["ar"] > 0 for h in history)
     assert "1 without a supervised token (AR loss only), 1 truncated at max_length" in capsys.readouterr().out
+
+
+def test_sft_width_is_padded_to_the_parallel_multiple(tmp_path):
+    """TP sequence parallelism splits the width over the TP ranks and FP8 GEMMs need multiples of 16: the collated
+    width is padded up with global pad (not attended, not scored), the rows themselves unchanged."""
+    from types import SimpleNamespace
+
+    from megatron_bdgemma.training.data import sft_seq_multiple
+
+    def multiple(tp, sp, fp8):
+        return sft_seq_multiple(SimpleNamespace(tensor_model_parallel_size=tp, sequence_parallel=sp, fp8=fp8))
+
+    assert [multiple(2, True, None), multiple(2, False, None), multiple(3, True, "hybrid"), multiple(1, False, "e4m3")] == [2, 1, 48, 16]
+    data = SFTDataset(write_jsonl(tmp_path / "c.jsonl", [chat("2+2?", "4"), chat("what is 1+2?", "three")]),
+                      ByteTokenizer(), max_length=64, block_size=4)
+    plain, _ = sft_collate([data[0], data[1]], block_size=4, eos_id=1, pad_id=0)
+    assert plain.seq_len % 2 == 1  # the natural width could not be split over 2 ranks
+    for m in (2, 16):
+        padded, _ = sft_collate([data[0], data[1]], block_size=4, eos_id=1, pad_id=0, seq_multiple_of=m, max_len=64)
+        S = plain.seq_len
+        assert padded.seq_len == -(-S // m) * m
+        assert torch.equal(padded.input_ids[:, :S], plain.input_ids) and (padded.input_ids[:, S:] == 0).all()
+        assert torch.equal(padded.encoder_valid[:, :S], plain.encoder_valid) and not padded.encoder_valid[:, S:].any()
+        assert torch.equal(padded.ar_loss_mask[:, :S], plain.ar_loss_mask) and not padded.ar_loss_mask[:, S:].any()
+        for name in ("prefix_lens", "response_lens", "canvas_targets", "canvas_supervised"):
+            assert torch.equal(getattr(padded, name), getattr(plain, name)), name
+
+
+def _sft_run(tmp: Path, *overrides: str):
+    from megatron_bdgemma.training.config import load_run_config
+
+    config = Path(__file__).resolve().parent.parent / "examples" / "configs" / "tiny_sft.yaml"
+    # Questions of 1..7 bytes: widths (longest prompt + one 16-token block) of either parity.
+    path = write_jsonl(tmp / "chat.jsonl", [chat("q" * (i % 7 + 1) + "?", str(i)) for i in range(40)])
+    return load_run_config(config, [
+        f"data.paths=[{path}]", f"data.cache_dir={tmp / 'cache'}", "data.seq_length=96", "train.steps=2",
+        "train.micro_batch_size=2",
+        "train.global_batch_size=4", "train.eval_interval=0", "optim.warmup_steps=1", "checkpoint.save=null",
+        "model.overrides={num_layers: 2, layer_types: [sliding_attention, full_attention], num_global_query_groups: 2}",
+        *overrides,
+    ])
+
+
+def _sft_widths(run) -> list[int]:
+    from megatron_bdgemma.config import tiny
+    from megatron_bdgemma.training.data import build_step_data
+
+    config = tiny(num_global_query_groups=2, tensor_model_parallel_size=run.parallel.tp, sequence_parallel=run.parallel.tp > 1)
+    step_data = build_step_data(run, config)
+    return [batch.seq_len for step in range(run.train.steps) for batch, _ in step_data.microbatches(step)]
+
+
+def _tp2_sft_in_rank(rank: int, tmp: str) -> tuple[list, list[int]]:
+    from megatron_bdgemma.training.trainer import train
+
+    run = _sft_run(Path(tmp), "parallel.tp=2")
+    history = train(run)
+    return [(h["diffusion"], h["ar"]) for h in history], _sft_widths(run)
+
+
+def test_tp2_sequence_parallel_sft_trains_on_odd_widths(tmp_path, model_parallel):
+    """SFT at TP=2 with sequence parallelism on batches whose natural widths are odd: it runs, and its losses equal
+    one process's (the padding is neither attended nor scored)."""
+    from megatron_bdgemma.training.trainer import train
+    from tests.multiproc import run_in_processes
+
+    natural = _sft_widths(_sft_run(tmp_path))
+    assert any(width % 2 for width in natural), natural
+    reference = [(h["diffusion"], h["ar"]) for h in train(_sft_run(tmp_path))]
+    for losses, widths in run_in_processes(_tp2_sft_in_rank, 2, str(tmp_path), timeout_s=300):
+        assert all(width % 2 == 0 for width in widths) and widths == [-(-w // 2) * 2 for w in natural]
+        for got, expected in zip(losses, reference, strict=True):
+            assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_sft_seq_length_must_split_over_tp(tmp_path):
+    with pytest.raises(ValueError, match=r"data.seq_length \(95\) must be a multiple of parallel.tp \(2\)"):
+        _sft_run(tmp_path, "parallel.tp=2", "data.seq_length=95").validate(world_size=2)

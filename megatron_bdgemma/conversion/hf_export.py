@@ -20,6 +20,7 @@ builds a tower, and the default one (16 layers, 768 wide) would add 167M random 
 
 from __future__ import annotations
 
+import copy
 import json
 import struct
 import time
@@ -183,16 +184,6 @@ def hf_configs(config: BDGemmaConfig, source: dict[str, Any] | None, dtype: torc
     source = source or {}
     source_config = source.get("hf_config") or {}
     source_text = source_config.get("text_config", source_config) if source_config else {}
-    # HF's default RoPE ignores `factor`; its linear RoPE is the same table divided by it.
-    sliding = {"rope_type": "default"} if config.rope_scaling_factor == 1.0 else {
-        "rope_type": "linear", "factor": config.rope_scaling_factor}
-    rope = {
-        "sliding_attention": {**sliding, "rope_theta": config.rope_theta},
-        "full_attention": {"rope_type": "proportional", "partial_rotary_factor": config.global_partial_rotary_factor,
-                           "rope_theta": config.global_rope_theta},
-    }
-    if config.global_rope_scaling_factor != 1.0:
-        rope["full_attention"]["factor"] = config.global_rope_scaling_factor
     eos = list(config.eos_token_ids)
     text = {key: source_text[key] for key in ("bos_token_id", "initializer_range", "attention_dropout",
                                               "use_bidirectional_attention") if source_text.get(key) is not None}
@@ -204,11 +195,15 @@ def hf_configs(config: BDGemmaConfig, source: dict[str, Any] | None, dtype: torc
         hidden_activation="gelu_pytorch_tanh", max_position_embeddings=config.max_position_embeddings,
         rms_norm_eps=config.layernorm_epsilon, pad_token_id=config.pad_token_id,
         eos_token_id=source_text.get("eos_token_id", eos[0] if len(eos) == 1 else eos),
-        sliding_window=config.sliding_window, layer_types=list(config.layer_types), rope_parameters=rope,
+        sliding_window=config.sliding_window, layer_types=list(config.layer_types),
+        rope_parameters=copy.deepcopy(config.rope_parameters),
         num_experts=config.num_moe_experts, top_k_experts=config.moe_router_topk,
         moe_intermediate_size=config.moe_ffn_hidden_size, attention_bias=False, tie_word_embeddings=True,
         final_logit_softcapping=config.final_logit_softcapping,
     )
+    if any(params.get("rope_type") == "longrope" for params in config.rope_parameters.values()):
+        # HF's longrope validation reads the global head_dim, which its per-layer configs guard behind this flag.
+        text["allow_global_per_layer_attribute_access"] = True
     top = {key: source_config[key] for key in ("boi_token_id", "eoi_token_id", "image_token_id", "initializer_range")
            if source_config.get(key) is not None}
     hf_config = DiffusionGemmaConfig(

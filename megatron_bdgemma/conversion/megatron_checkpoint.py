@@ -81,6 +81,28 @@ def _config_field_names() -> tuple[str, ...]:
     return _ARCHITECTURE_FIELDS + tuple(name for name in own if name != "layer_attention_type")
 
 
+def _is_plain(value: Any) -> bool:
+    """JSON data: plain scalars, lists of them, dicts of them with string keys (`rope_parameters`)."""
+    if isinstance(value, list):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return isinstance(value, _PLAIN)
+
+
+def _rope_from_scalar_fields(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """`rope_parameters` of a checkpoint written before it existed, when the RoPE was five scalar fields (a sliding
+    default/linear RoPE and a full proportional one, each divided by its factor)."""
+    sliding_factor = values.pop("rope_scaling_factor", 1.0)
+    full_factor = values.pop("global_rope_scaling_factor", 1.0)
+    sliding = {"rope_type": "default"} if sliding_factor == 1.0 else {"rope_type": "linear", "factor": sliding_factor}
+    full = {"rope_type": "proportional", "partial_rotary_factor": values.pop("global_partial_rotary_factor", 0.25)}
+    if full_factor != 1.0:
+        full["factor"] = full_factor
+    return {"sliding_attention": sliding | {"rope_theta": values.pop("rope_theta", 10_000.0)},
+            "full_attention": full | {"rope_theta": values.pop("global_rope_theta", 1_000_000.0)}}
+
+
 def model_config_to_dict(config: BDGemmaConfig) -> dict[str, Any]:
     """The architecture fields of `config` as plain values (dtypes by name), for a checkpoint's `extra`."""
     values: dict[str, Any] = {}
@@ -90,7 +112,7 @@ def model_config_to_dict(config: BDGemmaConfig) -> dict[str, Any]:
             value = str(value).removeprefix("torch.")
         elif isinstance(value, (list, tuple)):
             value = list(value)
-        if not (isinstance(value, _PLAIN) or (isinstance(value, list) and all(isinstance(v, _PLAIN) for v in value))):
+        if not _is_plain(value):
             raise TypeError(f"BDGemmaConfig.{name} = {value!r} is not a plain value")
         values[name] = value
     return values
@@ -99,6 +121,8 @@ def model_config_to_dict(config: BDGemmaConfig) -> dict[str, Any]:
 def model_config_from_dict(values: dict[str, Any], **overrides: Any) -> BDGemmaConfig:
     """Rebuild a `BDGemmaConfig` from `model_config_to_dict` output; `overrides` set any field (parallel sizes...)."""
     values = dict(values)
+    if "rope_parameters" not in values and "rope_theta" in values:
+        values["rope_parameters"] = _rope_from_scalar_fields(values)
     if isinstance(values.get("params_dtype"), str):
         values["params_dtype"] = getattr(torch, values["params_dtype"])
     values |= overrides

@@ -188,6 +188,9 @@ class RunConfig:
             )
         if p.tp > 1 and p.sequence_parallel is False:
             problems.append("parallel.sequence_parallel=false with tp > 1: Megatron's MoE layers need SP when training with TP")
+        if p.tp > 1 and self.data.mode == "sft" and self.data.seq_length % p.tp:
+            problems.append(f"data.seq_length ({self.data.seq_length}) must be a multiple of parallel.tp ({p.tp}) for "
+                            "sft: sequence parallelism splits each batch's width, at most data.seq_length, over the TP ranks")
         if self.objective.kind == "absorbing" and self.objective.mask_id is None:
             problems.append("objective.kind=absorbing needs objective.mask_id")
         if not 0 < self.objective.t_min <= self.objective.t_max <= 1:

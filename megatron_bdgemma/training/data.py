@@ -8,6 +8,7 @@ needs nothing but s.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -21,7 +22,7 @@ from megatron_bdgemma.data import build_pretrain_datasets, embedded_pretrain_pre
 from megatron_bdgemma.data.pretrain import pretrain_collate
 from megatron_bdgemma.data.sft import SFTDataset, sft_collate
 from megatron_bdgemma.diffusion import DiffusionBatch
-from megatron_bdgemma.training.config import RunConfig
+from megatron_bdgemma.training.config import FP8_ALIGNMENT, RunConfig
 
 SFT_VALID_EVERY = 20
 """SFT holds out every 20th record for evaluation (chat files have no indexed split)."""
@@ -47,6 +48,14 @@ class StepData:
             batch, _ = self.collate([dataset[p % len(dataset)] for p in positions])
             out.append((batch, positions))
         return out
+
+
+def sft_seq_multiple(config: BDGemmaConfig) -> int:
+    """What an SFT batch width is padded to a multiple of: sequence parallelism splits the sequence over the TP
+    ranks, FP8 GEMMs need dimensions in multiples of 16. The run config makes `data.seq_length` (the cap on the
+    width) a multiple of both, so a capped width is one too."""
+    tp = config.tensor_model_parallel_size if config.sequence_parallel else 1
+    return math.lcm(tp, FP8_ALIGNMENT if config.fp8 else 1)
 
 
 def build_step_data(run: RunConfig, config: BDGemmaConfig) -> StepData:
@@ -83,7 +92,7 @@ def build_step_data(run: RunConfig, config: BDGemmaConfig) -> StepData:
             "valid": torch.utils.data.Subset(full, [i for i in indices if i % SFT_VALID_EVERY == 0]),
         }
         collate = partial(sft_collate, block_size=block, eos_id=tokenizer.eod, pad_id=tokenizer.pad,
-                          max_len=d.seq_length)
+                          max_len=d.seq_length, seq_multiple_of=sft_seq_multiple(config))
     return StepData(
         datasets, collate, run.train.global_batch_size, run.train.micro_batch_size,
         parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
