@@ -38,14 +38,19 @@ def masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     """query `[Sq, B, h, d]`, key/value `[Sk, B, g, d]`, allowed `[B, 1, Sq, Sk]` (True = attend) → `[Sq, B, h*d]`."""
     sq, b, h, d = query.shape
     g = key.shape[2]
-    q = query.permute(1, 2, 0, 3).reshape(b, g, h // g, sq, d)  # query heads grouped by their KV head
-    k = key.permute(1, 2, 0, 3).unsqueeze(2)  # [B, g, 1, Sk, d]
-    v = value.permute(1, 2, 0, 3).unsqueeze(2)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, g, h/g, Sq, Sk]
-    scores = scores.masked_fill(~allowed.unsqueeze(1), torch.finfo(scores.dtype).min)
+    # The query heads of one KV head form one row block, so each product reads its K/V head as it is: broadcasting
+    # K/V over the query heads instead would make matmul copy them once per query head.
+    q = query.permute(1, 2, 0, 3).reshape(b, g, h // g * sq, d)
+    k = key.permute(1, 2, 0, 3)  # [B, g, Sk, d]; a view of a `[B, g, Sk, d]` cache buffer is already contiguous
+    v = value.permute(1, 2, 0, 3)
+    scores = torch.matmul(q, k.transpose(-1, -2))  # [B, g, h/g·Sq, Sk]
+    if scale != 1.0:  # Gemma's q/k norms carry the scale: 1.0, and a pass over the scores saved
+        scores = scores * scale
+    scores = scores.view(b, g, h // g, sq, -1)
+    scores = torch.where(allowed.unsqueeze(1), scores, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = torch.matmul(probs, v)  # [B, g, h/g, Sq, d]
-    return out.reshape(b, h, sq, d).permute(2, 0, 1, 3).reshape(sq, b, h * d)
+    out = torch.matmul(probs.view(b, g, h // g * sq, -1), v)  # [B, g, h/g·Sq, d]
+    return out.view(b, h, sq, d).permute(2, 0, 1, 3).reshape(sq, b, h * d)
 
 
 class _CoreAttention(MegatronModule):
