@@ -27,11 +27,11 @@ scored block per example, self-conditioning coins with p = 0.5) it times forward
 
 Every diffusion variant's loss is checked against ours (same batch, same numbers up to rounding): the run exits
 non-zero when one differs by more than `--loss-rtol`. Each step is run `--warmup` times untimed, then `--repeats`
-rounds time every variant once per round, the order reversed every other round. On CPU every side runs
-single-threaded and is timed by the **process CPU time** it used (`time.process_time`), which other jobs on a shared
-machine barely move; wall time is printed beside it. On a GPU the wall time (after a synchronize) is the measure.
-Ratios divide each side's fastest round (other processes only ever add time), printed with the range of the
-per-round ratios; each row shows the fastest round, the median and the range. Tokens/s counts the batch's valid sequence tokens (prompt + response + EOS fill) per step. Model FLOPs
+rounds time every variant once per round, the order reversed every other round, the compared variants next to each
+other. On CPU every side runs single-threaded and is timed by the **process CPU time** it used
+(`time.process_time`), which waiting for a core does not count; wall time is printed beside it. On a GPU the wall
+time (after a synchronize) is the measure. A ratio is the median over rounds of the two sides' times in that round
+(taken back to back, so both met the same contention), printed with its range; each row shows its median step. Tokens/s counts the batch's valid sequence tokens (prompt + response + EOS fill) per step. Model FLOPs
 use `active_params_per_token` N (attention projections, dense MLP, top-k experts, router, LM head): 6·N per token
 with grad (encoder over B·S positions, pass 2 over the decoded canvas), 2·N per token for pass 1; attention scores
 and the soft-embedding matmul are not counted. The last line is machine-readable:
@@ -125,14 +125,13 @@ def round_order(items: Sequence[T], round_index: int) -> list[T]:
 def ratio_over_rounds(
     ours: Sequence[Measurement], reference: Sequence[Measurement], device: torch.device
 ) -> tuple[float, float, float]:
-    """`ours / reference` → (best-of ratio, min and max of the per-round ratios).
+    """`ours / reference` per round → (median, min, max) over the rounds.
 
-    The best-of ratio divides each side's fastest round (timeit's rule: other processes can only add to a
-    measurement, never take from it); the per-round range shows how much the machine moved the rounds.
+    Pairing each round's two measurements (taken back to back where the caller orders them so) cancels most of a
+    shared machine's drift: both sides of a pair met about the same contention for caches and cores.
     """
     ratios = [a.seconds(device) / b.seconds(device) for a, b in zip(ours, reference, strict=True)]
-    best = min(t.seconds(device) for t in ours) / min(t.seconds(device) for t in reference)
-    return best, min(ratios), max(ratios)
+    return statistics.median(ratios), min(ratios), max(ratios)
 
 
 def parse_args() -> argparse.Namespace:
@@ -142,7 +141,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per example, prompt + response + fill")
     parser.add_argument("--loss-chunk-size", type=int, default=512, help="tokens per chunk, vocab-parallel variant")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per side (1: timing robust to load)")
@@ -285,16 +284,16 @@ def main() -> None:
         return float("nan"), loss.item()
 
     one_canvas, whole_canvas_positions = one.canvas_ids.numel(), whole.canvas_ids.numel()
+    # Ordered so that each compared pair is timed back to back: block-sparse whole | whole | HF whole | ours | AR.
     variants = [
-        Variant(OURS, our_step(one), one_canvas),
         Variant(f"ours, vocab-parallel loss (chunks of {args.loss_chunk_size})",
                 our_step(one, args.loss_chunk_size), one_canvas),
-        Variant(OURS_WHOLE, our_step(whole), whole_canvas_positions),
         Variant("ours, block-sparse attention", our_step(one, model=sparse), one_canvas),
-        Variant(OURS_SPARSE_WHOLE, our_step(whole, model=sparse), whole_canvas_positions),
-        Variant(HF_AUTOMODEL, hf_training_step(hf, batch, whole),
-                whole_canvas_positions),
         Variant("HF, scored block only (TRL-style)", hf_training_step(hf, batch, one), one_canvas),
+        Variant(OURS_SPARSE_WHOLE, our_step(whole, model=sparse), whole_canvas_positions),
+        Variant(OURS_WHOLE, our_step(whole), whole_canvas_positions),
+        Variant(HF_AUTOMODEL, hf_training_step(hf, batch, whole), whole_canvas_positions),
+        Variant(OURS, our_step(one), one_canvas),
         Variant(OURS_AR, ar_step, 0),
     ]
     models = (ours, sparse, hf)
@@ -316,23 +315,23 @@ def main() -> None:
           f"{batch.seq_len} ({tokens} valid tokens), block {bs}, whole canvas R {whole.canvas_ids.shape[1]}, "
           f"vocab {vocab}, hidden {config.hidden_size}, {config.num_layers} layers, {config.num_moe_experts} experts "
           f"top-{config.moe_router_topk}; N = active_params_per_token = {n:,}")
-    print(f"{args.repeats} rounds after {args.warmup} warm-up, order reversed every other round; step = fastest "
-          f"round's process {measure_name} seconds (median, range over rounds), median wall; 1-min load average "
+    print(f"{args.repeats} rounds after {args.warmup} warm-up, order reversed every other round; step = median "
+          f"process {measure_name} seconds (range over rounds), median wall; 1-min load average "
           f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after; losses are sums (diffusion, AR)")
-    print(f"{'':50s} {'step s':>8s} {'median':>8s} {'range':>13s} {'wall s':>8s} {'tokens/s':>9s} {'GFLOP':>8s} "
-          f"{'TFLOP/s':>8s}  losses")
+    print(f"{'':50s} {'step s':>8s} {'range':>13s} {'wall s':>8s} {'tokens/s':>9s} {'GFLOP':>8s} {'TFLOP/s':>8s}  "
+          f"losses")
     for variant in variants:
         times = [t.seconds(device) for t in variant.times]
-        seconds = min(times)
+        seconds = statistics.median(times)
         wall = statistics.median(t.wall for t in variant.times)
         canvas = variant.canvas_positions
         flops = 6 * n * encoder_positions + (2 + 6) * n * canvas if canvas else 6 * n * encoder_positions
         diffusion, ar = losses[variant.name]
-        print(f"{variant.name:50s} {seconds:8.3f} {statistics.median(times):8.3f} "
-              f"{f'{min(times):.3f}..{max(times):.3f}':>13s} {wall:8.3f} "
+        print(f"{variant.name:50s} {seconds:8.3f} {f'{min(times):.3f}..{max(times):.3f}':>13s} {wall:8.3f} "
               f"{tokens / seconds:9.0f} {flops / 1e9:8.1f} {flops / seconds / 1e12:8.4f}  {diffusion:.4f}, {ar:.4f}")
-    reference = losses[variants[0].name]
-    worst = max(abs(losses[v.name][i] - reference[i]) / abs(reference[i]) for v in variants[1:-1] for i in (0, 1))
+    reference = losses[OURS]
+    diffusion_variants = [v.name for v in variants if v.name not in (OURS, OURS_AR)]
+    worst = max(abs(losses[name][i] - reference[i]) / abs(reference[i]) for name in diffusion_variants for i in (0, 1))
     rtol = args.loss_rtol if args.loss_rtol is not None else (2e-2 if args.dtype == "bf16" else 1e-4)
     print(f"loss agreement with ours (relative, all diffusion variants, HF included): {worst:.1e} (allowed {rtol:.0e})")
     if not worst <= rtol:
@@ -343,11 +342,11 @@ def main() -> None:
     same_work_sparse = ratio_over_rounds(by_name[OURS_SPARSE_WHOLE], by_name[HF_AUTOMODEL], device)
     recipe = ratio_over_rounds(by_name[OURS], by_name[HF_AUTOMODEL], device)
     over_ar = ratio_over_rounds(by_name[OURS], by_name[OURS_AR], device)
-    for label, (best, low, high) in (("same work (ours whole canvas / HF)", same_work),
+    for label, (middle, low, high) in (("same work (ours whole canvas / HF)", same_work),
                                      ("same work, block-sparse (ours / HF)", same_work_sparse),
                                        ("recipe (ours scored block / HF whole canvas)", recipe),
                                        ("diffusion / AR only", over_ar)):
-        print(f"ratio {label:46s} best-of {best:.3f}, per round {low:.3f}..{high:.3f}")
+        print(f"ratio {label:46s} median {middle:.3f}, per round {low:.3f}..{high:.3f}")
     print(f"RESULT step_ratio_vs_hf_same_work={same_work[0]:.3f} "
           f"step_ratio_vs_hf_same_work_block_sparse={same_work_sparse[0]:.3f} step_ratio_vs_hf_recipe={recipe[0]:.3f} "
           f"diffusion_over_ar={over_ar[0]:.3f}")
