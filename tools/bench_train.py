@@ -31,8 +31,9 @@ rounds time every variant once per round, the order reversed every other round, 
 other. On CPU every side runs single-threaded and is timed by the **process CPU time** it used
 (`time.process_time`), which waiting for a core does not count; wall time is printed beside it. On a GPU the wall
 time (after a synchronize) is the measure. A ratio is the median over rounds of the two sides' times in that round
-(taken back to back, so both met the same contention), printed with its range; each row shows its median step. Tokens/s counts the batch's valid sequence tokens (prompt + response + EOS fill) per step. Model FLOPs
-use `active_params_per_token` N (attention projections, dense MLP, top-k experts, router, LM head): 6·N per token
+(taken back to back, so both met the same contention), printed with its range; each row shows its median step.
+Tokens/s counts the batch's valid sequence tokens (prompt + response + EOS fill) per step. Model FLOPs use
+`active_params_per_token` N (attention projections, dense MLP, top-k experts, router, LM head): 6·N per token
 with grad (encoder over B·S positions, pass 2 over the decoded canvas), 2·N per token for pass 1; attention scores
 and the soft-embedding matmul are not counted. The last line is machine-readable:
 
