@@ -101,6 +101,11 @@ class BDGemmaConfig(TransformerConfig):
     attention_chunk_size: int = 256
     """Encoder queries per chunk of the `block_sparse` attention (canvas chunks are one block each)."""
 
+    moe_grouped_gemm: bool = True
+    """Megatron's flag, on by default here: the `local` backend runs all local experts in one grouped GEMM per
+    projection (`layers.grouped_experts.GroupedGemmMLP`); False = Megatron's `SequentialMLP`, one MLP per expert.
+    Same parameters, state dict and checkpoints. The `te` backend always uses TE's grouped experts."""
+
     layer_attention_type: str | None = None
     """Set only on the per-layer copies from `get_config_for_layer`: that layer's attention type."""
 

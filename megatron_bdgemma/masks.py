@@ -104,6 +104,14 @@ class AttentionMask:
         """The whole grid ``[B, 1, Q, K]`` bool, True = attend (built on first use, then cached)."""
         return self._dense
 
+    def additive(self, dtype: torch.dtype) -> Tensor:
+        """The whole grid as an additive bias (:func:`to_additive`) in ``dtype``, built once per dtype, then cached:
+        the eager attention adds it to the scores (no backward of its own, unlike selecting with ``where``)."""
+        cache = self.__dict__.setdefault("_additive", {})
+        if dtype not in cache:
+            cache[dtype] = to_additive(self.dense(), dtype)
+        return cache[dtype]
+
     def block_mask(self) -> BlockMask:
         """This rule as a FlexAttention ``BlockMask`` (``mask_mod`` = :meth:`allowed_at`, shared by all heads), for
         the ``flex`` core attention; built on first use, then cached, so the layers sharing this mask build it once.

@@ -26,7 +26,7 @@ from megatron_bdgemma import masks
 from megatron_bdgemma.config import BDGemmaConfig
 from megatron_bdgemma.diffusion import DiffusionBatch, NoisedCanvas, ar_loss, diffusion_loss
 from megatron_bdgemma.diffusion.loss import scored_weights
-from megatron_bdgemma.layers.attention import KV
+from megatron_bdgemma.layers.attention import KV, KVBuffer
 from megatron_bdgemma.layers.rope import RotaryTables
 from megatron_bdgemma.layers.self_conditioning import SelfConditioning, soft_embedding
 from megatron_bdgemma.spec import Backend, get_bdgemma_block_spec, get_glu_mlp_submodules
@@ -210,19 +210,21 @@ class BDGemmaModel(GPTModel):
     def decode(
         self,
         canvas_ids: torch.Tensor,
-        encoder_kv: EncoderOutput | list[KV],
+        encoder_kv: EncoderOutput | list[KV] | list[KVBuffer],
         *,
         canvas_position_ids: torch.Tensor,
         attention_mask: dict[str, masks.AttentionMask] | None = None,
         encoder_padding_mask: torch.Tensor | None = None,
         self_conditioning_logits: torch.Tensor | None = None,
         self_conditioning_mask: torch.Tensor | None = None,
+        rope: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """Bidirectional pass of a canvas over `[encoder K/V ; canvas K/V]` → `[B, R, V]` fp32 softcapped logits.
 
         Args:
             canvas_ids: `[B, R]` noised tokens.
-            encoder_kv: `encode(...)` output (or its `.kv`), P encoder positions per layer.
+            encoder_kv: `encode(...)` output (or its `.kv`), P encoder positions per layer; or per layer a
+                `KVBuffer` holding them (inference: each decode writes its canvas K/V into it, no prefix copy).
             canvas_position_ids: `[B, R]` absolute positions (the clean copies' positions, so RoPE matches).
             attention_mask: per layer type, the mask rule over R queries × `P + R` keys, e.g.
                 `masks.BlockDiffusionTrainingMask`. None = the inference contract of HF generation: full layers
@@ -232,6 +234,7 @@ class BDGemmaModel(GPTModel):
             self_conditioning_logits: `[B, R, V]` logits of the previous pass (detached by the caller); None = zero
                 signal.
             self_conditioning_mask: `[B]` bool; False gives that example an exactly-zero signal.
+            rope: `self.rope(canvas_position_ids, dtype)`, when the caller keeps it across decodes of one canvas.
         """
         signal = None
         if self_conditioning_logits is not None and self.config.self_conditioning:
@@ -239,20 +242,21 @@ class BDGemmaModel(GPTModel):
         hidden = self.decode_hidden(
             canvas_ids, encoder_kv, canvas_position_ids=canvas_position_ids, attention_mask=attention_mask,
             encoder_padding_mask=encoder_padding_mask, self_conditioning_signal=signal,
-            self_conditioning_mask=self_conditioning_mask,
+            self_conditioning_mask=self_conditioning_mask, rope=rope,
         )
         return self.logits(hidden)
 
     def decode_hidden(
         self,
         canvas_ids: torch.Tensor,
-        encoder_kv: EncoderOutput | list[KV],
+        encoder_kv: EncoderOutput | list[KV] | list[KVBuffer],
         *,
         canvas_position_ids: torch.Tensor,
         attention_mask: dict[str, masks.AttentionMask] | None = None,
         encoder_padding_mask: torch.Tensor | None = None,
         self_conditioning_signal: torch.Tensor | None = None,
         self_conditioning_mask: torch.Tensor | None = None,
+        rope: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """`decode` up to the LM head: → final-normed hidden `[R, B, H]` (`[R/tp, B, H]` under sequence parallelism).
 
@@ -260,10 +264,13 @@ class BDGemmaModel(GPTModel):
         under SP): `logits_signal(logits)`, or `vocab_parallel_soft_embedding` of the previous pass's hidden states.
         """
         kv = encoder_kv.kv if isinstance(encoder_kv, EncoderOutput) else encoder_kv
-        batch, prefix = kv[0][0].shape[0], kv[0][0].shape[2]
         hidden = self.decoder_input(canvas_ids, self_conditioning_signal, self_conditioning_mask)
-        rope = self.rope(canvas_position_ids, hidden.dtype)
+        if rope is None:
+            rope = self.rope(canvas_position_ids, hidden.dtype)
         if attention_mask is None:
+            if isinstance(kv[0], KVBuffer):
+                raise ValueError("decode with KVBuffers needs the attention_mask (the cache's decode_masks)")
+            batch, prefix = kv[0][0].shape[0], kv[0][0].shape[2]
             valid = (
                 torch.ones(batch, prefix, dtype=torch.bool, device=canvas_ids.device)
                 if encoder_padding_mask is None
@@ -273,8 +280,9 @@ class BDGemmaModel(GPTModel):
                 t: masks.DecodeInferenceMask(valid, None, self.config.window_of(t), canvas_len=canvas_ids.shape[1])
                 for t in set(self.config.layer_types)
             }
-        for layer, (key, value) in zip(self.decoder.layers, kv):
-            prefix_kv = (key.permute(2, 0, 1, 3), value.permute(2, 0, 1, 3))  # back to [P, B, g, d]
+        for layer, layer_kv in zip(self.decoder.layers, kv):
+            # Back to the layers' [P, B, g, d]; a KVBuffer keeps HF's layout and is written by the attention.
+            prefix_kv = layer_kv if isinstance(layer_kv, KVBuffer) else tuple(t.permute(2, 0, 1, 3) for t in layer_kv)
             hidden, _ = self.run_layer(
                 layer, hidden, rope=rope[layer.layer_type], attention_mask=attention_mask[layer.layer_type],
                 kv_prefix=prefix_kv,

@@ -1,8 +1,9 @@
 """Layer specs as data: which module fills each slot of the Gemma 4 MoE layer, per backend.
 
-`local` (Megatron's own parallel linears and `SequentialMLP` experts) always works, CPU included. `te` swaps in
-Transformer Engine linears and grouped-GEMM experts through Megatron's `TESpecProvider`; it is import-guarded and
-only used on GPU. Both run the core attention chosen by `BDGemmaConfig.attention_impl` (`layers.core_attention`):
+`local` (Megatron's own parallel linears; experts as `GroupedGemmMLP`, one `torch._grouped_mm` per projection,
+or Megatron's `SequentialMLP`, one MLP per expert, with `moe_grouped_gemm=False`; same parameters and checkpoints)
+always works, CPU included. `te` swaps in Transformer Engine linears and grouped-GEMM experts through Megatron's
+`TESpecProvider`; it is import-guarded and only used on GPU. Both run the core attention chosen by `BDGemmaConfig.attention_impl` (`layers.core_attention`):
 the block-diffusion masks are rules that Megatron's and TE's mask types cannot express.
 """
 
@@ -22,6 +23,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron_bdgemma.config import BDGemmaConfig
 from megatron_bdgemma.layers.attention import BDGemmaAttention, BDGemmaAttentionSubmodules
 from megatron_bdgemma.layers.core_attention import CORE_ATTENTION
+from megatron_bdgemma.layers.grouped_experts import GroupedGemmMLP
 from megatron_bdgemma.layers.layer import BDGemmaLayer, BDGemmaLayerSubmodules
 from megatron_bdgemma.layers.moe import BDGemmaMoELayer, BDGemmaRouter
 from megatron_bdgemma.layers.norm import RMSNorm
@@ -50,14 +52,24 @@ def get_glu_mlp_submodules(backend: Backend = "local") -> MLPSubmodules:
     return MLPSubmodules(linear_fc1=provider.column_parallel_linear(), linear_fc2=provider.row_parallel_linear())
 
 
-def get_bdgemma_layer_spec(backend: Backend = "local", attention_impl: str = "eager") -> ModuleSpec:
+def get_experts_spec(backend: Backend = "local", grouped_gemm: bool = True) -> partial:
+    """The routed experts: TE's grouped MLP on `te`; on `local` `GroupedGemmMLP` (grouped GEMM) or `SequentialMLP`."""
+    provider = _provider(backend)
+    if backend == "te" or not grouped_gemm:
+        return provider.grouped_mlp_modules(backend == "te")
+    return partial(GroupedGemmMLP, submodules=get_glu_mlp_submodules(backend))
+
+
+def get_bdgemma_layer_spec(
+    backend: Backend = "local", attention_impl: str = "eager", grouped_gemm: bool = True
+) -> ModuleSpec:
     """Spec of one `BDGemmaLayer` (per-layer geometry comes from the config, not the spec)."""
     provider = _provider(backend)
     mlp = get_glu_mlp_submodules(backend)
     moe = partial(
         BDGemmaMoELayer,
         submodules=MoESubmodules(
-            experts=provider.grouped_mlp_modules(backend == "te"),
+            experts=get_experts_spec(backend, grouped_gemm),
             shared_experts=partial(_build_shared_experts, submodules=mlp),
             router=BDGemmaRouter,
         ),
@@ -92,7 +104,7 @@ def get_bdgemma_block_spec(
     config: BDGemmaConfig, backend: Backend = "local", vp_stage: int | None = None, pp_rank: int | None = None
 ) -> TransformerBlockSubmodules:
     """The layers of this pipeline stage plus the final RMSNorm."""
-    layer = get_bdgemma_layer_spec(backend, config.attention_impl)
+    layer = get_bdgemma_layer_spec(backend, config.attention_impl, config.moe_grouped_gemm)
     return TransformerBlockSubmodules(
         layer_specs=[layer] * get_num_layers_to_build(config, vp_stage, pp_rank), layer_norm=RMSNorm
     )

@@ -127,20 +127,59 @@ def test_gradient_flow_and_frozen_router(model_parallel):
     assert model.self_conditioning.pre_norm.weight.grad.abs().sum() > 0
 
 
-def test_canvas_loss_reaches_encoder_kv_and_pass_one_builds_no_graph(model_parallel):
+def test_canvas_loss_reaches_encoder_kv(model_parallel):
     model, batch = _model(), _batch()
     noised = noise_batch(batch, sample_indices=[0, 1], step=0, seed=1, vocab_size=512)
     encoded = model.encode(batch.input_ids, padding_mask=~batch.encoder_valid)
     attention = model.training_masks(batch, noised)
     with torch.no_grad():
         pass_one = model.decode(noised.canvas_ids, encoded, canvas_position_ids=noised.position_ids, attention_mask=attention)
-    assert pass_one.grad_fn is None and not pass_one.requires_grad
     logits = model.decode(noised.canvas_ids, encoded, canvas_position_ids=noised.position_ids, attention_mask=attention,
                           self_conditioning_logits=pass_one)
     key, value = encoded.kv[0]
     key.retain_grad(), value.retain_grad()
     logits.logsumexp(-1).sum().backward()
     assert key.grad.abs().sum() > 0 and value.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("loss_chunk_size", [None, 8])
+def test_training_forward_pass_one_builds_no_graph(model_parallel, loss_chunk_size):
+    """Inside `training_forward` itself: every layer call of decode pass 1 saves no tensor for backward and returns
+    no graph, while the encode and pass-2 calls (which must) do: so the counter would see a pass 1 with grad."""
+    model, batch = _model(), _batch()
+    noised = noise_batch(batch, sample_indices=[0, 1], step=0, seed=1, vocab_size=512)
+    noised = NoisedCanvas(**{**noised.__dict__, "self_conditioning": torch.tensor([True, True])})
+    saved = [0]
+    layer_calls: list[tuple[int, bool]] = []  # (tensors saved for backward, output has a grad_fn), in call order
+    final_norm_graph: list[bool] = []
+
+    def count_saved(tensor: torch.Tensor) -> torch.Tensor:
+        saved[0] += 1
+        return tensor
+
+    def before_layer(module, args):
+        saved[0] = 0
+
+    def after_layer(module, args, output):
+        layer_calls.append((saved[0], output[0].grad_fn is not None))
+
+    hooks = [layer.register_forward_pre_hook(before_layer) for layer in model.decoder.layers]
+    hooks += [layer.register_forward_hook(after_layer) for layer in model.decoder.layers]
+    hooks.append(model.decoder.final_layernorm.register_forward_hook(
+        lambda module, args, output: final_norm_graph.append(output.grad_fn is not None)))
+    with torch.autograd.graph.saved_tensors_hooks(count_saved, lambda tensor: tensor):
+        out = model.training_forward(batch, noised, loss_chunk_size=loss_chunk_size)
+    for hook in hooks:
+        hook.remove()
+
+    layers = len(model.decoder.layers)
+    assert len(layer_calls) == 3 * layers, f"expected encode, pass 1, pass 2 layer calls, got {len(layer_calls)}"
+    encode, pass_one, pass_two = layer_calls[:layers], layer_calls[layers : 2 * layers], layer_calls[2 * layers :]
+    assert all(count > 0 and graph for count, graph in encode + pass_two), (encode, pass_two)
+    assert all(count == 0 and not graph for count, graph in pass_one), pass_one
+    assert final_norm_graph == [True, False, True]
+    (out.diffusion_loss_sum + out.ar_loss_sum).backward()  # the graph that was built is the one that trains
+    assert model.self_conditioning.mlp.linear_fc1.weight.grad.abs().sum() > 0
 
 
 def test_noise_is_independent_of_the_data_parallel_split():

@@ -12,13 +12,16 @@ On the same weights, prompts (left-padded batch, longer than the sliding window)
   distributions one near-tie is enough for the canvases to part; the share of equal tokens is printed (token
   equality on tiny models is tests/test_generation.py's job);
 - AR: our autoregressive baseline (greedy next-token decoding from the encoder logits, cached K/V).
-Each is run once untimed first (kernel/primitive warm-up) and then timed. No EOS is set, so every row generates the
-whole budget; tokens/s counts non-pad generated tokens. The last line is machine-readable:
+Each is run once untimed first (kernel/primitive warm-up), then `--rounds` rounds time every side once, the order
+reversed every other round. On CPU every side runs single-threaded and is timed by the process CPU time it used
+(robust to other jobs on a shared machine), wall time beside; on a GPU wall time is the measure. No EOS is set,
+so every row generates the whole budget; tokens/s counts non-pad generated tokens. The last line is
+machine-readable:
 
     RESULT tokens_per_s_ratio_vs_hf=<x> tokens_per_forward=<y> speedup_vs_ar=<z>
 
-with x = our tokens/s over HF's, y = our tokens per forward (mean over rows), z = our tokens/s over the AR
-baseline's.
+with x = our tokens/s over HF's, the median over rounds of the two sides' back-to-back runs (range printed above),
+y = our tokens per forward (mean over rows), z = our tokens/s over the AR baseline's.
 
 Random weights never become confident, so the adaptive stop rarely fires and tokens per forward sits near its
 floor, canvas_length / max_denoising_steps; a trained model stops earlier.
@@ -33,19 +36,24 @@ import os
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "65536")
 
 import argparse
+import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from bench_train import Measurement, measure, ratio_over_rounds, round_order, set_timing_threads
 
 from megatron_bdgemma import hf_reference
 
 # DiffusionGemma's geometry scaled down so one CPU run is quick.
 SMALL_TEXT = hf_reference.SMALL_TEXT | dict(vocab_size=2048)
 SMALL_CANVAS = 256
+
+OURS = "ours (block diffusion, KV cache)"
+HF = "transformers DiffusionGemma.generate"
+AR = "ours AR baseline (encoder logits, KV cache)"
 
 
 def parse_args() -> argparse.Namespace:
@@ -58,6 +66,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-denoising-steps", type=int, default=48)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (each side once per round)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads per side (1: timing robust to load)")
     return parser.parse_args()
 
 
@@ -65,18 +75,6 @@ def small_random_hf(path: Path) -> Path:
     """Build and save the small random DiffusionGemma (vision tower of one layer, dropped on import)."""
     hf_reference.random_diffusion_gemma(SMALL_TEXT, SMALL_CANVAS).save_pretrained(path)
     return path
-
-
-def timed(run: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
-    """Run once to warm up, then once timed → (result of the timed run, seconds)."""
-    run()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    result = run()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return result, time.perf_counter() - start
 
 
 def main() -> None:
@@ -118,12 +116,7 @@ def main() -> None:
     def run_ar() -> Any:
         return generate(ours, input_ids, padding_mask=padding_mask, sampler=Autoregressive(), **common)
 
-    rows: list[tuple[str, int, float, float]] = []
-    ours_out, ours_s = timed(run_ours, device)
-    ours_tokens = int((ours_out.generated != pad).sum())
-    rows.append(("ours (block diffusion, KV cache)", ours_tokens, ours_s, ours_out.tokens_per_forward.mean().item()))
-
-    hf_tps, same_share = float("nan"), None
+    sides: dict[str, Callable[[], Any]] = {OURS: run_ours}
     if hf_path is not None:
         from transformers import DiffusionGemmaForBlockDiffusion
 
@@ -137,32 +130,54 @@ def main() -> None:
                 max_denoising_steps=args.max_denoising_steps, pad_token_id=pad,
             )
 
-        hf_out, hf_s = timed(run_hf, device)
-        hf_tokens = int((hf_out.sequences[:, input_ids.shape[1]:] != pad).sum())
-        hf_per_forward = hf_out.tokens_per_forward.float().mean().item()
-        rows.append(("transformers DiffusionGemma.generate", hf_tokens, hf_s, hf_per_forward))
-        hf_tps = hf_tokens / hf_s
-        if hf_out.sequences.shape == ours_out.sequences.shape:
-            same_share = (hf_out.sequences == ours_out.sequences)[:, input_ids.shape[1]:].float().mean().item()
+        sides[HF] = run_hf
+    sides[AR] = run_ar
 
-    ar_out, ar_s = timed(run_ar, device)
-    ar_tokens = int((ar_out.generated != pad).sum())
-    ar_per_forward = ar_out.tokens_per_forward.mean().item()
-    rows.append(("ours AR baseline (encoder logits, KV cache)", ar_tokens, ar_s, ar_per_forward))
+    set_timing_threads(device, args.threads)
+    outputs = {name: run() for name, run in sides.items()}  # warm-up
+    times: dict[str, list[Measurement]] = {name: [] for name in sides}
+    for round_index in range(args.rounds):
+        for name in round_order(list(sides), round_index):
+            outputs[name], measurement = measure(sides[name], device)
+            times[name].append(measurement)
 
-    print(f"device {device}, dtype {args.dtype}, batch {len(prompts)} (prompt lengths {args.prompt_lengths}, "
-          f"left-padded), canvas {config.canvas_length}, window {config.sliding_window}, "
-          f"max_new_tokens {args.max_new_tokens}, max_denoising_steps {args.max_denoising_steps}")
-    print(f"{'':46s} {'tokens':>7s} {'seconds':>8s} {'tokens/s':>9s} {'tok/fwd':>8s}")
-    for name, tokens, seconds, per_forward in rows:
-        print(f"{name:46s} {tokens:7d} {seconds:8.3f} {tokens / seconds:9.1f} {per_forward:8.3f}")
-    if same_share is not None:
-        print(f"generated tokens equal to transformers' (same seed): {same_share:.1%}")
-    ours_tps = ours_tokens / ours_s
+    def generated(name: str) -> int:
+        sequences = outputs[name].sequences
+        return int((sequences[:, input_ids.shape[1]:] != pad).sum())
+
+    def per_forward(name: str) -> float:
+        return outputs[name].tokens_per_forward.float().mean().item()
+
+    measure_name = "wall" if device.type == "cuda" else "CPU"
+    print(f"device {device}, dtype {args.dtype}, {torch.get_num_threads()} threads, batch {len(prompts)} (prompt "
+          f"lengths {args.prompt_lengths}, left-padded), canvas {config.canvas_length}, window "
+          f"{config.sliding_window}, max_new_tokens {args.max_new_tokens}, max_denoising_steps "
+          f"{args.max_denoising_steps}; {args.rounds} rounds, median process {measure_name} seconds (range)")
+    print(f"{'':46s} {'tokens':>7s} {'seconds':>8s} {'range':>15s} {'wall s':>8s} {'tokens/s':>9s} {'tok/fwd':>8s}")
+    for name in sides:
+        seconds = [t.seconds(device) for t in times[name]]
+        middle = statistics.median(seconds)
+        wall = statistics.median(t.wall for t in times[name])
+        print(f"{name:46s} {generated(name):7d} {middle:8.3f} {f'{min(seconds):.3f}..{max(seconds):.3f}':>15s} "
+              f"{wall:8.3f} {generated(name) / middle:9.1f} {per_forward(name):8.3f}")
+
+    def tokens_per_s_ratio(name: str) -> tuple[float, float, float]:
+        """Our tokens/s over `name`'s per round: its seconds over ours, scaled by the token counts."""
+        scale = generated(OURS) / generated(name)
+        middle, low, high = ratio_over_rounds(times[OURS], times[name], device)
+        return scale / middle, scale / high, scale / low  # (median, min, max) over rounds
+
+    ratio_hf = (float("nan"),) * 3
+    if HF in sides:
+        ratio_hf = tokens_per_s_ratio(HF)
+        if outputs[HF].sequences.shape == outputs[OURS].sequences.shape:
+            share = (outputs[HF].sequences == outputs[OURS].sequences)[:, input_ids.shape[1]:].float().mean().item()
+            print(f"generated tokens equal to transformers' (same seed): {share:.1%}")
+        print(f"tokens/s ratio vs HF: median {ratio_hf[0]:.3f}, per round {ratio_hf[1]:.3f}..{ratio_hf[2]:.3f}")
+    ratio_ar = tokens_per_s_ratio(AR)
     print(
-        f"RESULT tokens_per_s_ratio_vs_hf={ours_tps / hf_tps:.3f} "
-        f"tokens_per_forward={ours_out.tokens_per_forward.mean().item():.3f} "
-        f"speedup_vs_ar={ours_tps / (ar_tokens / ar_s):.3f}"
+        f"RESULT tokens_per_s_ratio_vs_hf={ratio_hf[0]:.3f} tokens_per_forward={per_forward(OURS):.3f} "
+        f"speedup_vs_ar={ratio_ar[0]:.3f}"
     )
     workdir.cleanup()
 

@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     step_s = diff.seconds(on_gpu)
     tflops = flops.total / step_s / 1e12
     result = dict(step_s=f"{step_s:.4g}", model_tflop=f"{flops.total / 1e12:.6g}", model_tflops=f"{tflops:.4g}",
-                  mfu=f"{tflops / peak:.4f}" if peak else "nan", diffusion_over_ar=f"{step_s / ar.seconds(on_gpu):.3f}",
+                  mfu=f"{tflops / peak:.4g}" if peak else "nan", diffusion_over_ar=f"{step_s / ar.seconds(on_gpu):.3f}",
                   flop_ratio=f"{flops.total / ar_flops.total:.3f}", peak_mem_gib=f"{diff.peak_gib:.3f}")
     if not args.no_hf:
         result["step_ratio_vs_hf"] = f"{step_s / variants[2].seconds(on_gpu):.3f}"

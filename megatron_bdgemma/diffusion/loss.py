@@ -47,13 +47,17 @@ def weighted_cross_entropy_sum(
             f"logits {tuple(logits.shape)}, targets {tuple(targets.shape)} and weights {tuple(weights.shape)} "
             "must agree on the leading dims"
         )
+    weights = weights.to(torch.float32)
+    if chunk_size is None or chunk_size >= targets.numel():
+        # Only the positions in the sum are gathered: a whole canvas scores one block of many, and CE over the
+        # rest (a log-softmax over V each, multiplied by 0) would cost more than the scored part.
+        keep = weights != 0
+        return _ce_sum(logits[keep], targets[keep], weights[keep])
     logits = logits.reshape(-1, V)  # [N, V]
-    weights = weights.reshape(-1).to(torch.float32)  # [N]
+    weights = weights.reshape(-1)  # [N]
     # Unscored targets may be pad/-100 sentinels: point them at id 0 so cross_entropy never sees them.
     targets = torch.where(weights != 0, targets.reshape(-1), 0)  # [N]
     N = logits.shape[0]
-    if chunk_size is None or chunk_size >= N:
-        return _ce_sum(logits, targets, weights)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     recompute = torch.is_grad_enabled() and logits.requires_grad

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from megatron_bdgemma import masks
-from megatron_bdgemma.layers.attention import KV
+from megatron_bdgemma.layers.attention import KV, KVBuffer
 from megatron_bdgemma.model import BDGemmaModel
 
 __all__ = ["EncoderKVCache", "encode_into"]
@@ -90,13 +90,10 @@ class EncoderKVCache:
             new.append((key, value))
         self.kv = new
 
-    def select(self, rows: Tensor) -> EncoderKVCache:
-        """A cache of the chosen rows only (`rows`: `[B]` bool or `[B']` indices)."""
-        subset = EncoderKVCache(self.layer_types, self.windows)
-        subset.length = self.length
-        subset.valid = self.valid[rows]
-        subset.kv = [(key[rows], value[rows]) for key, value in self.kv]
-        return subset
+    def decode_buffers(self, canvas_length: int) -> list[KVBuffer]:
+        """Per layer, a `KVBuffer` holding the retained K/V and room for a canvas: the decodes of one canvas write
+        their canvas K/V into it instead of concatenating the cache to it at every step."""
+        return [KVBuffer.with_prefix(key, value, canvas_length) for key, value in self.kv]
 
     def decode_masks(self, canvas_length: int) -> dict[str, masks.DecodeInferenceMask]:
         """Per layer type, the decode mask over `[retained encoder keys ; canvas]` (R queries × `P + R` keys).

@@ -189,7 +189,11 @@ def _denoise_canvas(
     device = ended.device
     embedding_dtype = model.embedding.word_embeddings.weight.dtype
     positions = (cache.length + torch.arange(length, device=device)).expand(batch, length)
+    # Built once per canvas, not per step: masks, RoPE tables and the [encoder ; canvas] K/V buffers each decode
+    # writes its canvas K/V into.
     attention = cache.decode_masks(length)
+    rope = model.rope(positions, embedding_dtype)
+    buffers = cache.decode_buffers(length)
 
     canvas = torch.randint(0, vocab, (batch, length), generator=generator, device=device)
     argmax = canvas
@@ -198,7 +202,7 @@ def _denoise_canvas(
     stopped = torch.zeros(batch, dtype=torch.bool, device=device)
     forwards = torch.zeros(batch, dtype=torch.long, device=device)
     live_rows: Tensor | None = None  # the rows decoded, when some have stopped
-    live_cache, live_attention = cache, attention
+    live_buffers, live_attention, live_rope = buffers, attention, rope
     for steps_remaining in range(sampler.max_denoising_steps, 0, -1):
         forwards += ~(stopped | ended)
         any_stopped = bool(stopped.any())  # one host sync per step for both uses below
@@ -208,17 +212,18 @@ def _denoise_canvas(
             live = ~stopped
             if live_rows is None or not torch.equal(live_rows, live):
                 live_rows = live
-                live_cache = cache.select(live)
+                live_buffers = [buffer.select(live) for buffer in buffers]
                 live_attention = {t: mask.select(live) for t, mask in attention.items()}
+                live_rope = {t: (cos[:, live], sin[:, live]) for t, (cos, sin) in rope.items()}
             logits = model.decode(
-                canvas[live], live_cache.kv, canvas_position_ids=positions[live], attention_mask=live_attention,
-                self_conditioning_logits=self_conditioning[live],
+                canvas[live], live_buffers, canvas_position_ids=positions[live], attention_mask=live_attention,
+                self_conditioning_logits=self_conditioning[live], rope=live_rope,
             )
             processed = self_conditioning.float().index_put((live,), sampler.process(logits, steps_remaining))
         else:
             logits = model.decode(
-                canvas, cache.kv, canvas_position_ids=positions, attention_mask=attention,
-                self_conditioning_logits=self_conditioning,
+                canvas, buffers, canvas_position_ids=positions, attention_mask=attention,
+                self_conditioning_logits=self_conditioning, rope=rope,
             )
             processed = sampler.process(logits, steps_remaining)
         token_entropy = entropy(processed)

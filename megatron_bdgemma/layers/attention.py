@@ -30,6 +30,40 @@ KV = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
+class KVBuffer:
+    """One layer's K and V `[B, g, P + R, d]` for the inference decodes of one canvas: the P encoder positions are
+    written once, and each decode writes its R canvas positions in place behind them, so no decode step copies the
+    encoder K/V (as concatenating would). Inference only: the in-place writes keep no autograd history."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+    prefix: int
+
+    @classmethod
+    def with_prefix(cls, key: torch.Tensor, value: torch.Tensor, canvas_length: int) -> KVBuffer:
+        """A buffer holding encoder K/V `[B, g, P, d]` and room for `canvas_length` positions."""
+        batch, groups, prefix, dim = key.shape
+        buffers = []
+        for tensor in (key, value):
+            buffer = tensor.new_empty(batch, groups, prefix + canvas_length, dim)
+            buffer[:, :, :prefix] = tensor
+            buffers.append(buffer)
+        return cls(*buffers, prefix)
+
+    def select(self, rows: torch.Tensor) -> KVBuffer:
+        """The buffer of the chosen rows only (a copy)."""
+        return KVBuffer(self.key[rows], self.value[rows], self.prefix)
+
+    def attend_over(self, key: torch.Tensor, value: torch.Tensor) -> KV:
+        """Write this decode's K/V `[R, B, g, d]` behind the prefix → the whole K/V `[P + R, B, g, d]` (views)."""
+        if torch.is_grad_enabled() and (key.requires_grad or value.requires_grad):
+            raise RuntimeError("KVBuffer serves inference decodes only (run them under torch.no_grad())")
+        self.key[:, :, self.prefix :] = key.permute(1, 2, 0, 3)
+        self.value[:, :, self.prefix :] = value.permute(1, 2, 0, 3)
+        return self.key.permute(2, 0, 1, 3), self.value.permute(2, 0, 1, 3)
+
+
+@dataclass
 class BDGemmaAttentionSubmodules:
     linear_qkv: Any
     core_attention: Any
@@ -97,7 +131,7 @@ class BDGemmaAttention(Attention):
         *,
         rope: tuple[torch.Tensor, torch.Tensor],
         attention_mask: AttentionMask,
-        kv_prefix: KV | None = None,
+        kv_prefix: KV | KVBuffer | None = None,
     ) -> tuple[torch.Tensor, KV]:
         """Attend from `hidden_states` over `[kv_prefix ; own K/V]`.
 
@@ -105,14 +139,17 @@ class BDGemmaAttention(Attention):
             hidden_states: `[S, B, H]` (sequence-parallel shard when SP is on).
             rope: cos/sin `[S_full, B, 1, d]` for this layer type at the tokens' absolute positions.
             attention_mask: the rule over `S_full` queries × `P + S_full` keys (P = prefix length).
-            kv_prefix: the encoder's (K, V) of this layer, `[P, B, g_local, d]`, or None.
+            kv_prefix: the encoder's (K, V) of this layer, `[P, B, g_local, d]`, or a `KVBuffer` holding them (own
+                K/V written into it), or None.
 
         Returns:
             output `[S, B, H]` and this call's own (K, V) `[S_full, B, g_local, d]`.
         """
         query, (key, value) = self.get_query_key_value_tensors(hidden_states, rope)
         own_kv = (key, value)
-        if kv_prefix is not None:
+        if isinstance(kv_prefix, KVBuffer):
+            key, value = kv_prefix.attend_over(key, value)
+        elif kv_prefix is not None:
             key = torch.cat([kv_prefix[0], key], dim=0)
             value = torch.cat([kv_prefix[1], value], dim=0)
         if self.checkpoint_core_attention and self.training and torch.is_grad_enabled():

@@ -29,23 +29,32 @@ from megatron.core.transformer.module import MegatronModule
 from torch.utils.checkpoint import checkpoint
 
 from megatron_bdgemma.config import BDGemmaConfig
-from megatron_bdgemma.masks import AttentionMask
+from megatron_bdgemma.masks import AttentionMask, to_additive
 
 __all__ = ["EagerCoreAttention", "BlockSparseCoreAttention", "FlexCoreAttention", "CORE_ATTENTION", "masked_attention"]
 
 
-def masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
-    """query `[Sq, B, h, d]`, key/value `[Sk, B, g, d]`, allowed `[B, 1, Sq, Sk]` (True = attend) → `[Sq, B, h*d]`."""
+def masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """query `[Sq, B, h, d]`, key/value `[Sk, B, g, d]`, bias `[B, 1, Sq, Sk]` in the query dtype (0 = attend, the
+    dtype's minimum = blocked: `masks.to_additive`) → `[Sq, B, h*d]`.
+
+    Adding the minimum gives a blocked score exactly that minimum (any score is below its rounding step), as
+    selecting it would, and an allowed score is left exact.
+    """
     sq, b, h, d = query.shape
     g = key.shape[2]
-    q = query.permute(1, 2, 0, 3).reshape(b, g, h // g, sq, d)  # query heads grouped by their KV head
-    k = key.permute(1, 2, 0, 3).unsqueeze(2)  # [B, g, 1, Sk, d]
-    v = value.permute(1, 2, 0, 3).unsqueeze(2)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, g, h/g, Sq, Sk]
-    scores = scores.masked_fill(~allowed.unsqueeze(1), torch.finfo(scores.dtype).min)
+    # The query heads of one KV head form one row block, so each product reads its K/V head as it is: broadcasting
+    # K/V over the query heads instead would make matmul copy them once per query head.
+    q = query.permute(1, 2, 0, 3).reshape(b, g, h // g * sq, d)
+    k = key.permute(1, 2, 0, 3)  # [B, g, Sk, d]; a view of a `[B, g, Sk, d]` cache buffer is already contiguous
+    v = value.permute(1, 2, 0, 3)
+    scores = torch.matmul(q, k.transpose(-1, -2))  # [B, g, h/g·Sq, Sk]
+    if scale != 1.0:  # Gemma's q/k norms carry the scale: 1.0, and a pass over the scores saved
+        scores = scores * scale
+    scores = scores.view(b, g, h // g, sq, -1) + bias.unsqueeze(1)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = torch.matmul(probs, v)  # [B, g, h/g, Sq, d]
-    return out.reshape(b, h, sq, d).permute(2, 0, 1, 3).reshape(sq, b, h * d)
+    out = torch.matmul(probs.view(b, g, h // g * sq, -1), v)  # [B, g, h/g·Sq, d]
+    return out.view(b, h, sq, d).permute(2, 0, 1, 3).reshape(sq, b, h * d)
 
 
 class _CoreAttention(MegatronModule):
@@ -61,7 +70,7 @@ class EagerCoreAttention(_CoreAttention):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
         """query `[Sq, B, h, d]`, key/value `[Sk, B, g, d]` → `[Sq, B, h*d]`."""
-        return masked_attention(query, key, value, mask.dense(), self.softmax_scale)
+        return masked_attention(query, key, value, mask.additive(query.dtype), self.softmax_scale)
 
 
 class BlockSparseCoreAttention(_CoreAttention):
@@ -97,7 +106,7 @@ def _attend_chunk(
         key = torch.cat([key[a:b] for a, b in spans])
         value = torch.cat([value[a:b] for a, b in spans])
     allowed = mask.tile(torch.arange(start, end, device=device), keys)
-    return masked_attention(query, key, value, allowed, scale)
+    return masked_attention(query, key, value, to_additive(allowed, query.dtype), scale)
 
 
 class FlexCoreAttention(_CoreAttention):

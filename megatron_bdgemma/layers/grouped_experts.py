@@ -1,0 +1,72 @@
+"""Routed experts of the `local` spec as one grouped GEMM per projection (`torch._grouped_mm`).
+
+`SequentialMLP` runs each local expert as its own `MLP`: per expert two parallel linears, the GLU and the prob
+scaling, so a layer with E local experts issues ~6·E small kernels and as many module calls. `GroupedGemmMLP`
+keeps `SequentialMLP`'s parameters (`local_experts.{e}.linear_fc{1,2}.weight`, the same TP shards), so its
+state dict, sharded state dict (interchangeable with `TEGroupedMLP`'s by Megatron's own contract), the HF key map
+and the EP/TP layouts are `SequentialMLP`'s unchanged; only the forward differs: all local experts' fc1 in one
+grouped GEMM over the permuted tokens, one GLU + prob scaling, all fc2 in a second grouped GEMM.
+
+The experts' linears are built with `is_expert=True`, so under TP or EP they communicate nothing themselves (the
+token dispatcher gathers and reduces), which is why plain matmuls on the local shards are the same computation.
+Where `torch._grouped_mm` cannot run (no such op, a dtype/device it lacks, a width that breaks its 16-byte stride
+rule, FP8, biases, fused activations) the forward is `SequentialMLP`'s.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.moe.experts import SequentialMLP
+
+__all__ = ["GroupedGemmMLP"]
+
+
+class GroupedGemmMLP(SequentialMLP):
+    """`SequentialMLP` with all local experts in one grouped GEMM per projection (see module docstring)."""
+
+    def forward(
+        self, permuted_local_hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor, permuted_probs: torch.Tensor
+    ) -> tuple[torch.Tensor, None]:
+        """Tokens sorted by local expert `[T, H]`, counts `[E_local]`, probs `[T]` → (expert outputs `[T, H]`, None)."""
+        hidden = permuted_local_hidden_states
+        if not self._grouped_gemm_runs(hidden):
+            return super().forward(hidden, tokens_per_expert, permuted_probs)
+        config = self.config
+        # Stacked per call (not cached): each expert's weights stay their own parameters, and autograd returns each
+        # expert's gradient slice to its own parameter through the stack.
+        fc1 = torch.stack([expert.linear_fc1.weight for expert in self.local_experts]).transpose(1, 2)  # [E, H, 2I]
+        fc2 = torch.stack([expert.linear_fc2.weight for expert in self.local_experts]).transpose(1, 2)  # [E, I, H]
+        group_ends = torch.cumsum(torch.as_tensor(tokens_per_expert, device=hidden.device), 0).to(torch.int32)
+        gate, linear = _grouped_matmul(hidden, fc1, group_ends).chunk(2, dim=-1)
+        if (clamp := config.activation_func_clamp_value) is not None:
+            gate, linear = gate.clamp(max=clamp), linear.clamp(min=-clamp, max=clamp)
+        intermediate = config.activation_func(gate) * (linear + config.glu_linear_offset)
+        intermediate = (intermediate * permuted_probs.unsqueeze(-1)).to(hidden.dtype)
+        return _grouped_matmul(intermediate, fc2, group_ends), None
+
+    def _grouped_gemm_runs(self, hidden: torch.Tensor) -> bool:
+        """Whether the grouped path computes exactly what `SequentialMLP.forward` would, on this input."""
+        config = self.config
+        if not hasattr(torch, "_grouped_mm") or not config.gated_linear_unit:
+            return False
+        if config.add_bias_linear or config.fp8 or config.fp4 or config.moe_apply_probs_on_input:
+            return False
+        if config.bias_activation_fusion or config.use_te_activation_func:
+            return False
+        if hidden.device.type == "cuda":
+            supported = hidden.dtype == torch.bfloat16 and torch.cuda.get_device_capability(hidden.device) >= (9, 0)
+        else:
+            supported = hidden.device.type == "cpu" and hidden.dtype in (torch.float32, torch.bfloat16)
+        # `_grouped_mm` needs every row stride to be a multiple of 16 bytes.
+        intermediate = self.local_experts[0].linear_fc2.weight.shape[1]
+        aligned = all(width * hidden.element_size() % 16 == 0 for width in (hidden.shape[-1], intermediate))
+        return supported and aligned
+
+
+def _grouped_matmul(tokens: torch.Tensor, weights: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
+    """Rows of group g (`group_ends[g-1]:group_ends[g]`) of `tokens` `[T, K]` times `weights[g]` `[K, N]` → `[T, N]`."""
+    out = torch._grouped_mm(tokens, weights, offs=group_ends)
+    if out.requires_grad:
+        # The op's backward rejects gradients with zero strides (an expanded `sum()` gradient, say).
+        out.register_hook(torch.Tensor.contiguous)
+    return out
