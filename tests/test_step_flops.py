@@ -14,8 +14,15 @@ from megatron_bdgemma.model import BDGemmaModel
 from megatron_bdgemma.training.metrics import training_step_flops
 
 
+def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """torch's counter has no formula for `_grouped_mm` (the grouped experts): every row of `a` `[M, K]` meets one
+    `[K, N]` group of `b`, and in the weight gradient (`a` = `[K, M]`, `b` = `[M, N]`) each of the M shared rows one
+    group's output block: 2·a0·a1·N either way."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[-1]
+
+
 def _counted(step) -> int:
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten._grouped_mm: _grouped_mm_flops}) as counter:
         step()
     return counter.get_total_flops()
 
