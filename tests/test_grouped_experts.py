@@ -16,6 +16,7 @@ from megatron_bdgemma.layers.grouped_experts import GroupedGemmMLP
 from megatron_bdgemma.model import BDGemmaModel
 from tests import hf_models
 from tests.multiproc import run_in_processes
+from tests.test_parallel_equivalence import _batch
 
 RTOL = 1e-6
 TEXT = dict(num_global_key_value_heads=2, num_key_value_heads=2)  # TP=2 splits whole KV groups
@@ -39,15 +40,6 @@ def _randomised_pair() -> tuple[BDGemmaModel, BDGemmaModel]:
 
 def _relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
-
-
-def _batch():
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(2, 96, (2, 14), generator=generator)
-    loss_mask, valid = torch.zeros(2, 14, dtype=torch.bool), torch.zeros(2, 14, dtype=torch.bool)
-    loss_mask[0, 5:12], valid[0, :12] = True, True
-    loss_mask[1, 2:7], valid[1, :7] = True, True
-    return build_sft_batch(ids, loss_mask, valid, block_size=4, eos_id=1, pad_id=0)
 
 
 def _train_step(model: BDGemmaModel, batch) -> dict[str, torch.Tensor]:

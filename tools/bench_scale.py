@@ -34,15 +34,15 @@ resident high-water mark above the start (CPU). The last line is machine-readabl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 
 import torch
 
 from bench_attention import PeakMeter
-from bench_train import hf_training_step
+from bench_train import hf_training_step, measure, round_order, set_timing_threads
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from the vendors' datasheets, matched on the device name.
 BF16_PEAK_TFLOPS = [
@@ -159,21 +159,13 @@ def run(variant: Variant, device: torch.device, record: bool) -> None:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    meter = PeakMeter().__enter__() if device.type == "cpu" else None
-    wall, cpu = time.perf_counter(), time.process_time()
-    variant.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    with PeakMeter() if device.type == "cpu" else contextlib.nullcontext() as meter:
+        _, took = measure(variant.step, device)
     if not record:
         return
-    variant.wall.append(wall)
-    variant.cpu.append(cpu)
-    if device.type == "cuda":
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-    else:
-        meter.__exit__(None, None, None)
-        peak = meter.peak_mib / 1024
+    variant.wall.append(took.wall)
+    variant.cpu.append(took.cpu)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if device.type == "cuda" else meter.peak_mib / 1024
     variant.peak_gib = max(variant.peak_gib, peak)
 
 
@@ -186,8 +178,7 @@ def main(argv: list[str] | None = None) -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
-    if not on_gpu:
-        torch.set_num_threads(1)  # CPU: each side single-threaded, compared on process CPU time
+    set_timing_threads(device, 1)  # CPU: each side single-threaded, compared on process CPU time
     init_distributed(seed=args.seed)
     config = model_config(args, device)
     dtype = config.params_dtype
@@ -225,8 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     for _ in range(args.warmup):
         for variant in variants:
             run(variant, device, record=False)
-    for _ in range(args.repeats):
-        for variant in variants:
+    for index in range(args.repeats):
+        for variant in round_order(variants, index):
             run(variant, device, record=True)
 
     peak = peak_tflops(device, args.peak_tflops)
