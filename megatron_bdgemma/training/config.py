@@ -181,11 +181,9 @@ class RunConfig:
         etp = p.etp or p.tp
         if world_size % (etp * p.ep * p.pp):
             problems.append(f"world size {world_size} is not divisible by etp × ep × pp = {etp} × {p.ep} × {p.pp}")
-        if p.pp > 1:
-            problems.append(
-                "parallel.pp > 1: the two-pass block-diffusion forward (pass 2 needs pass 1's logits) is not yet split "
-                "into pipeline schedule passes; train with pp=1 (checkpoints still convert to any pp)"
-            )
+        if p.pp > 1 and t.eval_interval:
+            problems.append("train.eval_interval > 0 with parallel.pp > 1: evaluation does not run through the pipeline "
+                            "schedule yet; set train.eval_interval=0 (or evaluate a checkpoint at pp=1)")
         if p.tp > 1 and p.sequence_parallel is False:
             problems.append("parallel.sequence_parallel=false with tp > 1: Megatron's MoE layers need SP when training with TP")
         if self.objective.kind == "absorbing" and self.objective.mask_id is None:

@@ -10,6 +10,7 @@ One step reads like a list (torchtitan's `train_step`):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -40,6 +41,8 @@ from megatron_bdgemma.training.resume import check_resume, read_checkpoint_extra
 class MicroBatch:
     batch: DiffusionBatch
     noised: NoisedCanvas
+    first_pass_hidden: torch.Tensor | None = None
+    """Under pipeline parallelism, on the first stage: decode pass 1's final-normed canvas hidden (from the last)."""
 
 
 @dataclass
@@ -125,7 +128,8 @@ def setup(run: RunConfig) -> TrainState:
     if run.train.fp8 and not torch.cuda.is_available():
         raise ValueError("train.fp8 needs a GPU with Transformer Engine; this machine has no CUDA device")
     config = build_model_config(run)
-    model = BDGemmaModel(config, backend=run.model.backend)
+    model = BDGemmaModel(config, backend=run.model.backend, pre_process=parallel_state.is_pipeline_first_stage(),
+                         post_process=parallel_state.is_pipeline_last_stage())
     if run.model.hf and not run.checkpoint.load:  # a resumed run's weights come from its checkpoint
         load_hf_weights(model, HFCheckpoint(run.model.hf), config)
     if torch.cuda.is_available():
@@ -189,7 +193,11 @@ def _forward_step(state: TrainState, counts: torch.Tensor, rescale: float, data:
     mb = next(data)
     device = next(model.parameters()).device
     batch, noised = mb.batch.to(device), _to(mb.noised, device)
-    out = model.module.training_forward(batch, noised, loss_chunk_size=state.run.objective.loss_chunk_size)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        out = model.module.pipeline_stage_forward(batch, noised, first_pass=False, first_pass_hidden=mb.first_pass_hidden,
+                                                  loss_chunk_size=state.run.objective.loss_chunk_size)
+    else:
+        out = model.module.training_forward(batch, noised, loss_chunk_size=state.run.objective.loss_chunk_size)
 
     def loss_func(out: TrainingOutput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         diffusion = out.diffusion_loss_sum / counts[0].float()
@@ -202,6 +210,43 @@ def _forward_step(state: TrainState, counts: torch.Tensor, rescale: float, data:
     return out, loss_func
 
 
+def _first_pass_step(state: TrainState, hidden: list[torch.Tensor], data: Iterator[MicroBatch], model) -> tuple:
+    mb = next(data)
+    device = next(model.parameters()).device
+    out = model.module.pipeline_stage_forward(mb.batch.to(device), _to(mb.noised, device), first_pass=True,
+                                              loss_chunk_size=state.run.objective.loss_chunk_size)
+
+    def keep(final_hidden: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        hidden.append(final_hidden)
+        return torch.zeros((), device=device), {}
+
+    return out, keep
+
+
+def _pipeline_first_pass(state: TrainState, microbatches: list[MicroBatch], **schedule: Any) -> None:
+    """Pipeline parallelism, self-conditioning: encode + decode pass 1 (zero signal, no grad) of every micro-batch
+    through a forward-only schedule; the last stage sends the final-normed canvas hidden states to the first, which
+    keeps them on the micro-batches for pass 2 (it forms the signal with its copy of the tied embedding)."""
+    hidden: list[torch.Tensor] = []
+    with torch.no_grad():
+        get_forward_backward_func()(forward_step_func=partial(_first_pass_step, state, hidden),
+                                    data_iterator=iter(microbatches), model=[state.model], forward_only=True, **schedule)
+    group = parallel_state.get_pipeline_model_parallel_group()
+    first, last = parallel_state.get_pipeline_model_parallel_first_rank(), parallel_state.get_pipeline_model_parallel_last_rank()
+    if parallel_state.is_pipeline_last_stage():
+        dist.send(torch.cat([h.flatten() for h in hidden]), dst=first, group=group)
+    elif parallel_state.is_pipeline_first_stage():
+        # Every stage holds the same micro-batches, so the first knows each canvas length (they differ in SFT).
+        tp = parallel_state.get_tensor_model_parallel_world_size() if state.config.sequence_parallel else 1
+        shapes = [(mb.noised.canvas_ids.shape[1] // tp, mb.noised.canvas_ids.shape[0], state.config.hidden_size)
+                  for mb in microbatches]
+        received = torch.empty(sum(math.prod(s) for s in shapes), dtype=state.config.params_dtype,
+                               device=next(state.model.parameters()).device)
+        dist.recv(received, src=last, group=group)
+        for mb, part, shape in zip(microbatches, received.split([math.prod(s) for s in shapes]), shapes):
+            mb.first_pass_hidden = part.view(shape)
+
+
 def _to(noised: NoisedCanvas, device: torch.device) -> NoisedCanvas:
     return NoisedCanvas(*(getattr(noised, f).to(device) for f in noised.__dataclass_fields__))
 
@@ -212,24 +257,34 @@ def train_step(state: TrainState) -> dict[str, float]:
     device = next(state.model.parameters()).device
     counts = _global_counts(microbatches, device)
     dp = parallel_state.get_data_parallel_world_size()
+    # Under pipeline parallelism stages pass [encoder hidden ; canvas hidden] of each micro-batch, at one shape.
+    pipeline = parallel_state.get_pipeline_model_parallel_world_size() > 1
+    lengths = {(mb.batch.seq_len, mb.noised.canvas_ids.shape[1]) for mb in microbatches}
+    if pipeline and len(lengths) > 1:
+        raise ValueError(f"step {step}: micro-batches of (encoder, canvas) lengths {sorted(lengths)}; pipeline stages "
+                         "exchange one shape, so the data must pad every batch to data.seq_length")
+    seq_length = microbatches[0].batch.seq_len + (microbatches[0].noised.canvas_ids.shape[1] if pipeline else 0)
+    schedule = dict(num_microbatches=len(microbatches), seq_length=seq_length, micro_batch_size=run.train.micro_batch_size)
+    if pipeline and state.config.self_conditioning:
+        _pipeline_first_pass(state, microbatches, **schedule)
     state.model.zero_grad_buffer()
     state.optimizer.zero_grad()
     losses = get_forward_backward_func()(
         forward_step_func=partial(_forward_step, state, counts, len(microbatches) * dp),
-        data_iterator=iter(microbatches),
-        model=[state.model],
-        num_microbatches=len(microbatches),
-        seq_length=microbatches[0].batch.seq_len,
-        micro_batch_size=run.train.micro_batch_size,
-        forward_only=False,
+        data_iterator=iter(microbatches), model=[state.model], forward_only=False, **schedule,
     )
     update_ok, grad_norm, _ = state.optimizer.step()
     if not update_ok:
         raise FloatingPointError(f"step {step}: non-finite gradients (grad norm {grad_norm})")
     state.scheduler.step(increment=1)
     state.step += 1
-    totals = torch.stack([sum(l["diffusion"] for l in losses), sum(l["ar"] for l in losses)]).to(device)
+    # Only the last pipeline stage has losses; the others receive them below.
+    totals = (torch.stack([sum(l["diffusion"] for l in losses), sum(l["ar"] for l in losses)]).to(device) if losses
+              else torch.zeros(2, device=device))
     dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    if pipeline:  # the losses live on the last stage; every rank reports them
+        dist.broadcast(totals, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())
     tokens = sum(mb.batch.encoder_valid.sum().item() + mb.noised.canvas_ids.numel() for mb in microbatches)
     return dict(diffusion=totals[0].item(), ar=totals[1].item(), grad_norm=float(grad_norm),
                 lr=state.optimizer.param_groups[0]["lr"], tokens=tokens * dp)
