@@ -41,6 +41,8 @@ class ParallelSection:
     tp: int = 1
     pp: int = 1
     ep: int = 1
+    vpp: int | None = None
+    """Virtual pipeline stages per rank (Megatron's interleaved 1F1B schedule); needs pp > 1."""
     etp: int | None = None
     """Expert tensor-parallel size (default: tp)."""
     sequence_parallel: bool | None = None
@@ -181,6 +183,11 @@ class RunConfig:
         etp = p.etp or p.tp
         if world_size % (etp * p.ep * p.pp):
             problems.append(f"world size {world_size} is not divisible by etp × ep × pp = {etp} × {p.ep} × {p.pp}")
+        if p.vpp is not None and (p.pp == 1 or p.vpp < 1):
+            problems.append(f"parallel.vpp={p.vpp} needs parallel.pp > 1 and vpp >= 1 (or vpp: null)")
+        if p.vpp is not None and (self.checkpoint.save or self.checkpoint.load or self.checkpoint.init_from):
+            problems.append("checkpoint.save/load/init_from with parallel.vpp: checkpoints of virtual pipeline chunks "
+                            "are not written or read yet; set checkpoint.save=null (start from model.hf) or vpp: null")
         if p.pp > 1 and t.eval_interval:
             problems.append("train.eval_interval > 0 with parallel.pp > 1: evaluation does not run through the pipeline "
                             "schedule yet; set train.eval_interval=0 (or evaluate a checkpoint at pp=1)")
