@@ -82,3 +82,29 @@ def test_pipeline_matches_one_process(tmp_path, model_parallel, hf_start, object
     runs = run_in_processes(_train_in_rank, nprocs, str(tmp_path), objective, start + layout, timeout_s=400)
     for rank, got in enumerate(runs):
         _assert_close(got, reference, f"{objective} {layout} rank {rank} vs 1 process")
+
+
+def _save_and_resume_in_rank(rank: int, tmp: str, start: list[str]) -> dict[str, list]:
+    from megatron_bdgemma.training.trainer import train
+
+    tmp = Path(tmp)
+    pp = ["parallel.pp=2"]
+    full = train(_run(tmp, "sft", *start, *pp, f"checkpoint.save={tmp / 'pp2'}", "checkpoint.interval=2"))
+    resumed = train(_run(tmp, "sft", *start, *pp, f"checkpoint.load={tmp / 'pp2' / 'iter_0000002'}",
+                         f"checkpoint.save={tmp / 'pp2_resumed'}"))
+    return dict(full=_metrics(full), resumed=_metrics(resumed))
+
+
+def test_pipeline_checkpoint_resumes_and_loads_at_pp1(tmp_path, model_parallel, hf_start):
+    """A PP=2 trainer checkpoint (plain optimizer: the distributed one's PP save is refused, see RunConfig.validate)
+    resumes at PP=2 bit-identically and continues in one process equal to the run that never changed layout."""
+    from megatron_bdgemma.training.trainer import train
+
+    start = [f"model.hf={hf_start}", "optim.distributed_optimizer=false"]
+    reference = _metrics(train(_run(tmp_path, "sft", *start)))
+    for rank, got in enumerate(run_in_processes(_save_and_resume_in_rank, 2, str(tmp_path), start, timeout_s=400)):
+        _assert_close(got["full"], reference, f"PP=2 rank {rank} vs 1 process")
+        assert got["resumed"] == got["full"][2:], f"rank {rank}: resume at PP=2 must be bit-identical"
+    to_one = train(_run(tmp_path, "sft", *start, f"checkpoint.load={tmp_path / 'pp2' / 'iter_0000002'}",
+                        f"checkpoint.save={tmp_path / 'pp1'}"))
+    _assert_close(_metrics(to_one), reference[2:], "PP=2 step-2 checkpoint continued in 1 process")

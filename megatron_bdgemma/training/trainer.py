@@ -3,7 +3,9 @@
 One step reads like a list (torchtitan's `train_step`):
   1. this DP rank's micro-batches of the step (global sample indices → deterministic noise, any DP layout);
   2. global token counts (all micro-batches, all DP ranks), so each micro-batch loss is already globally normalised;
-  3. forward/backward of every micro-batch through Megatron's schedule (encode → pass 1 → pass 2 → losses);
+  3. forward/backward of every micro-batch through Megatron's schedule (encode → pass 1 → pass 2 → losses); under
+     pipeline parallelism a forward-only schedule runs encode → pass 1 first, then 1F1B runs encode → pass 2
+     (`_pipeline_first_pass`, docs/design.md §8);
   4. `finalize_model_grads`, clip, optimizer step, LR step;
   5. log; evaluate; checkpoint.
 """
@@ -244,13 +246,13 @@ def _pipeline_first_pass(state: TrainState, microbatches: list[MicroBatch], **sc
     group = parallel_state.get_pipeline_model_parallel_group()
     first, last = parallel_state.get_pipeline_model_parallel_first_rank(), parallel_state.get_pipeline_model_parallel_last_rank()
     if parallel_state.is_pipeline_last_stage():
-        dist.send(torch.cat([h.flatten() for h in hidden]), dst=first, group=group)
+        dist.send(torch.cat([h.flatten() for h in hidden]).to(state.config.pipeline_dtype), dst=first, group=group)
     elif parallel_state.is_pipeline_first_stage():
-        # Every stage holds the same micro-batches, so the first knows each canvas length (they differ in SFT).
+        # Every stage holds the same micro-batches, so the first knows each one's canvas length.
         tp = parallel_state.get_tensor_model_parallel_world_size() if state.config.sequence_parallel else 1
         shapes = [(mb.noised.canvas_ids.shape[1] // tp, mb.noised.canvas_ids.shape[0], state.config.hidden_size)
                   for mb in microbatches]
-        received = torch.empty(sum(math.prod(s) for s in shapes), dtype=state.config.params_dtype,
+        received = torch.empty(sum(math.prod(s) for s in shapes), dtype=state.config.pipeline_dtype,
                                device=next(state.model[0].parameters()).device)
         dist.recv(received, src=last, group=group)
         for mb, part, shape in zip(microbatches, received.split([math.prod(s) for s in shapes]), shapes):
