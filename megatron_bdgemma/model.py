@@ -162,6 +162,18 @@ class BDGemmaModel(GPTModel):
             if kv_prefix is not None:
                 raise ValueError("encode(kv_prefix=...) needs the attention_mask over [prefix ; new] keys")
             attention_mask = {t: masks.EncoderMask(valid, self.config.window_of(t)) for t in set(self.config.layer_types)}
+        hidden, kv = self.encoder_layers(hidden, rope, attention_mask, kv_prefix)
+        hidden = self.decoder.final_layernorm(hidden)
+        return EncoderOutput(kv=kv, logits=self.logits(hidden) if return_logits else None, hidden=hidden)
+
+    def encoder_layers(
+        self,
+        hidden: torch.Tensor,
+        rope: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        attention_mask: dict[str, masks.AttentionMask],
+        kv_prefix: list[KV] | None = None,
+    ) -> tuple[torch.Tensor, list[KV]]:
+        """This stage's layers over the encoder stream `[S, B, H]` → its output and each layer's K/V `[B, g, S, d]`."""
         kv = []
         for index, layer in enumerate(self.decoder.layers):
             # The layers take K/V as [P, B, g, d]; the public layout is HF's [B, g, P, d].
@@ -171,8 +183,7 @@ class BDGemmaModel(GPTModel):
                 kv_prefix=prefix,
             )
             kv.append((key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3)))
-        hidden = self.decoder.final_layernorm(hidden)
-        return EncoderOutput(kv=kv, logits=self.logits(hidden) if return_logits else None, hidden=hidden)
+        return hidden, kv
 
     # ---- decode -------------------------------------------------------------------------------------------------
 
@@ -280,6 +291,16 @@ class BDGemmaModel(GPTModel):
                 t: masks.DecodeInferenceMask(valid, None, self.config.window_of(t), canvas_len=canvas_ids.shape[1])
                 for t in set(self.config.layer_types)
             }
+        return self.decoder.final_layernorm(self.canvas_layers(hidden, kv, rope, attention_mask))
+
+    def canvas_layers(
+        self,
+        hidden: torch.Tensor,
+        kv: list[KV] | list[KVBuffer],
+        rope: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        attention_mask: dict[str, masks.AttentionMask],
+    ) -> torch.Tensor:
+        """This stage's layers over the canvas stream `[R, B, H]`, each attending to `[encoder K/V ; canvas]`."""
         for layer, layer_kv in zip(self.decoder.layers, kv):
             # Back to the layers' [P, B, g, d]; a KVBuffer keeps HF's layout and is written by the attention.
             prefix_kv = layer_kv if isinstance(layer_kv, KVBuffer) else tuple(t.permute(2, 0, 1, 3) for t in layer_kv)
@@ -287,7 +308,7 @@ class BDGemmaModel(GPTModel):
                 layer, hidden, rope=rope[layer.layer_type], attention_mask=attention_mask[layer.layer_type],
                 kv_prefix=prefix_kv,
             )
-        return self.decoder.final_layernorm(hidden)
+        return hidden
 
     # ---- training ----------------------------------------------------------------------------------------------
 
@@ -350,6 +371,72 @@ class BDGemmaModel(GPTModel):
             decode(signal), weight, noised.targets, scored_weights(noised.scored, noised.weights), **head
         )
         ar_sum = vocab_parallel_cross_entropy_sum(encoded.hidden, weight, batch.ar_labels, batch.ar_loss_mask, **head)
+        return TrainingOutput(diffusion_sum, noised.scored.sum(), ar_sum, batch.ar_loss_mask.sum(), None, None)
+
+    def pipeline_stage_forward(
+        self,
+        batch: DiffusionBatch,
+        noised: NoisedCanvas,
+        *,
+        first_pass: bool,
+        first_pass_hidden: torch.Tensor | None = None,
+        loss_chunk_size: int | None = None,
+    ) -> torch.Tensor | TrainingOutput:
+        """One pipeline stage's share of a training micro-batch: its layers over the encoder stream, then over the
+        canvas stream attending to this stage's encoder K/V (docs/design.md, "Pipeline parallelism").
+
+        Stages exchange `[S + R, B, H]` (`[(S + R)/tp, B, H]` under SP): encoder hidden ; canvas hidden. The first
+        stage embeds both streams, reading its input from `self.decoder.input_tensor` otherwise (Megatron's
+        schedule sets it).
+
+        Args:
+            batch, noised: the micro-batch and its corrupted canvas.
+            first_pass: decode pass 1 (zero self-conditioning signal, run without grad): the last stage returns the
+                final-normed canvas hidden `[R, B, H]` (`[R/tp, B, H]` under SP), which the trainer hands to the first
+                stage. Otherwise pass 2: the last stage returns the losses as `training_forward` does.
+            first_pass_hidden: pass 2 on the first stage with self-conditioning: pass 1's final-normed canvas hidden;
+                the signal is its soft embedding through this stage's copy of the tied embedding (its gradient
+                joins the last stage's in Megatron's embedding-group all-reduce).
+            loss_chunk_size: as `training_forward`; also the token chunk of the signal's soft embedding.
+        """
+        encoder_len = batch.seq_len // (self.tp_group.size() if self.config.sequence_parallel else 1)
+        if self.pre_process:
+            encoder = self.embed(batch.input_ids)
+            signal = None
+            if self.config.self_conditioning and not first_pass:
+                weight = self.embedding.word_embeddings.weight
+                signal = vocab_parallel_soft_embedding(
+                    first_pass_hidden, weight, cap=self.config.final_logit_softcapping, scale=self.config.embedding_scale,
+                    chunk_size=loss_chunk_size or first_pass_hidden.shape[0] * first_pass_hidden.shape[1],
+                    sequence_parallel=self.config.sequence_parallel, tp_group=self.tp_group,
+                )
+            canvas = self.decoder_input(noised.canvas_ids, signal, noised.self_conditioning)
+        else:
+            encoder, canvas = self.decoder.input_tensor.split([encoder_len, self.decoder.input_tensor.shape[0] - encoder_len])
+        rope_encoder = self.rope(torch.arange(batch.seq_len, device=encoder.device).expand(batch.input_ids.shape), encoder.dtype)
+        encoder_mask = {t: masks.EncoderMask(batch.encoder_valid.bool(), self.config.window_of(t)) for t in set(self.config.layer_types)}
+        encoder, kv = self.encoder_layers(encoder, rope_encoder, encoder_mask)
+        canvas = self.canvas_layers(canvas, kv, self.rope(noised.position_ids, canvas.dtype), self.training_masks(batch, noised))
+        if not self.post_process:
+            return torch.cat([encoder, canvas])
+        canvas = self.decoder.final_layernorm(canvas)
+        if first_pass:
+            return canvas.detach()
+        encoder = self.decoder.final_layernorm(encoder)
+        if loss_chunk_size is None:
+            canvas_logits, encoder_logits = self.logits(canvas), self.logits(encoder)
+            diffusion_sum, diffusion_tokens = diffusion_loss(canvas_logits, noised.targets, noised.scored, noised.weights)
+            ar_sum, ar_tokens = ar_loss(encoder_logits, batch.ar_labels, batch.ar_loss_mask)
+            return TrainingOutput(diffusion_sum, diffusion_tokens, ar_sum, ar_tokens, canvas_logits, encoder_logits)
+        weight = self.shared_embedding_or_output_weight()
+        head = dict(
+            cap=self.config.final_logit_softcapping, chunk_size=loss_chunk_size,
+            sequence_parallel=self.config.sequence_parallel, tp_group=self.tp_group,
+        )
+        diffusion_sum = vocab_parallel_cross_entropy_sum(
+            canvas, weight, noised.targets, scored_weights(noised.scored, noised.weights), **head
+        )
+        ar_sum = vocab_parallel_cross_entropy_sum(encoder, weight, batch.ar_labels, batch.ar_loss_mask, **head)
         return TrainingOutput(diffusion_sum, noised.scored.sum(), ar_sum, batch.ar_loss_mask.sum(), None, None)
 
     def freeze_router(self) -> None:

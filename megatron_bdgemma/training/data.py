@@ -91,8 +91,11 @@ def build_step_data(run: RunConfig, config: BDGemmaConfig) -> StepData:
             "train": torch.utils.data.Subset(full, [i for i in indices if i % SFT_VALID_EVERY]),
             "valid": torch.utils.data.Subset(full, [i for i in indices if i % SFT_VALID_EVERY == 0]),
         }
+        # Pipeline stages exchange [S + R, B, H] at one shape: every batch is padded to data.seq_length (padding is
+        # never attended nor scored, so the losses are those of the unpadded batch).
         collate = partial(sft_collate, block_size=block, eos_id=tokenizer.eod, pad_id=tokenizer.pad,
-                          max_len=d.seq_length, seq_multiple_of=sft_seq_multiple(config))
+                          max_len=d.seq_length,
+                          seq_multiple_of=d.seq_length if run.parallel.pp > 1 else sft_seq_multiple(config))
     return StepData(
         datasets, collate, run.train.global_batch_size, run.train.micro_batch_size,
         parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),

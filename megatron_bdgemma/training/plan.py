@@ -151,7 +151,8 @@ def plan_run(run: RunConfig, gpus: int) -> Plan:
 
     p = run.parallel
     if p.pp > 1:
-        raise ValueError("parallel.pp > 1: training does not support pipeline parallelism yet, so neither does the plan")
+        raise ValueError("parallel.pp > 1: the plan does not count per pipeline stage yet (stage layers, the 1F1B "
+                         "micro-batches in flight); plan at pp=1")
     run.validate(gpus)
     apply_cpu_support()
     if not dist.is_initialized():

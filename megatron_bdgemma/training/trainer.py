@@ -3,13 +3,16 @@
 One step reads like a list (torchtitan's `train_step`):
   1. this DP rank's micro-batches of the step (global sample indices → deterministic noise, any DP layout);
   2. global token counts (all micro-batches, all DP ranks), so each micro-batch loss is already globally normalised;
-  3. forward/backward of every micro-batch through Megatron's schedule (encode → pass 1 → pass 2 → losses);
+  3. forward/backward of every micro-batch through Megatron's schedule (encode → pass 1 → pass 2 → losses); under
+     pipeline parallelism a forward-only schedule runs encode → pass 1 first, then 1F1B runs encode → pass 2
+     (`_pipeline_first_pass`, docs/design.md §8);
   4. `finalize_model_grads`, clip, optimizer step, LR step;
   5. log; evaluate; checkpoint.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -40,13 +43,16 @@ from megatron_bdgemma.training.resume import check_resume, read_checkpoint_extra
 class MicroBatch:
     batch: DiffusionBatch
     noised: NoisedCanvas
+    first_pass_hidden: torch.Tensor | None = None
+    """Under pipeline parallelism, on the first stage: decode pass 1's final-normed canvas hidden (from the last)."""
 
 
 @dataclass
 class TrainState:
     run: RunConfig
     config: BDGemmaConfig
-    model: DistributedDataParallel
+    model: list[DistributedDataParallel]
+    """This rank's model chunks: one, or one per virtual pipeline stage (`parallel.vpp`)."""
     optimizer: Any
     scheduler: OptimizerParamScheduler
     data: StepData
@@ -58,6 +64,7 @@ def build_model_config(run: RunConfig) -> BDGemmaConfig:
     megatron = dict(
         tensor_model_parallel_size=p.tp,
         pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=p.vpp,
         expert_model_parallel_size=p.ep,
         expert_tensor_parallel_size=p.etp or p.tp,
         sequence_parallel=p.tp > 1 if p.sequence_parallel is None else p.sequence_parallel,
@@ -113,7 +120,8 @@ def _check_save_root_is_free(run: RunConfig) -> None:
 
 def setup(run: RunConfig) -> TrainState:
     """Distributed groups, model (from a preset or HF weights), DDP, optimizer, schedule, data; resume if asked."""
-    init_distributed(tp=run.parallel.tp, pp=run.parallel.pp, ep=run.parallel.ep, etp=run.parallel.etp, seed=run.train.seed)
+    p = run.parallel
+    init_distributed(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, vpp=p.vpp, seed=run.train.seed)
     run.validate(dist.get_world_size())
     if run.checkpoint.load:
         changes = check_resume(run, read_training_extra(run.checkpoint.load, "checkpoint.load")["run"])
@@ -125,15 +133,22 @@ def setup(run: RunConfig) -> TrainState:
     if run.train.fp8 and not torch.cuda.is_available():
         raise ValueError("train.fp8 needs a GPU with Transformer Engine; this machine has no CUDA device")
     config = build_model_config(run)
-    model = BDGemmaModel(config, backend=run.model.backend)
-    if run.model.hf and not run.checkpoint.load:  # a resumed run's weights come from its checkpoint
-        load_hf_weights(model, HFCheckpoint(run.model.hf), config)
-    if torch.cuda.is_available():
-        model.cuda()
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=run.optim.distributed_optimizer
     )
-    model = DistributedDataParallel(config, ddp_config, model)
+    chunks = []
+    for vp_stage in range(p.vpp) if p.vpp else [None]:
+        module = BDGemmaModel(
+            config, backend=run.model.backend, vp_stage=vp_stage,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        )
+        if run.model.hf and not run.checkpoint.load:  # a resumed run's weights come from its checkpoint
+            load_hf_weights(module, HFCheckpoint(run.model.hf), config)
+        if torch.cuda.is_available():
+            module.cuda()
+        # Megatron buckets only the first chunk's gradients (the others reduce at the end of the schedule).
+        chunks.append(DistributedDataParallel(config, ddp_config, module, disable_bucketing=bool(chunks)))
     o = run.optim
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
@@ -141,7 +156,7 @@ def setup(run: RunConfig) -> TrainState:
             adam_beta2=o.beta2, adam_eps=o.eps, clip_grad=o.clip_grad, bf16=run.train.bf16,
             use_distributed_optimizer=o.distributed_optimizer,
         ),
-        [model],
+        chunks,
     )
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.warmup_steps,
@@ -149,15 +164,15 @@ def setup(run: RunConfig) -> TrainState:
         wd_incr_steps=run.train.steps, wd_incr_style="constant",
     )
     # Megatron's schedule calls these around the micro-batch loop.
-    config.no_sync_func = model.no_sync
+    config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
     config.finalize_model_grads_func = finalize_model_grads
-    state = TrainState(run, config, model, optimizer, scheduler, build_step_data(run, config))
-    if run.checkpoint.load:  # a training run: resume exactly
-        extra = load_checkpoint(run.checkpoint.load, model.module, optimizer)
+    state = TrainState(run, config, chunks, optimizer, scheduler, build_step_data(run, config))
+    if run.checkpoint.load:  # a training run: resume exactly (one chunk: validate refuses vpp with checkpoints)
+        extra = load_checkpoint(run.checkpoint.load, chunks[0].module, optimizer)
         scheduler.load_state_dict(extra["scheduler"])
         state.step = int(extra["step"])
     elif run.checkpoint.init_from:  # weights only; optimizer, schedule and step start fresh
-        load_checkpoint(run.checkpoint.init_from, model.module)
+        load_checkpoint(run.checkpoint.init_from, chunks[0].module)
     return state
 
 
@@ -189,7 +204,11 @@ def _forward_step(state: TrainState, counts: torch.Tensor, rescale: float, data:
     mb = next(data)
     device = next(model.parameters()).device
     batch, noised = mb.batch.to(device), _to(mb.noised, device)
-    out = model.module.training_forward(batch, noised, loss_chunk_size=state.run.objective.loss_chunk_size)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        out = model.module.pipeline_stage_forward(batch, noised, first_pass=False, first_pass_hidden=mb.first_pass_hidden,
+                                                  loss_chunk_size=state.run.objective.loss_chunk_size)
+    else:
+        out = model.module.training_forward(batch, noised, loss_chunk_size=state.run.objective.loss_chunk_size)
 
     def loss_func(out: TrainingOutput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         diffusion = out.diffusion_loss_sum / counts[0].float()
@@ -202,6 +221,49 @@ def _forward_step(state: TrainState, counts: torch.Tensor, rescale: float, data:
     return out, loss_func
 
 
+def _first_pass_step(state: TrainState, hidden: list[torch.Tensor], data: Iterator[MicroBatch], model) -> tuple:
+    mb = next(data)
+    device = next(model.parameters()).device
+    out = model.module.pipeline_stage_forward(mb.batch.to(device), _to(mb.noised, device), first_pass=True,
+                                              loss_chunk_size=state.run.objective.loss_chunk_size)
+
+    def keep(final_hidden: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        hidden.append(final_hidden)
+        return torch.zeros((), device=device), {}
+
+    return out, keep
+
+
+def _pipeline_first_pass(state: TrainState, microbatches: list[MicroBatch], **schedule: Any) -> None:
+    """Pipeline parallelism, self-conditioning: encode + decode pass 1 (zero signal, no grad) of every micro-batch
+    through a forward-only schedule; the last stage sends the final-normed canvas hidden states to the first, which
+    keeps them on the micro-batches for pass 2 (it forms the signal with its copy of the tied embedding)."""
+    hidden: list[torch.Tensor] = []
+    with torch.no_grad():
+        get_forward_backward_func()(forward_step_func=partial(_first_pass_step, state, hidden),
+                                    data_iterator=_iterators(state, microbatches), model=state.model, forward_only=True,
+                                    **schedule)
+    group = parallel_state.get_pipeline_model_parallel_group()
+    first, last = parallel_state.get_pipeline_model_parallel_first_rank(), parallel_state.get_pipeline_model_parallel_last_rank()
+    if parallel_state.is_pipeline_last_stage():
+        dist.send(torch.cat([h.flatten() for h in hidden]).to(state.config.pipeline_dtype), dst=first, group=group)
+    elif parallel_state.is_pipeline_first_stage():
+        # Every stage holds the same micro-batches, so the first knows each one's canvas length.
+        tp = parallel_state.get_tensor_model_parallel_world_size() if state.config.sequence_parallel else 1
+        shapes = [(mb.noised.canvas_ids.shape[1] // tp, mb.noised.canvas_ids.shape[0], state.config.hidden_size)
+                  for mb in microbatches]
+        received = torch.empty(sum(math.prod(s) for s in shapes), dtype=state.config.pipeline_dtype,
+                               device=next(state.model[0].parameters()).device)
+        dist.recv(received, src=last, group=group)
+        for mb, part, shape in zip(microbatches, received.split([math.prod(s) for s in shapes]), shapes):
+            mb.first_pass_hidden = part.view(shape)
+
+
+def _iterators(state: TrainState, microbatches: list[MicroBatch]) -> Iterator[MicroBatch] | list[Iterator[MicroBatch]]:
+    """The schedule's data iterator; the interleaved schedule takes one per model chunk (each reads every micro-batch)."""
+    return [iter(microbatches) for _ in state.model] if len(state.model) > 1 else iter(microbatches)
+
+
 def _to(noised: NoisedCanvas, device: torch.device) -> NoisedCanvas:
     return NoisedCanvas(*(getattr(noised, f).to(device) for f in noised.__dataclass_fields__))
 
@@ -209,27 +271,38 @@ def _to(noised: NoisedCanvas, device: torch.device) -> NoisedCanvas:
 def train_step(state: TrainState) -> dict[str, float]:
     run, step = state.run, state.step
     microbatches = _microbatches(state, step)
-    device = next(state.model.parameters()).device
+    device = next(state.model[0].parameters()).device
     counts = _global_counts(microbatches, device)
     dp = parallel_state.get_data_parallel_world_size()
-    state.model.zero_grad_buffer()
+    # Under pipeline parallelism stages pass [encoder hidden ; canvas hidden] of each micro-batch, at one shape.
+    pipeline = parallel_state.get_pipeline_model_parallel_world_size() > 1
+    lengths = {(mb.batch.seq_len, mb.noised.canvas_ids.shape[1]) for mb in microbatches}
+    if pipeline and len(lengths) > 1:
+        raise ValueError(f"step {step}: micro-batches of (encoder, canvas) lengths {sorted(lengths)}; pipeline stages "
+                         "exchange one shape, so the data must pad every batch to data.seq_length")
+    seq_length = microbatches[0].batch.seq_len + (microbatches[0].noised.canvas_ids.shape[1] if pipeline else 0)
+    schedule = dict(num_microbatches=len(microbatches), seq_length=seq_length, micro_batch_size=run.train.micro_batch_size)
+    if pipeline and state.config.self_conditioning:
+        _pipeline_first_pass(state, microbatches, **schedule)
+    for chunk in state.model:
+        chunk.zero_grad_buffer()
     state.optimizer.zero_grad()
     losses = get_forward_backward_func()(
         forward_step_func=partial(_forward_step, state, counts, len(microbatches) * dp),
-        data_iterator=iter(microbatches),
-        model=[state.model],
-        num_microbatches=len(microbatches),
-        seq_length=microbatches[0].batch.seq_len,
-        micro_batch_size=run.train.micro_batch_size,
-        forward_only=False,
+        data_iterator=_iterators(state, microbatches), model=state.model, forward_only=False, **schedule,
     )
     update_ok, grad_norm, _ = state.optimizer.step()
     if not update_ok:
         raise FloatingPointError(f"step {step}: non-finite gradients (grad norm {grad_norm})")
     state.scheduler.step(increment=1)
     state.step += 1
-    totals = torch.stack([sum(l["diffusion"] for l in losses), sum(l["ar"] for l in losses)]).to(device)
+    # Only the last pipeline stage has losses; the others receive them below.
+    totals = (torch.stack([sum(l["diffusion"] for l in losses), sum(l["ar"] for l in losses)]).to(device) if losses
+              else torch.zeros(2, device=device))
     dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    if pipeline:  # the losses live on the last stage; every rank reports them
+        dist.broadcast(totals, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())
     tokens = sum(mb.batch.encoder_valid.sum().item() + mb.noised.canvas_ids.numel() for mb in microbatches)
     return dict(diffusion=totals[0].item(), ar=totals[1].item(), grad_norm=float(grad_norm),
                 lr=state.optimizer.param_groups[0]["lr"], tokens=tokens * dp)
@@ -238,11 +311,12 @@ def train_step(state: TrainState) -> dict[str, float]:
 @torch.no_grad()
 def evaluate(state: TrainState) -> dict[str, float]:
     """Held-out diffusion loss (single pass, no self-conditioning) and AR loss, globally normalised."""
-    state.model.eval()
+    (chunk,) = state.model  # pp = 1 (validate refuses evaluation under pipeline parallelism)
+    chunk.eval()
     sums = torch.zeros(4, dtype=torch.float64)
     for i in range(state.run.train.eval_steps):
         for mb in _microbatches(state, i, split="valid"):
-            model = state.model.module
+            model = chunk.module
             device = next(model.parameters()).device
             batch, noised = mb.batch.to(device), _to(mb.noised, device)
             encoded = model.encode(batch.input_ids, padding_mask=~batch.encoder_valid, return_logits=True)
@@ -252,7 +326,7 @@ def evaluate(state: TrainState) -> dict[str, float]:
             a, an = ar_loss(encoded.logits, batch.ar_labels, batch.ar_loss_mask)
             sums += torch.tensor([d.item(), float(dn), a.item(), float(an)], dtype=torch.float64)
     dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
-    state.model.train()
+    chunk.train()
     return dict(eval_diffusion=(sums[0] / sums[1].clamp(min=1)).item(), eval_ar=(sums[2] / sums[3].clamp(min=1)).item())
 
 
@@ -261,7 +335,8 @@ def train(run: RunConfig) -> list[dict[str, float]]:
     state = setup(run)
     logger = MetricsLogger(run, model_flops_per_step(state.config, run))
     history = []
-    state.model.train()
+    for chunk in state.model:
+        chunk.train()
     while state.step < run.train.steps:
         metrics = train_step(state)
         history.append(metrics | {"step": state.step})
@@ -270,7 +345,7 @@ def train(run: RunConfig) -> list[dict[str, float]]:
             logger.log_eval(state.step, evaluate(state))
         last = state.step == run.train.steps
         if run.checkpoint.save and (last or (run.checkpoint.interval and state.step % run.checkpoint.interval == 0)):
-            save_checkpoint(run.checkpoint.save, state.step, state.model.module, state.optimizer,
+            save_checkpoint(run.checkpoint.save, state.step, state.model[0].module, state.optimizer,
                             extra=dict(step=state.step, scheduler=state.scheduler.state_dict(), run=run.to_dict(),
                                        model_config=model_config_to_dict(state.config)),
                             keep_last=run.checkpoint.keep_last, optimizer_format=run.checkpoint.optimizer_format)
