@@ -337,7 +337,7 @@ class BDGemmaModel(GPTModel):
                 signal go from hidden states to sums in chunks of this many tokens, each TP rank holding only its
                 vocabulary shard, and no logits are returned. Same values and gradients.
         """
-        encoded = self.encode(batch.input_ids, padding_mask=~batch.encoder_valid, return_logits=loss_chunk_size is None)
+        encoded = self.encode(batch.input_ids, padding_mask=~batch.encoder_valid)
         attention = self.training_masks(batch, noised)
 
         def decode(signal: torch.Tensor | None = None) -> torch.Tensor:
@@ -346,32 +346,55 @@ class BDGemmaModel(GPTModel):
                 self_conditioning_signal=signal, self_conditioning_mask=noised.self_conditioning,
             )
 
-        if loss_chunk_size is None:
-            signal = None
-            if self.config.self_conditioning:
-                with torch.no_grad():
-                    first = self.logits(decode())
-                signal = self.logits_signal(first)  # with grad: it reaches E through the soft embedding
-            canvas_logits = self.logits(decode(signal))
-            diffusion_sum, diffusion_tokens = diffusion_loss(canvas_logits, noised.targets, noised.scored, noised.weights)
-            ar_sum, ar_tokens = ar_loss(encoded.logits, batch.ar_labels, batch.ar_loss_mask)
-            return TrainingOutput(diffusion_sum, diffusion_tokens, ar_sum, ar_tokens, canvas_logits, encoded.logits)
-
-        weight = self.shared_embedding_or_output_weight()
-        head = dict(
-            cap=self.config.final_logit_softcapping, chunk_size=loss_chunk_size,
-            sequence_parallel=self.config.sequence_parallel, tp_group=self.tp_group,
-        )
         signal = None
         if self.config.self_conditioning:
             with torch.no_grad():
                 first = decode()
-            signal = vocab_parallel_soft_embedding(first, weight, scale=self.config.embedding_scale, **head)
-        diffusion_sum = vocab_parallel_cross_entropy_sum(
-            decode(signal), weight, noised.targets, scored_weights(noised.scored, noised.weights), **head
+            signal = self.first_pass_signal(first, loss_chunk_size)
+        return self.losses(encoded.hidden, decode(signal), batch, noised, loss_chunk_size)
+
+    def first_pass_signal(self, first_pass_hidden: torch.Tensor, loss_chunk_size: int | None) -> torch.Tensor:
+        """Pass 1's final-normed canvas hidden (computed without grad) → pass 2's self-conditioning signal: the soft
+        embedding of its detached softcapped logits, with grad through the tied embedding it multiplies.
+
+        `loss_chunk_size` None builds the full-vocabulary logits; a token count goes one chunk at a time through each
+        TP rank's vocabulary shard (`vocab_parallel_soft_embedding`). Same values and gradients.
+        """
+        if loss_chunk_size is None:
+            with torch.no_grad():
+                logits = self.logits(first_pass_hidden)
+            return self.logits_signal(logits)
+        return vocab_parallel_soft_embedding(
+            first_pass_hidden, self.shared_embedding_or_output_weight(), scale=self.config.embedding_scale,
+            **self._vocab_parallel_head(loss_chunk_size),
         )
-        ar_sum = vocab_parallel_cross_entropy_sum(encoded.hidden, weight, batch.ar_labels, batch.ar_loss_mask, **head)
+
+    def losses(
+        self,
+        encoder_hidden: torch.Tensor,
+        canvas_hidden: torch.Tensor,
+        batch: DiffusionBatch,
+        noised: NoisedCanvas,
+        loss_chunk_size: int | None,
+    ) -> TrainingOutput:
+        """Final-normed encoder `[S, B, H]` and canvas `[R', B, H]` hidden states (sequence-sharded under SP) → the
+        diffusion loss of the scored canvas slots and the AR loss of the encoder's next-token pairs, as sums and
+        counts. `loss_chunk_size` as in `training_forward`."""
+        if loss_chunk_size is None:
+            canvas_logits, encoder_logits = self.logits(canvas_hidden), self.logits(encoder_hidden)
+            diffusion_sum, diffusion_tokens = diffusion_loss(canvas_logits, noised.targets, noised.scored, noised.weights)
+            ar_sum, ar_tokens = ar_loss(encoder_logits, batch.ar_labels, batch.ar_loss_mask)
+            return TrainingOutput(diffusion_sum, diffusion_tokens, ar_sum, ar_tokens, canvas_logits, encoder_logits)
+        weight, head = self.shared_embedding_or_output_weight(), self._vocab_parallel_head(loss_chunk_size)
+        diffusion_sum = vocab_parallel_cross_entropy_sum(
+            canvas_hidden, weight, noised.targets, scored_weights(noised.scored, noised.weights), **head
+        )
+        ar_sum = vocab_parallel_cross_entropy_sum(encoder_hidden, weight, batch.ar_labels, batch.ar_loss_mask, **head)
         return TrainingOutput(diffusion_sum, noised.scored.sum(), ar_sum, batch.ar_loss_mask.sum(), None, None)
+
+    def _vocab_parallel_head(self, chunk_size: int) -> dict:
+        return dict(cap=self.config.final_logit_softcapping, chunk_size=chunk_size,
+                    sequence_parallel=self.config.sequence_parallel, tp_group=self.tp_group)
 
     def pipeline_stage_forward(
         self,
@@ -404,12 +427,9 @@ class BDGemmaModel(GPTModel):
             encoder = self.embed(batch.input_ids)
             signal = None
             if self.config.self_conditioning and not first_pass:
-                weight = self.embedding.word_embeddings.weight
-                signal = vocab_parallel_soft_embedding(
-                    first_pass_hidden, weight, cap=self.config.final_logit_softcapping, scale=self.config.embedding_scale,
-                    chunk_size=loss_chunk_size or first_pass_hidden.shape[0] * first_pass_hidden.shape[1],
-                    sequence_parallel=self.config.sequence_parallel, tp_group=self.tp_group,
-                )
+                # A first stage without the LM head forms the logits chunk by chunk (all tokens in one by default).
+                tokens = first_pass_hidden.shape[0] * first_pass_hidden.shape[1]
+                signal = self.first_pass_signal(first_pass_hidden, loss_chunk_size or tokens)
             canvas = self.decoder_input(noised.canvas_ids, signal, noised.self_conditioning)
         else:
             encoder, canvas = self.decoder.input_tensor.split([encoder_len, self.decoder.input_tensor.shape[0] - encoder_len])
@@ -422,22 +442,7 @@ class BDGemmaModel(GPTModel):
         canvas = self.decoder.final_layernorm(canvas)
         if first_pass:
             return canvas.detach()
-        encoder = self.decoder.final_layernorm(encoder)
-        if loss_chunk_size is None:
-            canvas_logits, encoder_logits = self.logits(canvas), self.logits(encoder)
-            diffusion_sum, diffusion_tokens = diffusion_loss(canvas_logits, noised.targets, noised.scored, noised.weights)
-            ar_sum, ar_tokens = ar_loss(encoder_logits, batch.ar_labels, batch.ar_loss_mask)
-            return TrainingOutput(diffusion_sum, diffusion_tokens, ar_sum, ar_tokens, canvas_logits, encoder_logits)
-        weight = self.shared_embedding_or_output_weight()
-        head = dict(
-            cap=self.config.final_logit_softcapping, chunk_size=loss_chunk_size,
-            sequence_parallel=self.config.sequence_parallel, tp_group=self.tp_group,
-        )
-        diffusion_sum = vocab_parallel_cross_entropy_sum(
-            canvas, weight, noised.targets, scored_weights(noised.scored, noised.weights), **head
-        )
-        ar_sum = vocab_parallel_cross_entropy_sum(encoder, weight, batch.ar_labels, batch.ar_loss_mask, **head)
-        return TrainingOutput(diffusion_sum, noised.scored.sum(), ar_sum, batch.ar_loss_mask.sum(), None, None)
+        return self.losses(self.decoder.final_layernorm(encoder), canvas, batch, noised, loss_chunk_size)
 
     def freeze_router(self) -> None:
         """Freeze every layer's router projection and scale (DiffusionGemma's recipe; no aux loss)."""
