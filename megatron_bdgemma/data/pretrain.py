@@ -277,9 +277,9 @@ def inspect_corpus(prefix: str, cache_dir: Path) -> CorpusInfo:
         if cached.get("identity") == identity:
             return CorpusInfo(prefix, identity, cached["min"], cached["max"])
     tokens = np.memmap(bin_, dtype=dtype, mode="r")
-    step = 1 << 26
-    lo = min(int(tokens[i:i + step].min()) for i in range(0, len(tokens), step))
-    hi = max(int(tokens[i:i + step].max()) for i in range(0, len(tokens), step))
+    chunks = [tokens[start:start + (1 << 26)] for start in range(0, len(tokens), 1 << 26)]  # views, not copies
+    ranges = [(int(chunk.min()), int(chunk.max())) for chunk in chunks]  # one pass over the file
+    lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
     del tokens
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = record.with_name(f"{record.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
