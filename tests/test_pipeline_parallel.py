@@ -84,27 +84,71 @@ def test_pipeline_matches_one_process(tmp_path, model_parallel, hf_start, object
         _assert_close(got, reference, f"{objective} {layout} rank {rank} vs 1 process")
 
 
-def _save_and_resume_in_rank(rank: int, tmp: str, start: list[str]) -> dict[str, list]:
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, distributed_world, hf_start) -> tuple[list, Path]:
+    """The uninterrupted 1-process SFT run (distributed optimizer) and its save root (a checkpoint at step 2)."""
+    from megatron_bdgemma.runtime.distributed import DEFAULT_SEED, init_distributed
+    from megatron_bdgemma.training.trainer import train
+
+    tmp = tmp_path_factory.mktemp("one_process")
+    init_distributed(seed=DEFAULT_SEED)
+    history = train(_run(tmp, "sft", f"model.hf={hf_start}", f"checkpoint.save={tmp / 'one'}", "checkpoint.interval=2"))
+    return _metrics(history), tmp / "one"
+
+
+def _iter2(root: Path) -> str:
+    return str(root / "iter_0000002")
+
+
+def _checkpoint_runs_in_rank(rank: int, tmp: str, start: list[str], layout: list[str], one: str | None) -> dict[str, list]:
+    """At `layout`: 4 steps saving at step 2; resumed from that step 2; resumed from the 1-process step 2 (at `one`)."""
     from megatron_bdgemma.training.trainer import train
 
     tmp = Path(tmp)
-    pp = ["parallel.pp=2"]
-    full = train(_run(tmp, "sft", *start, *pp, f"checkpoint.save={tmp / 'pp2'}", "checkpoint.interval=2"))
-    resumed = train(_run(tmp, "sft", *start, *pp, f"checkpoint.load={tmp / 'pp2' / 'iter_0000002'}",
-                         f"checkpoint.save={tmp / 'pp2_resumed'}"))
-    return dict(full=_metrics(full), resumed=_metrics(resumed))
+    runs = dict(full=train(_run(tmp, "sft", *start, *layout, f"checkpoint.save={tmp / 'layout'}", "checkpoint.interval=2")),
+                resumed=train(_run(tmp, "sft", *start, *layout, f"checkpoint.load={_iter2(tmp / 'layout')}",
+                                   f"checkpoint.save={tmp / 'layout_resumed'}")))
+    if one is not None:
+        runs["from_one"] = train(_run(tmp, "sft", *start, *layout, f"checkpoint.load={_iter2(Path(one))}",
+                                      f"checkpoint.save={tmp / 'from_one'}"))
+    return {name: _metrics(history) for name, history in runs.items()}
 
 
-def test_pipeline_checkpoint_resumes_and_loads_at_pp1(tmp_path, model_parallel, hf_start):
-    """A PP=2 trainer checkpoint (plain optimizer: the distributed one's PP save is refused, see RunConfig.validate)
-    resumes at PP=2 bit-identically and continues in one process equal to the run that never changed layout."""
+@pytest.mark.parametrize(
+    "optimizer,layout,nprocs",
+    [
+        ("plain", ["parallel.pp=2"], 2),
+        ("distributed", ["parallel.pp=2"], 4),
+        ("distributed", ["parallel.pp=2", "parallel.vpp=2"], 2),
+        ("distributed", ["parallel.pp=2", "checkpoint.optimizer_format=dp_reshardable"], 2),
+    ],
+    ids=["pp2_plain_optimizer", "pp2_dp2", "pp2_vpp2", "pp2_dp_reshardable"],
+)
+def test_pipeline_checkpoint_resumes_and_reshards(tmp_path, model_parallel, hf_start, one_process, optimizer, layout, nprocs):
+    """A pipeline-parallel trainer checkpoint, fp32:
+
+    - the layout's run equals the uninterrupted 1-process run, and resumes its own step-2 checkpoint bit-identically
+      (losses and grad norms: the distributed optimizer's state of the tied embedding, which megatron-core keeps in a
+      gradient bucket of its own under PP, must come back exactly);
+    - its step-2 checkpoint continues in one process, and (distributed optimizer) the 1-process step-2 checkpoint
+      continues at the layout, both equal to the uninterrupted run (<= 1e-5 relative); the `dp_reshardable` format
+      stores the optimizer's buckets as they are and so resumes at the same PP size only.
+    """
     from megatron_bdgemma.training.trainer import train
 
-    start = [f"model.hf={hf_start}", "optim.distributed_optimizer=false"]
-    reference = _metrics(train(_run(tmp_path, "sft", *start)))
-    for rank, got in enumerate(run_in_processes(_save_and_resume_in_rank, 2, str(tmp_path), start, timeout_s=400)):
-        _assert_close(got["full"], reference, f"PP=2 rank {rank} vs 1 process")
-        assert got["resumed"] == got["full"][2:], f"rank {rank}: resume at PP=2 must be bit-identical"
-    to_one = train(_run(tmp_path, "sft", *start, f"checkpoint.load={tmp_path / 'pp2' / 'iter_0000002'}",
-                        f"checkpoint.save={tmp_path / 'pp1'}"))
-    _assert_close(_metrics(to_one), reference[2:], "PP=2 step-2 checkpoint continued in 1 process")
+    reference, one = one_process
+    start = [f"model.hf={hf_start}", f"optim.distributed_optimizer={str(optimizer == 'distributed').lower()}"]
+    reshards = "checkpoint.optimizer_format=dp_reshardable" not in layout
+    # The 1-process checkpoint holds the distributed optimizer's state: the plain optimizer loads none but its own.
+    from_one = str(one) if optimizer == "distributed" and reshards else None
+    for rank, got in enumerate(run_in_processes(_checkpoint_runs_in_rank, nprocs, str(tmp_path), start, layout, from_one,
+                                                timeout_s=400)):
+        _assert_close(got["full"], reference, f"{layout} rank {rank} vs 1 process")
+        assert got["resumed"] == got["full"][2:], f"{layout} rank {rank}: resume at the same layout must be bit-identical"
+        if from_one:
+            _assert_close(got["from_one"], reference[2:], f"1 process -> {layout}, rank {rank}")
+    if not reshards:
+        return
+    to_one = train(_run(tmp_path, "sft", *start, f"checkpoint.load={_iter2(tmp_path / 'layout')}",
+                        f"checkpoint.save={tmp_path / 'to_one'}"))
+    _assert_close(_metrics(to_one), reference[2:], f"{layout} step-2 checkpoint continued in 1 process")

@@ -11,26 +11,32 @@ replaced atomically after that. A crash at any point leaves `latest` naming the 
 Only the newest `keep_last` complete checkpoints up to the one just written are kept.
 
 Any layout loads any checkpoint: the model and (in the default `fully_reshardable` format) the distributed
-optimizer's state are stored in model space, sharded like the parameters, so a checkpoint saved at TP=2, EP=2 or
-DP=2 continues at TP=1, EP=1 or DP=1 and back (tests/test_training.py checks each against a run that never changed
-layout). What resume needs is all in the checkpoint: weights, Adam moments and step count, the LR scheduler, the
-step (which is also the data position: the step's samples are global indices derived from it) and the run and model
-configs. What it does not need: RNG states, because every random draw of a step (corruption, the scored block,
-self-conditioning coins) is keyed by (seed, global sample index, step, purpose) rather than drawn from a generator
-that advances; dropout is 0.0 in every preset; and data-loader state, since batches are indexed, not streamed.
+optimizer's state are stored in model space, sharded like the parameters and keyed by global names (layer numbers
+count from the model's first layer, whatever the pipeline stage or virtual chunk), so a checkpoint saved at TP=2,
+EP=2, DP=2, PP=2 or PP=2 × VPP=2 continues in one process and back (tests/test_training.py and
+tests/test_pipeline_parallel.py check each against a run that never changed layout). What resume needs is all in the
+checkpoint: weights, Adam moments and step count, the LR scheduler, the step (which is also the data position: the
+step's samples are global indices derived from it) and the run and model configs. What it does not need: RNG states,
+because every random draw of a step (corruption, the scored block, self-conditioning coins) is keyed by (seed,
+global sample index, step, purpose) rather than drawn from a generator that advances; dropout is 0.0 in every
+preset; and data-loader state, since batches are indexed, not streamed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import errno
 import os
 import shutil
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
 LATEST = "latest"
 
@@ -80,14 +86,94 @@ def _optimizer_metadata(optimizer_format: str) -> dict[str, Any]:
     return {"distrib_optim_sharding_type": optimizer_format, "chained_optim_avoid_prefix": True}
 
 
-def _sharded_state(model: torch.nn.Module, optimizer: Any | None, is_loading: bool,
+Model = torch.nn.Module | Sequence[torch.nn.Module]
+"""A model, or its chunks under virtual pipeline parallelism (one per virtual stage, in order)."""
+
+
+def _chunks(model: Model) -> list[torch.nn.Module]:
+    return [model] if isinstance(model, torch.nn.Module) else list(model)
+
+
+def _model_keys(chunks: list[torch.nn.Module]) -> list[str]:
+    """Where each chunk's state sits in the checkpoint's state dict: `model`, or `model0`, `model1`, ... for virtual
+    pipeline chunks (megatron's training loop's names). Tensors are found by their global keys (layer numbers count
+    from the first layer of the whole model), not by this nesting, so either loads into the other."""
+    return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+
+
+def _sharded_state(chunks: list[torch.nn.Module], optimizer: Any | None, is_loading: bool,
                    optimizer_format: str = OPTIMIZER_FORMATS[0]) -> dict[str, Any]:
-    model_state = model.sharded_state_dict()
-    state = {"model": model_state}
+    state = {key: chunk.sharded_state_dict() for key, chunk in zip(_model_keys(chunks), chunks)}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(
-            model_state, is_loading=is_loading, metadata=_optimizer_metadata(optimizer_format))
+        with _stripped_bucket_offsets(optimizer, enabled=optimizer_format == "fully_reshardable"):
+            state["optimizer"] = optimizer.sharded_state_dict(
+                state, is_loading=is_loading, metadata=_optimizer_metadata(optimizer_format))
+        if optimizer_format == "dp_reshardable" and _distributed_optimizers(optimizer):
+            for inner_state in _per_inner_optimizer(optimizer, state["optimizer"]):
+                _clip_padding_to_unpadded_buckets(inner_state["param_state"])
     return state
+
+
+def _per_inner_optimizer(optimizer: Any, state: dict[Any, Any]) -> list[dict[str, Any]]:
+    """The state of each optimizer of a chained one, in order (with `chained_optim_avoid_prefix` megatron-core nests
+    them under their index, unless there is only one)."""
+    count = len(getattr(optimizer, "chained_optimizers", [optimizer]))
+    return [state] if count == 1 else [state[i] for i in range(count)]
+
+
+def _distributed_optimizers(optimizer: Any) -> list[Any]:
+    """The distributed optimizers in `optimizer` (chained: one per parameter kind), or [] for a plain optimizer."""
+    return [o for o in getattr(optimizer, "chained_optimizers", [optimizer]) if hasattr(o, "buffers")]
+
+
+def _clip_padding_to_unpadded_buckets(param_state: dict[Any, Any]) -> None:
+    """Keep megatron-core 0.19.2's `dp_reshardable` padding entries inside the bucket tensors they belong to.
+
+    The format stores each bucket as one tensor of the bucket's unpadded size and covers a rank's gaps between
+    parameters with padding entries, each running to the next parameter or to the end of the rank's padded share. A
+    bucket that ends in the 64-element alignment gap before the tied embedding's own bucket (pipeline parallelism)
+    has its unpadded end inside such a gap, and the padding entry ran past it: torch's planner refused the save ("out
+    of bounds chunk"). Padding is never read back (the loader drops it), so cutting it at the bucket's end loses
+    nothing (the same clamp is proposed in radixark/Megatron-LM PR #95).
+    """
+    for buffer_index, by_dtype in param_state.items():
+        if not isinstance(buffer_index, int):  # per_bucket_numel(_unpadded), stored alongside
+            continue
+        for buckets in by_dtype.values():
+            for entries in buckets:
+                for entry in (e for e in entries if e["padding"].unwrap()):
+                    for key, tensor in list(entry.items()):
+                        if not isinstance(tensor, ShardedTensor):
+                            continue
+                        room = tensor.global_shape[0] - tensor.global_offset[0]
+                        if tensor.local_shape[0] > room:
+                            entry[key] = dataclasses.replace(tensor, data=tensor.data[:room], local_shape=(room,))
+
+
+@contextlib.contextmanager
+def _stripped_bucket_offsets(optimizer: Any, enabled: bool) -> Iterator[None]:
+    """Give megatron-core 0.19.2's `fully_reshardable` format the parameter offsets its gathered state uses.
+
+    The format gathers each gradient buffer's optimizer state into one flat tensor per state kind with every bucket's
+    end padding left out (`get_parameter_state_dp_zero`), then slices each parameter out of it at the parameter's
+    offset in the padded buffer (`buffer.param_index_map`). They agree while a buffer has one bucket. Under pipeline
+    parallelism the tied embedding (`shared_embedding`) gets a bucket of its own, so every parameter after the first
+    bucket was read shifted by the padding before it: partly another parameter's state and partly zeros, and a
+    resumed run diverged. For the time of the call each buffer's map holds offsets in the stripped tensor instead (the
+    fix merged upstream in Megatron-LM PR #5077); the order of the map, which the loader relies on, is kept.
+    """
+    buffers = [b for o in _distributed_optimizers(optimizer) for b in o.buffers] if enabled else []
+    padded = [b.param_index_map for b in buffers]
+    for buffer in buffers:
+        stripped_before = [bucket.offset - sum(b.numel_unpadded for b in buffer.buckets[:i])
+                           for i, bucket in enumerate(buffer.buckets)]
+        buffer.param_index_map = {param: (start - stripped_before[bucket], end - stripped_before[bucket], bucket)
+                                  for param, (start, end, bucket) in buffer.param_index_map.items()}
+    try:
+        yield
+    finally:
+        for buffer, index_map in zip(buffers, padded):
+            buffer.param_index_map = index_map
 
 
 def _saved_optimizer_format(path: Path) -> str:
@@ -112,7 +198,7 @@ def _materialise_optimizer_state(optimizer: Any) -> None:
 
 
 def save_checkpoint(
-    root: str | Path, step: int, model: torch.nn.Module, optimizer: Any | None = None, extra: dict[str, Any] | None = None,
+    root: str | Path, step: int, model: Model, optimizer: Any | None = None, extra: dict[str, Any] | None = None,
     keep_last: int = 2, optimizer_format: str = OPTIMIZER_FORMATS[0],
 ) -> Path:
     """Save model (+ optimizer) shards and `extra` (scheduler state, data position: plain picklable values).
@@ -125,7 +211,7 @@ def save_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)  # leftovers of a crashed save of the same step
         staging.mkdir(parents=True)
     _barrier()
-    state = _sharded_state(model, optimizer, is_loading=False, optimizer_format=optimizer_format)
+    state = _sharded_state(_chunks(model), optimizer, is_loading=False, optimizer_format=optimizer_format)
     state["extra"] = extra or {}
     try:
         dist_checkpointing.save(state, str(staging))
@@ -155,7 +241,7 @@ def save_checkpoint(
     return final
 
 
-def _is_disk_full(error: BaseException, root: Path, model: torch.nn.Module) -> bool:
+def _is_disk_full(error: BaseException, root: Path, model: Model) -> bool:
     """Whether a failed save ran out of space on `root`.
 
     torch and megatron-core wrap a writer's OSError in their own exceptions (chained, or per rank in
@@ -173,11 +259,11 @@ def _is_disk_full(error: BaseException, root: Path, model: torch.nn.Module) -> b
         oserror |= isinstance(e, OSError) or "OSError" in str(e)
         todo += [e.__cause__, e.__context__]
         todo += [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
-    needed = sum(p.numel() * p.element_size() for p in model.parameters())
+    needed = sum(p.numel() * p.element_size() for chunk in _chunks(model) for p in chunk.parameters())
     return oserror and shutil.disk_usage(root).free < needed
 
 
-def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Any | None = None) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, model: Model, optimizer: Any | None = None) -> dict[str, Any]:
     """Load a checkpoint directory (or a save root, via `latest`) into `model` / `optimizer`; return `extra`.
 
     The optimizer's learning rates are left to the LR scheduler's `load_state_dict` (from `extra["scheduler"]`)."""
@@ -191,10 +277,12 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Any | N
     if optimizer is not None:
         _materialise_optimizer_state(optimizer)
     optimizer_format = _saved_optimizer_format(path)
-    template = _sharded_state(model, optimizer, is_loading=True, optimizer_format=optimizer_format)
+    chunks = _chunks(model)
+    template = _sharded_state(chunks, optimizer, is_loading=True, optimizer_format=optimizer_format)
     template["extra"] = {}
     loaded = dist_checkpointing.load(template, str(path))
-    model.load_state_dict(loaded["model"], strict=True)
+    for key, chunk in zip(_model_keys(chunks), chunks):
+        chunk.load_state_dict(loaded[key], strict=True)
     if optimizer is not None:
         _load_optimizer_state(optimizer, loaded["optimizer"], optimizer_format)
     return loaded.get("extra", {})
@@ -234,7 +322,7 @@ def _load_optimizer_state(optimizer: Any, state: Any, optimizer_format: str) -> 
     if len(steps) != 1:
         raise ValueError(f"the checkpoint's optimizer state holds {len(steps)} Adam step counts ({sorted(steps)}), expected one")
     step = steps.pop()
-    param_states = [state["param_state"]] if len(inners) == 1 else [state[i]["param_state"] for i in range(len(inners))]
+    param_states = [inner_state["param_state"] for inner_state in _per_inner_optimizer(optimizer, state)]
     with torch.no_grad():
         for inner, param_state in zip(inners, param_states, strict=True):
             # torch's Adam keeps `step` in each parameter's state; TE / Apex FusedAdam keeps it in the param group.

@@ -185,17 +185,6 @@ class RunConfig:
             problems.append(f"world size {world_size} is not divisible by etp × ep × pp = {etp} × {p.ep} × {p.pp}")
         if p.vpp is not None and (p.pp == 1 or p.vpp < 1):
             problems.append(f"parallel.vpp={p.vpp} needs parallel.pp > 1 and vpp >= 1 (or vpp: null)")
-        if p.vpp is not None and (self.checkpoint.save or self.checkpoint.load or self.checkpoint.init_from):
-            problems.append("checkpoint.save/load/init_from with parallel.vpp: checkpoints of virtual pipeline chunks "
-                            "are not written or read yet; set checkpoint.save=null (start from model.hf) or vpp: null")
-        if p.pp > 1 and self.optim.distributed_optimizer and (self.checkpoint.save or self.checkpoint.load):
-            # megatron-core 0.19 lays the tied embedding out in a gradient bucket of its own under PP; its optimizer
-            # checkpoint formats then misplace that bucket's states (fully_reshardable: offsets shifted by the previous
-            # bucket's padding, so the resumed run differs; dp_reshardable: the save fails).
-            problems.append("checkpoint.save/load with parallel.pp > 1 and optim.distributed_optimizer=true: megatron-core "
-                            "0.19 does not save the distributed optimizer's state of the tied embedding correctly under "
-                            "pipeline parallelism; set optim.distributed_optimizer=false (PP checkpoints then resume "
-                            "exactly and load at any PP) or checkpoint.save=null")
         if p.pp > 1 and t.eval_interval:
             problems.append("train.eval_interval > 0 with parallel.pp > 1: evaluation does not run through the pipeline "
                             "schedule yet; set train.eval_interval=0 (or evaluate a checkpoint at pp=1)")

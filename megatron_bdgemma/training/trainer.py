@@ -167,12 +167,13 @@ def setup(run: RunConfig) -> TrainState:
     config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
     config.finalize_model_grads_func = finalize_model_grads
     state = TrainState(run, config, chunks, optimizer, scheduler, build_step_data(run, config))
-    if run.checkpoint.load:  # a training run: resume exactly (one chunk: validate refuses vpp with checkpoints)
-        extra = load_checkpoint(run.checkpoint.load, chunks[0].module, optimizer)
+    modules = [chunk.module for chunk in chunks]
+    if run.checkpoint.load:  # a training run: resume exactly
+        extra = load_checkpoint(run.checkpoint.load, modules, optimizer)
         scheduler.load_state_dict(extra["scheduler"])
         state.step = int(extra["step"])
     elif run.checkpoint.init_from:  # weights only; optimizer, schedule and step start fresh
-        load_checkpoint(run.checkpoint.init_from, chunks[0].module)
+        load_checkpoint(run.checkpoint.init_from, modules)
     return state
 
 
@@ -345,7 +346,7 @@ def train(run: RunConfig) -> list[dict[str, float]]:
             logger.log_eval(state.step, evaluate(state))
         last = state.step == run.train.steps
         if run.checkpoint.save and (last or (run.checkpoint.interval and state.step % run.checkpoint.interval == 0)):
-            save_checkpoint(run.checkpoint.save, state.step, state.model[0].module, state.optimizer,
+            save_checkpoint(run.checkpoint.save, state.step, [chunk.module for chunk in state.model], state.optimizer,
                             extra=dict(step=state.step, scheduler=state.scheduler.state_dict(), run=run.to_dict(),
                                        model_config=model_config_to_dict(state.config)),
                             keep_last=run.checkpoint.keep_last, optimizer_format=run.checkpoint.optimizer_format)
