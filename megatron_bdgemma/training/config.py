@@ -196,9 +196,6 @@ class RunConfig:
                             "0.19 does not save the distributed optimizer's state of the tied embedding correctly under "
                             "pipeline parallelism; set optim.distributed_optimizer=false (PP checkpoints then resume "
                             "exactly and load at any PP) or checkpoint.save=null")
-        if p.pp > 1 and t.eval_interval:
-            problems.append("train.eval_interval > 0 with parallel.pp > 1: evaluation does not run through the pipeline "
-                            "schedule yet; set train.eval_interval=0 (or evaluate a checkpoint at pp=1)")
         if p.tp > 1 and p.sequence_parallel is False:
             problems.append("parallel.sequence_parallel=false with tp > 1: Megatron's MoE layers need SP when training with TP")
         if p.tp > 1 and self.data.mode == "sft" and self.data.seq_length % p.tp:
