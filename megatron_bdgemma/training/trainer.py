@@ -7,7 +7,7 @@ One step reads like a list (torchtitan's `train_step`):
      pipeline parallelism a forward-only schedule runs encode → pass 1 first, then 1F1B runs encode → pass 2
      (`_pipeline_first_pass`, docs/design.md §8);
   4. `finalize_model_grads`, clip, optimizer step, LR step;
-  5. log; evaluate; checkpoint.
+  5. log; evaluate (3. forward only on the held-out split, `evaluate`); checkpoint.
 """
 
 from __future__ import annotations
