@@ -3,7 +3,8 @@
 Every layout starts from the same tiny 4-layer DiffusionGemma (random init differs per stage), self-conditioning on
 (coins at p = 0.5, so both gated and zero signals occur), and compares each step's diffusion loss, AR loss and global
 grad norm with the 1-process run (<= 1e-5 relative): a stage whose gradients were lost, doubled or never reached the
-tied embedding changes the grad norm even where the clipped update hides it in the losses.
+tied embedding changes the grad norm even where the clipped update hides it in the losses. The same runs evaluate
+after the last step (held-out diffusion and AR losses through the forward-only schedules), compared the same way.
 """
 
 from __future__ import annotations
@@ -29,14 +30,19 @@ def _run(tmp: Path, objective: str, *overrides: str):
     return load_run_config(config, base + list(overrides))
 
 
+METRICS = ("diffusion", "ar", "grad_norm", "eval_diffusion", "eval_ar")
+"""Per step; the eval losses only on steps that evaluate."""
+
+
 def _metrics(history):
-    return [(h["diffusion"], h["ar"], h["grad_norm"]) for h in history]
+    return [tuple(h[name] for name in METRICS if name in h) for h in history]
 
 
 def _assert_close(ours: list, reference: list, what: str, rel: float = 1e-5) -> None:
     assert len(ours) == len(reference), (what, ours, reference)
     for step, (a, b) in enumerate(zip(ours, reference)):
-        for name, x, y in zip(("diffusion", "ar", "grad_norm"), a, b):
+        assert len(a) == len(b), f"{what}, step {step + 1}: metrics {a} vs {b}"
+        for name, x, y in zip(METRICS, a, b):
             assert abs(x - y) <= rel * abs(y), f"{what}, step {step + 1}, {name}: {x} vs {y} (rel {abs(x - y) / abs(y):.2e})"
 
 
@@ -76,9 +82,10 @@ def _train_in_rank(rank: int, tmp: str, objective: str, overrides: list[str]) ->
 def test_pipeline_matches_one_process(tmp_path, model_parallel, hf_start, objective, layout, nprocs):
     from megatron_bdgemma.training.trainer import train
 
-    start = [f"model.hf={hf_start}"]
+    start = [f"model.hf={hf_start}", f"train.eval_interval={STEPS}", "train.eval_steps=2"]
     same_loss_path = [o for o in layout if o.startswith("objective.")]
     reference = _metrics(train(_run(tmp_path, objective, *start, *same_loss_path)))
+    assert len(reference[-1]) == len(METRICS), reference[-1]  # the last step evaluated
     runs = run_in_processes(_train_in_rank, nprocs, str(tmp_path), objective, start + layout, timeout_s=400)
     for rank, got in enumerate(runs):
         _assert_close(got, reference, f"{objective} {layout} rank {rank} vs 1 process")

@@ -37,12 +37,15 @@ def _plan(config: Path, gpus: int, *overrides: str) -> tuple[dict[str, float], s
     return {k: float(v) for k, v in re.findall(r"(\w+)=([\d.]+)", last)}, out.stdout
 
 
-def _hf_text_params(model: torch.nn.Module) -> int:
+def _hf_text_params(model: torch.nn.Module, experts_only: bool = False) -> int:
     """Unique parameters of the text model (encoder and decoder stacks are tied copies), without the vision tower
-    and without `per_expert_scale`, which import folds into each expert's down projection."""
+    and without `per_expert_scale`, which import folds into each expert's down projection; or only the routed
+    experts' (`experts_only`)."""
     seen, total = set(), 0
     for name, param in model.named_parameters(remove_duplicate=False):
         if id(param) in seen or re.search(r"vision|audio", name) or name.endswith("per_expert_scale"):
+            continue
+        if experts_only and ".experts." not in name:
             continue
         seen.add(id(param))
         total += param.numel()
@@ -50,26 +53,72 @@ def _hf_text_params(model: torch.nn.Module) -> int:
 
 
 @pytest.fixture(scope="module")
-def tiny_hf(tmp_path_factory) -> tuple[str, int]:
+def tiny_hf(tmp_path_factory) -> tuple[str, int, int]:
+    """4 layers, three sliding then one full, so each pipeline stage (and virtual stage) holds a different mix."""
     from tests import hf_models
 
-    model = hf_models.diffusion_gemma(dict(num_global_key_value_heads=2, num_experts=4), canvas_length=8)
-    return str(hf_models.save(model, tmp_path_factory.mktemp("tiny") / "hf")), _hf_text_params(model)
+    layer_types = [hf_models.SLIDING] * 3 + [hf_models.FULL]
+    model = hf_models.diffusion_gemma(dict(num_global_key_value_heads=2, num_experts=4, num_hidden_layers=4,
+                                           layer_types=layer_types), canvas_length=8)
+    # Active per token: all but the experts a token is not routed to (top 2 of 4).
+    active = _hf_text_params(model) - _hf_text_params(model, experts_only=True) // 2
+    return str(hf_models.save(model, tmp_path_factory.mktemp("tiny") / "hf")), _hf_text_params(model), active
 
 
-@pytest.mark.parametrize("gpus,layout", [(1, []), (4, ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1", "train.global_batch_size=16"])],
-                         ids=["one_rank", "tp2_ep2"])
-def test_tiny_params_equal_transformers(tmp_path, tiny_hf, gpus, layout):
-    """The planner's whole-model count, rebuilt from one rank's shards, equals transformers' count."""
-    path, expected = tiny_hf
-    result, _ = _plan(ROOT / "examples" / "configs" / "tiny_sft.yaml", gpus, f"model.hf={path}",
-                      f"data.cache_dir={tmp_path}", *layout)
-    assert result["params_total"] == expected
+PP2 = ["parallel.pp=2", "checkpoint.save=null"]
+
+
+@pytest.mark.parametrize(
+    "gpus,layout",
+    [(1, []), (4, ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1", "train.global_batch_size=16"]), (2, PP2),
+     (2, [*PP2, "parallel.vpp=2"])],
+    ids=["one_rank", "tp2_ep2", "pp2", "pp2_vpp2"],
+)
+def test_tiny_params_equal_transformers(tmp_path, tiny_hf, model_parallel, gpus, layout):
+    """The planner's whole-model and active-per-token counts, rebuilt from one rank's shards (one rank per pipeline
+    stage), equal transformers' counts. Under PP each stage's count equals its share of the one-stage model on the
+    meta device: Megatron's even split of the layers into pp × vpp chunks, chunk c on stage c mod pp, the embedding
+    and the self-conditioning module on the first stage, the final norm and the tied copy of the embedding on the
+    last."""
+    path, expected, active = tiny_hf
+    result, table = _plan(ROOT / "examples" / "configs" / "tiny_sft.yaml", gpus, f"model.hf={path}",
+                          f"data.cache_dir={tmp_path}", *layout)
+    assert (result["params_total"], result["params_active_per_token"]) == (expected, active), table
+    if "parallel.pp=2" not in layout:
+        return
+    from transformers import AutoConfig
+
+    from megatron_bdgemma.config import config_from_hf
+    from megatron_bdgemma.model import BDGemmaModel
+
+    pp, vpp = 2, 2 if "parallel.vpp=2" in layout else 1
+    config = config_from_hf(AutoConfig.from_pretrained(path), use_cpu_initialization=True, perform_initialization=False)
+    with torch.device("meta"):
+        whole = BDGemmaModel(config)
+    per_chunk = config.num_layers // (pp * vpp)
+    params, layers = [0] * pp, [[] for _ in range(pp)]
+    for name, param in whole.named_parameters():
+        if match := re.match(r"decoder\.layers\.(\d+)\.", name):
+            stage = int(match.group(1)) // per_chunk % pp
+        else:
+            stage = pp - 1 if name.startswith("decoder.final_layernorm") else 0
+            assert name.startswith(("embedding.", "self_conditioning.", "decoder.final_layernorm")), name
+        params[stage] += param.numel()
+    params[-1] += whole.embedding.word_embeddings.weight.numel()  # the LM head's tied copy
+    for chunk in range(pp * vpp):
+        first = chunk * per_chunk + 1
+        layers[chunk % pp].append(f"{first}-{first + per_chunk - 1}" if per_chunk > 1 else f"{first}")
+    stages = re.findall(r"^\| (\d+) \| ([\d, -]+) \| ([\d,]+) \| (\d+) \|", table, re.M)
+    assert [(int(s), lay, int(n.replace(",", ""))) for s, lay, n, _ in stages] == [
+        (stage, ", ".join(layers[stage]), params[stage]) for stage in range(pp)
+    ], table
+    assert sum(params) - whole.embedding.word_embeddings.weight.numel() == expected
 
 
 def test_26b_params_equal_transformers_and_recipes_fit(tmp_path):
     """The real shape on the meta device: transformers' DiffusionGemma (from the checkpoint's config values) and the
-    planner at the SFT recipe's layout count the same parameters; the preset agrees; both recipes fit 80 GB."""
+    planner at the SFT recipe's layout count the same parameters; the preset agrees, also at PP 2 (the README's
+    example); both recipes fit 80 GB."""
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
     from transformers.models.diffusion_gemma import DiffusionGemmaTextConfig
 
@@ -87,3 +136,89 @@ def test_26b_params_equal_transformers_and_recipes_fit(tmp_path):
     from_preset, _ = _plan(PRETRAIN_26B, 64)
     assert from_preset["params_total"] == expected
     assert from_preset["peak_gib_per_rank"] <= 80 * 0.9
+    # The README's pipeline example: same model over two stages, its stage rows and RESULT line as printed there.
+    pipelined, table = _plan(PRETRAIN_26B, 64, "parallel.pp=2")
+    assert pipelined["params_total"] == expected, table
+    readme = (ROOT / "README.md").read_text()
+    shown = [line for line in table.splitlines() if line.startswith(("| 0 |", "| 1 |", "RESULT"))]
+    assert len(shown) == 3 and all(line in readme for line in shown), table
+
+
+class _Live(torch.autograd.Function):
+    """Identity that counts a micro-batch in flight from its forward until its backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, counter: list[int]) -> torch.Tensor:
+        ctx.counter = counter
+        counter[0] += 1
+        counter[1] = max(counter[1], counter[0])
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.counter[0] -= 1
+        return grad, None
+
+
+def _schedules_in_flight(rank: int, cases: list[tuple[int, int | None, int]]) -> list[tuple[list[int], list[int]]]:
+    """Per case (pp, vpp, micro-batches) and stage: the most micro-batches in flight while Megatron's own training
+    schedule runs (a one-parameter model per chunk; the fake backend's p2p does nothing), and the planner's count."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.enums import ModelType
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from megatron_bdgemma.config import PRESETS
+    from megatron_bdgemma.runtime.distributed import destroy_distributed
+    from megatron_bdgemma.training.plan import _in_flight
+
+    class Chunk(torch.nn.Module):
+        def __init__(self, config) -> None:
+            super().__init__()
+            self.config, self.model_type, self.input_tensor = config, ModelType.encoder_or_decoder, None
+            self.weight = torch.nn.Parameter(torch.ones(()))
+
+        def set_input_tensor(self, tensor) -> None:
+            self.input_tensor = tensor[0] if isinstance(tensor, list) else tensor
+
+    destroy_distributed()  # this check needs fake worlds, one per stage, instead of the helper's gloo world
+    out = []
+    for pp, vpp, microbatches in cases:
+        measured, planned = [], []
+        for stage in range(pp):
+            dist.init_process_group("fake", store=FakeStore(), rank=stage, world_size=pp)
+            parallel_state.initialize_model_parallel(pipeline_model_parallel_size=pp,
+                                                     virtual_pipeline_model_parallel_size=vpp,
+                                                     create_gloo_process_groups=False)
+            config = PRESETS["tiny"](pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp,
+                                     pipeline_dtype=torch.float32, hidden_size=4)
+            chunks, counter = [Chunk(config) for _ in range(vpp or 1)], [0, 0]
+
+            def step(data, model):
+                x = model.input_tensor if model.input_tensor is not None else torch.zeros(3, 1, 4)
+                return _Live.apply(x * model.weight, counter), lambda y: (y.sum() * 0, {})
+
+            get_forward_backward_func()(
+                forward_step_func=step, model=chunks, num_microbatches=microbatches, seq_length=3, micro_batch_size=1,
+                data_iterator=[iter(range(microbatches)) for _ in chunks] if vpp else iter(range(microbatches)),
+            )
+            measured.append(counter[1])
+            planned.append(_in_flight(microbatches, config))
+            parallel_state.destroy_model_parallel()
+            dist.destroy_process_group()
+        out.append((measured, planned))
+    return out
+
+
+def test_in_flight_counts_megatrons_schedules():
+    """The micro-batches the planner holds in flight per stage are those Megatron's 1F1B (and interleaved 1F1B)
+    schedule keeps between a forward and its backward, counted while the schedule runs: stage i of pp holds
+    min(pp - i, m); interleaved, 2·(pp - i - 1) + (vpp - 1)·pp + 1 model-chunk micro-batches (capped at vpp·m)."""
+    from tests.multiproc import run_in_processes
+
+    cases = [(2, None, 4), (4, None, 8), (4, None, 2), (2, 2, 4), (4, 2, 8), (2, 3, 2)]
+    (results,) = run_in_processes(_schedules_in_flight, 1, cases, timeout_s=200)
+    for (pp, vpp, m), (measured, planned) in zip(cases, results):
+        assert planned == measured, f"pp {pp}, vpp {vpp}, {m} micro-batches: planned {planned}, schedule {measured}"
+    assert results[1][0] == [4, 3, 2, 1] and results[2][0] == [2, 2, 2, 1] and results[4][0] == [11, 9, 7, 5]

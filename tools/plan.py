@@ -3,10 +3,12 @@
     python tools/plan.py --config examples/configs/diffusiongemma_26b_sft.yaml --gpus 8 --gpu-gib 80 \
         model.hf=null model.preset=diffusiongemma-26b-a4b
 
-Builds rank 0's model at the configured TP / EP layout on the meta device (no memory, any size) inside a fake
-world of `--gpus` ranks, and prints per rank: parameters (dense, expert, embedding), weight, gradient and
-optimizer bytes with and without the distributed optimizer, an activation estimate for one micro-batch, and whether
-the peak fits `--gpu-gib`. The last line is machine-readable:
+Builds one rank's model per pipeline stage at the configured TP / PP (VPP) / EP layout on the meta device (no
+memory, any size) inside a fake world of `--gpus` ranks, and prints per rank: parameters (dense, expert,
+embedding), weight, gradient and optimizer bytes with and without the distributed optimizer, an activation estimate
+(the micro-batches the pipeline schedule holds in flight, and the tensors passed between stages), and whether the
+peak fits `--gpu-gib`; under PP a table of every stage, the details of the worst. The last line is machine-readable
+(peak: the worst stage):
 
     RESULT params_total=N params_active_per_token=M peak_gib_per_rank=X
 

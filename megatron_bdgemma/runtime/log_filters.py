@@ -18,6 +18,7 @@ and category or logger, so any other warning, from the same modules included, st
 | "No CUDA runtime is found" | torch `cpp_extension` (imported by megatron-core) on machines without CUDA | CPU runs are supported (`runtime.cpu_support`) |
 | "DistributedDataParallel: full_param_layout not provided" | megatron-core DDP with the distributed optimizer | DDP then computes the layout with `DistributedOptimizer.compute_full_param_layout`, the call megatron's own trainer makes before it |
 | "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed" (from megatron-core's optimizer module only) | megatron-core `_zero_grad_group_helper` | with fp32 parameters the distributed optimizer's main parameters are views of the model's; megatron zeroes their (unused) `.grad` each step |
+| "`sequence_parallel` is set to `True`, but tensor model parallel size is 1" (from megatron-core's `tensor_parallel.layers` only) | megatron-core's expert linears at expert-TP 1 under TP > 1 with SP | the routed experts run on their own expert-TP group by design; SP applies to the dense layers, which keep it |
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ _WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
 _MODULE_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
     (r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed", UserWarning,
      r"megatron\.core\.optimizer\.optimizer"),
+    (r"`sequence_parallel` is set to `True`, but tensor model parallel size is 1", UserWarning,
+     r"megatron\.core\.tensor_parallel\.layers"),
 )
 _CPU_ONLY_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
     (r"When using sequence parallelism it is recommended to set the environment variable CUDA_DEVICE_MAX_CONNECTIONS",

@@ -185,9 +185,6 @@ class RunConfig:
             problems.append(f"world size {world_size} is not divisible by etp × ep × pp = {etp} × {p.ep} × {p.pp}")
         if p.vpp is not None and (p.pp == 1 or p.vpp < 1):
             problems.append(f"parallel.vpp={p.vpp} needs parallel.pp > 1 and vpp >= 1 (or vpp: null)")
-        if p.pp > 1 and t.eval_interval:
-            problems.append("train.eval_interval > 0 with parallel.pp > 1: evaluation does not run through the pipeline "
-                            "schedule yet; set train.eval_interval=0 (or evaluate a checkpoint at pp=1)")
         if p.tp > 1 and p.sequence_parallel is False:
             problems.append("parallel.sequence_parallel=false with tp > 1: Megatron's MoE layers need SP when training with TP")
         if p.tp > 1 and self.data.mode == "sft" and self.data.seq_length % p.tp:

@@ -3,18 +3,22 @@
     plan = plan_run(run, gpus=8)          # in a process of its own: it creates a fake world of `gpus` ranks
     print(format_plan(plan, gpu_gib=80))
 
-`plan_run` starts a torch.distributed world of `gpus` ranks with the "fake" backend (collectives do nothing, no
-other process exists), sets up megatron's TP / EP / DP groups as rank 0 of that world, and builds `BDGemmaModel` for
-rank 0 on the meta device: shapes and counts are exactly what that rank would hold, and nothing is allocated.
-Without pipeline parallelism every rank holds the same shapes (EP ranks hold different experts of the same size).
+`plan_run` starts, for each pipeline stage, a torch.distributed world of `gpus` ranks with the "fake" backend
+(collectives do nothing, no other process exists), sets up megatron's TP / PP / EP / DP groups as the stage's first
+rank, and builds that rank's model chunks (`build_model_chunks`, as the trainer does) on the meta device: shapes
+and counts are exactly what that rank would hold, and nothing is allocated. The ranks of one stage hold the same
+shapes (EP ranks hold different experts of the same size); stages differ by their layers (Megatron's even split into
+pp × vpp chunks, chunk c on stage c mod pp), the embedding and self-conditioning module (first stage) and the final
+norm and the tied copy of the embedding, the LM head (last stage). The plan reports every stage and the peak is the
+worst one.
 
 Bytes per rank (Megatron DDP with `grad_reduce_in_fp32`, Adam):
 - weights: 2 B/param with `train.bf16`, else 4; frozen parameters (the router) included;
 - gradients: 4 B per trainable param (the fp32 main-grad buffer);
 - optimizer: exp_avg + exp_avg_sq (8 B) plus an fp32 master copy with bf16 weights (4 B), per trainable param;
-  with the distributed optimizer divided by the data-parallel size that reduces the parameter (dense: DP, experts:
-  expert-DP = world / (EP × ETP)).
-Activations of one micro-batch (an estimate, elements per token per layer times bytes, /TP under SP):
+  with the distributed optimizer divided by the data-parallel size that reduces the parameter (dense: DP =
+  world / (TP × PP), experts: expert-DP = world / (EP × ETP × PP)).
+Activations (an estimate, elements per token per layer times bytes, /TP under SP), per micro-batch in flight:
 - encoder stream S = data.seq_length tokens (with grad), canvas stream R = canvas_length (SFT, one scored block) or
   S (pretraining, all blocks) tokens (pass 2, with grad); pass 1 runs under no_grad and keeps only its signal;
 - without recompute a layer keeps ≈ 4H + 2·q + 2·kv (attention: norm, qkv, core out, proj) + 3H + 3I (dense GeGLU)
@@ -25,10 +29,18 @@ Activations of one micro-batch (an estimate, elements per token per layer times 
   dispatched inputs and outputs stay), `shared_experts` the dense GeGLU's inner tensors;
 - with `train.recompute=full` a layer keeps its input (H) and the encoder K/V the decoder reads, and one layer's
   working set is live during its backward;
-- logits: fp32 [tokens, V/TP] times 3 (logits, softmax, gradient) for the encoder and the canvas, and for pass 1's
-  soft embedding, over all tokens, or over `objective.loss_chunk_size` tokens at a time when set.
-Peak = weights + gradients + optimizer + activations; it fits when peak <= 90% of the GPU memory (the rest: CUDA
-context, NCCL buffers, allocator fragmentation).
+- logits: fp32 [tokens, V/TP] times 3 (logits, softmax, gradient) for the encoder and the canvas (the last stage),
+  and for pass 1's soft embedding (the first stage), over all tokens, or over `objective.loss_chunk_size` tokens at
+  a time when set; once, not per micro-batch in flight (the working set of the stage's head);
+- micro-batches in flight under the training schedule (Megatron's warmup count + 1, `_in_flight`): 1 without PP;
+  stage i of pp holds min(pp - i, m) of the step's m micro-batches under 1F1B; interleaved (VPP) 2·(pp - i - 1) +
+  (vpp - 1)·pp + 1 model-chunk micro-batches of L / (pp·vpp) layers each (at most vpp·m). Full recompute keeps each
+  in-flight layer's input and encoder K/V and one layer's working set;
+- pipeline tensors: each micro-batch in flight keeps the `[S + R, B, H]` tensor it received (not on the first stage)
+  and the one it sent (not on the last; with VPP both everywhere, an upper bound); with self-conditioning the first
+  stage keeps pass 1's final hidden `[R, B, H]` of all m micro-batches for pass 2 (docs/design.md §8).
+Peak = weights + gradients + optimizer + activations of the worst stage; it fits when peak <= 90% of the GPU memory
+(the rest: CUDA context, NCCL buffers, allocator fragmentation).
 """
 
 from __future__ import annotations
@@ -58,9 +70,32 @@ class ParamCounts:
 
 
 @dataclass
+class StagePlan:
+    """What one rank of a pipeline stage holds (every stage at pp = 1)."""
+
+    stage: int
+    layers: list[list[int]]
+    """Per model chunk (one, or one per virtual stage), the global layer numbers (1-based) it builds."""
+    params: ParamCounts
+    in_flight: int
+    """Micro-batches whose activations the training schedule holds at once (model-chunk micro-batches under VPP)."""
+    weight_bytes: int
+    grad_bytes: int
+    optimizer_bytes_distributed: int
+    optimizer_bytes_plain: int
+    activation_bytes: dict[str, int]
+
+    def peak_bytes(self, distributed_optimizer: bool) -> int:
+        optimizer = self.optimizer_bytes_distributed if distributed_optimizer else self.optimizer_bytes_plain
+        return self.weight_bytes + self.grad_bytes + optimizer + sum(self.activation_bytes.values())
+
+
+@dataclass
 class Plan:
     gpus: int
     tp: int
+    pp: int
+    vpp: int | None
     ep: int
     etp: int
     dp: int
@@ -70,43 +105,57 @@ class Plan:
     loss_chunk: int | None
     attention_impl: str
     micro_batch: int
+    microbatches: int
+    """Per step and data-parallel rank."""
     encoder_tokens: int
     canvas_tokens: int
-    per_rank: ParamCounts
+    stages: list[StagePlan]
     params_total: int
     params_active_per_token: int
-    weight_bytes: int
-    grad_bytes: int
-    optimizer_bytes_distributed: int
-    optimizer_bytes_plain: int
-    activation_bytes: dict[str, int]
     distributed_optimizer: bool
 
-    def peak_bytes(self, distributed_optimizer: bool | None = None) -> int:
+    def peak_stage(self, distributed_optimizer: bool | None = None) -> StagePlan:
         dist_opt = self.distributed_optimizer if distributed_optimizer is None else distributed_optimizer
-        optimizer = self.optimizer_bytes_distributed if dist_opt else self.optimizer_bytes_plain
-        return self.weight_bytes + self.grad_bytes + optimizer + sum(self.activation_bytes.values())
+        return max(self.stages, key=lambda s: s.peak_bytes(dist_opt))
+
+    def peak_bytes(self, distributed_optimizer: bool | None = None) -> int:
+        """The worst stage's peak per rank."""
+        dist_opt = self.distributed_optimizer if distributed_optimizer is None else distributed_optimizer
+        return self.peak_stage(dist_opt).peak_bytes(dist_opt)
 
 
-def _count(model: torch.nn.Module) -> ParamCounts:
+def _is_expert(name: str) -> bool:
+    """A routed expert's parameter (by name: megatron marks them `allreduce=False` only under EP or ETP != TP)."""
+    return ".mlp.experts." in name
+
+
+def _count(chunks: list[torch.nn.Module]) -> ParamCounts:
     counts = ParamCounts()
-    embedding = model.shared_embedding_or_output_weight()
-    for param in model.parameters():
-        n = param.numel()
-        if param is embedding:
-            counts.embedding += n
-        elif not getattr(param, "allreduce", True):  # megatron marks expert-parallel parameters allreduce=False
-            counts.expert += n
-        else:
-            counts.dense += n
-        if not param.requires_grad:
-            counts.frozen += n
+    for model in chunks:
+        # The word embedding on the first stage, its tied copy (the LM head) on the last, None in between.
+        embedding = model.shared_embedding_or_output_weight()
+        for name, param in model.named_parameters():
+            n = param.numel()
+            if param is embedding:
+                counts.embedding += n
+            elif _is_expert(name):
+                counts.expert += n
+            else:
+                counts.dense += n
+            if not param.requires_grad:
+                counts.frozen += n
     return counts
 
 
-def _activation_bytes(run: RunConfig, config, tp: int, tokens_s: int, tokens_r: int) -> dict[str, int]:
+def _activation_bytes(run: RunConfig, config, tokens_s: int, tokens_r: int, *, chunk_layers: int, in_flight: int,
+                      first: bool, last: bool, microbatches: int) -> dict[str, int]:
+    """One stage's activations under the training schedule: `in_flight` micro-batches of `chunk_layers` layers each,
+    the LM head's working set where the stage has one (`first`: pass 1's signal, `last`: the losses), and the
+    tensors pipeline parallelism adds."""
+    p = run.parallel
+    tp = p.tp
     b, act = run.train.micro_batch_size, 2 if run.train.bf16 else 4
-    h, layers, sp = config.hidden_size, config.num_layers, tp if config.sequence_parallel else 1
+    h, sp = config.hidden_size, tp if config.sequence_parallel else 1
     heads = config.num_attention_heads
     q = heads * max(config.kv_channels, config.global_kv_channels)
     kv = max(config.num_query_groups * config.kv_channels, config.num_global_query_groups * config.global_kv_channels)
@@ -119,7 +168,7 @@ def _activation_bytes(run: RunConfig, config, tp: int, tokens_s: int, tokens_r: 
         experts = 6 * h + k * 2 * h
     per_token_layer = attention + dense + experts
     tokens = (tokens_s + tokens_r) * b
-    kv_cache = tokens_s * b * 2 * kv // tp * act * layers  # encoder K/V the canvas attends to (per TP shard)
+    kv_per_layer = tokens_s * b * 2 * kv // tp * act  # encoder K/V the canvas attends to (per TP shard)
     if "core_attn" in selective:
         probs_per_layer = 0
     elif config.attention_impl == "eager":
@@ -128,73 +177,108 @@ def _activation_bytes(run: RunConfig, config, tp: int, tokens_s: int, tokens_r: 
         chunk = config.attention_chunk_size
         probs_per_layer = b * heads // tp * chunk * (tokens_s + tokens_r) * 4 * 2
     one_layer = tokens * per_token_layer * act // sp + probs_per_layer
+    held = in_flight * chunk_layers  # layers' activations of every micro-batch in flight
     if run.train.recompute == "full":
-        layers_bytes = layers * tokens * h * act // sp + kv_cache + one_layer
+        layers_bytes = held * (tokens * h * act // sp + kv_per_layer) + one_layer
     else:
-        layers_bytes = layers * one_layer
-    vocab_local = config.vocab_size // tp
+        layers_bytes = held * one_layer
+    # fp32 logits, softmax and gradient: one chunk at a time, or all rows of the heads this stage runs: AR (S) and
+    # canvas (R) losses on the last stage, pass 1's signal (R) on the first.
+    logit_rows = (tokens_s + tokens_r) * b * last + tokens_r * b * (first and config.self_conditioning)
     chunk = run.objective.loss_chunk_size
-    # fp32 logits, softmax and gradient: one chunk at a time, or all of AR (S), canvas (R) and pass 1's signal (R).
-    logit_rows = min(chunk, tokens) if chunk else (tokens_s + 2 * tokens_r) * b
-    return dict(layers=layers_bytes, logits=3 * logit_rows * vocab_local * 4)
+    logit_rows = min(chunk, logit_rows) if chunk else logit_rows
+    # Between stages each micro-batch in flight keeps the [S + R, B, H] tensor it received (but on the first stage)
+    # and the one it sent (but on the last); every chunk of an interleaved schedule may do both (an upper bound).
+    ends = 0 if p.vpp else first + last
+    pipeline = in_flight * (2 - ends) * (tokens_s + tokens_r) * b * h * act // sp
+    if p.pp > 1 and first and config.self_conditioning:  # pass 1's final hidden [R, B, H] of every micro-batch
+        pipeline += microbatches * tokens_r * b * h * act // sp
+    return dict(layers=layers_bytes, logits=3 * logit_rows * config.vocab_size // tp * 4, pipeline=pipeline)
+
+
+def _in_flight(microbatches: int, config) -> int:
+    """Micro-batches (model-chunk micro-batches under VPP) the 1F1B schedule of this rank holds at once: its warmup
+    forwards plus the one before the first backward (all of them when the warmup covers every micro-batch).
+    Megatron's own count: stage i of pp holds min(pp - i, m); the interleaved schedule 2·(pp - i - 1) + (vpp - 1)·
+    group + 1 (tests/test_plan.py runs the schedules and counts)."""
+    from megatron.core.pipeline_parallel.schedules import get_pp_rank_microbatches
+
+    total, all_in_warmup, warmup, _ = get_pp_rank_microbatches(
+        microbatches, config.virtual_pipeline_model_parallel_size or 1, config.microbatch_group_size_per_vp_stage
+    )
+    return total if all_in_warmup else warmup + 1
 
 
 def plan_run(run: RunConfig, gpus: int) -> Plan:
-    """Build rank 0's model on the meta device in a fake world of `gpus` ranks and count what it holds."""
+    """For each pipeline stage, build the model of that stage's first rank on the meta device in a fake world of
+    `gpus` ranks and count what it holds. Needs a process without a torch.distributed world."""
     import torch.distributed as dist
     from megatron.core import parallel_state
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from megatron_bdgemma.model import BDGemmaModel
     from megatron_bdgemma.runtime.cpu_support import apply_cpu_support
-    from megatron_bdgemma.training.trainer import build_model_config
+    from megatron_bdgemma.training.trainer import build_model_chunks, build_model_config
 
     p = run.parallel
-    if p.pp > 1:
-        raise ValueError("parallel.pp > 1: the plan does not count per pipeline stage yet (stage layers, the 1F1B "
-                         "micro-batches in flight); plan at pp=1")
     run.validate(gpus)
+    if dist.is_initialized():
+        raise RuntimeError("plan_run starts a fake world of its own; call it in a process without torch.distributed")
     apply_cpu_support()
-    if not dist.is_initialized():
-        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=gpus)
     etp = p.etp or p.tp
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=p.tp, expert_model_parallel_size=p.ep, expert_tensor_parallel_size=etp,
-        create_gloo_process_groups=False,
-    )
-    config = build_model_config(run)
-    config.use_cpu_initialization, config.perform_initialization = True, False
-    with torch.device("meta"):
-        model = BDGemmaModel(config, backend="local")  # the TE spec holds the same parameters
-    counts = _count(model)
-    dp, expert_dp = gpus // p.tp, gpus // (p.ep * etp)
-    dense_tp_split = sum(
-        prm.numel() for prm in model.parameters()
-        if getattr(prm, "allreduce", True) and getattr(prm, "tensor_model_parallel", False)
-    )
-    # Whole-model counts from this rank's shards: TP-split dense tensors (embedding included) times TP, replicated
-    # ones once, experts times EP × ETP.
-    params_total = dense_tp_split * p.tp + (counts.dense + counts.embedding - dense_tp_split) + counts.expert * p.ep * etp
-    experts_total = counts.expert * p.ep * etp
+    dp, expert_dp = gpus // (p.tp * p.pp), gpus // (p.ep * etp * p.pp)
+    microbatches = run.train.global_batch_size // (run.train.micro_batch_size * dp)
+    tokens_s = run.data.seq_length
+    score = run.objective.score or ("one_block" if run.data.mode == "sft" else "all_blocks")
+    weight_b, optimizer_b = 2 if run.train.bf16 else 4, 8 + (4 if run.train.bf16 else 0)
+    stages, params_total, experts_total = [], 0, 0
+    for stage in range(p.pp):
+        # Megatron orders ranks tp-cp-ep-dp-pp: pipeline stage i starts at rank i · gpus / pp.
+        dist.init_process_group("fake", store=FakeStore(), rank=stage * gpus // p.pp, world_size=gpus)
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp,
+            virtual_pipeline_model_parallel_size=p.vpp, expert_model_parallel_size=p.ep,
+            expert_tensor_parallel_size=etp, create_gloo_process_groups=False,
+        )
+        assert parallel_state.get_pipeline_model_parallel_rank() == stage
+        config = build_model_config(run)
+        config.use_cpu_initialization, config.perform_initialization = True, False
+        with torch.device("meta"):
+            chunks = build_model_chunks(config, "local", p.vpp)  # the TE spec holds the same parameters
+        counts = _count(chunks)
+        first, last = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
+        dense_tp_split = sum(
+            prm.numel() for chunk in chunks for name, prm in chunk.named_parameters()
+            if not _is_expert(name) and getattr(prm, "tensor_model_parallel", False)
+        )
+        # Whole-model counts from this rank's shards: TP-split dense tensors (embedding included) times TP,
+        # replicated ones once, experts times EP × ETP; the last stage's tied copy of the embedding not again.
+        params_total += (dense_tp_split * p.tp + (counts.dense + counts.embedding - dense_tp_split)
+                         + counts.expert * p.ep * etp - (counts.embedding * p.tp if last and not first else 0))
+        experts_total += counts.expert * p.ep * etp
+        trainable_dense = counts.dense + counts.embedding - counts.frozen
+        tokens_r = config.canvas_length if score == "one_block" else tokens_s
+        in_flight = _in_flight(microbatches, config)
+        stages.append(StagePlan(
+            stage=stage, layers=[[layer.layer_number for layer in chunk.decoder.layers] for chunk in chunks],
+            params=counts, in_flight=in_flight,
+            weight_bytes=counts.total * weight_b, grad_bytes=(counts.total - counts.frozen) * 4,
+            optimizer_bytes_distributed=trainable_dense * optimizer_b // dp + counts.expert * optimizer_b // expert_dp,
+            optimizer_bytes_plain=(trainable_dense + counts.expert) * optimizer_b,
+            activation_bytes=_activation_bytes(
+                run, config, tokens_s, tokens_r, chunk_layers=len(chunks[0].decoder.layers), in_flight=in_flight,
+                first=first, last=last, microbatches=microbatches,
+            ),
+        ))
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
     # Active per token: everything but the experts a token is not routed to (the tied embedding counts: the LM head
     # multiplies every token by all of it).
     active = params_total - experts_total + experts_total * config.moe_router_topk // config.num_moe_experts
-    weight_b = 2 if run.train.bf16 else 4
-    trainable_dense = counts.dense + counts.embedding - counts.frozen
-    optimizer_b = 8 + (4 if run.train.bf16 else 0)
-    tokens_s = run.data.seq_length
-    score = run.objective.score or ("one_block" if run.data.mode == "sft" else "all_blocks")
-    tokens_r = config.canvas_length if score == "one_block" else tokens_s
-    parallel_state.destroy_model_parallel()
     return Plan(
-        gpus=gpus, tp=p.tp, ep=p.ep, etp=etp, dp=dp, expert_dp=expert_dp, bf16=run.train.bf16,
+        gpus=gpus, tp=p.tp, pp=p.pp, vpp=p.vpp, ep=p.ep, etp=etp, dp=dp, expert_dp=expert_dp, bf16=run.train.bf16,
         recompute=run.train.recompute, loss_chunk=run.objective.loss_chunk_size, attention_impl=config.attention_impl,
-        micro_batch=run.train.micro_batch_size, encoder_tokens=tokens_s, canvas_tokens=tokens_r, per_rank=counts,
-        params_total=params_total, params_active_per_token=active,
-        weight_bytes=counts.total * weight_b, grad_bytes=(counts.total - counts.frozen) * 4,
-        optimizer_bytes_distributed=trainable_dense * optimizer_b // dp + counts.expert * optimizer_b // expert_dp,
-        optimizer_bytes_plain=(trainable_dense + counts.expert) * optimizer_b,
-        activation_bytes=_activation_bytes(run, config, p.tp, tokens_s, tokens_r),
+        micro_batch=run.train.micro_batch_size, microbatches=microbatches, encoder_tokens=tokens_s,
+        canvas_tokens=tokens_r, stages=stages, params_total=params_total, params_active_per_token=active,
         distributed_optimizer=run.optim.distributed_optimizer,
     )
 
@@ -203,37 +287,64 @@ def _gib(n: int) -> str:
     return f"{n / GIB:.2f}"
 
 
+def _layer_ranges(stage: StagePlan) -> str:
+    return ", ".join(f"{chunk[0]}-{chunk[-1]}" if len(chunk) > 1 else f"{chunk[0]}" for chunk in stage.layers if chunk)
+
+
 def format_plan(plan: Plan, gpu_gib: float) -> str:
-    """The per-rank table, the fit verdict and the RESULT line (last)."""
-    c = plan.per_rank
+    """The per-rank table (per stage under pipeline parallelism), the fit verdict and the RESULT line (last)."""
     bytes_per = 2 if plan.bf16 else 4
+    opt_b = 8 + (4 if plan.bf16 else 0)
+    layout = (f"TP {plan.tp} x DP {plan.dp} (PP 1)" if plan.pp == 1 else
+              f"TP {plan.tp} x PP {plan.pp} x DP {plan.dp}" + (f" (VPP {plan.vpp})" if plan.vpp else ""))
     rows = [
-        f"layout: {plan.gpus} GPUs = TP {plan.tp} x DP {plan.dp} (PP 1); experts: EP {plan.ep} x ETP {plan.etp}, "
+        f"layout: {plan.gpus} GPUs = {layout}; experts: EP {plan.ep} x ETP {plan.etp}, "
         f"expert-DP {plan.expert_dp}; {'bf16' if plan.bf16 else 'fp32'} weights; recompute {plan.recompute or 'none'}; "
         f"loss chunk {plan.loss_chunk or 'off (full logits)'}; attention {plan.attention_impl}",
         f"micro-batch: {plan.micro_batch} x (encoder S={plan.encoder_tokens} + canvas R={plan.canvas_tokens}) tokens",
         "",
-        "| per rank (all ranks alike) | parameters | weights GiB | grads GiB | optimizer GiB, distributed | optimizer GiB, plain |",
+    ]
+    peak = plan.peak_stage()
+    if plan.pp > 1:
+        rows += [
+            f"{plan.microbatches} micro-batches per step; 1F1B{' interleaved' if plan.vpp else ''} holds the "
+            "activations of the micro-batches in flight" + (" (model-chunk micro-batches)" if plan.vpp else ""),
+            "",
+            "| stage | layers | parameters | in flight | activations GiB: layers + logits/loss + pipeline | "
+            "peak GiB, distributed | peak GiB, plain |",
+            "|---|---|---:|---:|---|---:|---:|",
+        ]
+        for st in plan.stages:
+            act = st.activation_bytes
+            rows.append(f"| {st.stage} | {_layer_ranges(st)} | {st.params.total:,} | {st.in_flight} | "
+                        f"{_gib(act['layers'])} + {_gib(act['logits'])} + {_gib(act['pipeline'])} | "
+                        f"{_gib(st.peak_bytes(True))} | {_gib(st.peak_bytes(False))} |")
+        rows.append("")
+    c = peak.params
+    heading = "per rank (all ranks alike)" if plan.pp == 1 else f"per rank of stage {peak.stage} (the peak)"
+    rows += [
+        f"| {heading} | parameters | weights GiB | grads GiB | optimizer GiB, distributed | optimizer GiB, plain |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    opt_b = 8 + (4 if plan.bf16 else 0)
     for name, n, frozen, dp in (("dense", c.dense, c.frozen, plan.dp), ("expert", c.expert, 0, plan.expert_dp),
                                 ("embedding", c.embedding, 0, plan.dp)):
         trainable = n - frozen
         rows.append(f"| {name} | {n:,} | {_gib(n * bytes_per)} | {_gib(trainable * 4)} | "
                     f"{_gib(trainable * opt_b // dp)} | {_gib(trainable * opt_b)} |")
-    rows.append(f"| **total** | {c.total:,} | {_gib(plan.weight_bytes)} | {_gib(plan.grad_bytes)} | "
-                f"{_gib(plan.optimizer_bytes_distributed)} | {_gib(plan.optimizer_bytes_plain)} |")
-    act = plan.activation_bytes
-    rows += [
-        "",
-        f"activations, one micro-batch: layers {_gib(act['layers'])} GiB + logits/loss {_gib(act['logits'])} GiB",
-    ]
+    rows.append(f"| **total** | {c.total:,} | {_gib(peak.weight_bytes)} | {_gib(peak.grad_bytes)} | "
+                f"{_gib(peak.optimizer_bytes_distributed)} | {_gib(peak.optimizer_bytes_plain)} |")
+    act = peak.activation_bytes
+    rows.append("")
+    if plan.pp == 1:
+        rows.append(f"activations, one micro-batch: layers {_gib(act['layers'])} GiB + "
+                    f"logits/loss {_gib(act['logits'])} GiB")
     usable = gpu_gib * USABLE_FRACTION
     for label, dist_opt in (("distributed optimizer", True), ("plain optimizer", False)):
-        peak = plan.peak_bytes(dist_opt) / GIB
-        verdict = "fits" if peak <= usable else "does NOT fit"
-        rows.append(f"peak per rank, {label}: {peak:.2f} GiB -> {verdict} in {gpu_gib:g} GiB "
+        worst = plan.peak_stage(dist_opt)
+        where = "" if plan.pp == 1 else f" (stage {worst.stage})"
+        peak_gib = worst.peak_bytes(dist_opt) / GIB
+        verdict = "fits" if peak_gib <= usable else "does NOT fit"
+        rows.append(f"peak per rank{where}, {label}: {peak_gib:.2f} GiB -> {verdict} in {gpu_gib:g} GiB "
                     f"(usable {usable:.1f} GiB = {USABLE_FRACTION:.0%})")
     rows.append(f"RESULT params_total={plan.params_total} params_active_per_token={plan.params_active_per_token} "
                 f"peak_gib_per_rank={plan.peak_bytes() / GIB:.2f}")

@@ -7,7 +7,7 @@ One step reads like a list (torchtitan's `train_step`):
      pipeline parallelism a forward-only schedule runs encode → pass 1 first, then 1F1B runs encode → pass 2
      (`_pipeline_first_pass`, docs/design.md §8);
   4. `finalize_model_grads`, clip, optimizer step, LR step;
-  5. log; evaluate; checkpoint.
+  5. log; evaluate (3. forward only on the held-out split, `evaluate`); checkpoint.
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_bdgemma.config import PRESETS, BDGemmaConfig, config_from_hf
 from megatron_bdgemma.conversion.hf_checkpoint import HFCheckpoint, load_hf_weights
 from megatron_bdgemma.conversion.megatron_checkpoint import model_config_from_dict, model_config_to_dict, read_extra
-from megatron_bdgemma.diffusion import DiffusionBatch, NoisedCanvas, ar_loss, diffusion_loss, noise_batch
+from megatron_bdgemma.diffusion import DiffusionBatch, NoisedCanvas, noise_batch
 from megatron_bdgemma.model import BDGemmaModel, TrainingOutput
 from megatron_bdgemma.runtime.distributed import init_distributed
+from megatron_bdgemma.spec import Backend
 from megatron_bdgemma.training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_bdgemma.training.config import RunConfig
 from megatron_bdgemma.training.data import StepData, build_step_data
@@ -96,6 +97,19 @@ def build_model_config(run: RunConfig) -> BDGemmaConfig:
     return PRESETS[run.model.preset](**(megatron | run.model.overrides))
 
 
+def build_model_chunks(config: BDGemmaConfig, backend: Backend, vpp: int | None) -> list[BDGemmaModel]:
+    """This pipeline rank's model chunks: one, or one per virtual pipeline stage (`parallel.vpp`); the embedding
+    lives on the first chunk of the first stage, the LM head (the tied copy) on the last chunk of the last."""
+    return [
+        BDGemmaModel(
+            config, backend=backend, vp_stage=vp_stage,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        )
+        for vp_stage in (range(vpp) if vpp else [None])
+    ]
+
+
 def _check_save_root_is_free(run: RunConfig) -> None:
     """A run that does not resume from `checkpoint.save` must not write into another run's checkpoints there."""
     save = run.checkpoint.save
@@ -137,12 +151,7 @@ def setup(run: RunConfig) -> TrainState:
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=run.optim.distributed_optimizer
     )
     chunks = []
-    for vp_stage in range(p.vpp) if p.vpp else [None]:
-        module = BDGemmaModel(
-            config, backend=run.model.backend, vp_stage=vp_stage,
-            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-        )
+    for module in build_model_chunks(config, run.model.backend, p.vpp):
         if run.model.hf and not run.checkpoint.load:  # a resumed run's weights come from its checkpoint
             load_hf_weights(module, HFCheckpoint(run.model.hf), config)
         if torch.cuda.is_available():
@@ -269,34 +278,27 @@ def _to(noised: NoisedCanvas, device: torch.device) -> NoisedCanvas:
     return NoisedCanvas(*(getattr(noised, f).to(device) for f in noised.__dataclass_fields__))
 
 
-def train_step(state: TrainState) -> dict[str, float]:
-    run, step = state.run, state.step
-    microbatches = _microbatches(state, step)
-    device = next(state.model[0].parameters()).device
-    counts = _global_counts(microbatches, device)
+def _forward_backward(state: TrainState, microbatches: list[MicroBatch], counts: torch.Tensor, *, forward_only: bool,
+                      what: str) -> torch.Tensor:
+    """The step's forward (and backward unless `forward_only`) of `microbatches` through Megatron's schedule: under
+    pipeline parallelism with self-conditioning the forward-only pass-1 schedule first. Returns [diffusion, ar]
+    losses (each normalised by `counts`) summed over the micro-batches and DP ranks, on every rank."""
+    run, device = state.run, counts.device
     dp = parallel_state.get_data_parallel_world_size()
     # Under pipeline parallelism stages pass [encoder hidden ; canvas hidden] of each micro-batch, at one shape.
     pipeline = parallel_state.get_pipeline_model_parallel_world_size() > 1
     lengths = {(mb.batch.seq_len, mb.noised.canvas_ids.shape[1]) for mb in microbatches}
     if pipeline and len(lengths) > 1:
-        raise ValueError(f"step {step}: micro-batches of (encoder, canvas) lengths {sorted(lengths)}; pipeline stages "
+        raise ValueError(f"{what}: micro-batches of (encoder, canvas) lengths {sorted(lengths)}; pipeline stages "
                          "exchange one shape, so the data must pad every batch to data.seq_length")
     seq_length = microbatches[0].batch.seq_len + (microbatches[0].noised.canvas_ids.shape[1] if pipeline else 0)
     schedule = dict(num_microbatches=len(microbatches), seq_length=seq_length, micro_batch_size=run.train.micro_batch_size)
     if pipeline and state.config.self_conditioning:
         _pipeline_first_pass(state, microbatches, **schedule)
-    for chunk in state.model:
-        chunk.zero_grad_buffer()
-    state.optimizer.zero_grad()
     losses = get_forward_backward_func()(
         forward_step_func=partial(_forward_step, state, counts, len(microbatches) * dp),
-        data_iterator=_iterators(state, microbatches), model=state.model, forward_only=False, **schedule,
+        data_iterator=_iterators(state, microbatches), model=state.model, forward_only=forward_only, **schedule,
     )
-    update_ok, grad_norm, _ = state.optimizer.step()
-    if not update_ok:
-        raise FloatingPointError(f"step {step}: non-finite gradients (grad norm {grad_norm})")
-    state.scheduler.step(increment=1)
-    state.step += 1
     # Only the last pipeline stage has losses; the others receive them below.
     totals = (torch.stack([sum(l["diffusion"] for l in losses), sum(l["ar"] for l in losses)]).to(device) if losses
               else torch.zeros(2, device=device))
@@ -304,6 +306,24 @@ def train_step(state: TrainState) -> dict[str, float]:
     if pipeline:  # the losses live on the last stage; every rank reports them
         dist.broadcast(totals, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                        group=parallel_state.get_pipeline_model_parallel_group())
+    return totals
+
+
+def train_step(state: TrainState) -> dict[str, float]:
+    step = state.step
+    microbatches = _microbatches(state, step)
+    device = next(state.model[0].parameters()).device
+    counts = _global_counts(microbatches, device)
+    for chunk in state.model:
+        chunk.zero_grad_buffer()
+    state.optimizer.zero_grad()
+    totals = _forward_backward(state, microbatches, counts, forward_only=False, what=f"step {step}")
+    update_ok, grad_norm, _ = state.optimizer.step()
+    if not update_ok:
+        raise FloatingPointError(f"step {step}: non-finite gradients (grad norm {grad_norm})")
+    state.scheduler.step(increment=1)
+    state.step += 1
+    dp = parallel_state.get_data_parallel_world_size()
     tokens = sum(mb.batch.encoder_valid.sum().item() + mb.noised.canvas_ids.numel() for mb in microbatches)
     return dict(diffusion=totals[0].item(), ar=totals[1].item(), grad_norm=float(grad_norm),
                 lr=state.optimizer.param_groups[0]["lr"], tokens=tokens * dp)
@@ -311,28 +331,24 @@ def train_step(state: TrainState) -> dict[str, float]:
 
 @torch.no_grad()
 def evaluate(state: TrainState) -> dict[str, float]:
-    """Held-out diffusion loss (single pass, no self-conditioning) and AR loss, globally normalised."""
-    (chunk,) = state.model  # pp = 1 (validate refuses evaluation under pipeline parallelism)
-    chunk.eval()
-    sums = torch.zeros(4, dtype=torch.float64)
-    for i in range(state.run.train.eval_steps):
-        for mb in _microbatches(state, i, split="valid"):
-            model = chunk.module
-            device = next(model.parameters()).device
-            batch, noised = mb.batch.to(device), _to(mb.noised, device)
-            encoded = model.encode(batch.input_ids, padding_mask=~batch.encoder_valid, return_logits=True)
-            logits = model.decode(noised.canvas_ids, encoded, canvas_position_ids=noised.position_ids,
-                                  attention_mask=model.training_masks(batch, noised))
-            d, dn = diffusion_loss(logits, noised.targets, noised.scored, noised.weights)
-            a, an = ar_loss(encoded.logits, batch.ar_labels, batch.ar_loss_mask)
-            sums += torch.tensor([d.item(), float(dn), a.item(), float(an)], dtype=torch.float64)
-    dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
-    chunk.train()
-    return dict(eval_diffusion=(sums[0] / sums[1].clamp(min=1)).item(), eval_ar=(sums[2] / sums[3].clamp(min=1)).item())
+    """Held-out losses of the training step's forward (encode, pass 1, self-conditioned pass 2; the same schedule,
+    pipeline included, forward only) over `train.eval_steps` steps of the valid split, each loss normalised by its
+    token count over all of them."""
+    steps = [_microbatches(state, i, split="valid") for i in range(state.run.train.eval_steps)]
+    counts = _global_counts([mb for microbatches in steps for mb in microbatches],
+                            next(state.model[0].parameters()).device)
+    for chunk in state.model:
+        chunk.eval()
+    totals = sum(_forward_backward(state, microbatches, counts, forward_only=True, what=f"eval step {i}")
+                 for i, microbatches in enumerate(steps))
+    for chunk in state.model:
+        chunk.train()
+    return dict(eval_diffusion=totals[0].item(), eval_ar=totals[1].item())
 
 
 def train(run: RunConfig) -> list[dict[str, float]]:
-    """Run (or resume) training; returns the per-step metrics of this process (for tests and scripts)."""
+    """Run (or resume) training; returns the per-step metrics of this process (for tests and scripts), with the
+    held-out losses on the steps that evaluate."""
     state = setup(run)
     logger = MetricsLogger(run, model_flops_per_step(state.config, run))
     history = []
@@ -343,7 +359,9 @@ def train(run: RunConfig) -> list[dict[str, float]]:
         history.append(metrics | {"step": state.step})
         logger.log_step(state.step, metrics)
         if run.train.eval_interval and state.step % run.train.eval_interval == 0:
-            logger.log_eval(state.step, evaluate(state))
+            held_out = evaluate(state)
+            history[-1] |= held_out
+            logger.log_eval(state.step, held_out)
         last = state.step == run.train.steps
         if run.checkpoint.save and (last or (run.checkpoint.interval and state.step % run.checkpoint.interval == 0)):
             save_checkpoint(run.checkpoint.save, state.step, [chunk.module for chunk in state.model], state.optimizer,
