@@ -107,8 +107,16 @@ class BDGemmaModel(GPTModel):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden `[S, B, H]` → full-vocabulary `[B, S, V]` fp32 logits, softcapped."""
-        logits, _ = self.output_layer(hidden, weight=self.shared_embedding_or_output_weight())
-        logits = gather_from_tensor_model_parallel_region(logits).transpose(0, 1).float()
+        weight = self.shared_embedding_or_output_weight()
+        if self.config.sequence_parallel:
+            # The head all-gathers its input along dim 0, the sequence: the input stays sequence-first.
+            logits = self.output_layer(hidden, weight=weight)[0].transpose(0, 1)
+        else:
+            # Batch-first input (a copy of H-wide rows) makes the GEMM write `[B, S, V]` contiguously, so the
+            # vocabulary-wide tensors after it (softcap, softmax, CE, their gradients) are not transposed views that
+            # softmax, the CE's indexing and the head's backward GEMMs would each copy whole.
+            logits = self.output_layer(hidden.transpose(0, 1), weight=weight)[0]
+        logits = gather_from_tensor_model_parallel_region(logits).float()
         return softcap(logits, self.config.final_logit_softcapping)
 
     def run_layer(self, layer: torch.nn.Module, hidden: torch.Tensor, **kwargs) -> tuple[torch.Tensor, KV]:

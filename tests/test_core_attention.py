@@ -64,9 +64,11 @@ def test_block_sparse_equals_eager(model_parallel, case, heads, groups, head_dim
     expected, got = _run(eager, q, k, v, mask, grad_out), _run(sparse, q, k, v, mask, grad_out)
     for name, a, b in zip(("output", "dq", "dk", "dv"), expected, got):
         # fp32 rounding only (GEMMs over other key counts sum in another order), relative to the tensor's scale:
-        # with scale-1 attention and d = 512, scores are of order 20 and gradients of order 10.
+        # with scale-1 attention and d = 512, scores are of order 20 and gradients of order 10. On CPU both run
+        # SDPA's kernel, whose backward recomputes probabilities as exp(score - logsumexp), with rounding that grows
+        # with |score| (up to ~80 here): measured ≤ 1.4e-5 at d = 512, ≤ 5.4e-6 at d = 256.
         diff, scale = (a - b).abs().max().item(), a.abs().max().item()
-        assert diff <= 1e-5 * max(scale, 1.0), f"{name} differs by {diff:.2e} (max {scale:.2e})"
+        assert diff <= 2e-5 * max(scale, 1.0), f"{name} differs by {diff:.2e} (max {scale:.2e})"
 
 
 def test_block_sparse_bf16_matches_eager(model_parallel):
@@ -80,7 +82,8 @@ def test_block_sparse_bf16_matches_eager(model_parallel):
 
 
 def test_block_sparse_keeps_nothing_quadratic_for_backward(model_parallel):
-    """Eager saves `[.., S, S]` probabilities; block-sparse saves only inputs (each chunk recomputes in backward)."""
+    """Eager saves its dense `[.., S, S]` mask (off CPU its probabilities too); block-sparse saves only inputs (each
+    chunk recomputes its mask tile and probabilities in backward)."""
     S, heads = 96, 2
     mask = EncoderMask(torch.ones(1, S, dtype=torch.bool), None)
     q = torch.randn(S, 1, heads, 8, requires_grad=True)
@@ -91,7 +94,7 @@ def test_block_sparse_keeps_nothing_quadratic_for_backward(model_parallel):
         with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
             backend(q, k, v, mask).sum().backward()
         largest[name] = max(sizes)
-    assert largest["eager"] >= heads * S * S  # the check can fail: eager does hold the score grid
+    assert largest["eager"] >= S * S  # the check can fail: eager does hold a score-grid-sized tensor
     assert largest["block_sparse"] <= S * heads * 8, largest
 
 

@@ -21,8 +21,26 @@ def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * a_shape[0] * a_shape[1] * b_shape[-1]
 
 
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """torch's counter has no formula for the CPU SDPA kernel (eager attention on CPU): QKᵀ and PV over every
+    (query, key) pair of the dense grid, `[B, h, Sq, d]` queries over `[B, g, Sk, d]` keys (GQA: h counts)."""
+    batch, heads, queries, dim = query_shape
+    return 2 * batch * heads * queries * key_shape[2] * (dim + value_shape[-1])
+
+
+def _cpu_sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """dQ, dK, dV and dP: twice the forward's products, as the explicit matmuls' backward counts (the kernel's
+    recomputation of the scores is not model FLOPs)."""
+    return 2 * _cpu_sdpa_flops(query_shape, key_shape, value_shape)
+
+
 def _counted(step) -> int:
-    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten._grouped_mm: _grouped_mm_flops}) as counter:
+    mapping = {
+        torch.ops.aten._grouped_mm: _grouped_mm_flops,
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
+    }
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         step()
     return counter.get_total_flops()
 

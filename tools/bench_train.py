@@ -41,7 +41,8 @@ and the soft-embedding matmul are not counted. The last line is machine-readable
            step_ratio_vs_hf_same_work_block_sparse=<ours block-sparse whole canvas / HF Automodel-style>
            step_ratio_vs_hf_recipe=<ours scored block / HF Automodel-style> diffusion_over_ar=<ours / AR only>
 
-(one line). `same_work` decodes the same whole canvas on both sides with the same dense-mask (eager) attention;
+(one line). `same_work` decodes the same whole canvas on both sides under the same dense additive masks (ours
+`attention_impl="eager"`, which on CPU runs PyTorch's fused SDPA kernel; HF eager matmuls);
 `same_work_block_sparse` is the same step with our block-sparse attention (same losses and gradients, masked-out
 scores never computed); `recipe` is what our trainer runs (only the scored block decoded, exact by DESIGN §5)
 against what the Automodel recipe runs.

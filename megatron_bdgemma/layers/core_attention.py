@@ -1,7 +1,7 @@
 """Core attention (softmax(QKᵀ)V over local heads) under an `AttentionMask` rule, in three interchangeable backends.
 
-- `EagerCoreAttention`: the reference. One dense `[B, 1, Sq, Sk]` mask and one `[B, h, Sq, Sk]` score tensor;
-  memory grows with Sq·Sk, which at a 16K-token prompt is gigabytes per layer.
+- `EagerCoreAttention`: the reference. One dense `[B, 1, Sq, Sk]` mask (and off CPU one `[B, h, Sq, Sk]` score
+  tensor); memory grows with Sq·Sk, which at a 16K-token prompt is gigabytes per layer.
 - `BlockSparseCoreAttention`: the same math, one chunk of queries at a time (a canvas block, or
   `attention_chunk_size` encoder positions) over only the key spans the mask says that chunk can see, with the
   mask tile built from the rule on the spot. In training each chunk is recomputed in backward rather than keeping
@@ -13,8 +13,8 @@
   FlexAttention op's dense implementation, all scores in fp32 (FlexAttention's public entry point refuses
   backward on CPU, so the op is called directly there).
 
-Eager and block-sparse use fp32 softmax over scores in the activation dtype (HF's eager path), GQA by broadcasting
-each KV head over its query heads, and give blocked scores the dtype's minimum rather than -inf (a fully blocked row
+Eager and block-sparse (`masked_attention`) use fp32 softmax, over scores in the activation dtype off CPU (HF's eager
+path) and in fp32 within PyTorch's fused SDPA kernel on CPU, GQA without copying K/V per query head, and give blocked scores the dtype's minimum rather than -inf (a fully blocked row
 would be uniform, not NaN; the mask rules give every row at least its diagonal anyway). Flex keeps scores and softmax
 in fp32 and blocks with -inf, which no row notices for the same reason. Selected by `BDGemmaConfig.attention_impl`.
 """
@@ -25,6 +25,7 @@ import functools
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 from torch.utils.checkpoint import checkpoint
 
@@ -40,9 +41,19 @@ def masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 
     Adding the minimum gives a blocked score exactly that minimum (any score is below its rounding step), as
     selecting it would, and an allowed score is left exact.
+
+    On CPU this is PyTorch's fused SDPA kernel (flash attention over key blocks, scores and softmax in fp32, never a
+    `[B, h, Sq, Sk]` tensor; its backward recomputes them): the same softmax(QKᵀ·scale + bias)V to fp32 rounding,
+    and a fifth less CPU time than the explicit matmuls at bench_train's shapes. On CUDA a float bias with GQA at
+    head dim 512 leaves SDPA only its math kernel, which copies K/V per query head, so the explicit path stays.
     """
     sq, b, h, d = query.shape
     g = key.shape[2]
+    if query.device.type == "cpu":
+        out = F.scaled_dot_product_attention(
+            *(t.permute(1, 2, 0, 3) for t in (query, key, value)), attn_mask=bias, scale=scale, enable_gqa=True
+        )  # [B, h, Sq, d]
+        return out.permute(2, 0, 1, 3).reshape(sq, b, h * d)
     # The query heads of one KV head form one row block, so each product reads its K/V head as it is: broadcasting
     # K/V over the query heads instead would make matmul copy them once per query head.
     q = query.permute(1, 2, 0, 3).reshape(b, g, h // g * sq, d)
