@@ -33,6 +33,7 @@ from megatron_bdgemma.generation import (
     left_pad,
     parse_sampler,
 )
+from megatron_bdgemma.generation import row_multinomial
 from megatron_bdgemma.generation.samplers import filter_logits
 from tests import hf_models
 from tests.multiproc import run_in_processes
@@ -217,6 +218,35 @@ def test_sampler_rules():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).log_softmax(-1)  # probs ≈ .64 .24 .09 .03
     assert torch.isfinite(filter_logits(logits, None, 0.8)).tolist() == [[True, True, False, False]]
     assert torch.isfinite(filter_logits(logits, 3, None)).tolist() == [[True, True, True, False]]
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_row_multinomial_draws_what_torch_multinomial_draws(monkeypatch, fast_path):
+    """The wanted rows' samples, the generator state after, and the uniform canvas drawn next all equal a full
+    `torch.multinomial`'s, for the passed generator and for torch's global one, across mt19937 block boundaries."""
+    if not fast_path:
+        monkeypatch.setattr(row_multinomial, "_reproduces_torch", lambda: False)
+    assert row_multinomial._reproduces_torch() is fast_path  # this build takes the path under test
+    shapes = torch.Generator().manual_seed(0)
+    for seed in range(60):
+        rows, vocab = int(torch.randint(1, 40, (), generator=shapes)), int(torch.randint(1, 3000, (), generator=shapes))
+        probs = torch.softmax(3 * torch.randn(rows, vocab, generator=shapes), dim=-1)
+        wanted = torch.rand(rows, generator=shapes) < (0.3 if seed % 3 else 1.0)
+        use_global = seed % 2 == 0
+
+        def draw(sample):
+            generator = None if use_global else torch.Generator().manual_seed(seed)
+            if use_global:
+                torch.manual_seed(seed)
+            tokens = sample(generator)
+            noise = torch.randint(0, vocab, (rows,), generator=generator)
+            return tokens, noise, (torch.get_rng_state() if use_global else generator.get_state())
+
+        expected = draw(lambda g: torch.multinomial(probs, 1, generator=g).squeeze(-1))
+        got = draw(lambda g: row_multinomial.multinomial_rows(probs, wanted, g))
+        assert torch.equal(got[0][wanted], expected[0][wanted]), seed
+        assert (got[0][~wanted] == -1).all()
+        assert torch.equal(got[1], expected[1]) and torch.equal(got[2], expected[2]), seed
 
 
 @pytest.mark.parametrize("sampler", [Greedy(max_denoising_steps=8), MaxProbThreshold(threshold=0.5, **SHARP)])

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from megatron_bdgemma.generation.row_multinomial import multinomial_rows
+
 __all__ = [
     "AdaptiveStop",
     "Autoregressive",
@@ -204,12 +206,14 @@ class _Sampling(CanvasSampler):
     ) -> Tensor:
         batch, length, vocab = processed.shape
         probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
+        accepted = self.accept(probs, token_entropy)
         # HF's draw order: one multinomial over every position, then one full uniform canvas (drawn even where it
-        # is not used), so the same seed gives the same tokens.
-        proposals = torch.multinomial(probs.view(-1, vocab), 1, generator=generator).view(batch, length)
+        # is not used), so the same seed gives the same tokens. Only the accepted positions' proposals are used,
+        # so only theirs are drawn; the stream still moves past the others.
+        proposals = multinomial_rows(probs.view(-1, vocab), accepted.view(-1), generator).view(batch, length)
         noise = torch.randint(0, vocab, (batch, length), generator=generator, device=canvas.device)
         # Nothing is frozen: every rejected position, including ones accepted at earlier steps, is re-randomised.
-        return torch.where(self.accept(probs, token_entropy), proposals, noise)
+        return torch.where(accepted, proposals, noise)
 
 
 @dataclass(frozen=True, kw_only=True)
