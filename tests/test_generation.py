@@ -165,6 +165,26 @@ def test_cache_keeps_what_a_full_encode_gives(models, model_parallel):
             torch.testing.assert_close(got[:, :, row_valid], expected[:, :, row_valid], atol=1e-5, rtol=1e-5)
 
 
+def test_buffered_decode_matches_the_core_attention_decode(models, model_parallel):
+    """A decode through the cache's `KVBuffer`s (fused SDPA) gives the logits of one through the configured core
+    attention over the same K/V and masks, to the fp32 canvas-logit tolerance of tests/test_decode_parity.py (the
+    kernels differ only in summation order; this model's ×10 embeddings make its logits large)."""
+    _, ours, _ = models
+    input_ids, padding = left_pad(PROMPTS, PAD)
+    cache = EncoderKVCache.for_model(ours)
+    canvas = torch.tensor([[40, 41, 42, 43], [50, 51, 52, 53]])
+    positions = (cache.length + input_ids.shape[1] + torch.arange(CANVAS)).expand(2, CANVAS)
+    signal = torch.randn(2, CANVAS, ours.config.vocab_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        encode_into(ours, cache, input_ids, padding_mask=padding)
+        decodes = [
+            ours.decode(canvas, kv, canvas_position_ids=positions, attention_mask=cache.decode_masks(CANVAS),
+                        self_conditioning_logits=signal)
+            for kv in (cache.decode_buffers(CANVAS), cache.kv)
+        ]
+    torch.testing.assert_close(decodes[0], decodes[1], atol=1e-4, rtol=0)
+
+
 def test_autoregressive_baseline_matches_recomputation(models, model_parallel):
     _, ours, _ = models
     input_ids, padding = left_pad(PROMPTS, PAD)
