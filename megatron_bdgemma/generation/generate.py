@@ -197,7 +197,10 @@ def _denoise_canvas(
 
     canvas = torch.randint(0, vocab, (batch, length), generator=generator, device=device)
     argmax = canvas
-    self_conditioning: Tensor | None = None  # zero signal at every canvas's first step
+    # The previous step's tempered logits in the embedding dtype (HF's self-conditioning input) and their softmax;
+    # None = the zero signal of every canvas's first step.
+    self_conditioning: Tensor | None = None
+    self_conditioning_probs: Tensor | None = None
     stop_rule = sampler.stop_rule()
     stopped = torch.zeros(batch, dtype=torch.bool, device=device)
     forwards = torch.zeros(batch, dtype=torch.long, device=device)
@@ -217,17 +220,18 @@ def _denoise_canvas(
                 live_rope = {t: (cos[:, live], sin[:, live]) for t, (cos, sin) in rope.items()}
             logits = model.decode(
                 canvas[live], live_buffers, canvas_position_ids=positions[live], attention_mask=live_attention,
-                self_conditioning_logits=self_conditioning[live], rope=live_rope,
+                self_conditioning_probs=self_conditioning_probs[live], rope=live_rope,
             )
             processed = self_conditioning.float().index_put((live,), sampler.process(logits, steps_remaining))
         else:
             logits = model.decode(
                 canvas, buffers, canvas_position_ids=positions, attention_mask=attention,
-                self_conditioning_logits=self_conditioning, rope=rope,
+                self_conditioning_probs=self_conditioning_probs, rope=rope,
             )
             processed = sampler.process(logits, steps_remaining)
+        probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
         token_entropy = entropy(processed)
-        new_canvas = sampler.step(canvas, processed, token_entropy, generator)
+        new_canvas = sampler.step(canvas, processed, probs, token_entropy, generator)
         new_argmax = processed.argmax(dim=-1)
         if stop_rule is not None:
             if any_stopped:
@@ -235,8 +239,12 @@ def _denoise_canvas(
                 new_argmax = torch.where(stopped[:, None], argmax, new_argmax)
             stopped = stopped | stop_rule(new_argmax, token_entropy)
         canvas, argmax = new_canvas, new_argmax
-        # The next step conditions on the tempered logits, rounded to the embedding dtype as HF feeds them back.
+        # The next step conditions on the tempered logits, rounded to the embedding dtype as HF feeds them back;
+        # in fp32 the rounding is none and their softmax is the sampler's.
         self_conditioning = processed.to(embedding_dtype)
+        self_conditioning_probs = (
+            probs if embedding_dtype == torch.float32 else torch.softmax(self_conditioning, dim=-1, dtype=torch.float32)
+        )
         if stopped.all():
             break
     return argmax, forwards

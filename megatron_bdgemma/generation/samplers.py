@@ -163,13 +163,20 @@ class CanvasSampler(abc.ABC):
 
     @abc.abstractmethod
     def step(
-        self, canvas: Tensor, processed: Tensor, token_entropy: Tensor, generator: torch.Generator | None
+        self,
+        canvas: Tensor,
+        processed: Tensor,
+        probs: Tensor,
+        token_entropy: Tensor,
+        generator: torch.Generator | None,
     ) -> Tensor:
         """One denoising update.
 
         Args:
             canvas: `[B, R]` the canvas that was just decoded.
             processed: `[B, R, V]` its tempered (filtered) fp32 logits.
+            probs: `[B, R, V]` `torch.softmax(processed, dim=-1)` (fp32), computed once per step for the sampler and
+                the next step's self-conditioning.
             token_entropy: `[B, R]` `entropy(processed)`.
             generator: the random source (None = torch's global generator, as HF uses).
 
@@ -202,10 +209,14 @@ class _Sampling(CanvasSampler):
         """`[B, R]` bool: positions that take their sampled token (`probs` `[B, R, V]` tempered)."""
 
     def step(
-        self, canvas: Tensor, processed: Tensor, token_entropy: Tensor, generator: torch.Generator | None
+        self,
+        canvas: Tensor,
+        processed: Tensor,
+        probs: Tensor,
+        token_entropy: Tensor,
+        generator: torch.Generator | None,
     ) -> Tensor:
         batch, length, vocab = processed.shape
-        probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
         accepted = self.accept(probs, token_entropy)
         # HF's draw order: one multinomial over every position, then one full uniform canvas (drawn even where it
         # is not used), so the same seed gives the same tokens. Only the accepted positions' proposals are used,
@@ -264,7 +275,12 @@ class Greedy(CanvasSampler):
     """No confidence requirement by default: stop once the argmax canvas is stable."""
 
     def step(
-        self, canvas: Tensor, processed: Tensor, token_entropy: Tensor, generator: torch.Generator | None
+        self,
+        canvas: Tensor,
+        processed: Tensor,
+        probs: Tensor,
+        token_entropy: Tensor,
+        generator: torch.Generator | None,
     ) -> Tensor:
         return processed.argmax(dim=-1)
 
