@@ -19,6 +19,7 @@ back to the full `torch.multinomial`, with the same results.
 from __future__ import annotations
 
 import functools
+import threading
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ state u64[624]) followed by the cached normal samples."""
 _MT_N = 624
 _LEFT, _NEXT, _WORDS = 8, 16, 24  # byte offsets of `left`, `next` and the 624 state words
 _OUTPUTS_PER_ENTRY = 2  # exponential_ on CPU draws one 64-bit number per element
+_SCRATCH = threading.local()
 
 
 def multinomial_rows(probs: Tensor, rows: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -76,7 +78,7 @@ def _skip(generator: torch.Generator, outputs: int) -> None:
         return
     state = generator.get_state()
     raw = state.numpy()
-    bits = np.random.MT19937()
+    bits = _scratch_bit_generator()
     left = int(raw[_LEFT : _LEFT + 4].view(np.int32)[0])
     words = raw[_WORDS : _WORDS + 8 * _MT_N].view(np.uint64).astype(np.uint32)
     # torch reads word `next` after decrementing `left` (regenerating the block at 0); numpy reads word `pos`
@@ -88,6 +90,13 @@ def _skip(generator: torch.Generator, outputs: int) -> None:
     raw[_LEFT : _LEFT + 4] = np.array([_MT_N + 1 - pos], dtype=np.int32).view(np.uint8)
     raw[_NEXT : _NEXT + 8] = np.array([pos], dtype=np.uint64).view(np.uint8)
     generator.set_state(state)
+
+
+def _scratch_bit_generator() -> np.random.MT19937:
+    """This thread's MT19937 whose state `_skip` overwrites (constructing one seeds it from the OS: ~0.1 ms)."""
+    if not hasattr(_SCRATCH, "bits"):
+        _SCRATCH.bits = np.random.MT19937(0)
+    return _SCRATCH.bits
 
 
 @functools.cache
