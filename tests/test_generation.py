@@ -103,6 +103,7 @@ def test_tokens_match_hf(models, model_parallel, case):
     expected = run_hf(hf, prompts, logits_processor=processors, **{k: v for k, v in sampling.items() if k != "top_k"})
     got = run_ours(ours, prompts, EntropyBound(**sampling))
     assert torch.equal(got.sequences, expected.sequences)
+    assert not got.sequences.is_inference()  # the loop runs in inference mode; what it returns is ordinary
     torch.testing.assert_close(got.tokens_per_forward, expected.tokens_per_forward.float())
     if case == "adaptive_stop":
         # The case is only meaningful if rows stopped early, and not in lock-step.

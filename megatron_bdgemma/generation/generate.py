@@ -75,7 +75,6 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[Tenso
     return ids, padding
 
 
-@torch.no_grad()
 def generate(
     model: BDGemmaModel,
     input_ids: Tensor,
@@ -101,7 +100,8 @@ def generate(
         max_new_tokens: diffusion generates `ceil(max_new_tokens / R)` canvases at most; AR this many tokens.
         eos_token_ids: ids that end a row; None = `model.config.eos_token_ids`.
         pad_token_id: what replaces tokens after a row's EOS; None = `model.config.pad_token_id`.
-        on_canvas: streaming hook, see `CanvasCallback`.
+        on_canvas: streaming hook, see `CanvasCallback` (its tensors are inference tensors: copy them to update them
+            in place outside `torch.inference_mode`).
         generator: random source; None = torch's global generator (what HF's `generate` uses).
         recompute_prefix: re-encode the whole sequence at every canvas instead of extending the cache (a reference
             path for tests: slower, same tokens).
@@ -126,13 +126,23 @@ def generate(
     pad = config.pad_token_id if pad_token_id is None else pad_token_id
     if isinstance(sampler, Autoregressive):
         _check_inputs(model, input_ids, padding_mask, max_new_tokens)
-        return _generate_autoregressive(
-            model, input_ids, padding_mask, sampler, max_new_tokens, eos, pad, on_canvas, generator
-        )
-    canvases = math.ceil(max_new_tokens / config.canvas_length)
-    _check_inputs(model, input_ids, padding_mask, canvases * config.canvas_length)
-    return _generate_diffusion(
-        model, input_ids, padding_mask, sampler, canvases, eos, pad, on_canvas, generator, recompute_prefix
+    else:
+        canvases = math.ceil(max_new_tokens / config.canvas_length)
+        _check_inputs(model, input_ids, padding_mask, canvases * config.canvas_length)
+    # Inference mode rather than no_grad: a decode is hundreds of small ops, and this skips their version-counter
+    # and view bookkeeping too.
+    with torch.inference_mode():
+        if isinstance(sampler, Autoregressive):
+            output = _generate_autoregressive(
+                model, input_ids, padding_mask, sampler, max_new_tokens, eos, pad, on_canvas, generator
+            )
+        else:
+            output = _generate_diffusion(
+                model, input_ids, padding_mask, sampler, canvases, eos, pad, on_canvas, generator, recompute_prefix
+            )
+    # Returned as ordinary tensors: inference tensors refuse in-place updates outside inference mode.
+    return GenerationOutput(
+        output.sequences.clone(), output.prompt_length, output.forwards.clone(), output.tokens_per_forward.clone()
     )
 
 
