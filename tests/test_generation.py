@@ -34,7 +34,7 @@ from megatron_bdgemma.generation import (
     parse_sampler,
 )
 from megatron_bdgemma.generation import row_multinomial
-from megatron_bdgemma.generation.samplers import filter_logits
+from megatron_bdgemma.generation.samplers import entropy, filter_logits
 from tests import hf_models
 from tests.multiproc import run_in_processes
 
@@ -239,6 +239,18 @@ def test_sampler_rules():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).log_softmax(-1)  # probs ≈ .64 .24 .09 .03
     assert torch.isfinite(filter_logits(logits, None, 0.8)).tolist() == [[True, True, False, False]]
     assert torch.isfinite(filter_logits(logits, 3, None)).tolist() == [[True, True, True, False]]
+
+
+def test_entropy_from_the_softmax_is_categoricals():
+    """`entropy(logits, softmax(logits))` is `Categorical(logits).entropy()` (HF's) to fp32 rounding: on flat, peaked
+    and nearly saturated rows (tempered logits reach ±75), and with top-k filtered (-inf) logits."""
+    scales = torch.tensor([0.5, 5.0, 75.0])[:, None, None]
+    logits = torch.randn(3, 16, 2048, generator=torch.Generator().manual_seed(0)) * scales
+    logits = torch.cat([logits, filter_logits(logits, 5, None)])
+    got = entropy(logits, torch.softmax(logits, dim=-1))
+    expected = torch.distributions.Categorical(logits=logits.double()).entropy()
+    assert got.isfinite().all()
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("fast_path", [True, False])

@@ -240,7 +240,7 @@ def _denoise_canvas(
             )
             processed = sampler.process(logits, steps_remaining)
         probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
-        token_entropy = entropy(processed)
+        token_entropy = entropy(processed, probs)
         new_canvas = sampler.step(canvas, processed, probs, token_entropy, generator)
         new_argmax = processed.argmax(dim=-1)
         if stop_rule is not None:

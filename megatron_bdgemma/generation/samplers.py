@@ -56,16 +56,18 @@ __all__ = [
 ]
 
 
-def entropy(logits: Tensor) -> Tensor:
-    """Entropy in nats of `softmax(logits)` over the last dim: `[..., V]` → `[...]`.
+def entropy(logits: Tensor, probs: Tensor) -> Tensor:
+    """Entropy in nats of `probs = softmax(logits)` over the last dim: `[..., V]` → `[...]`.
 
-    Written as `torch.distributions.Categorical(logits=...).entropy()` computes it (normalise, clamp -inf to the
-    dtype's minimum so filtered tokens give 0, not NaN), so the entropy-bound acceptance and the stop rule see the
-    same numbers as HF's.
+    The quantity `torch.distributions.Categorical(logits=...).entropy()` computes (HF's acceptance and stop rule:
+    `lse - Σ p·x`), written as `log Z + Σ p·(m - x)` with m the row maximum and `Z = Σ exp(x - m) = 1 / max(p)`.
+    From the softmax the step has anyway this costs a max, a difference and a dot product instead of a logsumexp and
+    a second softmax; both terms are non-negative, so a nearly saturated row's small entropy keeps its relative
+    precision. It differs from Categorical's only in rounding (decisions equal but for near-ties). Filtered (-inf)
+    logits contribute 0, as they do there.
     """
-    normalised = logits - logits.logsumexp(dim=-1, keepdim=True)
-    probs = torch.softmax(normalised, dim=-1)
-    return -(normalised.clamp(min=torch.finfo(normalised.dtype).min) * probs).sum(-1)
+    gap = (logits.amax(dim=-1, keepdim=True) - logits).clamp_(max=torch.finfo(logits.dtype).max)  # 0·finite = 0
+    return (probs * gap).sum(dim=-1) - probs.amax(dim=-1).log()
 
 
 def filter_logits(logits: Tensor, top_k: int | None, top_p: float | None) -> Tensor:
@@ -177,7 +179,7 @@ class CanvasSampler(abc.ABC):
             processed: `[B, R, V]` its tempered (filtered) fp32 logits.
             probs: `[B, R, V]` `torch.softmax(processed, dim=-1)` (fp32), computed once per step for the sampler and
                 the next step's self-conditioning.
-            token_entropy: `[B, R]` `entropy(processed)`.
+            token_entropy: `[B, R]` `entropy(processed, probs)`.
             generator: the random source (None = torch's global generator, as HF uses).
 
         Returns:
