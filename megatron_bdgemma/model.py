@@ -116,7 +116,8 @@ class BDGemmaModel(GPTModel):
         )
         logits = gather_from_tensor_model_parallel_region(logits)
         logits = (logits if batch_first else logits.transpose(0, 1)).float()
-        return softcap(logits, self.config.final_logit_softcapping)
+        # The head's fresh output: outside autograd it is capped in place.
+        return softcap(logits, self.config.final_logit_softcapping, inplace=not logits.requires_grad)
 
     def run_layer(self, layer: torch.nn.Module, hidden: torch.Tensor, **kwargs) -> tuple[torch.Tensor, KV]:
         """One layer, in its FP8 context, under full activation recompute when the config asks for it (training

@@ -67,7 +67,7 @@ def entropy(logits: Tensor, probs: Tensor) -> Tensor:
     logits contribute 0, as they do there.
     """
     gap = (logits.amax(dim=-1, keepdim=True) - logits).clamp_(max=torch.finfo(logits.dtype).max)  # 0·finite = 0
-    return (probs * gap).sum(dim=-1) - probs.amax(dim=-1).log()
+    return gap.mul_(probs).sum(dim=-1) - probs.amax(dim=-1).log()
 
 
 def filter_logits(logits: Tensor, top_k: int | None, top_p: float | None) -> Tensor:
@@ -147,11 +147,12 @@ class CanvasSampler(abc.ABC):
             raise ValueError(f"confidence_threshold must be > 0 or None, got {self.confidence_threshold}")
 
     def process(self, logits: Tensor, steps_remaining: int) -> Tensor:
-        """Softcapped fp32 logits `[B, R, V]` → tempered logits for step n = `steps_remaining`."""
+        """Softcapped fp32 logits `[B, R, V]` → tempered logits for step n = `steps_remaining`, computed in place of
+        `logits` (a decode's fresh output: a vocabulary-wide temporary costs more than the division)."""
         # HF turns the step into an int32 tensor, so the temperature is an fp32 tensor, not a Python float.
         n = torch.tensor(steps_remaining, dtype=torch.int32, device=logits.device)
         temperature = self.t_min + (self.t_max - self.t_min) * (n / self.max_denoising_steps)
-        return self.filter(logits) / temperature
+        return self.filter(logits).div_(temperature)
 
     def filter(self, logits: Tensor) -> Tensor:
         """Logit filtering before the temperature; none by default."""
