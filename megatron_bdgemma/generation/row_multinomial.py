@@ -7,12 +7,11 @@ made from a 64-bit draw (two 32-bit outputs) of the generator's mt19937, row aft
 of a small model's sampling time, and all but a few rows' are thrown away.
 
 `multinomial_rows` gives the same tokens for the rows it is asked for and leaves the generator where the full draw
-would: it moves the mt19937 over the other rows with numpy's `MT19937` bit generator (the same algorithm, loaded
-from the torch generator's state; skipping an output costs a few ns, an exponential about ten), and draws each run
-of wanted rows with `torch.multinomial` itself from the right place in the stream, so the tokens come from torch's
-own kernel. Nothing is assumed about how torch turns the 32-bit outputs into exponentials; what is assumed (the
-state's byte layout, two outputs per vocabulary entry, rows in order) is checked once per process against the full
-draw (`_reproduces_torch`). Where the check fails, for non-CPU generators and for non-fp32 probabilities it falls
+would: it moves the generator over the other rows with `random_` on a byte buffer (one 32-bit output per byte and
+nothing else: about a fifth of an exponential's cost), and draws each run of wanted rows with `torch.multinomial`
+itself from the right place in the stream, so the tokens come from torch's own kernel. What this assumes (two
+outputs per vocabulary entry, rows in order, one output per byte) is checked once per process against the full
+draw (`_reproduces_torch`); where the check fails, for non-CPU generators and for non-fp32 probabilities it falls
 back to the full `torch.multinomial`, with the same results.
 """
 
@@ -21,18 +20,13 @@ from __future__ import annotations
 import functools
 import threading
 
-import numpy as np
 import torch
 from torch import Tensor
 
 __all__ = ["multinomial_rows"]
 
-_STATE_BYTES = 5056
-"""Size of `torch.Generator.get_state()` on CPU: THGeneratorState (seed u64, left i32, seeded i32, next u64,
-state u64[624]) followed by the cached normal samples."""
-_MT_N = 624
-_LEFT, _NEXT, _WORDS = 8, 16, 24  # byte offsets of `left`, `next` and the 624 state words
 _OUTPUTS_PER_ENTRY = 2  # exponential_ on CPU draws one 64-bit number per element
+_SKIP_CHUNK = 1 << 20  # bytes of the per-thread scratch buffer the generator is advanced through
 _SCRATCH = threading.local()
 
 
@@ -57,7 +51,7 @@ def multinomial_rows(probs: Tensor, rows: Tensor, generator: torch.Generator | N
 
 
 def _draw_rows(probs: Tensor, rows: Tensor, generator: torch.Generator) -> Tensor:
-    """The fast path: skip unwanted rows in numpy, draw each run of wanted rows with torch.multinomial."""
+    """The fast path: skip unwanted rows, draw each run of wanted rows with torch.multinomial."""
     count, vocab = probs.shape
     drawn = torch.full((count,), -1, dtype=torch.long)
     wanted = rows.nonzero().flatten().tolist()
@@ -73,38 +67,22 @@ def _draw_rows(probs: Tensor, rows: Tensor, generator: torch.Generator) -> Tenso
 
 
 def _skip(generator: torch.Generator, outputs: int) -> None:
-    """Advance a CPU generator's mt19937 by `outputs` 32-bit outputs."""
-    if outputs == 0:
-        return
-    state = generator.get_state()
-    raw = state.numpy()
-    bits = _scratch_bit_generator()
-    left = int(raw[_LEFT : _LEFT + 4].view(np.int32)[0])
-    words = raw[_WORDS : _WORDS + 8 * _MT_N].view(np.uint64).astype(np.uint32)
-    # torch reads word `next` after decrementing `left` (regenerating the block at 0); numpy reads word `pos`
-    # (regenerating at 624): the same position is pos = 625 - left.
-    bits.state = {"bit_generator": "MT19937", "state": {"key": words, "pos": _MT_N + 1 - left}}
-    bits.random_raw(outputs, output=False)
-    pos = bits.state["state"]["pos"]
-    raw[_WORDS : _WORDS + 8 * _MT_N] = bits.state["state"]["key"].astype(np.uint64).view(np.uint8)
-    raw[_LEFT : _LEFT + 4] = np.array([_MT_N + 1 - pos], dtype=np.int32).view(np.uint8)
-    raw[_NEXT : _NEXT + 8] = np.array([pos], dtype=np.uint64).view(np.uint8)
-    generator.set_state(state)
-
-
-def _scratch_bit_generator() -> np.random.MT19937:
-    """This thread's MT19937 whose state `_skip` overwrites (constructing one seeds it from the OS: ~0.1 ms)."""
-    if not hasattr(_SCRATCH, "bits"):
-        _SCRATCH.bits = np.random.MT19937(0)
-    return _SCRATCH.bits
+    """Advance a CPU generator's mt19937 by `outputs` 32-bit outputs (`random_` on bytes: one output each)."""
+    if not hasattr(_SCRATCH, "bytes"):
+        # Reused (a fresh buffer each time would page-fault); an ordinary tensor, writable in and out of inference mode.
+        with torch.inference_mode(False):
+            _SCRATCH.bytes = torch.empty(_SKIP_CHUNK, dtype=torch.uint8)
+    while outputs > 0:
+        chunk = min(outputs, _SKIP_CHUNK)
+        _SCRATCH.bytes[:chunk].random_(generator=generator)
+        outputs -= chunk
 
 
 @functools.cache
 def _reproduces_torch() -> bool:
-    """Whether the row-skipping draw equals torch's full draw on this build: tokens and the state after, for runs
-    of wanted rows at the start, middle and end, across mt19937 block boundaries (checked once per process)."""
-    if torch.Generator().get_state().numel() != _STATE_BYTES:
-        return False
+    """Whether the row-skipping draw equals torch's full draw on this build: tokens and the generator state after,
+    for runs of wanted rows at the start, middle and end, across mt19937 block boundaries (checked once per
+    process)."""
     probs = torch.rand(9, 101, generator=torch.Generator().manual_seed(0))
     rows = torch.tensor([True, False, False, True, True, False, True, False, True])
     for seed in range(3):
