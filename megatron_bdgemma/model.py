@@ -107,17 +107,17 @@ class BDGemmaModel(GPTModel):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden `[S, B, H]` → full-vocabulary `[B, S, V]` fp32 logits, softcapped."""
-        weight = self.shared_embedding_or_output_weight()
-        if self.config.sequence_parallel:
-            # The head all-gathers its input along dim 0, the sequence: the input stays sequence-first.
-            logits = self.output_layer(hidden, weight=weight)[0].transpose(0, 1)
-        else:
-            # Batch-first input (a copy of H-wide rows) makes the GEMM write `[B, S, V]` contiguously, so the
-            # vocabulary-wide tensors after it (softcap, softmax, CE, their gradients) are not transposed views that
-            # softmax, the CE's indexing and the head's backward GEMMs would each copy whole.
-            logits = self.output_layer(hidden.transpose(0, 1), weight=weight)[0]
-        logits = gather_from_tensor_model_parallel_region(logits).float()
-        return softcap(logits, self.config.final_logit_softcapping)
+        # The head multiplies batch-first hidden states, so the logits come out contiguous `[B, S, V]`: transposed
+        # ones would be copied to contiguous by each vocabulary-wide softmax after. Under sequence parallelism the
+        # head first gathers dim 0, which must then be the sequence.
+        batch_first = not self.config.sequence_parallel
+        logits, _ = self.output_layer(
+            hidden.transpose(0, 1) if batch_first else hidden, weight=self.shared_embedding_or_output_weight()
+        )
+        logits = gather_from_tensor_model_parallel_region(logits)
+        logits = (logits if batch_first else logits.transpose(0, 1)).float()
+        # The head's fresh output: outside autograd it is capped in place.
+        return softcap(logits, self.config.final_logit_softcapping, inplace=not logits.requires_grad)
 
     def run_layer(self, layer: torch.nn.Module, hidden: torch.Tensor, **kwargs) -> tuple[torch.Tensor, KV]:
         """One layer, in its FP8 context, under full activation recompute when the config asks for it (training
@@ -222,7 +222,11 @@ class BDGemmaModel(GPTModel):
 
     def logits_signal(self, logits: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits `[B, R, V]` → self-conditioning signal `[R, B, H]` (`[R/tp, B, H]` under SP)."""
-        signal = soft_embedding(logits, self.embedding.word_embeddings.weight, self.config.embedding_scale)
+        return self.probs_signal(torch.softmax(logits, dim=-1, dtype=torch.float32))
+
+    def probs_signal(self, probs: torch.Tensor) -> torch.Tensor:
+        """`logits_signal` from the logits' fp32 softmax `[B, R, V]`, for a caller that has it already."""
+        signal = soft_embedding(probs, self.embedding.word_embeddings.weight, self.config.embedding_scale)
         signal = signal.transpose(0, 1).contiguous()
         return scatter_to_sequence_parallel_region(signal) if self.config.sequence_parallel else signal
 
@@ -235,6 +239,7 @@ class BDGemmaModel(GPTModel):
         attention_mask: dict[str, masks.AttentionMask] | None = None,
         encoder_padding_mask: torch.Tensor | None = None,
         self_conditioning_logits: torch.Tensor | None = None,
+        self_conditioning_probs: torch.Tensor | None = None,
         self_conditioning_mask: torch.Tensor | None = None,
         rope: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
@@ -252,12 +257,19 @@ class BDGemmaModel(GPTModel):
             encoder_padding_mask: `[B, P]` bool, True = padding (only used when `attention_mask` is None).
             self_conditioning_logits: `[B, R, V]` logits of the previous pass (detached by the caller); None = zero
                 signal.
+            self_conditioning_probs: instead of `self_conditioning_logits`, their fp32 softmax `[B, R, V]`, when the
+                caller has it (generation's sampler does), saving a vocabulary-wide softmax.
             self_conditioning_mask: `[B]` bool; False gives that example an exactly-zero signal.
             rope: `self.rope(canvas_position_ids, dtype)`, when the caller keeps it across decodes of one canvas.
         """
+        if self_conditioning_logits is not None and self_conditioning_probs is not None:
+            raise ValueError("pass self_conditioning_logits or self_conditioning_probs, not both")
         signal = None
-        if self_conditioning_logits is not None and self.config.self_conditioning:
-            signal = self.logits_signal(self_conditioning_logits)
+        if self.config.self_conditioning:
+            if self_conditioning_logits is not None:
+                signal = self.logits_signal(self_conditioning_logits)
+            elif self_conditioning_probs is not None:
+                signal = self.probs_signal(self_conditioning_probs)
         hidden = self.decode_hidden(
             canvas_ids, encoder_kv, canvas_position_ids=canvas_position_ids, attention_mask=attention_mask,
             encoder_padding_mask=encoder_padding_mask, self_conditioning_signal=signal,

@@ -32,9 +32,17 @@ from torch.utils.checkpoint import checkpoint
 __all__ = ["softcap", "vocab_parallel_cross_entropy_sum", "vocab_parallel_soft_embedding"]
 
 
-def softcap(logits: Tensor, cap: float | None) -> Tensor:
-    """`cap · tanh(logits / cap)` elementwise (any shape); `cap=None` leaves the logits as they are."""
-    return logits if cap is None else cap * torch.tanh(logits / cap)
+def softcap(logits: Tensor, cap: float | None, *, inplace: bool = False) -> Tensor:
+    """`cap · tanh(logits / cap)` elementwise (any shape); `cap=None` leaves the logits as they are.
+
+    `inplace=True` overwrites `logits` (a tensor no one else needs, outside autograd) with the same values: at a
+    vocabulary's width the two temporaries of the out-of-place form cost more than the arithmetic.
+    """
+    if cap is None:
+        return logits
+    if inplace:
+        return logits.div_(cap).tanh_().mul_(cap)
+    return cap * torch.tanh(logits / cap)
 
 
 def vocab_parallel_cross_entropy_sum(

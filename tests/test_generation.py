@@ -33,7 +33,8 @@ from megatron_bdgemma.generation import (
     left_pad,
     parse_sampler,
 )
-from megatron_bdgemma.generation.samplers import filter_logits
+from megatron_bdgemma.generation import row_multinomial
+from megatron_bdgemma.generation.samplers import entropy, filter_logits
 from tests import hf_models
 from tests.multiproc import run_in_processes
 
@@ -102,6 +103,7 @@ def test_tokens_match_hf(models, model_parallel, case):
     expected = run_hf(hf, prompts, logits_processor=processors, **{k: v for k, v in sampling.items() if k != "top_k"})
     got = run_ours(ours, prompts, EntropyBound(**sampling))
     assert torch.equal(got.sequences, expected.sequences)
+    assert not got.sequences.is_inference()  # the loop runs in inference mode; what it returns is ordinary
     torch.testing.assert_close(got.tokens_per_forward, expected.tokens_per_forward.float())
     if case == "adaptive_stop":
         # The case is only meaningful if rows stopped early, and not in lock-step.
@@ -164,6 +166,26 @@ def test_cache_keeps_what_a_full_encode_gives(models, model_parallel):
             torch.testing.assert_close(got[:, :, row_valid], expected[:, :, row_valid], atol=1e-5, rtol=1e-5)
 
 
+def test_buffered_decode_matches_the_core_attention_decode(models, model_parallel):
+    """A decode through the cache's `KVBuffer`s (fused SDPA) gives the logits of one through the configured core
+    attention over the same K/V and masks, to the fp32 canvas-logit tolerance of tests/test_decode_parity.py (the
+    kernels differ only in summation order; this model's ×10 embeddings make its logits large)."""
+    _, ours, _ = models
+    input_ids, padding = left_pad(PROMPTS, PAD)
+    cache = EncoderKVCache.for_model(ours)
+    canvas = torch.tensor([[40, 41, 42, 43], [50, 51, 52, 53]])
+    positions = (cache.length + input_ids.shape[1] + torch.arange(CANVAS)).expand(2, CANVAS)
+    signal = torch.randn(2, CANVAS, ours.config.vocab_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        encode_into(ours, cache, input_ids, padding_mask=padding)
+        decodes = [
+            ours.decode(canvas, kv, canvas_position_ids=positions, attention_mask=cache.decode_masks(CANVAS),
+                        self_conditioning_logits=signal)
+            for kv in (cache.decode_buffers(CANVAS), cache.kv)
+        ]
+    torch.testing.assert_close(decodes[0], decodes[1], atol=1e-4, rtol=0)
+
+
 def test_autoregressive_baseline_matches_recomputation(models, model_parallel):
     _, ours, _ = models
     input_ids, padding = left_pad(PROMPTS, PAD)
@@ -217,6 +239,47 @@ def test_sampler_rules():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).log_softmax(-1)  # probs ≈ .64 .24 .09 .03
     assert torch.isfinite(filter_logits(logits, None, 0.8)).tolist() == [[True, True, False, False]]
     assert torch.isfinite(filter_logits(logits, 3, None)).tolist() == [[True, True, True, False]]
+
+
+def test_entropy_from_the_softmax_is_categoricals():
+    """`entropy(logits, softmax(logits))` is `Categorical(logits).entropy()` (HF's) to fp32 rounding: on flat, peaked
+    and nearly saturated rows (tempered logits reach ±75), and with top-k filtered (-inf) logits."""
+    scales = torch.tensor([0.5, 5.0, 75.0])[:, None, None]
+    logits = torch.randn(3, 16, 2048, generator=torch.Generator().manual_seed(0)) * scales
+    logits = torch.cat([logits, filter_logits(logits, 5, None)])
+    got = entropy(logits, torch.softmax(logits, dim=-1))
+    expected = torch.distributions.Categorical(logits=logits.double()).entropy()
+    assert got.isfinite().all()
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_row_multinomial_draws_what_torch_multinomial_draws(monkeypatch, fast_path):
+    """The wanted rows' samples, the generator state after, and the uniform canvas drawn next all equal a full
+    `torch.multinomial`'s, for the passed generator and for torch's global one, across mt19937 block boundaries."""
+    if not fast_path:
+        monkeypatch.setattr(row_multinomial, "_reproduces_torch", lambda: False)
+    assert row_multinomial._reproduces_torch() is fast_path  # this build takes the path under test
+    shapes = torch.Generator().manual_seed(0)
+    for seed in range(60):
+        rows, vocab = int(torch.randint(1, 40, (), generator=shapes)), int(torch.randint(1, 3000, (), generator=shapes))
+        probs = torch.softmax(3 * torch.randn(rows, vocab, generator=shapes), dim=-1)
+        wanted = torch.rand(rows, generator=shapes) < (0.3 if seed % 3 else 1.0)
+        use_global = seed % 2 == 0
+
+        def draw(sample):
+            generator = None if use_global else torch.Generator().manual_seed(seed)
+            if use_global:
+                torch.manual_seed(seed)
+            tokens = sample(generator)
+            noise = torch.randint(0, vocab, (rows,), generator=generator)
+            return tokens, noise, (torch.get_rng_state() if use_global else generator.get_state())
+
+        expected = draw(lambda g: torch.multinomial(probs, 1, generator=g).squeeze(-1))
+        got = draw(lambda g: row_multinomial.multinomial_rows(probs, wanted, g))
+        assert torch.equal(got[0][wanted], expected[0][wanted]), seed
+        assert (got[0][~wanted] == -1).all()
+        assert torch.equal(got[1], expected[1]) and torch.equal(got[2], expected[2]), seed
 
 
 @pytest.mark.parametrize("sampler", [Greedy(max_denoising_steps=8), MaxProbThreshold(threshold=0.5, **SHARP)])

@@ -75,7 +75,6 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[Tenso
     return ids, padding
 
 
-@torch.no_grad()
 def generate(
     model: BDGemmaModel,
     input_ids: Tensor,
@@ -101,7 +100,8 @@ def generate(
         max_new_tokens: diffusion generates `ceil(max_new_tokens / R)` canvases at most; AR this many tokens.
         eos_token_ids: ids that end a row; None = `model.config.eos_token_ids`.
         pad_token_id: what replaces tokens after a row's EOS; None = `model.config.pad_token_id`.
-        on_canvas: streaming hook, see `CanvasCallback`.
+        on_canvas: streaming hook, see `CanvasCallback` (its tensors are inference tensors: copy them to update them
+            in place outside `torch.inference_mode`).
         generator: random source; None = torch's global generator (what HF's `generate` uses).
         recompute_prefix: re-encode the whole sequence at every canvas instead of extending the cache (a reference
             path for tests: slower, same tokens).
@@ -126,13 +126,23 @@ def generate(
     pad = config.pad_token_id if pad_token_id is None else pad_token_id
     if isinstance(sampler, Autoregressive):
         _check_inputs(model, input_ids, padding_mask, max_new_tokens)
-        return _generate_autoregressive(
-            model, input_ids, padding_mask, sampler, max_new_tokens, eos, pad, on_canvas, generator
-        )
-    canvases = math.ceil(max_new_tokens / config.canvas_length)
-    _check_inputs(model, input_ids, padding_mask, canvases * config.canvas_length)
-    return _generate_diffusion(
-        model, input_ids, padding_mask, sampler, canvases, eos, pad, on_canvas, generator, recompute_prefix
+    else:
+        canvases = math.ceil(max_new_tokens / config.canvas_length)
+        _check_inputs(model, input_ids, padding_mask, canvases * config.canvas_length)
+    # Inference mode rather than no_grad: a decode is hundreds of small ops, and this skips their version-counter
+    # and view bookkeeping too.
+    with torch.inference_mode():
+        if isinstance(sampler, Autoregressive):
+            output = _generate_autoregressive(
+                model, input_ids, padding_mask, sampler, max_new_tokens, eos, pad, on_canvas, generator
+            )
+        else:
+            output = _generate_diffusion(
+                model, input_ids, padding_mask, sampler, canvases, eos, pad, on_canvas, generator, recompute_prefix
+            )
+    # Returned as ordinary tensors: inference tensors refuse in-place updates outside inference mode.
+    return GenerationOutput(
+        output.sequences.clone(), output.prompt_length, output.forwards.clone(), output.tokens_per_forward.clone()
     )
 
 
@@ -197,7 +207,10 @@ def _denoise_canvas(
 
     canvas = torch.randint(0, vocab, (batch, length), generator=generator, device=device)
     argmax = canvas
-    self_conditioning: Tensor | None = None  # zero signal at every canvas's first step
+    # The previous step's tempered logits in the embedding dtype (HF's self-conditioning input) and their softmax;
+    # None = the zero signal of every canvas's first step.
+    self_conditioning: Tensor | None = None
+    self_conditioning_probs: Tensor | None = None
     stop_rule = sampler.stop_rule()
     stopped = torch.zeros(batch, dtype=torch.bool, device=device)
     forwards = torch.zeros(batch, dtype=torch.long, device=device)
@@ -217,17 +230,18 @@ def _denoise_canvas(
                 live_rope = {t: (cos[:, live], sin[:, live]) for t, (cos, sin) in rope.items()}
             logits = model.decode(
                 canvas[live], live_buffers, canvas_position_ids=positions[live], attention_mask=live_attention,
-                self_conditioning_logits=self_conditioning[live], rope=live_rope,
+                self_conditioning_probs=self_conditioning_probs[live], rope=live_rope,
             )
             processed = self_conditioning.float().index_put((live,), sampler.process(logits, steps_remaining))
         else:
             logits = model.decode(
                 canvas, buffers, canvas_position_ids=positions, attention_mask=attention,
-                self_conditioning_logits=self_conditioning, rope=rope,
+                self_conditioning_probs=self_conditioning_probs, rope=rope,
             )
             processed = sampler.process(logits, steps_remaining)
-        token_entropy = entropy(processed)
-        new_canvas = sampler.step(canvas, processed, token_entropy, generator)
+        probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
+        token_entropy = entropy(processed, probs)
+        new_canvas = sampler.step(canvas, processed, probs, token_entropy, generator)
         new_argmax = processed.argmax(dim=-1)
         if stop_rule is not None:
             if any_stopped:
@@ -235,8 +249,12 @@ def _denoise_canvas(
                 new_argmax = torch.where(stopped[:, None], argmax, new_argmax)
             stopped = stopped | stop_rule(new_argmax, token_entropy)
         canvas, argmax = new_canvas, new_argmax
-        # The next step conditions on the tempered logits, rounded to the embedding dtype as HF feeds them back.
+        # The next step conditions on the tempered logits, rounded to the embedding dtype as HF feeds them back;
+        # in fp32 the rounding is none and their softmax is the sampler's.
         self_conditioning = processed.to(embedding_dtype)
+        self_conditioning_probs = (
+            probs if embedding_dtype == torch.float32 else torch.softmax(self_conditioning, dim=-1, dtype=torch.float32)
+        )
         if stopped.all():
             break
     return argmax, forwards

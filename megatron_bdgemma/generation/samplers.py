@@ -38,6 +38,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from megatron_bdgemma.generation.row_multinomial import multinomial_rows
+
 __all__ = [
     "AdaptiveStop",
     "Autoregressive",
@@ -54,16 +56,18 @@ __all__ = [
 ]
 
 
-def entropy(logits: Tensor) -> Tensor:
-    """Entropy in nats of `softmax(logits)` over the last dim: `[..., V]` → `[...]`.
+def entropy(logits: Tensor, probs: Tensor) -> Tensor:
+    """Entropy in nats of `probs = softmax(logits)` over the last dim: `[..., V]` → `[...]`.
 
-    Written as `torch.distributions.Categorical(logits=...).entropy()` computes it (normalise, clamp -inf to the
-    dtype's minimum so filtered tokens give 0, not NaN), so the entropy-bound acceptance and the stop rule see the
-    same numbers as HF's.
+    The quantity `torch.distributions.Categorical(logits=...).entropy()` computes (HF's acceptance and stop rule:
+    `lse - Σ p·x`), written as `log Z + Σ p·(m - x)` with m the row maximum and `Z = Σ exp(x - m) = 1 / max(p)`.
+    From the softmax the step has anyway this costs a max, a difference and a dot product instead of a logsumexp and
+    a second softmax; both terms are non-negative, so a nearly saturated row's small entropy keeps its relative
+    precision. It differs from Categorical's only in rounding (decisions equal but for near-ties). Filtered (-inf)
+    logits contribute 0, as they do there.
     """
-    normalised = logits - logits.logsumexp(dim=-1, keepdim=True)
-    probs = torch.softmax(normalised, dim=-1)
-    return -(normalised.clamp(min=torch.finfo(normalised.dtype).min) * probs).sum(-1)
+    gap = (logits.amax(dim=-1, keepdim=True) - logits).clamp_(max=torch.finfo(logits.dtype).max)  # 0·finite = 0
+    return gap.mul_(probs).sum(dim=-1) - probs.amax(dim=-1).log()
 
 
 def filter_logits(logits: Tensor, top_k: int | None, top_p: float | None) -> Tensor:
@@ -143,11 +147,12 @@ class CanvasSampler(abc.ABC):
             raise ValueError(f"confidence_threshold must be > 0 or None, got {self.confidence_threshold}")
 
     def process(self, logits: Tensor, steps_remaining: int) -> Tensor:
-        """Softcapped fp32 logits `[B, R, V]` → tempered logits for step n = `steps_remaining`."""
+        """Softcapped fp32 logits `[B, R, V]` → tempered logits for step n = `steps_remaining`, computed in place of
+        `logits` (a decode's fresh output: a vocabulary-wide temporary costs more than the division)."""
         # HF turns the step into an int32 tensor, so the temperature is an fp32 tensor, not a Python float.
         n = torch.tensor(steps_remaining, dtype=torch.int32, device=logits.device)
         temperature = self.t_min + (self.t_max - self.t_min) * (n / self.max_denoising_steps)
-        return self.filter(logits) / temperature
+        return self.filter(logits).div_(temperature)
 
     def filter(self, logits: Tensor) -> Tensor:
         """Logit filtering before the temperature; none by default."""
@@ -161,14 +166,21 @@ class CanvasSampler(abc.ABC):
 
     @abc.abstractmethod
     def step(
-        self, canvas: Tensor, processed: Tensor, token_entropy: Tensor, generator: torch.Generator | None
+        self,
+        canvas: Tensor,
+        processed: Tensor,
+        probs: Tensor,
+        token_entropy: Tensor,
+        generator: torch.Generator | None,
     ) -> Tensor:
         """One denoising update.
 
         Args:
             canvas: `[B, R]` the canvas that was just decoded.
             processed: `[B, R, V]` its tempered (filtered) fp32 logits.
-            token_entropy: `[B, R]` `entropy(processed)`.
+            probs: `[B, R, V]` `torch.softmax(processed, dim=-1)` (fp32), computed once per step for the sampler and
+                the next step's self-conditioning.
+            token_entropy: `[B, R]` `entropy(processed, probs)`.
             generator: the random source (None = torch's global generator, as HF uses).
 
         Returns:
@@ -200,16 +212,22 @@ class _Sampling(CanvasSampler):
         """`[B, R]` bool: positions that take their sampled token (`probs` `[B, R, V]` tempered)."""
 
     def step(
-        self, canvas: Tensor, processed: Tensor, token_entropy: Tensor, generator: torch.Generator | None
+        self,
+        canvas: Tensor,
+        processed: Tensor,
+        probs: Tensor,
+        token_entropy: Tensor,
+        generator: torch.Generator | None,
     ) -> Tensor:
         batch, length, vocab = processed.shape
-        probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
+        accepted = self.accept(probs, token_entropy)
         # HF's draw order: one multinomial over every position, then one full uniform canvas (drawn even where it
-        # is not used), so the same seed gives the same tokens.
-        proposals = torch.multinomial(probs.view(-1, vocab), 1, generator=generator).view(batch, length)
+        # is not used), so the same seed gives the same tokens. Only the accepted positions' proposals are used,
+        # so only theirs are drawn; the stream still moves past the others.
+        proposals = multinomial_rows(probs.view(-1, vocab), accepted.view(-1), generator).view(batch, length)
         noise = torch.randint(0, vocab, (batch, length), generator=generator, device=canvas.device)
         # Nothing is frozen: every rejected position, including ones accepted at earlier steps, is re-randomised.
-        return torch.where(self.accept(probs, token_entropy), proposals, noise)
+        return torch.where(accepted, proposals, noise)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -260,7 +278,12 @@ class Greedy(CanvasSampler):
     """No confidence requirement by default: stop once the argmax canvas is stable."""
 
     def step(
-        self, canvas: Tensor, processed: Tensor, token_entropy: Tensor, generator: torch.Generator | None
+        self,
+        canvas: Tensor,
+        processed: Tensor,
+        probs: Tensor,
+        token_entropy: Tensor,
+        generator: torch.Generator | None,
     ) -> Tensor:
         return processed.argmax(dim=-1)
 

@@ -17,13 +17,14 @@ from megatron_bdgemma.config import BDGemmaConfig
 from megatron_bdgemma.layers.norm import RMSNorm, rms_normalize
 
 
-def soft_embedding(logits: torch.Tensor, embedding_weight: torch.Tensor, scale: float) -> torch.Tensor:
-    """`(softmax_fp32(logits).to(E.dtype) @ E) · √H` for full-vocabulary logits `[B, R, V]` → `[B, R, H]`.
+def soft_embedding(probs: torch.Tensor, embedding_weight: torch.Tensor, scale: float) -> torch.Tensor:
+    """`(probs.to(E.dtype) @ E) · √H` for full-vocabulary probabilities `[B, R, V]` (the fp32 softmax of the previous
+    pass's logits) → `[B, R, H]`.
 
     With a vocab-parallel embedding each TP rank holds rows `[r·V/tp, (r+1)·V/tp)` of E: it multiplies its slice
     of the probabilities and the partial sums are all-reduced (which also routes the gradient to every shard).
     """
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(embedding_weight.dtype)
+    probs = probs.to(embedding_weight.dtype)
     shard = embedding_weight.shape[0]
     start = parallel_state.get_tensor_model_parallel_rank() * shard
     partial = probs[..., start : start + shard] @ embedding_weight
