@@ -38,6 +38,9 @@ from megatron_bdgemma.generation.samplers import entropy, filter_logits
 from tests import hf_models
 from tests.multiproc import run_in_processes
 
+# The module (the package's `generate` is the function).
+generate_module = importlib.import_module("megatron_bdgemma.generation.generate")
+
 SEED = 7
 CANVAS = 4
 WINDOW = hf_models.BASE_TEXT["sliding_window"]  # 4
@@ -132,6 +135,34 @@ def test_rows_end_at_different_canvases_like_hf(models, model_parallel):
     first = free[0][0].index(end_row0)
     assert canvases[0, 0, : first + 1].tolist() == free[0][0][: first + 1]
     assert (canvases[0, 0, first + 1 :] == PAD).all()
+
+
+def test_compiled_decode_keeps_hf_tokens(models, model_parallel, monkeypatch):
+    """`compile=True` through inductor (the product path; ~1 min of compiling on one CPU core): the canvas forward's
+    logits are the eager ones up to fp32 rounding, and the tokens and forward counts stay HF's. Five canvases (the
+    second recompiles with the prefix dynamic) under the adaptive stop (rows stop apart, so the live-rows decode
+    compiles too)."""
+    hf, ours, _ = models
+    compiled = generate_module.compiled_decode(ours)
+    errors = []
+
+    def compared(*args, **kwargs):
+        logits = compiled(*args, **kwargs)
+        # The eager decode rewrites the canvas K/V in the KVBuffers: the same values up to rounding, read by no one
+        # before the next decode writes its own.
+        eager = ours.decode(*args, **kwargs)
+        errors.append(((logits - eager).abs().max() / eager.abs().max()).item())
+        return logits
+
+    monkeypatch.setattr(generate_module, "compiled_decode", lambda model: compared)
+    expected = run_hf(hf, PROMPTS, **SHARP)
+    got = run_ours(ours, PROMPTS, EntropyBound(**SHARP), compile=True)
+    assert torch.equal(got.sequences, expected.sequences)
+    torch.testing.assert_close(got.tokens_per_forward, expected.tokens_per_forward.float())
+    assert got.forwards[0] != got.forwards[1]  # the live-rows path ran
+    # Relative to the step's largest logit (softcapped, |x| < 30): inductor sums the norms' and GEMMs' terms in
+    # another order, a few fp32 ulps.
+    assert errors and max(errors) < 1e-5, errors
 
 
 def test_cached_loop_matches_recomputing_the_prefix(models, model_parallel):
@@ -322,6 +353,12 @@ def test_bad_input_is_a_clear_error(models, model_parallel, prompt, padding, mat
     _, ours, _ = models
     with pytest.raises(ValueError, match=match):
         generate(ours, prompt, padding_mask=padding, sampler=Greedy(max_denoising_steps=1), max_new_tokens=8)
+
+
+def test_compiling_the_ar_baseline_is_a_clear_error(models, model_parallel):
+    _, ours, _ = models
+    with pytest.raises(ValueError, match="compile=True compiles the block-diffusion canvas forward"):
+        generate(ours, torch.tensor([[5, 6]]), sampler=Autoregressive(), max_new_tokens=2, compile=True)
 
 
 @pytest.mark.parametrize(

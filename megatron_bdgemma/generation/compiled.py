@@ -1,0 +1,54 @@
+"""The canvas forward (`BDGemmaModel.decode`) under `torch.compile`, for `generate(..., compile=True)`.
+
+What compiles: the whole decode (self-conditioning input, every layer's norms, attention over its `KVBuffer`, dense
+MLP and router, final norm, LM head, softcap) except each MoE layer's dispatch → routed experts → combine, which
+runs eagerly (`BDGemmaMoELayer._dispatched_experts`: data-dependent token counts); so a decode is a few graphs per
+layer rather than one.
+
+Shapes: the canvas is static; the encoder prefix grows by one canvas per canvas. Dynamo's automatic dynamic shapes
+recompile once when the prefix first changes (second canvas) with the prefix symbolic, and later canvases reuse
+those graphs. Each layer geometry (sliding / full) and each mask state (its additive bias built at a canvas's first
+decode, then cached) is its own graph, hence the raised recompile limit.
+
+Mode: on CUDA `reduce-overhead` (CUDA graphs: a decode is thousands of small kernel launches), elsewhere inductor's
+default. Compiling happens at the first decodes (the first two canvases), so it pays only over many canvases.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from megatron_bdgemma.model import BDGemmaModel
+
+__all__ = ["compiled_decode"]
+
+# Graphs per frame: 2 layer geometries x first/later decode of a canvas x static/dynamic prefix, with room for
+# the stopped-rows batch sizes (the live rows are a new batch dimension until it too turns dynamic).
+_RECOMPILE_LIMIT = 32
+
+
+def compiled_decode(model: BDGemmaModel) -> Callable[..., Tensor]:
+    """`model.decode` compiled (see module docstring): same arguments, same `[B, R, V]` fp32 logits.
+
+    Made once per model and kept on it, so later `generate` calls reuse its graphs.
+    """
+    decode = getattr(model, "_compiled_decode", None)
+    if decode is None:
+        device = next(model.parameters()).device
+        compiled = torch.compile(model.decode, mode="reduce-overhead" if device.type == "cuda" else None)
+
+        def decode(*args, **kwargs) -> Tensor:
+            # Megatron's RowParallelLinear passes tp_group=None to its linear function, which then calls
+            # `warnings.warn` (deprecation of the default group) on every forward; Dynamo cannot trace that call and
+            # would split the graph at every such linear. Ignored while tracing only (eager code still warns).
+            with torch._dynamo.config.patch(
+                ignore_logging_functions={warnings.warn}, recompile_limit=_RECOMPILE_LIMIT
+            ):
+                return compiled(*args, **kwargs)
+
+        model._compiled_decode = decode
+    return decode
