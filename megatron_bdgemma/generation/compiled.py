@@ -12,6 +12,8 @@ decode, then cached) is its own graph, hence the raised recompile limit.
 
 Mode: on CUDA `reduce-overhead` (CUDA graphs: a decode is thousands of small kernel launches), elsewhere inductor's
 default. Compiling happens at the first decodes (the first two canvases), so it pays only over many canvases.
+Untested on a GPU: each graph writes its layer's canvas K/V into a `KVBuffer` input in place, and cudagraph trees
+skip graphs that mutate inputs they do not own, so there it may fuse without graphing (docs/performance.md).
 """
 
 from __future__ import annotations
