@@ -165,6 +165,21 @@ def test_compiled_decode_keeps_hf_tokens(models, model_parallel, monkeypatch):
     assert errors and max(errors) < 1e-5, errors
 
 
+def test_compiled_distribution_is_the_eager_one():
+    """The compiled softmax / entropy / argmax of tempered logits, filtered (-inf) entries included: argmax equal,
+    probabilities and entropies to fp32 rounding (inductor's exp and sums in another order)."""
+    generator = torch.Generator().manual_seed(0)
+    processed = torch.randn(2, 4, 96, generator=generator) * 8
+    processed[0, :, 5:] = float("-inf")  # top-k-filtered rows
+    processed[1, 0, 1:] = float("-inf")  # a one-hot row: zero entropy
+    expected = generate_module.distribution(processed)
+    got = generate_module.compiled_distribution()(processed)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[2], expected[2])
+    assert got[1][1, 0] == 0
+
+
 def test_cached_loop_matches_recomputing_the_prefix(models, model_parallel):
     _, ours, _ = models
     kwargs = dict(eos=[37, 55])

@@ -1,4 +1,9 @@
-"""The canvas forward (`BDGemmaModel.decode`) under `torch.compile`, for `generate(..., compile=True)`.
+"""The parts of a denoising step that `generate(..., compile=True)` runs under `torch.compile`: the canvas forward
+(`BDGemmaModel.decode`) and the vocabulary-wide passes after the temperature (`distribution`).
+
+The distribution (softmax, entropy, argmax over `[B, R, V]`) is half a dozen full passes eagerly; inductor fuses
+them into one or two (3.9 ms instead of 8.8 ms at [2, 256, 2048] fp32 on one CPU thread). Default mode on every
+device: its outputs live into the next step, which CUDA graphs' output reuse would overwrite.
 
 What compiles: the whole decode (self-conditioning input, every layer's norms, attention over its `KVBuffer`, dense
 MLP and router, final norm, LM head, softcap) except each MoE layer's dispatch → routed experts → combine, which
@@ -24,9 +29,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from megatron_bdgemma.generation.samplers import entropy
 from megatron_bdgemma.model import BDGemmaModel
 
-__all__ = ["compiled_decode"]
+__all__ = ["compiled_decode", "compiled_distribution", "distribution"]
 
 # Graphs per frame: 2 layer geometries x first/later decode of a canvas x static/dynamic prefix, with room for
 # the stopped-rows batch sizes (the live rows are a new batch dimension until it too turns dynamic).
@@ -54,3 +60,20 @@ def compiled_decode(model: BDGemmaModel) -> Callable[..., Tensor]:
 
         model._compiled_decode = decode
     return decode
+
+
+def distribution(processed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Tempered logits `[B, R, V]` → (fp32 softmax `[B, R, V]`, its entropy `[B, R]`, argmax `[B, R]`)."""
+    probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
+    return probs, entropy(processed, probs), processed.argmax(dim=-1)
+
+
+_compiled_distribution: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]] | None = None
+
+
+def compiled_distribution() -> Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]:
+    """`distribution` compiled, made once per process (it holds no weights)."""
+    global _compiled_distribution
+    if _compiled_distribution is None:
+        _compiled_distribution = torch.compile(distribution)
+    return _compiled_distribution

@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 
 from megatron_bdgemma.generation.cache import EncoderKVCache, encode_into
-from megatron_bdgemma.generation.compiled import compiled_decode
-from megatron_bdgemma.generation.samplers import Autoregressive, CanvasSampler, EntropyBound, Sampler, entropy
+from megatron_bdgemma.generation.compiled import compiled_decode, compiled_distribution, distribution
+from megatron_bdgemma.generation.samplers import Autoregressive, CanvasSampler, EntropyBound, Sampler
 from megatron_bdgemma.model import BDGemmaModel
 
 __all__ = ["GenerationOutput", "generate", "left_pad"]
@@ -107,8 +107,9 @@ def generate(
         generator: random source; None = torch's global generator (what HF's `generate` uses).
         recompute_prefix: re-encode the whole sequence at every canvas instead of extending the cache (a reference
             path for tests: slower, same tokens).
-        compile: run the canvas forward under `torch.compile` (generation/compiled.py; CUDA graphs on GPU): the
-            first two canvases pay the compilation. Block diffusion only.
+        compile: run the canvas forward and the step's softmax / entropy / argmax under `torch.compile`
+            (generation/compiled.py; CUDA graphs on GPU): the first two canvases pay the compilation. Block
+            diffusion only.
 
     Returns:
         a `GenerationOutput`.
@@ -145,7 +146,7 @@ def generate(
         else:
             output = _generate_diffusion(
                 model, input_ids, padding_mask, sampler, canvases, eos, pad, on_canvas, generator, recompute_prefix,
-                compiled_decode(model) if compile else model.decode,
+                *((compiled_decode(model), compiled_distribution()) if compile else (model.decode, distribution)),
             )
     # Returned as ordinary tensors: inference tensors refuse in-place updates outside inference mode.
     return GenerationOutput(
@@ -168,6 +169,7 @@ def _generate_diffusion(
     generator: torch.Generator | None,
     recompute_prefix: bool,
     decode: Callable[..., Tensor],
+    step_distribution: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]],
 ) -> GenerationOutput:
     batch, prompt_length = input_ids.shape
     sequences = input_ids
@@ -183,7 +185,9 @@ def _generate_diffusion(
             encode_into(model, cache, input_ids, padding_mask=padding_mask)
         else:
             encode_into(model, cache, sequences[:, -model.config.canvas_length :])
-        committed, canvas_forwards = _denoise_canvas(model, decode, cache, sampler, ended, generator)
+        committed, canvas_forwards = _denoise_canvas(
+            model, decode, step_distribution, cache, sampler, ended, generator
+        )
         forwards += canvas_forwards
         committed, ended = _finalize(committed, ended, eos, pad)
         sequences = torch.cat([sequences, committed], dim=1)
@@ -197,13 +201,15 @@ def _generate_diffusion(
 def _denoise_canvas(
     model: BDGemmaModel,
     decode: Callable[..., Tensor],
+    step_distribution: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]],
     cache: EncoderKVCache,
     sampler: CanvasSampler,
     ended: Tensor,
     generator: torch.Generator | None,
 ) -> tuple[Tensor, Tensor]:
     """Denoise one canvas at positions `cache.length ..` → (argmax canvas `[B, R]`, live decoder forwards `[B]`),
-    each step's forward by `decode` (`model.decode` or its compiled form)."""
+    each step's forward by `decode` (`model.decode` or its compiled form) and the softmax, entropy and argmax of its
+    tempered logits by `step_distribution` (`compiled.distribution` or its compiled form)."""
     config = model.config
     batch, length, vocab = ended.shape[0], config.canvas_length, config.vocab_size
     device = ended.device
@@ -249,10 +255,8 @@ def _denoise_canvas(
                 self_conditioning_probs=self_conditioning_probs, rope=rope,
             )
             processed = sampler.process(logits, steps_remaining)
-        probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
-        token_entropy = entropy(processed, probs)
+        probs, token_entropy, new_argmax = step_distribution(processed)
         new_canvas = sampler.step(canvas, processed, probs, token_entropy, generator)
-        new_argmax = processed.argmax(dim=-1)
         if stop_rule is not None:
             if any_stopped:
                 new_canvas = torch.where(stopped[:, None], canvas, new_canvas)
