@@ -38,6 +38,9 @@ from megatron_bdgemma.generation.samplers import entropy, filter_logits
 from tests import hf_models
 from tests.multiproc import run_in_processes
 
+# The module (the package's `generate` is the function).
+generate_module = importlib.import_module("megatron_bdgemma.generation.generate")
+
 SEED = 7
 CANVAS = 4
 WINDOW = hf_models.BASE_TEXT["sliding_window"]  # 4
@@ -132,6 +135,49 @@ def test_rows_end_at_different_canvases_like_hf(models, model_parallel):
     first = free[0][0].index(end_row0)
     assert canvases[0, 0, : first + 1].tolist() == free[0][0][: first + 1]
     assert (canvases[0, 0, first + 1 :] == PAD).all()
+
+
+def test_compiled_decode_keeps_hf_tokens(models, model_parallel, monkeypatch):
+    """`compile=True` through inductor (the product path; ~1 min of compiling on one CPU core): the canvas forward's
+    logits are the eager ones up to fp32 rounding, and the tokens and forward counts stay HF's. Five canvases (the
+    second recompiles with the prefix dynamic) under the adaptive stop (rows stop apart, so the live-rows decode
+    compiles too)."""
+    hf, ours, _ = models
+    compiled = generate_module.compiled_decode(ours)
+    errors = []
+
+    def compared(*args, **kwargs):
+        logits = compiled(*args, **kwargs)
+        # The eager decode rewrites the canvas K/V in the KVBuffers: the same values up to rounding, read by no one
+        # before the next decode writes its own.
+        eager = ours.decode(*args, **kwargs)
+        errors.append(((logits - eager).abs().max() / eager.abs().max()).item())
+        return logits
+
+    monkeypatch.setattr(generate_module, "compiled_decode", lambda model: compared)
+    expected = run_hf(hf, PROMPTS, **SHARP)
+    got = run_ours(ours, PROMPTS, EntropyBound(**SHARP), compile=True)
+    assert torch.equal(got.sequences, expected.sequences)
+    torch.testing.assert_close(got.tokens_per_forward, expected.tokens_per_forward.float())
+    assert got.forwards[0] != got.forwards[1]  # the live-rows path ran
+    # Relative to the step's largest logit (softcapped, |x| < 30): inductor sums the norms' and GEMMs' terms in
+    # another order, a few fp32 ulps.
+    assert errors and max(errors) < 1e-5, errors
+
+
+def test_compiled_distribution_is_the_eager_one():
+    """The compiled softmax / entropy / argmax of tempered logits, filtered (-inf) entries included: argmax equal,
+    probabilities and entropies to fp32 rounding (inductor's exp and sums in another order)."""
+    generator = torch.Generator().manual_seed(0)
+    processed = torch.randn(2, 4, 96, generator=generator) * 8
+    processed[0, :, 5:] = float("-inf")  # top-k-filtered rows
+    processed[1, 0, 1:] = float("-inf")  # a one-hot row: zero entropy
+    expected = generate_module.distribution(processed)
+    got = generate_module.compiled_distribution()(processed)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[2], expected[2])
+    assert got[1][1, 0] == 0
 
 
 def test_cached_loop_matches_recomputing_the_prefix(models, model_parallel):
@@ -322,6 +368,12 @@ def test_bad_input_is_a_clear_error(models, model_parallel, prompt, padding, mat
     _, ours, _ = models
     with pytest.raises(ValueError, match=match):
         generate(ours, prompt, padding_mask=padding, sampler=Greedy(max_denoising_steps=1), max_new_tokens=8)
+
+
+def test_compiling_the_ar_baseline_is_a_clear_error(models, model_parallel):
+    _, ours, _ = models
+    with pytest.raises(ValueError, match="compile=True compiles the block-diffusion canvas forward"):
+        generate(ours, torch.tensor([[5, 6]]), sampler=Autoregressive(), max_new_tokens=2, compile=True)
 
 
 @pytest.mark.parametrize(

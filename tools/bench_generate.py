@@ -3,6 +3,7 @@
     python tools/bench_generate.py                       # a small random DiffusionGemma built here (CPU-sized)
     python tools/bench_generate.py --hf /path/to/diffusiongemma [--dtype bf16]
     python tools/bench_generate.py --load CKPT           # no HF side: its ratio prints as nan
+    python tools/bench_generate.py --compile             # also ours with the canvas forward under torch.compile
 
 On the same weights, prompts (left-padded batch, longer than the sliding window) and seed it times:
 - ours: `megatron_bdgemma.generation.generate` with DiffusionGemma's default sampler;
@@ -11,7 +12,10 @@ On the same weights, prompts (left-padded batch, longer than the sliding window)
   fp32 logits computed by different kernels differ in the last bits, and on a random model's near-flat
   distributions one near-tie is enough for the canvases to part; the share of equal tokens is printed (token
   equality on tiny models is tests/test_generation.py's job);
-- AR: our autoregressive baseline (greedy next-token decoding from the encoder logits, cached K/V).
+- AR: our autoregressive baseline (greedy next-token decoding from the encoder logits, cached K/V);
+- with `--compile`, ours compiled: the same loop with `generate(..., compile=True)` (same tokens as ours but for
+  rounding). Its warm-up call compiles; that call's wall time prints apart (`compile: first call ...`), and the
+  timed rounds are steady state.
 Each is run once untimed first (kernel/primitive warm-up), then `--rounds` rounds time every side once, the order
 reversed every other round. On CPU every side runs single-threaded and is timed by the process CPU time it used
 (robust to other jobs on a shared machine), wall time beside; on a GPU wall time is the measure. No EOS is set,
@@ -21,7 +25,8 @@ machine-readable:
     RESULT tokens_per_s_ratio_vs_hf=<x> tokens_per_forward=<y> speedup_vs_ar=<z>
 
 with x = our tokens/s over HF's, the median over rounds of the two sides' back-to-back runs (range printed above),
-y = our tokens per forward (mean over rows), z = our tokens/s over the AR baseline's.
+y = our tokens per forward (mean over rows), z = our tokens/s over the AR baseline's; with `--compile` it ends with
+` speedup_compiled=<c>`, the compiled loop's tokens/s over the eager one's (median over rounds).
 
 Random weights never become confident, so the adaptive stop rarely fires and tokens per forward sits near its
 floor, canvas_length / max_denoising_steps; a trained model stops earlier.
@@ -54,6 +59,7 @@ SMALL_CANVAS = 256
 OURS = "ours (block diffusion, KV cache)"
 HF = "transformers DiffusionGemma.generate"
 AR = "ours AR baseline (encoder logits, KV cache)"
+COMPILED = "ours compiled (torch.compile canvas forward)"
 
 
 def parse_args() -> argparse.Namespace:
@@ -68,6 +74,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (each side once per round)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per side (1: timing robust to load)")
+    parser.add_argument("--compile", action="store_true", help="also time ours with generate(..., compile=True)")
     return parser.parse_args()
 
 
@@ -109,9 +116,9 @@ def main() -> None:
     sampler = EntropyBound(max_denoising_steps=args.max_denoising_steps)
     common = dict(max_new_tokens=args.max_new_tokens, eos_token_ids=[], pad_token_id=pad)
 
-    def run_ours() -> Any:
+    def run_ours(compile: bool = False) -> Any:
         torch.manual_seed(args.seed)
-        return generate(ours, input_ids, padding_mask=padding_mask, sampler=sampler, **common)
+        return generate(ours, input_ids, padding_mask=padding_mask, sampler=sampler, compile=compile, **common)
 
     def run_ar() -> Any:
         return generate(ours, input_ids, padding_mask=padding_mask, sampler=Autoregressive(), **common)
@@ -132,9 +139,13 @@ def main() -> None:
 
         sides[HF] = run_hf
     sides[AR] = run_ar
+    if args.compile:
+        sides[COMPILED] = lambda: run_ours(compile=True)
 
     set_timing_threads(device, args.threads)
-    outputs = {name: run() for name, run in sides.items()}  # warm-up
+    outputs, warm_up = {}, {}
+    for name, run in sides.items():
+        outputs[name], warm_up[name] = measure(run, device)
     times: dict[str, list[Measurement]] = {name: [] for name in sides}
     for round_index in range(args.rounds):
         for name in round_order(list(sides), round_index):
@@ -175,10 +186,22 @@ def main() -> None:
             print(f"generated tokens equal to transformers' (same seed): {share:.1%}")
         print(f"tokens/s ratio vs HF: median {ratio_hf[0]:.3f}, per round {ratio_hf[1]:.3f}..{ratio_hf[2]:.3f}")
     ratio_ar = tokens_per_s_ratio(AR)
-    print(
+    result = (
         f"RESULT tokens_per_s_ratio_vs_hf={ratio_hf[0]:.3f} tokens_per_forward={per_forward(OURS):.3f} "
         f"speedup_vs_ar={ratio_ar[0]:.3f}"
     )
+    if args.compile:
+        # Wall time: inductor compiles partly in worker processes, which the process CPU time would miss.
+        steady = statistics.median(t.wall for t in times[COMPILED])
+        print(f"compile: first call {warm_up[COMPILED].wall:.1f} s wall (steady state {steady:.3f} s)")
+        same = (outputs[COMPILED].sequences == outputs[OURS].sequences)[:, input_ids.shape[1]:].float().mean().item()
+        print(f"generated tokens equal to eager's (near-ties part them as they part from HF's): {same:.1%}")
+        # The compiled side's tokens/s over ours: the inverse of `tokens_per_s_ratio(COMPILED)`.
+        ratio_compiled = [1 / r for r in tokens_per_s_ratio(COMPILED)]
+        print(f"compiled tokens/s over eager: median {ratio_compiled[0]:.3f}, per round "
+              f"{ratio_compiled[2]:.3f}..{ratio_compiled[1]:.3f}")
+        result += f" speedup_compiled={ratio_compiled[0]:.3f}"
+    print(result)
     workdir.cleanup()
 
 

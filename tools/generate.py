@@ -51,6 +51,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (launch with torchrun)")
     parser.add_argument("--stream", action="store_true", help="print each committed canvas as it is produced")
+    parser.add_argument(
+        "--compile", action="store_true",
+        help="canvas forward under torch.compile (CUDA graphs on GPU); the first two canvases pay the compilation",
+    )
     return parser.parse_args(argv)
 
 
@@ -178,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         output = generate(
             model, input_ids, padding_mask=padding_mask, sampler=sampler, max_new_tokens=args.max_new_tokens,
             eos_token_ids=eos, pad_token_id=pad, generator=generator, on_canvas=stream if args.stream else None,
+            compile=args.compile,
         )
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None

@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 
 from megatron_bdgemma.generation.cache import EncoderKVCache, encode_into
-from megatron_bdgemma.generation.samplers import Autoregressive, CanvasSampler, EntropyBound, Sampler, entropy
+from megatron_bdgemma.generation.compiled import compiled_decode, compiled_distribution, distribution
+from megatron_bdgemma.generation.samplers import Autoregressive, CanvasSampler, EntropyBound, Sampler
 from megatron_bdgemma.model import BDGemmaModel
 
 __all__ = ["GenerationOutput", "generate", "left_pad"]
@@ -87,6 +88,7 @@ def generate(
     on_canvas: CanvasCallback | None = None,
     generator: torch.Generator | None = None,
     recompute_prefix: bool = False,
+    compile: bool = False,
 ) -> GenerationOutput:
     """Generate continuations of a batch of prompts.
 
@@ -105,6 +107,9 @@ def generate(
         generator: random source; None = torch's global generator (what HF's `generate` uses).
         recompute_prefix: re-encode the whole sequence at every canvas instead of extending the cache (a reference
             path for tests: slower, same tokens).
+        compile: run the canvas forward and the step's softmax / entropy / argmax under `torch.compile`
+            (generation/compiled.py; CUDA graphs on GPU): the first two canvases pay the compilation. Block
+            diffusion only.
 
     Returns:
         a `GenerationOutput`.
@@ -112,6 +117,8 @@ def generate(
     sampler = EntropyBound() if sampler is None else sampler
     if not isinstance(sampler, (CanvasSampler, Autoregressive)):
         raise TypeError(f"sampler must be a CanvasSampler or Autoregressive, got {type(sampler).__name__}")
+    if compile and isinstance(sampler, Autoregressive):
+        raise ValueError("compile=True compiles the block-diffusion canvas forward, which Autoregressive never runs")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     config = model.config
@@ -138,7 +145,8 @@ def generate(
             )
         else:
             output = _generate_diffusion(
-                model, input_ids, padding_mask, sampler, canvases, eos, pad, on_canvas, generator, recompute_prefix
+                model, input_ids, padding_mask, sampler, canvases, eos, pad, on_canvas, generator, recompute_prefix,
+                *((compiled_decode(model), compiled_distribution()) if compile else (model.decode, distribution)),
             )
     # Returned as ordinary tensors: inference tensors refuse in-place updates outside inference mode.
     return GenerationOutput(
@@ -160,6 +168,8 @@ def _generate_diffusion(
     on_canvas: CanvasCallback | None,
     generator: torch.Generator | None,
     recompute_prefix: bool,
+    decode: Callable[..., Tensor],
+    step_distribution: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]],
 ) -> GenerationOutput:
     batch, prompt_length = input_ids.shape
     sequences = input_ids
@@ -175,7 +185,9 @@ def _generate_diffusion(
             encode_into(model, cache, input_ids, padding_mask=padding_mask)
         else:
             encode_into(model, cache, sequences[:, -model.config.canvas_length :])
-        committed, canvas_forwards = _denoise_canvas(model, cache, sampler, ended, generator)
+        committed, canvas_forwards = _denoise_canvas(
+            model, decode, step_distribution, cache, sampler, ended, generator
+        )
         forwards += canvas_forwards
         committed, ended = _finalize(committed, ended, eos, pad)
         sequences = torch.cat([sequences, committed], dim=1)
@@ -188,12 +200,16 @@ def _generate_diffusion(
 
 def _denoise_canvas(
     model: BDGemmaModel,
+    decode: Callable[..., Tensor],
+    step_distribution: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]],
     cache: EncoderKVCache,
     sampler: CanvasSampler,
     ended: Tensor,
     generator: torch.Generator | None,
 ) -> tuple[Tensor, Tensor]:
-    """Denoise one canvas at positions `cache.length ..` → (argmax canvas `[B, R]`, live decoder forwards `[B]`)."""
+    """Denoise one canvas at positions `cache.length ..` → (argmax canvas `[B, R]`, live decoder forwards `[B]`),
+    each step's forward by `decode` (`model.decode` or its compiled form) and the softmax, entropy and argmax of its
+    tempered logits by `step_distribution` (`compiled.distribution` or its compiled form)."""
     config = model.config
     batch, length, vocab = ended.shape[0], config.canvas_length, config.vocab_size
     device = ended.device
@@ -228,21 +244,19 @@ def _denoise_canvas(
                 live_buffers = [buffer.select(live) for buffer in buffers]
                 live_attention = {t: mask.select(live) for t, mask in attention.items()}
                 live_rope = {t: (cos[:, live], sin[:, live]) for t, (cos, sin) in rope.items()}
-            logits = model.decode(
+            logits = decode(
                 canvas[live], live_buffers, canvas_position_ids=positions[live], attention_mask=live_attention,
                 self_conditioning_probs=self_conditioning_probs[live], rope=live_rope,
             )
             processed = self_conditioning.float().index_put((live,), sampler.process(logits, steps_remaining))
         else:
-            logits = model.decode(
+            logits = decode(
                 canvas, buffers, canvas_position_ids=positions, attention_mask=attention,
                 self_conditioning_probs=self_conditioning_probs, rope=rope,
             )
             processed = sampler.process(logits, steps_remaining)
-        probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
-        token_entropy = entropy(processed, probs)
+        probs, token_entropy, new_argmax = step_distribution(processed)
         new_canvas = sampler.step(canvas, processed, probs, token_entropy, generator)
-        new_argmax = processed.argmax(dim=-1)
         if stop_rule is not None:
             if any_stopped:
                 new_canvas = torch.where(stopped[:, None], canvas, new_canvas)

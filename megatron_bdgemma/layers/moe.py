@@ -108,13 +108,21 @@ class BDGemmaMoELayer(MoELayer):
             # sequence-parallel linear's backward (which reuses that buffer) before the gradient is consumed:
             # copy it out at once (measured: wrong gradients under TP=2 + SP without this).
             hidden.register_hook(torch.clone)
+        return dense_output, self._dispatched_experts(hidden, probs)
+
+    # Eager under `torch.compile` (the compiled decode, generation/compiled.py): the dispatcher's token counts are
+    # data dependent (a host sync, output shapes from `masked_select`) and it keeps per-call state between dispatch
+    # and combine, so tracing it would split the graph at each of its steps anyway; the grouped GEMM inside also
+    # has no fp32 fake kernel.
+    @torch.compiler.disable
+    def _dispatched_experts(self, hidden: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """Dispatch → routed experts → combine: preprocessed tokens, probs → weighted expert sum `[S, B, H]`."""
         hidden, probs = self.dispatch(hidden, probs)
         if self.moe_layer_recompute and self.training and torch.is_grad_enabled():
             expert_output = self._recomputed_experts(hidden, probs)
         else:
             expert_output, _ = self.routed_experts_compute(hidden, probs)
-        expert_output = self.token_dispatcher.combine_postprocess(self.combine(expert_output))
-        return dense_output, expert_output
+        return self.token_dispatcher.combine_postprocess(self.combine(expert_output))
 
     def _recomputed_experts(self, hidden: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         """`routed_experts_compute` under selective recompute (`recompute_modules` has moe): the experts' fc1,
