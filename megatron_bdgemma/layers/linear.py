@@ -14,8 +14,6 @@ dgrad all-reduce in a row-parallel linear), so passing it changes nothing else.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import torch
@@ -50,10 +48,6 @@ class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
         return super().forward(input_, weight, runtime_gather_output)
 
 
-def _with_group(linear_function: Callable[..., torch.Tensor], group: Any, /, **kwargs: Any) -> torch.Tensor:
-    return linear_function(**(kwargs | {"tp_group": group}))
-
-
 class RowParallelLinear(tensor_parallel.RowParallelLinear):
     """Megatron's `RowParallelLinear` with its group passed to the linear function; one matmul outside autograd at
     TP = 1 (module docstring)."""
@@ -61,7 +55,10 @@ class RowParallelLinear(tensor_parallel.RowParallelLinear):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.tp_size = get_pg_size(self.tp_group)
-        self._forward_impl = partial(_with_group, self._forward_impl, self.tp_group)
+
+    def _forward_impl(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # Megatron's `forward` passes tp_group=None here (module docstring).
+        return super()._forward_impl(*args, **(kwargs | {"tp_group": self.tp_group}))
 
     def forward(self, input_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if _runs_plain(self):
