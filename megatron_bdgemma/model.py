@@ -114,7 +114,7 @@ class BDGemmaModel(GPTModel):
         logits, _ = self.output_layer(
             hidden.transpose(0, 1) if batch_first else hidden, weight=self.shared_embedding_or_output_weight()
         )
-        logits = gather_from_tensor_model_parallel_region(logits)
+        logits = gather_from_tensor_model_parallel_region(logits, group=self.tp_group)
         logits = (logits if batch_first else logits.transpose(0, 1)).float()
         # The head's fresh output: outside autograd it is capped in place.
         return softcap(logits, self.config.final_logit_softcapping, inplace=not logits.requires_grad)
@@ -226,9 +226,9 @@ class BDGemmaModel(GPTModel):
 
     def probs_signal(self, probs: torch.Tensor) -> torch.Tensor:
         """`logits_signal` from the logits' fp32 softmax `[B, R, V]`, for a caller that has it already."""
-        signal = soft_embedding(probs, self.embedding.word_embeddings.weight, self.config.embedding_scale)
+        signal = soft_embedding(probs, self.embedding.word_embeddings.weight, self.config.embedding_scale, self.tp_group)
         signal = signal.transpose(0, 1).contiguous()
-        return scatter_to_sequence_parallel_region(signal) if self.config.sequence_parallel else signal
+        return scatter_to_sequence_parallel_region(signal, group=self.tp_group) if self.config.sequence_parallel else signal
 
     def decode(
         self,

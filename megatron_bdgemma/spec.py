@@ -1,6 +1,7 @@
 """Layer specs as data: which module fills each slot of the Gemma 4 MoE layer, per backend.
 
-`local` (Megatron's own parallel linears; experts as `GroupedGemmMLP`, one `torch._grouped_mm` per projection,
+`local` (Megatron's parallel linears, as `layers.linear` subclasses that skip their TP glue at inference on one TP
+rank; experts as `GroupedGemmMLP`, one `torch._grouped_mm` per projection,
 or Megatron's `SequentialMLP`, one MLP per expert, with `moe_grouped_gemm=False`; same parameters and checkpoints)
 always works, CPU included. `te` swaps in Transformer Engine linears and grouped-GEMM experts through Megatron's
 `TESpecProvider`; it is import-guarded and only used on GPU. Both run the core attention chosen by `BDGemmaConfig.attention_impl` (`layers.core_attention`):
@@ -14,6 +15,7 @@ from functools import partial
 from typing import Literal
 
 from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
+from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.models.gpt.moe_module_specs import _build_shared_experts
 from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.moe.moe_layer import MoESubmodules
@@ -25,15 +27,26 @@ from megatron_bdgemma.layers.attention import BDGemmaAttention, BDGemmaAttention
 from megatron_bdgemma.layers.core_attention import CORE_ATTENTION
 from megatron_bdgemma.layers.grouped_experts import GroupedGemmMLP
 from megatron_bdgemma.layers.layer import BDGemmaLayer, BDGemmaLayerSubmodules
+from megatron_bdgemma.layers.linear import ColumnParallelLinear, RowParallelLinear
 from megatron_bdgemma.layers.moe import BDGemmaMoELayer, BDGemmaRouter
 from megatron_bdgemma.layers.norm import RMSNorm
 
 Backend = Literal["local", "te"]
 
 
+class _LocalSpecProvider(LocalSpecProvider):
+    """Megatron's local provider with our `layers.linear` parallel linears."""
+
+    def column_parallel_linear(self) -> type:
+        return ColumnParallelLinear
+
+    def row_parallel_linear(self) -> type:
+        return RowParallelLinear
+
+
 def _provider(backend: Backend) -> BackendSpecProvider:
     if backend == "local":
-        return LocalSpecProvider()
+        return _LocalSpecProvider()
     if backend == "te":
         # megatron-core imports its TE provider without Transformer Engine too (it stands mocks in for TE's classes,
         # which then fail deep inside layer construction), so ask for the package itself.
@@ -54,10 +67,9 @@ def get_glu_mlp_submodules(backend: Backend = "local") -> MLPSubmodules:
 
 def get_experts_spec(backend: Backend = "local", grouped_gemm: bool = True) -> partial:
     """The routed experts: TE's grouped MLP on `te`; on `local` `GroupedGemmMLP` (grouped GEMM) or `SequentialMLP`."""
-    provider = _provider(backend)
-    if backend == "te" or not grouped_gemm:
-        return provider.grouped_mlp_modules(backend == "te")
-    return partial(GroupedGemmMLP, submodules=get_glu_mlp_submodules(backend))
+    if backend == "te":
+        return _provider(backend).grouped_mlp_modules(True)
+    return partial(GroupedGemmMLP if grouped_gemm else SequentialMLP, submodules=get_glu_mlp_submodules(backend))
 
 
 def get_bdgemma_layer_spec(

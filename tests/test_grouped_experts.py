@@ -1,6 +1,7 @@
 """Contract: `GroupedGemmMLP` (all local experts in one grouped GEMM) computes what Megatron's `SequentialMLP`
 computes, values and gradients (fp32, ≤ 1e-6 relative), in 1 process and under TP=2 (+SP) and EP=2 in 2 gloo
-processes; and a Megatron checkpoint saved with one expert module loads into the other (also across EP sizes)."""
+processes; its weights stacked once for a generation (`stacked_weights_held`) give the per-call outputs; and a
+Megatron checkpoint saved with one expert module loads into the other (also across EP sizes)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from megatron.core.transformer.moe.experts import SequentialMLP
 import megatron_bdgemma
 from megatron_bdgemma.config import tiny
 from megatron_bdgemma.diffusion import build_sft_batch, noise_batch
-from megatron_bdgemma.layers.grouped_experts import GroupedGemmMLP
+from megatron_bdgemma.layers.grouped_experts import GroupedGemmMLP, stacked_weights_held
 from megatron_bdgemma.model import BDGemmaModel
 from tests import hf_models
 from tests.multiproc import run_in_processes
@@ -67,6 +68,23 @@ def test_default_local_experts_are_grouped(model_parallel):
     assert all(type(layer.mlp.experts) is SequentialMLP for layer in sequential.decoder.layers)
     assert BDGemmaModel(tiny()).decoder.layers[0].mlp.experts.__class__ is GroupedGemmMLP  # the default
     assert grouped.state_dict().keys() == sequential.state_dict().keys()
+
+
+def test_held_stacks_are_the_per_call_ones_and_inference_only(model_parallel):
+    """`stacked_weights_held`: the same outputs as stacking per call, the stacks gone on exit, refused with grad."""
+    model = _randomised_pair()[0]
+    experts = model.decoder.layers[0].mlp.experts
+    counts = torch.tensor([5, 0, 3, 8])
+    tokens = torch.randn(int(counts.sum()), experts.config.hidden_size)
+    probs = torch.rand(int(counts.sum()))
+    with torch.no_grad():
+        expected = experts(tokens, counts, probs)[0]
+        with stacked_weights_held(model):
+            assert experts._held_stacks is not None
+            held = experts(tokens, counts, probs)[0]
+    assert torch.equal(held, expected) and experts._held_stacks is None
+    with pytest.raises(RuntimeError, match="inference"), stacked_weights_held(model):
+        pass
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

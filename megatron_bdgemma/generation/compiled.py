@@ -23,7 +23,6 @@ skip graphs that mutate inputs they do not own, so there it may fuse without gra
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -50,12 +49,7 @@ def compiled_decode(model: BDGemmaModel) -> Callable[..., Tensor]:
         compiled = torch.compile(model.decode, mode="reduce-overhead" if device.type == "cuda" else None)
 
         def decode(*args, **kwargs) -> Tensor:
-            # Megatron's RowParallelLinear passes tp_group=None to its linear function, which then calls
-            # `warnings.warn` (deprecation of the default group) on every forward; Dynamo cannot trace that call and
-            # would split the graph at every such linear. Ignored while tracing only (eager code still warns).
-            with torch._dynamo.config.patch(
-                ignore_logging_functions={warnings.warn}, recompile_limit=_RECOMPILE_LIMIT
-            ):
+            with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
                 return compiled(*args, **kwargs)
 
         model._compiled_decode = decode

@@ -32,6 +32,7 @@ from torch import Tensor
 from megatron_bdgemma.generation.cache import EncoderKVCache, encode_into
 from megatron_bdgemma.generation.compiled import compiled_decode, compiled_distribution, distribution
 from megatron_bdgemma.generation.samplers import Autoregressive, CanvasSampler, EntropyBound, Sampler
+from megatron_bdgemma.layers.grouped_experts import stacked_weights_held
 from megatron_bdgemma.model import BDGemmaModel
 
 __all__ = ["GenerationOutput", "generate", "left_pad"]
@@ -137,8 +138,8 @@ def generate(
         canvases = math.ceil(max_new_tokens / config.canvas_length)
         _check_inputs(model, input_ids, padding_mask, canvases * config.canvas_length)
     # Inference mode rather than no_grad: a decode is hundreds of small ops, and this skips their version-counter
-    # and view bookkeeping too.
-    with torch.inference_mode():
+    # and view bookkeeping too. The routed experts' weights are stacked once for the whole generation.
+    with torch.inference_mode(), stacked_weights_held(model):
         if isinstance(sampler, Autoregressive):
             output = _generate_autoregressive(
                 model, input_ids, padding_mask, sampler, max_new_tokens, eos, pad, on_canvas, generator

@@ -9,20 +9,30 @@ grouped GEMM over the permuted tokens, one GLU + prob scaling, all fc2 in a seco
 
 The experts' linears are built with `is_expert=True`, so under TP or EP they communicate nothing themselves (the
 token dispatcher gathers and reduces), which is why plain matmuls on the local shards are the same computation.
-Where `torch._grouped_mm` cannot run (no such op, a dtype/device it lacks, a width that breaks its 16-byte stride
+Each forward stacks the experts' weights afresh (a copy of all of them); `stacked_weights_held(model)` stacks them
+once for a span of inference forwards (a generation), where restacking was the largest glue cost of a
+small-canvas decode. Where `torch._grouped_mm` cannot run (no such op, a dtype/device it lacks, a width that breaks its 16-byte stride
 rule, FP8, biases, fused activations) the forward is `SequentialMLP`'s.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from megatron.core.transformer.moe.experts import SequentialMLP
 
-__all__ = ["GroupedGemmMLP"]
+__all__ = ["GroupedGemmMLP", "stacked_weights_held"]
+
+_PROJECTIONS = ("linear_fc1", "linear_fc2")
 
 
 class GroupedGemmMLP(SequentialMLP):
     """`SequentialMLP` with all local experts in one grouped GEMM per projection (see module docstring)."""
+
+    # {projection: stacked weights `[E, in, out]`} while `stacked_weights_held` holds them, else None.
+    _held_stacks: dict[str, torch.Tensor] | None = None
 
     def forward(
         self, permuted_local_hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor, permuted_probs: torch.Tensor
@@ -32,10 +42,10 @@ class GroupedGemmMLP(SequentialMLP):
         if not self._grouped_gemm_runs(hidden):
             return super().forward(hidden, tokens_per_expert, permuted_probs)
         config = self.config
-        # Stacked per call (not cached): each expert's weights stay their own parameters, and autograd returns each
+        # Stacked per call unless held: each expert's weights stay their own parameters, and autograd returns each
         # expert's gradient slice to its own parameter through the stack.
-        fc1 = torch.stack([expert.linear_fc1.weight for expert in self.local_experts]).transpose(1, 2)  # [E, H, 2I]
-        fc2 = torch.stack([expert.linear_fc2.weight for expert in self.local_experts]).transpose(1, 2)  # [E, I, H]
+        stacks = self._held_stacks if self._held_stacks is not None else self.stacked_weights()
+        fc1, fc2 = stacks["linear_fc1"], stacks["linear_fc2"]  # [E, H, 2I], [E, I, H]
         group_ends = torch.cumsum(torch.as_tensor(tokens_per_expert, device=hidden.device), 0).to(torch.int32)
         gate, linear = _grouped_matmul(hidden, fc1, group_ends).chunk(2, dim=-1)
         if (clamp := config.activation_func_clamp_value) is not None:
@@ -43,6 +53,13 @@ class GroupedGemmMLP(SequentialMLP):
         intermediate = config.activation_func(gate) * (linear + config.glu_linear_offset)
         intermediate = (intermediate * permuted_probs.unsqueeze(-1)).to(hidden.dtype)
         return _grouped_matmul(intermediate, fc2, group_ends), None
+
+    def stacked_weights(self) -> dict[str, torch.Tensor]:
+        """{projection: the local experts' weights stacked and transposed to `[E, in, out]`}."""
+        return {
+            fc: torch.stack([getattr(expert, fc).weight for expert in self.local_experts]).transpose(1, 2)
+            for fc in _PROJECTIONS
+        }
 
     def _grouped_gemm_runs(self, hidden: torch.Tensor) -> bool:
         """Whether the grouped path computes exactly what `SequentialMLP.forward` would, on this input."""
@@ -61,6 +78,23 @@ class GroupedGemmMLP(SequentialMLP):
         intermediate = self.local_experts[0].linear_fc2.weight.shape[1]
         aligned = all(width * hidden.element_size() % 16 == 0 for width in (hidden.shape[-1], intermediate))
         return supported and aligned
+
+
+@contextmanager
+def stacked_weights_held(model: torch.nn.Module) -> Iterator[None]:
+    """Within: every `GroupedGemmMLP` in `model` uses its experts' weights as stacked on entry, instead of stacking
+    them per forward. Inference only (the stacks carry no gradient, and later weight updates would not reach them):
+    entering with grad enabled is an error."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("stacked_weights_held is for inference (enter it under torch.no_grad/inference_mode)")
+    experts = [module for module in model.modules() if isinstance(module, GroupedGemmMLP)]
+    for module in experts:
+        module._held_stacks = module.stacked_weights()
+    try:
+        yield
+    finally:
+        for module in experts:
+            module._held_stacks = None
 
 
 def _grouped_matmul(tokens: torch.Tensor, weights: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:

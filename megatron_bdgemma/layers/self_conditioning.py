@@ -8,27 +8,32 @@ off for that example (zero *logits* would give the mean embedding, which is not 
 from __future__ import annotations
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.utils import get_pg_rank, get_pg_size
 
 from megatron_bdgemma.config import BDGemmaConfig
 from megatron_bdgemma.layers.norm import RMSNorm, rms_normalize
 
 
-def soft_embedding(probs: torch.Tensor, embedding_weight: torch.Tensor, scale: float) -> torch.Tensor:
+def soft_embedding(
+    probs: torch.Tensor, embedding_weight: torch.Tensor, scale: float, tp_group: torch.distributed.ProcessGroup
+) -> torch.Tensor:
     """`(probs.to(E.dtype) @ E) · √H` for full-vocabulary probabilities `[B, R, V]` (the fp32 softmax of the previous
     pass's logits) → `[B, R, H]`.
 
     With a vocab-parallel embedding each TP rank holds rows `[r·V/tp, (r+1)·V/tp)` of E: it multiplies its slice
-    of the probabilities and the partial sums are all-reduced (which also routes the gradient to every shard).
+    of the probabilities and the partial sums are all-reduced over `tp_group` (which also routes the gradient to
+    every shard).
     """
     probs = probs.to(embedding_weight.dtype)
     shard = embedding_weight.shape[0]
-    start = parallel_state.get_tensor_model_parallel_rank() * shard
+    start = get_pg_rank(tp_group) * shard
     partial = probs[..., start : start + shard] @ embedding_weight
-    return reduce_from_tensor_model_parallel_region(partial) * torch.tensor(scale, dtype=embedding_weight.dtype)
+    if get_pg_size(tp_group) > 1:  # one rank holds the whole sum (the reduction's autograd is the identity then)
+        partial = reduce_from_tensor_model_parallel_region(partial, group=tp_group)
+    return partial * torch.tensor(scale, dtype=embedding_weight.dtype)
 
 
 class SelfConditioning(MegatronModule):

@@ -1,0 +1,66 @@
+"""Megatron's parallel linears for the `local` spec, with a plain matmul for inference at TP = 1.
+
+A Megatron linear's forward is Python around one matmul: the copy-to / reduce-from region autograd functions
+(identities at TP = 1), the linear's own autograd function and its process-group lookups. On small token counts
+(a 32-token canvas decode) that glue costs more than the matmul. Outside autograd with one tensor-parallel rank
+none of it does anything, so these subclasses run `matmul(x, Wᵀ)` (+ bias) directly there, the same product
+Megatron's linear function computes; with grad enabled or TP > 1 they are Megatron's.
+
+`RowParallelLinear` also hands its tensor-parallel group to the linear function: Megatron's forward passes
+`tp_group=None`, so every call falls back to the default group with a `DeprecationWarning` (whose machinery ran
+on every forward, and which Dynamo cannot trace). The group is unused there (no sequence-parallel gather, no
+dgrad all-reduce in a row-parallel linear), so passing it changes nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.utils import get_pg_size
+
+
+def _plain(linear: torch.nn.Module, input_: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(output, output bias) as the parallel linear returns them, by one matmul (TP = 1, no autograd)."""
+    output = torch.matmul(input_, weight.t())
+    if linear.bias is not None and not linear.skip_bias_add:
+        output = output + linear.bias
+    return output, linear.bias if linear.skip_bias_add else None
+
+
+def _runs_plain(linear: torch.nn.Module) -> bool:
+    return linear.tp_size == 1 and not torch.is_grad_enabled()
+
+
+class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
+    """Megatron's `ColumnParallelLinear`; one matmul outside autograd at TP = 1 (module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tp_size = get_pg_size(self.tp_group)
+
+    def forward(
+        self, input_: torch.Tensor, weight: torch.Tensor | None = None, runtime_gather_output: bool | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if weight is None and self.weight is not None and _runs_plain(self):
+            return _plain(self, input_, self.weight)
+        return super().forward(input_, weight, runtime_gather_output)
+
+
+class RowParallelLinear(tensor_parallel.RowParallelLinear):
+    """Megatron's `RowParallelLinear` with its group passed to the linear function; one matmul outside autograd at
+    TP = 1 (module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tp_size = get_pg_size(self.tp_group)
+
+    def _forward_impl(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # Megatron's `forward` passes tp_group=None here (module docstring).
+        return super()._forward_impl(*args, **(kwargs | {"tp_group": self.tp_group}))
+
+    def forward(self, input_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if _runs_plain(self):
+            return _plain(self, input_, self.weight)
+        return super().forward(input_)
