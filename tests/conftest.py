@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 # Before the project import below, and before pytest collects `tests.*`: spawned children copy this sys.path.
 REPO_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -22,6 +23,11 @@ from megatron_bdgemma.runtime.cpu_support import apply_cpu_support  # noqa: E402
 from megatron_bdgemma.runtime.distributed import DEFAULT_SEED, destroy_distributed, init_distributed  # noqa: E402
 
 apply_cpu_support()
+# Every test process computes on one thread, the spawned ranks of tests/multiproc.py included: a GEMM's reduction
+# order, and so its last-bit rounding, depends on the thread count, and multi-rank runs are compared with
+# one-process runs at 1e-5 relative after several optimizer steps, which would otherwise depend on the machine's
+# core count rather than on the code (a 2-thread reference differed from 1-thread ranks by 1.3e-5 in a grad norm).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -43,8 +43,8 @@ def _child(rank: int, nprocs: int, port: int, fn: Callable[..., Any], args: tupl
     try:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                           WORLD_SIZE=str(nprocs), LOCAL_WORLD_SIZE=str(nprocs))
-        # All ranks share this machine's cores; without this each one would start a full-size thread pool.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // nprocs))
+        # One thread, like the test process itself (tests/conftest.py): results then do not depend on the core count.
+        torch.set_num_threads(1)
         from megatron_bdgemma.runtime.cpu_support import apply_cpu_support
 
         apply_cpu_support()
