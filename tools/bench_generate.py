@@ -26,7 +26,8 @@ machine-readable:
 
 with x = our tokens/s over HF's, the median over rounds of the two sides' back-to-back runs (range printed above),
 y = our tokens per forward (mean over rows), z = our tokens/s over the AR baseline's; with `--compile` it ends with
-` speedup_compiled=<c>`, the compiled loop's tokens/s over the eager one's (median over rounds).
+` speedup_compiled=<c>`, the compiled loop's tokens/s over the eager one's (median over rounds), and with an HF side
+` compiled_ratio_vs_hf=<h>`, the compiled loop's tokens/s over HF's (steady state: compiling is the warm-up call).
 
 Random weights never become confident, so the adaptive stop rarely fires and tokens per forward sits near its
 floor, canvas_length / max_denoising_steps; a trained model stops earlier.
@@ -172,10 +173,10 @@ def main() -> None:
         print(f"{name:46s} {generated(name):7d} {middle:8.3f} {f'{min(seconds):.3f}..{max(seconds):.3f}':>15s} "
               f"{wall:8.3f} {generated(name) / middle:9.1f} {per_forward(name):8.3f}")
 
-    def tokens_per_s_ratio(name: str) -> tuple[float, float, float]:
-        """Our tokens/s over `name`'s per round: its seconds over ours, scaled by the token counts."""
-        scale = generated(OURS) / generated(name)
-        middle, low, high = ratio_over_rounds(times[OURS], times[name], device)
+    def tokens_per_s_ratio(name: str, side: str = OURS) -> tuple[float, float, float]:
+        """`side`'s tokens/s over `name`'s per round: its seconds over `side`'s, scaled by the token counts."""
+        scale = generated(side) / generated(name)
+        middle, low, high = ratio_over_rounds(times[side], times[name], device)
         return scale / middle, scale / high, scale / low  # (median, min, max) over rounds
 
     ratio_hf = (float("nan"),) * 3
@@ -201,6 +202,11 @@ def main() -> None:
         print(f"compiled tokens/s over eager: median {ratio_compiled[0]:.3f}, per round "
               f"{ratio_compiled[2]:.3f}..{ratio_compiled[1]:.3f}")
         result += f" speedup_compiled={ratio_compiled[0]:.3f}"
+        if HF in sides:
+            compiled_hf = tokens_per_s_ratio(HF, side=COMPILED)
+            print(f"compiled tokens/s over HF: median {compiled_hf[0]:.3f}, per round "
+                  f"{compiled_hf[1]:.3f}..{compiled_hf[2]:.3f}")
+            result += f" compiled_ratio_vs_hf={compiled_hf[0]:.3f}"
     print(result)
     workdir.cleanup()
 
