@@ -225,8 +225,8 @@ def plan_run(run: RunConfig, gpus: int) -> Plan:
         raise RuntimeError("plan_run starts a fake world of its own; call it in a process without torch.distributed")
     apply_cpu_support()
     etp = p.etp or p.tp
-    dp, expert_dp = gpus // (p.tp * p.pp), gpus // (p.ep * etp * p.pp)
-    microbatches = run.train.global_batch_size // (run.train.micro_batch_size * dp)
+    dp, expert_dp = run.data_parallel_size(gpus), gpus // (p.ep * etp * p.pp)
+    microbatches = run.num_microbatches(gpus)
     tokens_s = run.data.seq_length
     score = run.objective.score or ("one_block" if run.data.mode == "sft" else "all_blocks")
     weight_b, optimizer_b = 2 if run.train.bf16 else 4, 8 + (4 if run.train.bf16 else 0)
