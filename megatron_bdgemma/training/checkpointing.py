@@ -114,16 +114,21 @@ def _sharded_state(chunks: list[torch.nn.Module], optimizer: Any | None, is_load
     return state
 
 
+def _inner_optimizers(optimizer: Any) -> list[Any]:
+    """The optimizers of a chained one (megatron-core chains one per parameter kind), or [optimizer]."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
 def _per_inner_optimizer(optimizer: Any, state: dict[Any, Any]) -> list[dict[str, Any]]:
     """The state of each optimizer of a chained one, in order (with `chained_optim_avoid_prefix` megatron-core nests
     them under their index, unless there is only one)."""
-    count = len(getattr(optimizer, "chained_optimizers", [optimizer]))
+    count = len(_inner_optimizers(optimizer))
     return [state] if count == 1 else [state[i] for i in range(count)]
 
 
 def _distributed_optimizers(optimizer: Any) -> list[Any]:
     """The distributed optimizers in `optimizer` (chained: one per parameter kind), or [] for a plain optimizer."""
-    return [o for o in getattr(optimizer, "chained_optimizers", [optimizer]) if hasattr(o, "buffers")]
+    return [o for o in _inner_optimizers(optimizer) if hasattr(o, "buffers")]
 
 
 def _clip_padding_to_unpadded_buckets(param_state: dict[Any, Any]) -> None:
@@ -191,7 +196,7 @@ def _materialise_optimizer_state(optimizer: Any) -> None:
     torch's Adam creates its state lazily at the first step; without Apex/TE megatron-core's distributed optimizer
     reads `step` from that state when building the state dict to load into.
     """
-    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for inner in _inner_optimizers(optimizer):
         init = getattr(inner, "_init_optimizer_states_with_dummy_values", None)
         if init is not None and not inner.optimizer.state:
             init()
@@ -314,8 +319,8 @@ def _load_optimizer_state(optimizer: Any, state: Any, optimizer_format: str) -> 
       dummy step (1), fully_reshardable has none to copy and raises KeyError.
     - fp32 main params are views of the model params, which require grad: the loaders' `copy_` runs under no_grad.
     """
-    inners = getattr(optimizer, "chained_optimizers", [optimizer])
-    if not hasattr(inners[0], "load_parameter_state_from_dp_reshardable"):
+    inners = _distributed_optimizers(optimizer)
+    if not inners:
         optimizer.load_state_dict(state)
         return
     steps = _saved_steps(state)
