@@ -111,10 +111,13 @@ class BDGemmaModel(GPTModel):
         # ones would be copied to contiguous by each vocabulary-wide softmax after. Under sequence parallelism the
         # head first gathers dim 0, which must then be the sequence.
         batch_first = not self.config.sequence_parallel
-        logits, _ = self.output_layer(
-            hidden.transpose(0, 1) if batch_first else hidden, weight=self.shared_embedding_or_output_weight()
-        )
-        logits = gather_from_tensor_model_parallel_region(logits, group=self.tp_group)
+        hidden = hidden.transpose(0, 1) if batch_first else hidden
+        weight = self.shared_embedding_or_output_weight()
+        if self.tp_group.size() == 1 and not torch.is_grad_enabled():
+            logits = torch.matmul(hidden, weight.t())  # what the parallel linear computes there (layers/linear.py)
+        else:
+            logits, _ = self.output_layer(hidden, weight=weight)
+            logits = gather_from_tensor_model_parallel_region(logits, group=self.tp_group)
         logits = (logits if batch_first else logits.transpose(0, 1)).float()
         # The head's fresh output: outside autograd it is capped in place.
         return softcap(logits, self.config.final_logit_softcapping, inplace=not logits.requires_grad)

@@ -110,6 +110,26 @@ def test_expert_module_equals_sequential_on_uneven_groups(model_parallel, dtype)
         assert _relative(got.float(), expected.float()) <= rtol
 
 
+@pytest.mark.parametrize("grouped", [True, False])
+def test_inference_skips_the_dispatcher_with_its_values(model_parallel, grouped):
+    """Outside autograd at EP = TP = 1 the MoE layer sorts tokens by expert itself (`_sorted_experts`) instead of
+    running Megatron's token dispatcher: the same expert sums, bit for bit, with either expert module."""
+    model = _randomised_pair()[0 if grouped else 1]
+    moe = model.decoder.layers[0].mlp
+    generator = torch.Generator().manual_seed(2)
+    router_input, expert_input, dense_input = (
+        torch.randn(24, 2, model.config.hidden_size, generator=generator) for _ in range(3)
+    )
+    with torch.no_grad():
+        sorted_experts = moe._sorted_experts(router_input, expert_input)
+        probs, routing_map = moe.route(router_input)
+        dispatched = moe._dispatched_experts(*moe.preprocess(expert_input, probs, routing_map))
+        dense, experts = moe(router_input, expert_input, dense_input)
+    assert routing_map.sum(0).min() > 0, "every expert should get tokens"
+    assert torch.equal(sorted_experts, dispatched)
+    assert torch.equal(experts, sorted_experts) and torch.equal(dense, moe.shared_experts_compute(dense_input))
+
+
 def test_model_training_step_equals_sequential(model_parallel):
     grouped, sequential = _randomised_pair()
     generator = torch.Generator().manual_seed(0)

@@ -73,7 +73,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-denoising-steps", type=int, default=48)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (each side once per round)")
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds (each side once per round)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per side (1: timing robust to load)")
     parser.add_argument("--compile", action="store_true", help="also time ours with generate(..., compile=True)")
     return parser.parse_args()

@@ -6,9 +6,9 @@ them into one or two (3.9 ms instead of 8.8 ms at [2, 256, 2048] fp32 on one CPU
 device: its outputs live into the next step, which CUDA graphs' output reuse would overwrite.
 
 What compiles: the whole decode (self-conditioning input, every layer's norms, attention over its `KVBuffer`, dense
-MLP and router, final norm, LM head, softcap) except each MoE layer's dispatch → routed experts → combine, which
-runs eagerly (`BDGemmaMoELayer._dispatched_experts`: data-dependent token counts); so a decode is a few graphs per
-layer rather than one.
+MLP, final norm, LM head, softcap) except each MoE layer's routing → routed experts → combine, which runs eagerly
+(`BDGemmaMoELayer._sorted_experts` at EP = TP = 1, else `_dispatched_experts`: data-dependent token counts); so a
+decode is a few graphs per layer rather than one.
 
 Shapes: the canvas is static; the encoder prefix grows by one canvas per canvas. Dynamo's automatic dynamic shapes
 recompile once when the prefix first changes (second canvas) with the prefix symbolic, and later canvases reuse

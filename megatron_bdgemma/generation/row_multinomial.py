@@ -7,10 +7,10 @@ made from a 64-bit draw (two 32-bit outputs) of the generator's mt19937, row aft
 of a small model's sampling time, and all but a few rows' are thrown away.
 
 `multinomial_rows` gives the same tokens for the rows it is asked for and leaves the generator where the full draw
-would: it moves the generator over the other rows with `random_` on a byte buffer (one 32-bit output per byte and
-nothing else: about a fifth of an exponential's cost), and draws each run of wanted rows with `torch.multinomial`
-itself from the right place in the stream, so the tokens come from torch's own kernel. What this assumes (two
-outputs per vocabulary entry, rows in order, one output per byte) is checked once per process against the full
+would: it moves the generator over the other rows with `random_` on an int64 buffer (one 64-bit draw per word and
+nothing else: a fraction of an exponential's cost), and draws each run of wanted rows with `torch.multinomial`
+itself from the right place in the stream, so the tokens come from torch's own kernel. What this assumes (one
+64-bit draw per vocabulary entry, rows in order, one per int64 word) is checked once per process against the full
 draw (`_reproduces_torch`); where the check fails, for non-CPU generators and for non-fp32 probabilities it falls
 back to the full `torch.multinomial`, with the same results.
 """
@@ -25,8 +25,7 @@ from torch import Tensor
 
 __all__ = ["multinomial_rows"]
 
-_OUTPUTS_PER_ENTRY = 2  # exponential_ on CPU draws one 64-bit number per element
-_SKIP_CHUNK = 1 << 20  # bytes of the per-thread scratch buffer the generator is advanced through
+_SKIP_CHUNK = 1 << 17  # int64 words of the per-thread scratch buffer the generator is advanced through
 _SCRATCH = threading.local()
 
 
@@ -59,23 +58,23 @@ def _draw_rows(probs: Tensor, rows: Tensor, generator: torch.Generator) -> Tenso
     run_starts = [row for i, row in enumerate(wanted) if i == 0 or wanted[i - 1] != row - 1]
     run_ends = [row + 1 for i, row in enumerate(wanted) if i + 1 == len(wanted) or wanted[i + 1] != row + 1]
     for start, end in zip(run_starts, run_ends):
-        _skip(generator, (start - position) * vocab * _OUTPUTS_PER_ENTRY)
+        _skip(generator, (start - position) * vocab)
         drawn[start:end] = torch.multinomial(probs[start:end], 1, generator=generator).squeeze(-1)
         position = end
-    _skip(generator, (count - position) * vocab * _OUTPUTS_PER_ENTRY)
+    _skip(generator, (count - position) * vocab)
     return drawn
 
 
-def _skip(generator: torch.Generator, outputs: int) -> None:
-    """Advance a CPU generator's mt19937 by `outputs` 32-bit outputs (`random_` on bytes: one output each)."""
-    if not hasattr(_SCRATCH, "bytes"):
+def _skip(generator: torch.Generator, draws: int) -> None:
+    """Advance a CPU generator's mt19937 by `draws` 64-bit draws (`random_` on int64 words: one draw each)."""
+    if not hasattr(_SCRATCH, "words"):
         # Reused (a fresh buffer each time would page-fault); an ordinary tensor, writable in and out of inference mode.
         with torch.inference_mode(False):
-            _SCRATCH.bytes = torch.empty(_SKIP_CHUNK, dtype=torch.uint8)
-    while outputs > 0:
-        chunk = min(outputs, _SKIP_CHUNK)
-        _SCRATCH.bytes[:chunk].random_(generator=generator)
-        outputs -= chunk
+            _SCRATCH.words = torch.empty(_SKIP_CHUNK, dtype=torch.int64)
+    while draws > 0:
+        chunk = min(draws, _SKIP_CHUNK)
+        _SCRATCH.words[:chunk].random_(generator=generator)
+        draws -= chunk
 
 
 @functools.cache

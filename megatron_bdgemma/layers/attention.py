@@ -125,16 +125,18 @@ class BDGemmaAttention(Attention):
         """hidden `[S, B, H]` → q `[S, B, h_local, d]` and this call's (K, V), normed and rotated."""
         mixed, _ = self.linear_qkv(hidden_states)
         s, b = mixed.shape[:2]
-        mixed = mixed.view(s, b, self.num_query_groups_per_partition, self.slots_per_group, self.hidden_size_per_attention_head)
-        query = mixed[:, :, :, : self.heads_per_group].reshape(s, b, -1, self.hidden_size_per_attention_head)
-        key = mixed[:, :, :, self.heads_per_group]
-        # K=V layers reuse the raw key projection, taken before k_norm and RoPE.
-        value = mixed[:, :, :, self.heads_per_group + 1] if self.has_v_proj else key
-        cos, sin = rope
-        query = apply_rope(self.q_layernorm(query), cos, sin)
-        key = apply_rope(self.k_layernorm(key), cos, sin)
-        value = rms_normalize(value, self.config.layernorm_epsilon).type_as(value)  # v_norm has no weight
-        return query, (key, value)
+        heads, dim = self.heads_per_group, self.hidden_size_per_attention_head
+        mixed = mixed.view(s, b, self.num_query_groups_per_partition, self.slots_per_group, dim)
+        # q_norm, k_norm and v_norm each normalise every head over d, so one normalisation of all slots serves the
+        # three (HF runs three), and the q and k heads are weighted and rotated together.
+        normalized = rms_normalize(mixed, self.config.layernorm_epsilon)
+        qk_weight = torch.cat([self.q_layernorm.weight.float().expand(heads, dim), self.k_layernorm.weight.float()[None]])
+        cos, sin = (table.unsqueeze(2) for table in rope)
+        qk = apply_rope((normalized[:, :, :, : heads + 1] * qk_weight).to(mixed.dtype), cos, sin)
+        query = qk[:, :, :, :heads].reshape(s, b, -1, dim)
+        # The last slot: v, or on K=V layers the raw key, whose v_norm (no weight) is this same normalisation.
+        value = normalized[:, :, :, -1].to(mixed.dtype)
+        return query, (qk[:, :, :, heads], value)
 
     def forward(
         self,

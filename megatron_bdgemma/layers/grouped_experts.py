@@ -17,6 +17,7 @@ rule, FP8, biases, fused activations) the forward is `SequentialMLP`'s.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -46,11 +47,13 @@ class GroupedGemmMLP(SequentialMLP):
         # expert's gradient slice to its own parameter through the stack.
         stacks = self._held_stacks if self._held_stacks is not None else self.stacked_weights()
         fc1, fc2 = stacks["linear_fc1"], stacks["linear_fc2"]  # [E, H, 2I], [E, I, H]
-        group_ends = torch.cumsum(torch.as_tensor(tokens_per_expert, device=hidden.device), 0).to(torch.int32)
+        group_ends = torch.cumsum(torch.as_tensor(tokens_per_expert, device=hidden.device), 0, dtype=torch.int32)
         gate, linear = _grouped_matmul(hidden, fc1, group_ends).chunk(2, dim=-1)
         if (clamp := config.activation_func_clamp_value) is not None:
             gate, linear = gate.clamp(max=clamp), linear.clamp(min=-clamp, max=clamp)
-        intermediate = config.activation_func(gate) * (linear + config.glu_linear_offset)
+        if config.glu_linear_offset:
+            linear = linear + config.glu_linear_offset
+        intermediate = config.activation_func(gate) * linear
         intermediate = (intermediate * permuted_probs.unsqueeze(-1)).to(hidden.dtype)
         return _grouped_matmul(intermediate, fc2, group_ends), None
 
@@ -62,7 +65,19 @@ class GroupedGemmMLP(SequentialMLP):
         }
 
     def _grouped_gemm_runs(self, hidden: torch.Tensor) -> bool:
-        """Whether the grouped path computes exactly what `SequentialMLP.forward` would, on this input."""
+        """Whether the grouped path computes exactly what `SequentialMLP.forward` would, on this input (decided once
+        per device, dtype and width: a decode asks at every layer)."""
+        key = (hidden.device, hidden.dtype, hidden.shape[-1])
+        runs = self._grouped_gemm_decisions.get(key)
+        if runs is None:
+            runs = self._grouped_gemm_decisions[key] = self._grouped_gemm_supports(hidden)
+        return runs
+
+    @functools.cached_property
+    def _grouped_gemm_decisions(self) -> dict[tuple[torch.device, torch.dtype, int], bool]:
+        return {}
+
+    def _grouped_gemm_supports(self, hidden: torch.Tensor) -> bool:
         config = self.config
         if not hasattr(torch, "_grouped_mm") or not config.gated_linear_unit:
             return False

@@ -23,6 +23,7 @@ from megatron.core.utils import get_pg_rank
 
 from megatron_bdgemma.config import BDGemmaConfig
 from megatron_bdgemma.layers.attention import KV
+from megatron_bdgemma.layers.norm import rms_normalize
 from megatron_bdgemma.masks import AttentionMask
 
 
@@ -89,10 +90,15 @@ class BDGemmaLayer(MegatronModule, BaseTransformerLayer):
             self.input_layernorm(hidden_states), rope=rope, attention_mask=attention_mask, kv_prefix=kv_prefix
         )
         h = hidden_states + self.post_attention_layernorm(attention_output)
+        # Both pre-FFN norms and the router's weightless norm normalise h: once here (HF: three times).
+        normalized = rms_normalize(h, self.config.layernorm_epsilon)
         dense, experts = self.mlp(
-            router_input=h,
-            expert_input=self.pre_feedforward_layernorm_2(h),
-            dense_input=self.pre_feedforward_layernorm(h),
+            router_input=normalized,
+            expert_input=self.pre_feedforward_layernorm_2.scale(normalized).to(h.dtype),
+            dense_input=self.pre_feedforward_layernorm.scale(normalized).to(h.dtype),
         )
-        ffn = self.post_feedforward_layernorm_1(dense) + self.post_feedforward_layernorm_2(experts)
+        # The two branch post-norms normalise one stacked tensor: the same rows, half the kernels.
+        branches = rms_normalize(torch.stack([dense, experts]), self.config.layernorm_epsilon)
+        ffn = (self.post_feedforward_layernorm_1.scale(branches[0]).to(h.dtype)
+               + self.post_feedforward_layernorm_2.scale(branches[1]).to(h.dtype))
         return (h + self.post_feedforward_layernorm(ffn)) * self.layer_scalar, kv

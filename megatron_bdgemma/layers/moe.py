@@ -19,11 +19,11 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher
 
-from megatron_bdgemma.layers.norm import rms_normalize
 
 
 class BDGemmaRouter(TopKRouter):
-    """`softmax_fp32(W · (rmsnorm_noscale(h) * scale * H^-0.5))` → top-k → renormalised to sum 1.
+    """`softmax_fp32(W · (rmsnorm_noscale(h) * scale * H^-0.5))` → top-k → renormalised to sum 1; it is given
+    `rmsnorm_noscale(h)`.
 
     HF's `per_expert_scale[e]` multiplies expert e's output, which is linear in its fc2, so it is folded into fc2
     on import (exact) and trains with it; the router itself is frozen in training (`freeze()`).
@@ -35,14 +35,21 @@ class BDGemmaRouter(TopKRouter):
         self.scale.sequence_parallel = config.sequence_parallel
 
     def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """input `[S, B, H]` → (probs, routing_map), each `[S*B, E]`; probs is zero off the routing map."""
-        x = rms_normalize(input, self.config.layernorm_epsilon) * self.scale.float() * self.config.hidden_size**-0.5
+        """`rms_normalize(h)` `[S, B, H]` fp32 (the layer normalises h once for this and both pre-FFN norms) →
+        (probs, routing_map), each `[S*B, E]`; probs is zero off the routing map."""
+        top_weights, top_index = self.top_k(input)
+        shape = (top_index.shape[0], self.config.num_moe_experts)
+        routing_map = torch.zeros(shape, dtype=torch.bool, device=input.device).scatter(1, top_index, True)
+        probs = torch.zeros(shape, dtype=top_weights.dtype, device=input.device).scatter(1, top_index, top_weights)
+        return probs, routing_map
+
+    def top_k(self, input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`rms_normalize(h)` `[S, B, H]` → (weights, expert indices), each `[S*B, k]`, the weights summing to 1."""
+        x = input * self.scale.float() * self.config.hidden_size**-0.5
         logits = torch.nn.functional.linear(x, self.weight.float()).view(-1, self.config.num_moe_experts)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         top_weights, top_index = torch.topk(probs, k=self.topk, dim=-1)
-        top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
-        routing_map = torch.zeros_like(probs, dtype=torch.bool).scatter(1, top_index, True)
-        return torch.zeros_like(probs).scatter(1, top_index, top_weights), routing_map
+        return top_weights / top_weights.sum(dim=-1, keepdim=True), top_index
 
     def freeze(self) -> None:
         """DiffusionGemma's recipe trains with a frozen router (and no aux loss)."""
@@ -98,8 +105,11 @@ class BDGemmaMoELayer(MoELayer):
     def forward(
         self, router_input: torch.Tensor, expert_input: torch.Tensor, dense_input: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each input `[S, B, H]` → (dense branch output, weighted expert sum), each `[S, B, H]`."""
+        """Inputs `[S, B, H]`: the router's `rms_normalize(h)` (fp32) and the two pre-normed branch inputs → (dense
+        branch output, weighted expert sum), each `[S, B, H]`."""
         dense_output = self.shared_experts_compute(dense_input)
+        if not torch.is_grad_enabled() and self.token_dispatcher.tp_size == self.token_dispatcher.ep_size == 1:
+            return dense_output, self._sorted_experts(router_input, expert_input)
         probs, routing_map = self.route(router_input)
         hidden, probs = self.preprocess(expert_input, probs, routing_map)
         if hidden.requires_grad and isinstance(self.token_dispatcher, MoEAllGatherTokenDispatcher):
@@ -110,10 +120,28 @@ class BDGemmaMoELayer(MoELayer):
             hidden.register_hook(torch.clone)
         return dense_output, self._dispatched_experts(hidden, probs)
 
-    # Eager under `torch.compile` (the compiled decode, generation/compiled.py): the dispatcher's token counts are
-    # data dependent (a host sync, output shapes from `masked_select`) and it keeps per-call state between dispatch
-    # and combine, so tracing it would split the graph at each of its steps anyway; the grouped GEMM inside also
-    # has no fp32 fake kernel.
+    # Both expert paths run eagerly under `torch.compile` (the compiled decode, generation/compiled.py): token counts
+    # per expert are data dependent (host syncs, output shapes from `masked_select`), the dispatcher keeps per-call
+    # state between dispatch and combine, so tracing would split the graph at each of their steps anyway; and the
+    # grouped GEMM has no fp32 fake kernel.
+    @torch.compiler.disable
+    def _sorted_experts(self, router_input: torch.Tensor, expert_input: torch.Tensor) -> torch.Tensor:
+        """Routed experts without the token dispatcher, for inference with every expert whole on this rank.
+
+        There the dispatcher's permutation is a stable sort of the (token, choice) pairs by expert and its combine
+        an index-add in that order: done here directly, the same products summed in the same order (so the same
+        values, tests/test_grouped_experts.py), without the routing-map round trip and the per-call bookkeeping
+        that were a third of a small decode's MoE ops.
+        """
+        weights, choices = self.router.top_k(router_input)
+        choices = choices.flatten()
+        order = choices.argsort(stable=True)
+        tokens = order // self.router.topk  # the token of each sorted pair
+        hidden = expert_input.view(-1, expert_input.shape[-1])
+        counts = torch.bincount(choices, minlength=self.config.num_moe_experts)
+        output, _ = self.experts(hidden.index_select(0, tokens), counts, weights.flatten()[order])
+        return output.new_zeros(hidden.shape).index_add_(0, tokens, output).view_as(expert_input)
+
     @torch.compiler.disable
     def _dispatched_experts(self, hidden: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         """Dispatch → routed experts → combine: preprocessed tokens, probs → weighted expert sum `[S, B, H]`."""
