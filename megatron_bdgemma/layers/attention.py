@@ -130,7 +130,8 @@ class BDGemmaAttention(Attention):
         # q_norm, k_norm and v_norm each normalise every head over d, so one normalisation of all slots serves the
         # three (HF runs three), and the q and k heads are weighted and rotated together.
         normalized = rms_normalize(mixed, self.config.layernorm_epsilon)
-        qk_weight = torch.cat([self.q_layernorm.weight.float().expand(heads, dim), self.k_layernorm.weight.float()[None]])
+        q_weight, k_weight = self.q_layernorm.weight.float(), self.k_layernorm.weight.float()
+        qk_weight = torch.cat([q_weight.expand(heads, dim), k_weight[None]])
         cos, sin = (table.unsqueeze(2) for table in rope)
         qk = apply_rope((normalized[:, :, :, : heads + 1] * qk_weight).to(mixed.dtype), cos, sin)
         query = qk[:, :, :, :heads].reshape(s, b, -1, dim)

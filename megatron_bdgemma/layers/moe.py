@@ -20,10 +20,9 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher
 
 
-
 class BDGemmaRouter(TopKRouter):
-    """`softmax_fp32(W · (rmsnorm_noscale(h) * scale * H^-0.5))` → top-k → renormalised to sum 1; it is given
-    `rmsnorm_noscale(h)`.
+    """`softmax_fp32(W · (rmsnorm_noscale(h) * scale * H^-0.5))` → top-k → renormalised to sum 1, from the
+    `rmsnorm_noscale(h)` the layer computes once for this and both pre-FFN norms.
 
     HF's `per_expert_scale[e]` multiplies expert e's output, which is linear in its fc2, so it is folded into fc2
     on import (exact) and trains with it; the router itself is frozen in training (`freeze()`).
