@@ -27,6 +27,7 @@ from megatron_bdgemma.config import BDGemmaConfig
 from megatron_bdgemma.diffusion import DiffusionBatch, NoisedCanvas, ar_loss, diffusion_loss
 from megatron_bdgemma.diffusion.loss import scored_weights
 from megatron_bdgemma.layers.attention import KV, KVBuffer
+from megatron_bdgemma.layers.linear import plain_forward, runs_plain
 from megatron_bdgemma.layers.rope import RotaryTables
 from megatron_bdgemma.layers.self_conditioning import SelfConditioning, soft_embedding
 from megatron_bdgemma.spec import Backend, get_bdgemma_block_spec, get_glu_mlp_submodules
@@ -113,8 +114,8 @@ class BDGemmaModel(GPTModel):
         batch_first = not self.config.sequence_parallel
         hidden = hidden.transpose(0, 1) if batch_first else hidden
         weight = self.shared_embedding_or_output_weight()
-        if self.tp_group.size() == 1 and not torch.is_grad_enabled():
-            logits = torch.matmul(hidden, weight.t())  # what the parallel linear computes there (layers/linear.py)
+        if runs_plain(self.tp_group.size()):  # GPTModel's own head: Megatron's linear, not the spec's
+            logits, _ = plain_forward(self.output_layer, hidden, weight)
         else:
             logits, _ = self.output_layer(hidden, weight=weight)
             logits = gather_from_tensor_model_parallel_region(logits, group=self.tp_group)

@@ -21,16 +21,19 @@ from megatron.core import tensor_parallel
 from megatron.core.utils import get_pg_size
 
 
-def _plain(linear: torch.nn.Module, input_: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(output, output bias) as the parallel linear returns them, by one matmul (TP = 1, no autograd)."""
+def runs_plain(tp_size: int) -> bool:
+    """Whether a parallel linear's forward is its matmul alone: one tensor-parallel rank, outside autograd."""
+    return tp_size == 1 and not torch.is_grad_enabled()
+
+
+def plain_forward(
+    linear: torch.nn.Module, input_: torch.Tensor, weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(output, output bias) as the parallel linear `linear` returns them, by one matmul (where `runs_plain`)."""
     output = torch.matmul(input_, weight.t())
     if linear.bias is not None and not linear.skip_bias_add:
         output = output + linear.bias
     return output, linear.bias if linear.skip_bias_add else None
-
-
-def _runs_plain(linear: torch.nn.Module) -> bool:
-    return linear.tp_size == 1 and not torch.is_grad_enabled()
 
 
 class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
@@ -43,8 +46,8 @@ class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
     def forward(
         self, input_: torch.Tensor, weight: torch.Tensor | None = None, runtime_gather_output: bool | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if weight is None and self.weight is not None and _runs_plain(self):
-            return _plain(self, input_, self.weight)
+        if weight is None and self.weight is not None and runs_plain(self.tp_size):
+            return plain_forward(self, input_, self.weight)
         return super().forward(input_, weight, runtime_gather_output)
 
 
@@ -61,6 +64,6 @@ class RowParallelLinear(tensor_parallel.RowParallelLinear):
         return super()._forward_impl(*args, **(kwargs | {"tp_group": self.tp_group}))
 
     def forward(self, input_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if _runs_plain(self):
-            return _plain(self, input_, self.weight)
+        if runs_plain(self.tp_size):
+            return plain_forward(self, input_, self.weight)
         return super().forward(input_)
