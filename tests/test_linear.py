@@ -1,6 +1,7 @@
 """Contract: the `local` spec's parallel linears (`layers/linear.py`) return what Megatron's return, bit for bit, on
-their plain-matmul path (TP = 1, no autograd) and on Megatron's (grad enabled); and the row linear's forward no
-longer warns that its group is None."""
+their plain-matmul path (TP = 1, no autograd) and on Megatron's (grad enabled); the row linear's forward no longer
+warns that its group is None; and `plain_glu_mlp` returns Megatron `MLP.forward`'s output bit for bit where it runs
+(and declines under autograd)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import warnings
 import pytest
 import torch
 from megatron.core import tensor_parallel
+from megatron.core.transformer.mlp import MLP
 
 from megatron_bdgemma.config import tiny
 from megatron_bdgemma.layers import linear
+from megatron_bdgemma.spec import get_glu_mlp_submodules
 
 
 @pytest.mark.parametrize("kind", ["ColumnParallelLinear", "RowParallelLinear"])
@@ -30,3 +33,14 @@ def test_linear_matches_megatron(model_parallel, kind):
         trained = ours(x.requires_grad_())[0]
     assert torch.equal(trained, expected)
     assert not [w for w in caught if "tp_group is None" in str(w.message)], [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("options", [{}, dict(glu_linear_offset=1.0, activation_func_clamp_value=0.5)],
+                         ids=["gemma", "offset-and-clamp"])
+def test_plain_glu_mlp_matches_megatron_mlp(model_parallel, options):
+    mlp = MLP(tiny(**options), get_glu_mlp_submodules("local"))
+    x = torch.randn(5, 2, mlp.config.hidden_size) * 3  # wide enough that the clamp bites
+    with torch.no_grad():
+        plain, expected = linear.plain_glu_mlp(mlp, x), mlp(x)[0]
+    assert plain is not None and torch.equal(plain, expected)
+    assert linear.plain_glu_mlp(mlp, x.requires_grad_()) is None  # autograd keeps Megatron's forward

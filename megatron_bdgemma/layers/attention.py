@@ -22,7 +22,7 @@ from megatron.core.transformer.enums import AttnMaskType
 
 from megatron_bdgemma.config import BDGemmaConfig
 from megatron_bdgemma.layers.core_attention import masked_attention
-from megatron_bdgemma.layers.norm import rms_normalize
+from megatron_bdgemma.layers.norm import cast, rms_normalize
 from megatron_bdgemma.layers.rope import apply_rope
 from megatron_bdgemma.masks import AttentionMask
 
@@ -133,10 +133,10 @@ class BDGemmaAttention(Attention):
         q_weight, k_weight = self.q_layernorm.weight.float(), self.k_layernorm.weight.float()
         qk_weight = torch.cat([q_weight.expand(heads, dim), k_weight[None]])
         cos, sin = (table.unsqueeze(2) for table in rope)
-        qk = apply_rope((normalized[:, :, :, : heads + 1] * qk_weight).to(mixed.dtype), cos, sin)
+        qk = apply_rope(cast(normalized[:, :, :, : heads + 1] * qk_weight, mixed.dtype), cos, sin)
         query = qk[:, :, :, :heads].reshape(s, b, -1, dim)
         # The last slot: v, or on K=V layers the raw key, whose v_norm (no weight) is this same normalisation.
-        value = normalized[:, :, :, -1].to(mixed.dtype)
+        value = cast(normalized[:, :, :, -1], mixed.dtype)
         return query, (qk[:, :, :, heads], value)
 
     def forward(

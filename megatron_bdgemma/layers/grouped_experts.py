@@ -24,6 +24,8 @@ from contextlib import contextmanager
 import torch
 from megatron.core.transformer.moe.experts import SequentialMLP
 
+from megatron_bdgemma.layers.linear import glu
+
 __all__ = ["GroupedGemmMLP", "stacked_weights_held"]
 
 _PROJECTIONS = ("linear_fc1", "linear_fc2")
@@ -42,18 +44,12 @@ class GroupedGemmMLP(SequentialMLP):
         hidden = permuted_local_hidden_states
         if not self._grouped_gemm_runs(hidden):
             return super().forward(hidden, tokens_per_expert, permuted_probs)
-        config = self.config
         # Stacked per call unless held: each expert's weights stay their own parameters, and autograd returns each
         # expert's gradient slice to its own parameter through the stack.
         stacks = self._held_stacks if self._held_stacks is not None else self.stacked_weights()
         fc1, fc2 = stacks["linear_fc1"], stacks["linear_fc2"]  # [E, H, 2I], [E, I, H]
         group_ends = torch.cumsum(torch.as_tensor(tokens_per_expert, device=hidden.device), 0, dtype=torch.int32)
-        gate, linear = _grouped_matmul(hidden, fc1, group_ends).chunk(2, dim=-1)
-        if (clamp := config.activation_func_clamp_value) is not None:
-            gate, linear = gate.clamp(max=clamp), linear.clamp(min=-clamp, max=clamp)
-        if config.glu_linear_offset:
-            linear = linear + config.glu_linear_offset
-        intermediate = config.activation_func(gate) * linear
+        intermediate = glu(_grouped_matmul(hidden, fc1, group_ends), self.config)
         intermediate = (intermediate * permuted_probs.unsqueeze(-1)).to(hidden.dtype)
         return _grouped_matmul(intermediate, fc2, group_ends), None
 

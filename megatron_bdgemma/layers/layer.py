@@ -94,11 +94,11 @@ class BDGemmaLayer(MegatronModule, BaseTransformerLayer):
         normalized = rms_normalize(h, self.config.layernorm_epsilon)
         dense, experts = self.mlp(
             router_input=normalized,
-            expert_input=self.pre_feedforward_layernorm_2.scale(normalized).to(h.dtype),
-            dense_input=self.pre_feedforward_layernorm.scale(normalized).to(h.dtype),
+            expert_input=self.pre_feedforward_layernorm_2.scale(normalized, h.dtype),
+            dense_input=self.pre_feedforward_layernorm.scale(normalized, h.dtype),
         )
         # The two branch post-norms normalise one stacked tensor: the same rows, half the kernels.
         branches = rms_normalize(torch.stack([dense, experts]), self.config.layernorm_epsilon)
-        ffn = (self.post_feedforward_layernorm_1.scale(branches[0]).to(h.dtype)
-               + self.post_feedforward_layernorm_2.scale(branches[1]).to(h.dtype))
+        ffn = (self.post_feedforward_layernorm_1.scale(branches[0], h.dtype)
+               + self.post_feedforward_layernorm_2.scale(branches[1], h.dtype))
         return (h + self.post_feedforward_layernorm(ffn)) * self.layer_scalar, kv

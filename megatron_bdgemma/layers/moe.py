@@ -19,6 +19,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher
 
+from megatron_bdgemma.layers.linear import plain_glu_mlp
+
 
 class BDGemmaRouter(TopKRouter):
     """`softmax_fp32(W · (rmsnorm_noscale(h) * scale * H^-0.5))` → top-k → renormalised to sum 1, from the
@@ -106,7 +108,9 @@ class BDGemmaMoELayer(MoELayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs `[S, B, H]`: the router's `rms_normalize(h)` (fp32) and the two pre-normed branch inputs → (dense
         branch output, weighted expert sum), each `[S, B, H]`."""
-        dense_output = self.shared_experts_compute(dense_input)
+        dense_output = plain_glu_mlp(self.shared_experts, dense_input)
+        if dense_output is None:
+            dense_output = self.shared_experts_compute(dense_input)
         if not torch.is_grad_enabled() and self.token_dispatcher.tp_size == self.token_dispatcher.ep_size == 1:
             return dense_output, self._sorted_experts(router_input, expert_input)
         probs, routing_map = self.route(router_input)
@@ -138,7 +142,7 @@ class BDGemmaMoELayer(MoELayer):
         tokens = order // self.router.topk  # the token of each sorted pair
         hidden = expert_input.view(-1, expert_input.shape[-1])
         counts = torch.bincount(choices, minlength=self.config.num_moe_experts)
-        output, _ = self.experts(hidden.index_select(0, tokens), counts, weights.flatten()[order])
+        output, _ = self.experts(hidden.index_select(0, tokens), counts, weights.flatten().index_select(0, order))
         return output.new_zeros(hidden.shape).index_add_(0, tokens, output).view_as(expert_input)
 
     @torch.compiler.disable

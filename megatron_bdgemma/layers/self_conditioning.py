@@ -14,6 +14,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import get_pg_rank, get_pg_size
 
 from megatron_bdgemma.config import BDGemmaConfig
+from megatron_bdgemma.layers.linear import plain_glu_mlp
 from megatron_bdgemma.layers.norm import RMSNorm, rms_normalize
 
 
@@ -44,5 +45,8 @@ class SelfConditioning(MegatronModule):
 
     def forward(self, embeddings: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
         """embeddings, signal `[R, B, H]` → decoder input `[R, B, H]`."""
-        mixed, _ = self.mlp(self.pre_norm(signal))
+        normed = self.pre_norm(signal)
+        mixed = plain_glu_mlp(self.mlp, normed)
+        if mixed is None:
+            mixed, _ = self.mlp(normed)
         return rms_normalize(embeddings + mixed, self.config.layernorm_epsilon).type_as(embeddings)
