@@ -24,7 +24,7 @@ from contextlib import contextmanager
 import torch
 from megatron.core.transformer.moe.experts import SequentialMLP
 
-from megatron_bdgemma.layers.linear import glu
+from megatron_bdgemma.layers.linear import glu, glu_is_megatrons
 
 __all__ = ["GroupedGemmMLP", "stacked_weights_held"]
 
@@ -75,11 +75,9 @@ class GroupedGemmMLP(SequentialMLP):
 
     def _grouped_gemm_supports(self, hidden: torch.Tensor) -> bool:
         config = self.config
-        if not hasattr(torch, "_grouped_mm") or not config.gated_linear_unit:
+        if not hasattr(torch, "_grouped_mm") or not glu_is_megatrons(config):
             return False
         if config.add_bias_linear or config.fp8 or config.fp4 or config.moe_apply_probs_on_input:
-            return False
-        if config.bias_activation_fusion or config.use_te_activation_func:
             return False
         if hidden.device.type == "cuda":
             supported = hidden.dtype == torch.bfloat16 and torch.cuda.get_device_capability(hidden.device) >= (9, 0)

@@ -41,6 +41,11 @@ def plain_forward(
     return (output, bias) if linear.skip_bias_add else (output + bias, None)
 
 
+def glu_is_megatrons(config: TransformerConfig) -> bool:
+    """Whether `glu` computes Megatron's MLP activation under `config`: a gated unit, no fused or TE activation."""
+    return config.gated_linear_unit and not (config.bias_activation_fusion or config.use_te_activation_func)
+
+
 def glu(projected: torch.Tensor, config: TransformerConfig) -> torch.Tensor:
     """Megatron's gated linear unit of an fc1 output `[..., 2I]` → `[..., I]`: activation(gate) · linear, with the
     config's clamp and linear offset (an offset of 0 adds nothing, so it is skipped)."""
@@ -59,8 +64,7 @@ def plain_glu_mlp(mlp: torch.nn.Module, input_: torch.Tensor) -> torch.Tensor | 
     fc1, fc2, config = mlp.linear_fc1, mlp.linear_fc2, mlp.config
     plain = (
         isinstance(fc1, ColumnParallelLinear) and isinstance(fc2, RowParallelLinear) and runs_plain(fc1.tp_size)
-        and fc1.bias is None and fc2.bias is None and config.gated_linear_unit
-        and not (config.bias_activation_fusion or config.use_te_activation_func)
+        and fc1.bias is None and fc2.bias is None and glu_is_megatrons(config)
         and not getattr(mlp, "use_shared_expert_gate", False)
     )
     if not plain:
