@@ -44,7 +44,6 @@ def from_hf(path: str | Path, dtype: torch.dtype = torch.float32, backend: str =
     """
     from megatron.core import parallel_state
 
-    from megatron_bdgemma.config import config_from_hf
     from megatron_bdgemma.conversion.hf_checkpoint import HFCheckpoint, load_hf_weights
     from megatron_bdgemma.runtime.distributed import ensure_model_parallel
 
@@ -52,8 +51,7 @@ def from_hf(path: str | Path, dtype: torch.dtype = torch.float32, backend: str =
 
     ensure_model_parallel()
     checkpoint = HFCheckpoint(path)
-    config = config_from_hf(
-        checkpoint.hf_config(),
+    config = checkpoint.model_config(
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,

@@ -106,6 +106,14 @@ class BDGemmaConfig(TransformerConfig):
     projection (`layers.grouped_experts.GroupedGemmMLP`); False = Megatron's `SequentialMLP`, one MLP per expert.
     Same parameters, state dict and checkpoints. The `te` backend always uses TE's grouped experts."""
 
+    vision_config: dict[str, Any] | None = None
+    """The HF vision config (a `Gemma4VisionConfig` as a plain dict) of the vision tower and multimodal embedder the
+    model carries (`vision.VisionWeights`, first pipeline stage): their tensors are kept unchanged from import to
+    export, unused until images enter the encoder. None = a text-only model."""
+
+    vision_dtype: str = "float32"
+    """The torch dtype name the carried vision tensors are stored in (the source's; they are never cast)."""
+
     layer_attention_type: str | None = None
     """Set only on the per-layer copies from `get_config_for_layer`: that layer's attention type."""
 
@@ -177,6 +185,9 @@ class BDGemmaConfig(TransformerConfig):
             else:
                 problems += rope_problems(self.rope_parameters[layer_type], self.head_dim_of(layer_type),
                                           f"rope_parameters[{layer_type!r}]")
+        vision_dtype = getattr(torch, self.vision_dtype, None)
+        if not (isinstance(vision_dtype, torch.dtype) and vision_dtype.is_floating_point):
+            problems.append(f"vision_dtype {self.vision_dtype!r} is not a torch floating-point dtype name")
         if problems:
             raise ValueError("invalid BDGemmaConfig:\n  - " + "\n  - ".join(problems))
 
@@ -324,12 +335,30 @@ def _rope(text: Any, layer_type: str, head_dim: int, problems: list[str]) -> dic
     return params
 
 
+def _vision_config(hf_config: Any) -> dict[str, Any] | None:
+    """The vision config of a multimodal HF config as the plain dict `config.json` records; None for text-only."""
+    vision = getattr(hf_config, "vision_config", None)
+    if vision is None:
+        return None
+    values = vision.to_diff_dict()
+    values.pop("transformers_version", None)  # the writer's version, not the architecture
+    return values
+
+
+def _dtype_name(dtype: Any) -> str:
+    """A config's `dtype` (torch dtype, its name, or None) as a floating-point torch dtype name; float32 otherwise."""
+    name = str(dtype).removeprefix("torch.")
+    return name if name in ("float32", "bfloat16", "float16", "float64") else "float32"
+
+
 def config_from_hf(hf_config: Any, **overrides: Any) -> BDGemmaConfig:
     """Translate a Hugging Face Gemma 4 MoE / DiffusionGemma config into a `BDGemmaConfig`.
 
     Every value is read from the config. Features the layers do not implement (per-layer inputs, KV sharing,
-    a dense-only model, bidirectional text attention, attention biases, other activations or RoPE types) are all
-    reported in one ValueError. `overrides` set Megatron fields (parallel sizes, dtypes, dispatcher).
+    a dense-only model, bidirectional text attention, attention biases, other activations or RoPE types, an audio
+    tower) are all reported in one ValueError. `overrides` set Megatron fields (parallel sizes, dtypes, dispatcher).
+    A vision config is recorded: the model carries that tower's tensors, in the dtype of the config's `dtype` unless
+    `vision_dtype` is given (`HFCheckpoint.model_config` gives the one they are stored in).
     """
     text, canvas_length = _text_config(hf_config)
     is_diffusion = text.model_type == "diffusion_gemma_text"
@@ -355,6 +384,9 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> BDGemmaConfig:
                 "only gelu_pytorch_tanh is supported")
     for name in ("num_experts", "top_k_experts", "moe_intermediate_size"):
         unsupported(name, getattr(text, name, None) is None, "MoE sizes must be given")
+    if getattr(hf_config, "audio_config", None) is not None:
+        problems.append("audio_config is set: an audio tower is not supported (DiffusionGemma has none, so its weights "
+                        "could not be carried to an export)")
     if any(getattr(c, "tie_word_embeddings", True) is False for c in (hf_config, text)):
         problems.append("tie_word_embeddings=False: an untied LM head (lm_head.weight) is not supported; the output "
                         "layer is the embedding")
@@ -399,6 +431,8 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> BDGemmaConfig:
         self_conditioning=is_diffusion,
         pad_token_id=text.pad_token_id if text.pad_token_id is not None else 0,
         eos_token_ids=tuple(e for e in eos if e is not None),
+        vision_config=_vision_config(hf_config),
+        vision_dtype=_dtype_name(getattr(hf_config, "dtype", None)),
     )
     known = {f.name for f in fields(BDGemmaConfig)}
     bad = sorted(set(overrides) - known)

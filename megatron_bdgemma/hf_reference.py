@@ -16,7 +16,7 @@ TINY_VISION: dict[str, Any] = dict(
     model_type="gemma4_vision", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
     num_attention_heads=2, num_key_value_heads=2, head_dim=8,
 )
-"""A one-layer vision tower: DiffusionGemma checkpoints carry one, and import must drop it."""
+"""A one-layer vision tower: DiffusionGemma checkpoints hold one, and conversion must carry it unchanged."""
 
 SMALL_TEXT: dict[str, Any] = dict(
     vocab_size=2048,

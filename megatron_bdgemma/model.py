@@ -6,6 +6,8 @@ How it differs from an autoregressive Gemma 4:
 - RoPE from explicit positions (canvas tokens sit at their absolute positions), per layer type;
 - embedding × √H, tied LM head, logits softcapped in fp32;
 - two-pass self-conditioning: the decoder input mixes in a soft embedding of the previous pass's logits.
+A model converted from a multimodal checkpoint also carries its vision tower's tensors (`vision.VisionWeights`, first
+stage), unused until images enter the encoder.
 
 Public tensors are batch-first; inside the stack Megatron's `[s, b, h]` layout is kept.
 """
@@ -31,6 +33,7 @@ from megatron_bdgemma.layers.linear import plain_forward, runs_plain
 from megatron_bdgemma.layers.rope import RotaryTables
 from megatron_bdgemma.layers.self_conditioning import SelfConditioning, soft_embedding
 from megatron_bdgemma.spec import Backend, get_bdgemma_block_spec, get_glu_mlp_submodules
+from megatron_bdgemma.vision import VisionWeights
 from megatron_bdgemma.vocab_parallel import softcap, vocab_parallel_cross_entropy_sum, vocab_parallel_soft_embedding
 
 
@@ -91,6 +94,9 @@ class BDGemmaModel(GPTModel):
         self.rotary_tables = RotaryTables(config)
         if config.self_conditioning and pre_process:
             self.self_conditioning = SelfConditioning(config, get_glu_mlp_submodules(backend))
+        if config.vision_config is not None and pre_process:
+            # Carried unchanged from import to export; images will enter the encoder here (docs/design.md §13).
+            self.vision = VisionWeights(config)
         if config.freeze_router:
             self.freeze_router()
 

@@ -61,9 +61,11 @@ def _hf_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _assert_round_trip(original: dict[str, torch.Tensor], exported: dict[str, torch.Tensor], prefix: str) -> None:
+def _assert_round_trip(original: dict[str, torch.Tensor], exported: dict[str, torch.Tensor], prefix: str,
+                       vision_prefix: str = "model.encoder.") -> None:
     """`exported` (DiffusionGemma names) holds `original`'s text stack (stored under `prefix`), scale folded, in the
-    exported dtype (folded before rounding, as conversion does)."""
+    exported dtype (folded before rounding, as conversion does), and `original`'s vision tower and embedder (under
+    `vision_prefix`) bit-identical; a text-only `original` gets the all-zero stand-in tower."""
     text = {key.removeprefix(prefix): t for key, t in original.items() if key.startswith(prefix)}
     decoder = {key.removeprefix("model.decoder."): t for key, t in exported.items() if key.startswith("model.decoder.")}
     missing = sorted(set(text) - set(decoder))
@@ -78,7 +80,16 @@ def _assert_round_trip(original: dict[str, torch.Tensor], exported: dict[str, to
     scalars = [key for key in decoder if key.endswith("layer_scalar")]
     for key in scalars:  # both copies, or transformers loads the encoder's as uninitialised memory
         assert torch.equal(exported["model.encoder.language_model." + key], decoder[key])
-    written = {"model.decoder." + k for k in decoder} | {"model.encoder.language_model." + k for k in scalars}
+    source_vision = hf_models.vision_tensors(original, vision_prefix)
+    exported_vision = hf_models.vision_tensors(exported)
+    if source_vision:
+        assert sorted(exported_vision) == sorted(source_vision)
+        for name, tensor in source_vision.items():
+            assert hf_models.same_bytes(exported_vision[name], tensor), name
+    else:
+        assert exported_vision and not any(t.any() for t in exported_vision.values()), "the zero stand-in tower"
+    written = ({"model.decoder." + k for k in decoder} | {"model.encoder.language_model." + k for k in scalars}
+               | {"model.encoder." + k for k in exported_vision})
     extra = sorted(set(exported) - written)
     assert not extra, extra
 
@@ -234,8 +245,10 @@ def test_cli_round_trip_with_verify(tmp_path, capsys, model_parallel):
     assert export_tool.main(["--megatron", str(tmp_path / "mg"), "--out", str(tmp_path / "out"), "--verify",
                              "--max-shard-size", "50KB"]) == 0
     out = capsys.readouterr().out
-    assert "dropped: 1 × model.encoder.embed_vision.*; 15 × model.encoder.vision_tower.*" in out
-    assert "[1/4] embedding, final norm, self-conditioning" in out and "[4/4] layer 2" in out  # progress per file
+    assert ("vision: 15 × model.encoder.vision_tower.*, 1 × model.encoder.embed_vision.* carried unchanged (float32); "
+            "merged: 3 duplicate encoder copies") in out
+    assert "[1/6] embedding, final norm, self-conditioning" in out and "[4/6] layer 2" in out  # progress per file
+    assert "[6/6] vision layer 0" in out and "vision: 16 tensors carried unchanged (float32)" in out
     assert "model-00001-of-" in out
     assert out.count("verify: max-abs logit difference") == 2
 

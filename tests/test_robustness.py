@@ -322,7 +322,7 @@ def test_bad_hf_files_exit_2_with_the_file_named(tmp_path, capsys, model_paralle
     assert not (tmp_path / "mg").exists()
     if "I32" in message:  # training straight from HF (model.hf) reads through the same checks
         with pytest.raises(ValueError, match="is stored as torch.int32; a floating-point tensor is expected"):
-            HFCheckpoint(source).text_tensor("layers.0.self_attn.q_norm.weight")
+            HFCheckpoint(source).tensor("layers.0.self_attn.q_norm.weight")
 
 
 # ---- 10. --load of a missing or broken checkpoint ------------------------------------------------------------------

@@ -80,7 +80,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def small_random_hf(path: Path) -> Path:
-    """Build and save the small random DiffusionGemma (vision tower of one layer, dropped on import)."""
+    """Build and save the small random DiffusionGemma (vision tower of one layer)."""
     hf_reference.random_diffusion_gemma(SMALL_TEXT, SMALL_CANVAS).save_pretrained(path)
     return path
 

@@ -113,7 +113,7 @@ def hf_model(config, device: torch.device, dtype: torch.dtype):
     from megatron_bdgemma import hf_reference
     from megatron_bdgemma.conversion.hf_export import hf_configs
 
-    hf_config, _ = hf_configs(config, {"hf_config": {"vision_config": hf_reference.TINY_VISION}}, dtype)
+    hf_config, _ = hf_configs(config, None, dtype)  # text-only: the one-layer, 8-wide stand-in vision tower
     hf_config._attn_implementation = "eager"  # Automodel forces eager: the dense additive canvas mask
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

@@ -153,7 +153,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def small_random_hf(path: Path) -> Path:
-    """Build and save the small random DiffusionGemma (vision tower of one layer, dropped on import)."""
+    """Build and save the small random DiffusionGemma (vision tower of one layer)."""
     model = hf_reference.random_diffusion_gemma(SMALL_TEXT, SMALL_CANVAS)
     with torch.no_grad():
         # HF's init (std 0.02) gives near-uniform logits, on which every loss is about log V and the loss check

@@ -5,7 +5,8 @@
 
 Sources: `DiffusionGemmaForBlockDiffusion`, or the text weights of a MoE `Gemma4ForCausalLM` /
 `Gemma4ForConditionalGeneration` (whose self-conditioning module is then freshly initialised; the tool says so).
-The vision tower and duplicate tied copies are dropped, with a one-line summary.
+The vision tower and embedder are carried unchanged (bytes and dtype, whatever `--dtype` does to the text stack) and
+duplicate tied copies merged, with a one-line summary; an audio tower is refused.
 
 The checkpoint is layout independent: Megatron reshards it on load, so it is written by this one process and loads
 at any TP / EP / PP (`examples/pretrain_bdgemma.py --load DIR`, `tools/generate.py --load DIR`). `--tp/--ep/--pp` check

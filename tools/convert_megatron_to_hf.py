@@ -5,7 +5,8 @@
 
 `--megatron` is a checkpoint directory or a save root with a `latest` marker, saved at any TP / EP / PP, with its
 model config recorded (`extra["model_config"]`). The output holds safetensors shards with an index, `config.json`
-and `generation_config.json`; `transformers` loads it with `from_pretrained` and generates with it. Tensors are
+and `generation_config.json`; `transformers` loads it with `from_pretrained` (no missing weights: a carried vision
+tower is written back bit-identical, a text-only model gets a zero stand-in) and generates with it. Tensors are
 read one layer at a time and written as they are ready. The output appears only when complete; `--verify` then
 compares logits of both sides.
 Exit status: 0 done, 1 `--verify` above tolerance, 2 bad input (the message names it).

@@ -1,23 +1,28 @@
 """Reading HF checkpoints tensor by tensor and loading them into a (possibly sharded) `BDGemmaModel`.
 
-`HFCheckpoint` resolves text-stack names (`layers.0.self_attn.q_proj.weight`) to keys in the safetensors files for
-every supported layout and reads one tensor at a time, so peak memory stays near one mapping group.
-`load_hf_weights` pushes each key-map group through `Mapping.to_megatron` and copies this rank's shard of every
-tensor into the model; anything missing, unexpected or mis-shaped stops it with the key named.
+`HFCheckpoint` resolves key-map names (text stack: `layers.0.self_attn.q_proj.weight`; carried vision tower:
+`vision_tower.…`) to keys in the safetensors files for every supported layout and reads one tensor at a time, so peak
+memory stays near one mapping group. `load_hf_weights` pushes each key-map group through `Mapping.to_megatron` and
+copies this rank's shard of every tensor into the model; anything missing, unexpected or mis-shaped stops it with the
+key named. Nothing is dropped: the vision tower and embedder are carried (`megatron_bdgemma.vision`), and an audio
+tower is refused by `config_from_hf`.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from megatron.core import parallel_state
 from safetensors import safe_open
 
-from megatron_bdgemma.config import BDGemmaConfig
+from megatron_bdgemma.config import BDGemmaConfig, config_from_hf
 from megatron_bdgemma.conversion.keymap import model_mappings
+from megatron_bdgemma.vision import is_carried, is_vision_name
 
 # Where each HF model type keeps its text stack; DiffusionGemma's decoder tree holds the tied weights and its
 # encoder tree a second copy (at least `layer_scalar`, which is not tied).
@@ -26,12 +31,21 @@ TEXT_PREFIXES = {
     "gemma4": ("model.language_model.",),
     "gemma4_text": ("model.",),
 }
-# Parts of a checkpoint that are not the text stack and are dropped on purpose.
-DROPPED = re.compile(r"^model\.(encoder\.)?(vision_tower|embed_vision|audio_tower|embed_audio)\..*$")
+# Where each multimodal HF model type keeps its vision tower and embedder (carried, `megatron_bdgemma.vision`).
+VISION_PREFIXES = {"diffusion_gemma": "model.encoder.", "gemma4": "model."}
 # The LM head: our output layer is the embedding (untied heads are refused by `config_from_hf`), so a tied checkpoint
 # that stores it anyway must store the embedding (`HFCheckpoint.check_tied_head`).
 LM_HEAD = "lm_head.weight"
 _COMPARE_ROWS = 8192  # rows per chunk when comparing the head with the embedding (bounded memory)
+INDEX_FILE = "model.safetensors.index.json"
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+"""The floating-point safetensors dtypes a checkpoint may store model tensors in."""
+
+
+def hf_prefixes(model_type: str, name: str) -> tuple[str, ...]:
+    """Where the key-map HF name `name` is stored in a checkpoint of `model_type`: its canonical key prefix first,
+    then those of untied copies (DiffusionGemma's encoder tree)."""
+    return (VISION_PREFIXES[model_type],) if is_vision_name(name) else TEXT_PREFIXES[model_type]
 
 
 class HFCheckpoint:
@@ -52,7 +66,7 @@ class HFCheckpoint:
         self._consumed: set[str] = set()
 
     def _index(self) -> dict[str, Path]:
-        index_file = self.path / "model.safetensors.index.json"
+        index_file = self.path / INDEX_FILE
         if index_file.is_file():
             weight_map = json.loads(index_file.read_text())["weight_map"]
             for file in sorted({self.path / name for name in weight_map.values()}):
@@ -77,15 +91,65 @@ class HFCheckpoint:
 
         return AutoConfig.from_pretrained(self.path, local_files_only=True)
 
+    def model_config(self, **overrides: Any) -> BDGemmaConfig:
+        """`config_from_hf` of this checkpoint, `overrides` applied; the carried vision tensors keep the dtype they
+        are stored in (`vision_dtype`).
+
+        Raises:
+            ValueError: the config or the vision tensors' dtypes cannot be used; the message starts with the path.
+        """
+        dtype = self.vision_dtype()
+        try:
+            return config_from_hf(self.hf_config(), **({"vision_dtype": dtype} if dtype else {}) | overrides)
+        except ValueError as error:
+            raise ValueError(f"{self.path}: {error}") from error
+
     def read(self, key: str) -> torch.Tensor:
         with safe_open(self.key_files[key], "pt") as handle:
             return handle.get_tensor(key)
 
-    def text_tensor(self, name: str) -> torch.Tensor:
-        """The text-stack tensor `name`; when both DiffusionGemma copies are stored they must agree."""
-        keys = [prefix + name for prefix in TEXT_PREFIXES[self.model_type] if prefix + name in self.key_files]
+    @functools.cached_property
+    def headers(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """{key: (shape, safetensors dtype)} from the files' headers, without reading tensor data."""
+        info: dict[str, tuple[tuple[int, ...], str]] = {}
+        for file in sorted(set(self.key_files.values())):
+            with safe_open(file, "pt") as handle:
+                for key in handle.keys():
+                    if self.key_files.get(key) == file:
+                        piece = handle.get_slice(key)
+                        info[key] = (tuple(piece.get_shape()), piece.get_dtype())
+        return info
+
+    def vision_dtype(self) -> str | None:
+        """The torch dtype name the vision tower and embedder are stored in; None when the checkpoint holds neither.
+
+        Raises:
+            ValueError: they are stored in several dtypes, or not in a floating-point one (named).
+        """
+        prefix = VISION_PREFIXES.get(self.model_type)
+        if prefix is None:
+            return None
+        # One key per stored dtype, to name in an error.
+        kinds = {dtype: key for key, (_, dtype) in sorted(self.headers.items())
+                 if key.startswith(prefix) and is_vision_name(key.removeprefix(prefix))}
+        if not kinds:
+            return None
+        if len(kinds) > 1:
+            examples = ", ".join(f"{key} is {dtype}" for dtype, key in sorted(kinds.items()))
+            raise ValueError(f"{self.path}: the vision tensors are stored in several dtypes ({examples}); they are "
+                             "carried unchanged, in one dtype")
+        [(dtype, key)] = kinds.items()
+        if dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{self.key_files[key]}: {key} is stored as {dtype}; a floating-point tensor "
+                             f"({'/'.join(SAFETENSORS_DTYPES)}) is expected")
+        return str(SAFETENSORS_DTYPES[dtype]).removeprefix("torch.")
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The key-map tensor `name`; when both DiffusionGemma copies of a text tensor are stored they must agree."""
+        prefixes = hf_prefixes(self.model_type, name)
+        keys = [prefix + name for prefix in prefixes if prefix + name in self.key_files]
         if not keys:
-            raise KeyError(f"{self.path}: missing tensor {TEXT_PREFIXES[self.model_type][0] + name}")
+            raise KeyError(f"{self.path}: missing tensor {prefixes[0] + name}")
         self._consumed.update(keys)
         tensor = self.read(keys[0])
         if not tensor.is_floating_point():  # casting integers to the model's float dtype would train on garbage
@@ -122,11 +186,19 @@ class HFCheckpoint:
         self._consumed.add(LM_HEAD)
 
     def unconsumed(self) -> list[str]:
-        """Keys that no mapping read and that are not dropped on purpose."""
-        return sorted(k for k in self.key_files if k not in self._consumed and not DROPPED.match(k))
+        """Keys that no mapping read."""
+        return sorted(k for k in self.key_files if k not in self._consumed)
 
-    def dropped(self) -> list[str]:
-        return sorted(k for k in self.key_files if DROPPED.match(k))
+
+def hf_model_config(path: str | Path, **overrides: Any) -> BDGemmaConfig:
+    """`HFCheckpoint(path).model_config(**overrides)`; a directory that holds `config.json` alone (enough to plan a
+    run) gets `config_from_hf` of it, the carried vision tensors' dtype taken from the config's `dtype`."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if (path / INDEX_FILE).is_file() or any(path.glob("*.safetensors")):
+        return HFCheckpoint(path).model_config(**overrides)
+    return config_from_hf(AutoConfig.from_pretrained(path, local_files_only=True), **overrides)
 
 
 def check_safetensors_file(file: Path) -> None:
@@ -194,14 +266,15 @@ def shard_for_rank(name: str, full: torch.Tensor, target: torch.Tensor) -> torch
 
 @torch.no_grad()
 def load_hf_weights(model: torch.nn.Module, checkpoint: HFCheckpoint, config: BDGemmaConfig) -> None:
-    """Copy every text-stack tensor of `checkpoint` into this rank's part of `model`."""
+    """Copy every key-map tensor of `checkpoint` (text stack and carried vision tower) into this rank's part of
+    `model`."""
     params = dict(model.named_parameters()) | dict(model.named_buffers())
     layer_index = {layer.layer_number - 1: i for i, layer in enumerate(model.decoder.layers)}
     ep_rank = parallel_state.get_expert_model_parallel_rank()
     local_experts = config.num_moe_experts // parallel_state.get_expert_model_parallel_world_size()
     loaded: set[str] = set()
     for mapping in model_mappings(config):
-        hf = {key: checkpoint.text_tensor(key) for key in mapping.hf_keys}
+        hf = {key: checkpoint.tensor(key) for key in mapping.hf_keys}
         try:
             converted = mapping.to_megatron(hf)
         except RuntimeError as error:  # a view/cat that does not fit the config's geometry
@@ -223,9 +296,13 @@ def load_hf_weights(model: torch.nn.Module, checkpoint: HFCheckpoint, config: BD
                         f"{checkpoint.path}: tensor for {mapping.hf_keys} has shape {tuple(full.shape)}, which does not "
                         f"fit {name} (this rank's shard {tuple(target.shape)})"
                     )
+                if is_carried(name) and shard.dtype != target.dtype:  # carried tensors are never cast
+                    raise ValueError(f"{checkpoint.path}: {mapping.hf_keys[0]} is stored as {shard.dtype}, but the "
+                                     f"model carries its vision tensors as {target.dtype} (vision_dtype)")
                 target.copy_(shard)
                 loaded.add(local)
-    missing = [name for name in dict(model.named_parameters()) if name not in loaded]
+    expected = [*dict(model.named_parameters()), *(name for name, _ in model.named_buffers() if is_carried(name))]
+    missing = [name for name in expected if name not in loaded]
     if missing:
         raise ValueError(
             f"{checkpoint.path}: no checkpoint tensor maps to the model parameters {missing[:10]}"

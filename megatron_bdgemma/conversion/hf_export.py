@@ -12,10 +12,14 @@ the shard size.
 
 The text stack goes to `model.decoder.*`. `transformers` ties the encoder tree to it, except each layer's
 `layer_scalar`, which is a buffer: it is written twice (`model.encoder.language_model.layers.N.layer_scalar` too),
-because a missing encoder copy loads as uninitialised memory. The vision tower was dropped on import; `config.json`
-keeps the source's vision config, so `transformers` initialises the tower randomly on load (text generation does not
-use it). A text-only model (trained from a preset) gets `MINIMAL_VISION`: `DiffusionGemmaForBlockDiffusion` always
-builds a tower, and the default one (16 layers, 768 wide) would add 167M random parameters to a tiny model.
+because a missing encoder copy loads as uninitialised memory.
+
+The vision tower and embedder the model carries (`megatron_bdgemma.vision`) go to `model.encoder.vision_tower.*` /
+`model.encoder.embed_vision.*` byte for byte, in the dtype they were stored in (`--dtype` casts the text stack only),
+with their vision config. A text-only model (trained from a preset, or converted from a text-only Gemma 4) has none,
+but `DiffusionGemmaForBlockDiffusion` always builds a tower: it gets `MINIMAL_VISION` with every tensor zero (an image
+embeds to zero), so `transformers` loads it with no missing weights and nothing initialised at random, and the
+default tower (16 layers, 768 wide, 167M parameters) does not swell a tiny model.
 """
 
 from __future__ import annotations
@@ -32,25 +36,24 @@ from typing import Any, BinaryIO
 import torch
 
 from megatron_bdgemma.config import FULL, BDGemmaConfig
+from megatron_bdgemma.conversion.hf_checkpoint import INDEX_FILE, SAFETENSORS_DTYPES, VISION_PREFIXES, hf_prefixes
 from megatron_bdgemma.conversion.keymap import Mapping, model_mappings
 from megatron_bdgemma.conversion.megatron_checkpoint import (
-    SAFETENSORS_DTYPES,
     CheckpointLayout,
     ConversionError,
     Log,
     check_output_apart,
     checkpoint_model_config,
-    layer_of,
     read_extra,
     resolve_checkpoint_dir,
     staged_output,
+    stream_group,
 )
+from megatron_bdgemma.vision import CARRIED_PREFIX, is_carried, is_vision_name, vision_dtype, vision_tensor_shapes
 
-DECODER, ENCODER = "model.decoder.", "model.encoder.language_model."
-INDEX_FILE = "model.safetensors.index.json"
 _DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 # Checkpoint keys of model tensors; anything else (optimizer state) is not exported.
-_MODEL_KEY_PREFIXES = ("embedding.", "decoder.", "output_layer.", "self_conditioning.")
+_MODEL_KEY_PREFIXES = ("embedding.", "decoder.", "output_layer.", "self_conditioning.", CARRIED_PREFIX)
 # DiffusionGemma's sampling defaults (docs/design.md §10; the released checkpoint's generation_config.json).
 GENERATION_DEFAULTS = dict(max_new_tokens=256, max_denoising_steps=48, t_min=0.4, t_max=0.8, stability_threshold=1,
                            confidence_threshold=0.005)
@@ -59,7 +62,8 @@ MINIMAL_VISION: dict[str, Any] = dict(
     model_type="gemma4_vision", hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
     num_key_value_heads=1, head_dim=8, patch_size=1, pooling_kernel_size=1, position_embedding_size=1,
 )
-"""A one-layer, 8-wide vision tower (about 1K parameters plus an `H × 8` projection), written for text-only models."""
+"""A one-layer, 8-wide vision tower (about 1K parameters plus an `H × 8` projection), written as zeros for text-only
+models."""
 
 Entry = tuple[str, tuple[int, ...], torch.dtype]
 
@@ -169,10 +173,10 @@ def check_exportable(config: BDGemmaConfig) -> None:
 def hf_configs(config: BDGemmaConfig, source: dict[str, Any] | None, dtype: torch.dtype) -> tuple[Any, Any]:
     """(`DiffusionGemmaConfig`, `DiffusionGemmaGenerationConfig`) of `config`.
 
-    Every architecture value comes from `config`. Token ids, the vision config and initialiser settings that
-    `BDGemmaConfig` does not hold come from the HF source the checkpoint was converted from (`source`, recorded in
-    the checkpoint's `extra["converted_from"]`) when there is one, else the vision config is `MINIMAL_VISION`;
-    generation EOS / pad / BOS ids from the source's `generation_config.json`, else the model config.
+    Every architecture value comes from `config`, the vision config too (the carried tower's, else
+    `MINIMAL_VISION`). Token ids and initialiser settings that `BDGemmaConfig` does not hold come from the HF source
+    the checkpoint was converted from (`source`, recorded in the checkpoint's `extra["converted_from"]`) when there is
+    one; generation EOS / pad / BOS ids from the source's `generation_config.json`, else the model config.
     """
     from transformers import DiffusionGemmaConfig
     from transformers.models.diffusion_gemma import DiffusionGemmaTextConfig
@@ -207,7 +211,7 @@ def hf_configs(config: BDGemmaConfig, source: dict[str, Any] | None, dtype: torc
     top = {key: source_config[key] for key in ("boi_token_id", "eoi_token_id", "image_token_id", "initializer_range")
            if source_config.get(key) is not None}
     hf_config = DiffusionGemmaConfig(
-        text_config=DiffusionGemmaTextConfig(**text), vision_config=source_config.get("vision_config") or MINIMAL_VISION,
+        text_config=DiffusionGemmaTextConfig(**text), vision_config=config.vision_config or MINIMAL_VISION,
         canvas_length=config.canvas_length, tie_word_embeddings=True, **top,
     )
     hf_config.architectures = ["DiffusionGemmaForBlockDiffusion"]
@@ -259,28 +263,42 @@ def _preflight(path: Path, layout: CheckpointLayout) -> None:
 
 
 def _groups(mappings: list[Mapping]) -> list[list[Mapping]]:
-    """Key-map groups read together: one layer each, then the rest (embedding, final norm, self-conditioning)."""
-    groups: dict[int | None, list[Mapping]] = {}
+    """Key-map groups read together (`stream_group`): one layer each, then the rest."""
+    groups: dict[str, list[Mapping]] = {}
     for mapping in mappings:
-        groups.setdefault(layer_of(mapping.megatron_keys[0]), []).append(mapping)
+        groups.setdefault(stream_group(mapping.megatron_keys[0]), []).append(mapping)
     return list(groups.values())
 
 
 def _hf_names(name: str) -> list[str]:
-    """Where one text-stack tensor goes in the HF checkpoint (the encoder's untied `layer_scalar` copy too)."""
-    return [DECODER + name] + ([ENCODER + name] if name.endswith("layer_scalar") else [])
+    """Where one key-map tensor goes in the HF checkpoint (the encoder's untied `layer_scalar` copy too)."""
+    prefixes = hf_prefixes("diffusion_gemma", name)
+    return [prefix + name for prefix in (prefixes if name.endswith("layer_scalar") else prefixes[:1])]
 
 
 def _plan(groups: list[list[Mapping]], layout: CheckpointLayout, dtype: torch.dtype) -> list[Entry]:
-    """Every HF tensor in write order, from the key map run on meta tensors."""
+    """Every HF tensor in write order, from the key map run on meta tensors; the carried vision tensors in their own
+    dtype."""
     plan = []
     for group in groups:
         for mapping in group:
-            meta = {name: torch.empty(layout.shapes[name], dtype=dtype, device="meta")
+            meta = {name: torch.empty(layout.shapes[name], dtype=_dtype_of(name, layout, dtype), device="meta")
                     for name in mapping.megatron_keys}
             for name, tensor in mapping.to_hf(meta).items():
-                plan += [(hf_name, tuple(tensor.shape), dtype) for hf_name in _hf_names(name)]
+                plan += [(hf_name, tuple(tensor.shape), tensor.dtype) for hf_name in _hf_names(name)]
     return plan
+
+
+def _dtype_of(megatron_name: str, layout: CheckpointLayout, dtype: torch.dtype) -> torch.dtype:
+    """The exported dtype of a checkpoint tensor: `dtype`, but a carried vision tensor keeps its own."""
+    return vision_dtype(layout.config) if is_carried(megatron_name) else dtype
+
+
+def _stand_in_vision(config: BDGemmaConfig, dtype: torch.dtype) -> list[Entry]:
+    """The zero `MINIMAL_VISION` tower and embedder of a text-only model (module docstring)."""
+    prefix = VISION_PREFIXES["diffusion_gemma"]
+    shapes = vision_tensor_shapes(MINIMAL_VISION, config.hidden_size)
+    return [(prefix + name, shape, dtype) for name, shape in shapes.items()]
 
 
 def convert_megatron_to_hf(
@@ -313,7 +331,8 @@ def convert_megatron_to_hf(
     config = checkpoint_model_config(path, **({"params_dtype": stored_dtype} if stored_dtype else {}))
     check_exportable(config)
     dtype = dtype or config.params_dtype
-    hf_config, generation_config = hf_configs(config, read_extra(path).get("converted_from"), dtype)
+    source = read_extra(path).get("converted_from")
+    hf_config, generation_config = hf_configs(config, source, dtype)
 
     with staged_output(out, overwrite) as staging:
         log(f"exporting {path} → {out} [{str(dtype).removeprefix('torch.')}]")
@@ -321,19 +340,31 @@ def convert_megatron_to_hf(
         _preflight(path, layout)
         groups = _groups(model_mappings(config))
         plan = _plan(groups, layout, dtype)
-        writer = SafetensorsShardWriter(staging, plan, max_shard_size, log)
+        stand_in = [] if config.vision_config is not None else _stand_in_vision(config, dtype)
+        if stand_in and ((source or {}).get("hf_config") or {}).get("vision_config"):
+            log(f"warning: {path} was converted from a model with a vision tower but holds none of its tensors "
+                "(converted before they were carried); it is exported with the zero stand-in tower: convert the "
+                "source again to keep its vision half")
+        writer = SafetensorsShardWriter(staging, plan + stand_in, max_shard_size, log)
         for group in groups:
             megatron = layout.read(path, [name for mapping in group for name in mapping.megatron_keys])
             for mapping in group:
                 for name, tensor in mapping.to_hf({key: megatron[key] for key in mapping.megatron_keys}).items():
                     for hf_name in _hf_names(name):
-                        writer.write(hf_name, tensor.to(dtype))
+                        writer.write(hf_name, tensor if is_vision_name(name) else tensor.to(dtype))
             del megatron
+        for name, shape, stand_in_dtype in stand_in:
+            writer.write(name, torch.zeros(shape, dtype=stand_in_dtype))
         writer.finish()
         hf_config.save_pretrained(staging)
         generation_config.save_pretrained(staging)
-    report = ExportReport(output=Path(out), dtype=dtype, tensors=len(plan), bytes=sum(_nbytes(e) for e in plan),
+    entries = plan + stand_in
+    report = ExportReport(output=Path(out), dtype=dtype, tensors=len(entries), bytes=sum(_nbytes(e) for e in entries),
                           shards=len(writer.files), seconds=time.monotonic() - started)
+    carried = sum(is_carried(mapping.megatron_keys[0]) for group in groups for mapping in group)
+    vision = (f"vision: {carried} tensors carried unchanged ({config.vision_dtype})" if carried
+              else f"vision: none in the checkpoint (a text-only model); wrote the zero stand-in tower "
+                   f"({len(stand_in)} tensors)")
     log(f"wrote {out}: {report.tensors} tensors in {report.shards} shard(s), {report.bytes / 2**20:.1f} MiB in "
-        f"{report.seconds:.1f} s; no vision-tower weights (transformers initialises the tower randomly on load)")
+        f"{report.seconds:.1f} s; {vision}")
     return report

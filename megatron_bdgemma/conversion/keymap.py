@@ -1,7 +1,8 @@
 """The one HF ↔ Megatron key map, used by in-memory loading and by both converter directions.
 
-Names are relative to the text stack on the HF side (`layers.3.self_attn.q_proj.weight`; the checkpoint prefix is
-`hf_prefixes()`'s business) and full Megatron names on ours (local spec, unsharded). Each `Mapping` turns one
+Names are relative to the text stack on the HF side (`layers.3.self_attn.q_proj.weight`), or to the vision prefix for
+the carried vision tower (`vision_tower.…`, `embed_vision.…`; the checkpoint prefix is `hf_checkpoint.hf_prefixes()`'s
+business), and full Megatron names on ours (local spec, unsharded). Each `Mapping` turns one
 group of HF tensors into one group of Megatron tensors and back; the two directions sit side by side so they
 cannot drift apart. Groups are small (one layer's experts at most), which keeps streaming conversion bounded.
 """
@@ -14,6 +15,7 @@ import torch
 
 from megatron_bdgemma.config import BDGemmaConfig
 from megatron_bdgemma.layers.layer import LAYER_NORMS
+from megatron_bdgemma.vision import CARRIED_PREFIX, vision_tensor_shapes
 
 Tensors = dict[str, torch.Tensor]
 
@@ -135,8 +137,16 @@ def layer_mappings(config: BDGemmaConfig, i: int) -> list[Mapping]:
     return maps
 
 
+def vision_mappings(config: BDGemmaConfig) -> list[Mapping]:
+    """The carried vision tensors (`vision.VisionWeights`): each HF tensor as is, under `vision.` + its HF name."""
+    if config.vision_config is None:
+        return []
+    names = vision_tensor_shapes(config.vision_config, config.hidden_size)
+    return [Mapping((name,), (CARRIED_PREFIX + name,)) for name in names]
+
+
 def model_mappings(config: BDGemmaConfig) -> list[Mapping]:
-    """Every mapping of the text stack, in checkpoint order (embedding, layers, final norm, self-conditioning)."""
+    """Every mapping of the model, in checkpoint order (embedding, layers, final norm, self-conditioning, vision)."""
     maps = [Mapping(("embed_tokens.weight",), ("embedding.word_embeddings.weight",))]
     for i in range(config.num_layers):
         maps += layer_mappings(config, i)
@@ -150,4 +160,4 @@ def model_mappings(config: BDGemmaConfig) -> list[Mapping]:
             ),
             Mapping(("self_conditioning.down_proj.weight",), ("self_conditioning.mlp.linear_fc2.weight",)),
         ]
-    return maps
+    return maps + vision_mappings(config)

@@ -41,9 +41,16 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint import save as dcp_save
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 
-from megatron_bdgemma.config import BDGemmaConfig, config_from_hf
-from megatron_bdgemma.conversion.hf_checkpoint import DROPPED, LM_HEAD, TEXT_PREFIXES, HFCheckpoint
+from megatron_bdgemma.config import BDGemmaConfig
+from megatron_bdgemma.conversion.hf_checkpoint import (
+    LM_HEAD,
+    SAFETENSORS_DTYPES,
+    VISION_PREFIXES,
+    HFCheckpoint,
+    hf_prefixes,
+)
 from megatron_bdgemma.conversion.keymap import Mapping, Tensors, model_mappings
+from megatron_bdgemma.vision import is_carried, vision_dtype
 
 if TYPE_CHECKING:
     from megatron_bdgemma.model import BDGemmaModel
@@ -62,8 +69,8 @@ _ARCHITECTURE_FIELDS = (
 _PLAIN = (bool, int, float, str, type(None))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 """`--dtype` choices of the tools."""
-SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_VISION_LAYER = re.compile(r"^vision\.vision_tower\.encoder\.layers\.(\d+)\.")
 
 
 class ConversionError(ValueError):
@@ -332,10 +339,17 @@ def _chunk(piece: Any) -> Chunk:
     )
 
 
-def layer_of(megatron_key: str) -> int | None:
-    """The layer index of a Megatron key, None for the embedding, final norm and self-conditioning."""
-    match = _LAYER.match(megatron_key)
-    return int(match.group(1)) if match else None
+def stream_group(megatron_key: str) -> str:
+    """The group a checkpoint tensor is streamed with (read together on export, written to one file on import): a
+    text layer, a vision-tower layer, the rest of the vision tower with its embedder, or the rest of the text model.
+    Groups bound the converters' memory: torch's writer keeps every tensor of a file alive until the file is closed."""
+    if match := _LAYER.match(megatron_key):
+        return f"layer {match.group(1)}"
+    if match := _VISION_LAYER.match(megatron_key):
+        return f"vision layer {match.group(1)}"
+    if is_carried(megatron_key):
+        return "vision tower outside its layers, vision embedder"
+    return "embedding, final norm, self-conditioning"
 
 
 # ---- streaming save -------------------------------------------------------------------------------------------
@@ -392,7 +406,7 @@ def _planner(source: _ChunkSource) -> SavePlanner:
 
 
 class _FilePerLayerWriter(FileSystemWriter):
-    """torch's file writer, one `.distcp` file per layer (plus one for the rest), in plan order.
+    """torch's file writer, one `.distcp` file per `stream_group` (a layer, or the rest), in plan order.
 
     torch holds every tensor of a file until the file is closed; a file per layer bounds that to one layer.
     """
@@ -402,16 +416,15 @@ class _FilePerLayerWriter(FileSystemWriter):
         self.log = log
 
     def write_data(self, plan: SavePlan, planner: SavePlanner):
-        groups: dict[int | None, list[WriteItem]] = {}
+        groups: dict[str, list[WriteItem]] = {}
         for item in plan.items:
-            groups.setdefault(layer_of(item.index.fqn), []).append(item)
+            groups.setdefault(stream_group(item.index.fqn), []).append(item)
         results = []
-        for number, (layer, items) in enumerate(groups.items()):
+        for number, (what, items) in enumerate(groups.items()):
             started = time.monotonic()
             prefix = dataclasses.replace(plan.storage_data, prefix=f"{plan.storage_data.prefix}{number}_")
             results += super().write_data(dataclasses.replace(plan, items=items, storage_data=prefix), planner).wait()
             size = sum(_item_bytes(item) for item in items)
-            what = f"layer {layer}" if layer is not None else "embedding, final norm, self-conditioning"
             self.log(f"  [{number + 1}/{len(groups)}] {what}: {len(items)} chunks, {size / 2**20:.1f} MiB "
                      f"({time.monotonic() - started:.1f} s)")
         future = torch.futures.Future()
@@ -473,24 +486,11 @@ class ImportReport:
     dtype: torch.dtype
     tensors: int
     bytes: int
-    dropped: list[str] = field(default_factory=list)
+    carried: list[str] = field(default_factory=list)
+    """The source's vision-tower and embedder keys, stored unchanged (`megatron_bdgemma.vision`)."""
     merged_copies: list[str] = field(default_factory=list)
     self_conditioning_initialised: bool = False
     seconds: float = 0.0
-
-
-def _headers(checkpoint: HFCheckpoint) -> dict[str, tuple[tuple[int, ...], str]]:
-    """{key: (shape, safetensors dtype)} from the files' headers, without reading tensor data."""
-    from safetensors import safe_open
-
-    info: dict[str, tuple[tuple[int, ...], str]] = {}
-    for file in sorted(set(checkpoint.key_files.values())):
-        with safe_open(file, "pt") as handle:
-            for key in handle.keys():
-                if checkpoint.key_files.get(key) == file:
-                    piece = handle.get_slice(key)
-                    info[key] = (tuple(piece.get_shape()), piece.get_dtype())
-    return info
 
 
 def check_layout(config: BDGemmaConfig, tp: int, ep: int, pp: int) -> None:
@@ -510,17 +510,18 @@ def check_layout(config: BDGemmaConfig, tp: int, ep: int, pp: int) -> None:
         raise ConversionError(f"the model does not fit TP={tp} EP={ep} PP={pp}:\n  - " + "\n  - ".join(problems))
 
 
-def _preflight(checkpoint: HFCheckpoint, headers: dict[str, tuple[tuple[int, ...], str]], mappings: list[Mapping],
-               layout: CheckpointLayout) -> list[str]:
-    """Check names and shapes of every tensor from the `_headers` alone; return the duplicate (encoder) keys merged.
+def _preflight(checkpoint: HFCheckpoint, mappings: list[Mapping], layout: CheckpointLayout) -> list[str]:
+    """Check names and shapes of every tensor from the safetensors headers alone; return the duplicate (encoder) keys
+    merged.
 
     Missing, mis-shaped or unexpected tensors stop the conversion here, before anything is read or written.
     """
-    prefixes = TEXT_PREFIXES[checkpoint.model_type]
+    headers = checkpoint.headers
     read, merged = set(), []
     for mapping in mappings:
         meta = {}
         for name in mapping.hf_keys:
+            prefixes = hf_prefixes(checkpoint.model_type, name)
             keys = [prefix + name for prefix in prefixes if prefix + name in headers]
             if not keys:
                 raise ConversionError(f"{checkpoint.path}: missing tensor {prefixes[0] + name}")
@@ -534,7 +535,7 @@ def _preflight(checkpoint: HFCheckpoint, headers: dict[str, tuple[tuple[int, ...
                 raise ConversionError(f"{checkpoint.path}: {keys[0]} is stored as {dtype}; a floating-point tensor "
                                       f"({'/'.join(SAFETENSORS_DTYPES)}) is expected")
             meta[name] = torch.empty(shape, dtype=SAFETENSORS_DTYPES[dtype], device="meta")
-        shapes = {prefixes[0] + name: tuple(t.shape) for name, t in meta.items()}
+        shapes = {hf_prefixes(checkpoint.model_type, name)[0] + name: tuple(t.shape) for name, t in meta.items()}
         try:
             converted = mapping.to_megatron(meta)
         except RuntimeError as error:
@@ -551,7 +552,7 @@ def _preflight(checkpoint: HFCheckpoint, headers: dict[str, tuple[tuple[int, ...
         except ValueError as error:
             raise ConversionError(str(error)) from error
         read.add(LM_HEAD)
-    unexpected = sorted(key for key in headers if key not in read and not DROPPED.match(key))
+    unexpected = sorted(key for key in headers if key not in read)
     if unexpected:
         more = f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else ""
         raise ConversionError(f"{checkpoint.path}: unexpected tensors {unexpected[:10]}{more}")
@@ -573,12 +574,19 @@ def _fresh_self_conditioning(config: BDGemmaConfig, seed: int) -> Tensors:
             if isinstance(tensor, torch.Tensor)}
 
 
-def _drop_summary(dropped: list[str], merged: list[str]) -> str:
-    groups = Counter(".".join(key.split(".")[:3]) if key.startswith("model.") else key for key in dropped)
-    parts = [f"{count} × {name}.*" for name, count in sorted(groups.items())]
+def _source_summary(checkpoint: HFCheckpoint, carried: list[str], config: BDGemmaConfig, merged: list[str]) -> str:
+    """One line on what the source holds besides the text stack: the vision tensors carried, the copies merged."""
+    if carried:
+        prefix = VISION_PREFIXES[checkpoint.model_type]
+        groups = Counter(prefix + key.removeprefix(prefix).split(".")[0] for key in carried)
+        vision = (", ".join(f"{count} × {name}.*" for name, count in sorted(groups.items(), reverse=True))
+                  + f" carried unchanged ({config.vision_dtype})")
+    else:
+        vision = "none (a text-only model)"
+    parts = [f"vision: {vision}"]
     if merged:
-        parts.append(f"{len(merged)} duplicate encoder copies (model.encoder.language_model.*, checked equal)")
-    return "dropped: " + ("; ".join(parts) if parts else "nothing")
+        parts.append(f"merged: {len(merged)} duplicate encoder copies (model.encoder.language_model.*, checked equal)")
+    return "; ".join(parts)
 
 
 def convert_hf_to_megatron(
@@ -607,19 +615,18 @@ def convert_hf_to_megatron(
     ensure_model_parallel()
     try:
         checkpoint = HFCheckpoint(hf_path)
-        hf_config = checkpoint.hf_config()
     except (ValueError, FileNotFoundError) as error:
         raise ConversionError(str(error)) from error
     is_diffusion = checkpoint.model_type == "diffusion_gemma"
-    headers = _headers(checkpoint)
+    headers = checkpoint.headers
     if dtype is None:  # the source's own dtype, read off its embedding
         embedding = next((key for key in headers if key.endswith("embed_tokens.weight")), None)
         dtype = SAFETENSORS_DTYPES.get(headers[embedding][1], torch.float32) if embedding else torch.float32
     try:
-        config = config_from_hf(hf_config, params_dtype=dtype, bf16=dtype == torch.bfloat16,
-                                fp16=dtype == torch.float16, self_conditioning=True, **config_overrides)
+        config = checkpoint.model_config(params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+                                         self_conditioning=True, **config_overrides)
     except ValueError as error:
-        raise ConversionError(f"{checkpoint.path}: {error}") from error
+        raise ConversionError(str(error)) from error
     check_layout(config, tp, ep, pp)
     check_output_apart(out, checkpoint.path)
     mappings = model_mappings(config)
@@ -630,9 +637,10 @@ def convert_hf_to_megatron(
     with staged_output(out, overwrite) as staging:
         log(f"converting {checkpoint.path} ({checkpoint.model_type}) → {out} [{str(dtype).removeprefix('torch.')}]")
         layout = CheckpointLayout(config)
-        merged = _preflight(checkpoint, headers, from_source, layout)
-        dropped = checkpoint.dropped()
-        log(_drop_summary(dropped, merged))
+        merged = _preflight(checkpoint, from_source, layout)
+        carried = [hf_prefixes(checkpoint.model_type, m.hf_keys[0])[0] + m.hf_keys[0]
+                   for m in mappings if is_carried(m.megatron_keys[0])]
+        log(_source_summary(checkpoint, carried, config, merged))
         fresh_tensors = _fresh_self_conditioning(config, seed) if fresh else {}
         if fresh:
             log(f"self-conditioning: {checkpoint.model_type} has no self-conditioning module; it is freshly "
@@ -643,10 +651,11 @@ def convert_hf_to_megatron(
                 tensors = {name: fresh_tensors[name] for name in mapping.megatron_keys}
             else:
                 try:
-                    tensors = mapping.to_megatron({name: checkpoint.text_tensor(name) for name in mapping.hf_keys})
+                    tensors = mapping.to_megatron({name: checkpoint.tensor(name) for name in mapping.hf_keys})
                 except ValueError as error:  # untied encoder copies that differ
                     raise ConversionError(str(error)) from error
-            return {name: tensor.to(dtype) for name, tensor in tensors.items()}
+            # The carried vision tensors keep the source's bytes, whatever `dtype` the text stack is stored in.
+            return {name: tensor if is_carried(name) else tensor.to(dtype) for name, tensor in tensors.items()}
 
         extra = {
             "model_config": model_config_to_dict(config),
@@ -660,9 +669,10 @@ def convert_hf_to_megatron(
         }
         save_streaming(staging, layout, mappings, produce, extra, log)
     chunks = [chunk for chunks in layout.chunks.values() for chunk in chunks]
+    itemsize = {False: dtype.itemsize, True: vision_dtype(config).itemsize}
     report = ImportReport(
         output=Path(out), source_model_type=checkpoint.model_type, dtype=dtype, tensors=len(layout.chunks),
-        bytes=sum(torch.Size(c.sizes).numel() for c in chunks) * dtype.itemsize, dropped=dropped,
+        bytes=sum(torch.Size(c.sizes).numel() * itemsize[is_carried(c.key)] for c in chunks), carried=carried,
         merged_copies=merged, self_conditioning_initialised=bool(fresh), seconds=time.monotonic() - started,
     )
     log(f"wrote {out}: {report.tensors} tensors, {report.bytes / 2**20:.1f} MiB in {report.seconds:.1f} s "

@@ -13,7 +13,9 @@ norm and the tied copy of the embedding, the LM head (last stage). The plan repo
 worst one.
 
 Bytes per rank (Megatron DDP with `grad_reduce_in_fp32`, Adam):
-- weights: 2 B/param with `train.bf16`, else 4; frozen parameters (the router) included;
+- weights: 2 B/param with `train.bf16`, else 4; frozen parameters (the router) included; plus, on the first stage,
+  the carried vision tower (`megatron_bdgemma.vision`: buffers in their stored dtype, not parameters, so not in the
+  parameter counts, which stay equal to transformers' text model);
 - gradients: 4 B per trainable param (the fp32 main-grad buffer);
 - optimizer: exp_avg + exp_avg_sq (8 B) plus an fp32 master copy with bf16 weights (4 B), per trainable param;
   with the distributed optimizer divided by the data-parallel size that reduces the parameter (dense: DP =
@@ -50,6 +52,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_bdgemma.training.config import RunConfig
+from megatron_bdgemma.vision import is_carried
 
 GIB = 2**30
 USABLE_FRACTION = 0.9
@@ -145,6 +148,12 @@ def _count(chunks: list[torch.nn.Module]) -> ParamCounts:
             if not param.requires_grad:
                 counts.frozen += n
     return counts
+
+
+def _carried_bytes(chunks: list[torch.nn.Module]) -> int:
+    """Bytes of the vision tensors the chunks carry (the first stage's; none without a vision tower)."""
+    return sum(tensor.numel() * tensor.element_size()
+               for chunk in chunks for name, tensor in chunk.named_buffers() if is_carried(name))
 
 
 def _activation_bytes(run: RunConfig, config, tokens_s: int, tokens_r: int, *, chunk_layers: int, in_flight: int,
@@ -261,7 +270,8 @@ def plan_run(run: RunConfig, gpus: int) -> Plan:
         stages.append(StagePlan(
             stage=stage, layers=[[layer.layer_number for layer in chunk.decoder.layers] for chunk in chunks],
             params=counts, in_flight=in_flight,
-            weight_bytes=counts.total * weight_b, grad_bytes=(counts.total - counts.frozen) * 4,
+            weight_bytes=counts.total * weight_b + _carried_bytes(chunks),
+            grad_bytes=(counts.total - counts.frozen) * 4,
             optimizer_bytes_distributed=trainable_dense * optimizer_b // dp + counts.expert * optimizer_b // expert_dp,
             optimizer_bytes_plain=(trainable_dense + counts.expert) * optimizer_b,
             activation_bytes=_activation_bytes(

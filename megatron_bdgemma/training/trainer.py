@@ -26,8 +26,8 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_bdgemma.config import PRESETS, BDGemmaConfig, config_from_hf
-from megatron_bdgemma.conversion.hf_checkpoint import HFCheckpoint, load_hf_weights
+from megatron_bdgemma.config import PRESETS, BDGemmaConfig
+from megatron_bdgemma.conversion.hf_checkpoint import HFCheckpoint, hf_model_config, load_hf_weights
 from megatron_bdgemma.conversion.megatron_checkpoint import model_config_from_dict, model_config_to_dict, read_extra
 from megatron_bdgemma.diffusion import DiffusionBatch, NoisedCanvas, noise_batch
 from megatron_bdgemma.model import BDGemmaModel, TrainingOutput
@@ -89,9 +89,7 @@ def build_model_config(run: RunConfig) -> BDGemmaConfig:
             raise ValueError(f"{source}: the checkpoint does not record its model config (extra['model_config'])")
         return model_config_from_dict(extra["model_config"], **(megatron | run.model.overrides))
     if run.model.hf:  # the shape needs config.json only (tools/plan.py plans from it); weights load in `setup`
-        from transformers import AutoConfig
-
-        return config_from_hf(AutoConfig.from_pretrained(run.model.hf, local_files_only=True), **(megatron | run.model.overrides))
+        return hf_model_config(run.model.hf, **(megatron | run.model.overrides))
     if run.model.preset not in PRESETS:
         raise ValueError(f"model.preset {run.model.preset!r} is unknown; choose from {sorted(PRESETS)}")
     return PRESETS[run.model.preset](**(megatron | run.model.overrides))
