@@ -1,7 +1,7 @@
 """Contract of HF ↔ Megatron conversion (tools/convert_hf_to_megatron.py, tools/convert_megatron_to_hf.py).
 
 - HF DiffusionGemma → Megatron → HF gives the original tensors back (the effective `down_proj · per_expert_scale`,
-  `per_expert_scale = 1`, both `layer_scalar` copies) and the logits of the model with those effective tensors
+  `per_expert_scale = 1`, both `layer_scalar` copies, the vision tower bit-identical) and the logits of the model with those effective tensors
   within 1e-5; the export loads in `transformers`, `generate` runs, and its logits equal our model's within 1e-4.
 - The converted checkpoint loads at TP=2 and EP=2 (2 gloo processes) with exactly the shards of loading the HF
   source directly there and the 1-process logits, and at PP=2 with the 1-process parameters; a checkpoint re-saved

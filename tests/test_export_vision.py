@@ -146,6 +146,15 @@ def test_text_only_export_is_text_only_and_loads_without_missing_keys(tmp_path, 
     # The stand-in adds ~1K parameters and its projection H × 8; encoder and decoder share one text stack.
     assert ours < theirs <= ours + 2_000 + 8 * model.config.hidden_size, (theirs, ours)
 
+    # A checkpoint converted before the tower was carried records a source vision config but holds no tower: said.
+    legacy = {"model_config": model_config_to_dict(model.config),
+              "converted_from": {"hf_config": {"vision_config": TINY_VISION}}}
+    save_checkpoint(tmp_path / "legacy", 1, model, extra=legacy)
+    lines.clear()
+    convert_megatron_to_hf(tmp_path / "legacy", tmp_path / "legacy_hf", log=lines.append)
+    assert any(line.startswith("warning: ") and "holds none of its tensors" in line for line in lines), lines
+    assert len(hf_models.vision_tensors(_tensors(tmp_path / "legacy_hf"))) == 16
+
 
 def test_export_takes_the_vision_config_of_the_carried_tower(model_parallel):
     """The vision config comes from the model's own record, not from the source: a checkpoint converted before the

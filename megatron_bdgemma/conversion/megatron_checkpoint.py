@@ -12,11 +12,12 @@ check that the target layout fits the model).
 Streaming: the model is built on the meta device only to learn the checkpoint's keys, shapes and chunks; Megatron's
 own `dist_checkpointing.save` then writes it through a strategy whose planner produces each chunk on demand from
 its key-map group (HF tensors read one at a time) and drops the group once its last chunk is written. Each layer
-goes to its own file, because torch's writer keeps every tensor of an open file alive until the file is closed.
-Peak memory is therefore about two copies of the largest group (one layer's experts), not the model.
+(text or vision tower, `stream_group`) goes to its own file, because torch's writer keeps every tensor of an open file
+alive until the file is closed. Peak memory is therefore about two copies of the largest group (one layer's
+experts), not the model.
 
-The checkpoint's `extra` holds the model config (`model_config_to_dict`) so the model can be rebuilt from the
-checkpoint alone.
+The checkpoint's `extra` holds the model config (`model_config_to_dict`, the carried vision tower's config and dtype
+included) so the model can be rebuilt from the checkpoint alone.
 """
 
 from __future__ import annotations
