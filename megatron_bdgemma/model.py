@@ -95,7 +95,7 @@ class BDGemmaModel(GPTModel):
         if config.self_conditioning and pre_process:
             self.self_conditioning = SelfConditioning(config, get_glu_mlp_submodules(backend))
         if config.vision_config is not None and pre_process:
-            # Carried unchanged from import to export; images will enter the encoder here (docs/design.md §13).
+            # Carried unchanged from import to export; images will enter the encoder here (docs/design.md §9).
             self.vision = VisionWeights(config)
         if config.freeze_router:
             self.freeze_router()

@@ -4,7 +4,7 @@ A DiffusionGemma checkpoint holds, besides the text stack, a vision tower (`mode
 transformers `Gemma4VisionModel`) and the embedder that projects its output into the text embedding space
 (`model.encoder.embed_vision.*`); Gemma 4 multimodal checkpoints hold the same two under `model.`. Training does not
 use images yet, but a model converted from such a checkpoint, trained and exported must give them back, byte for
-byte. `VisionWeights`, on the first pipeline stage (where images will enter the encoder, docs/design.md §13), holds
+byte. `VisionWeights`, on the first pipeline stage (where images will enter the encoder, docs/design.md §9), holds
 every such tensor under its HF name (`vision_tower.patch_embedder.input_proj.weight`) as a persistent buffer in the
 dtype it was stored in:
 - buffers get no gradient, are in no optimizer and nothing in training writes them;
@@ -68,6 +68,7 @@ def vision_tensor_shapes(vision_config: dict[str, Any], text_hidden_size: int) -
 
 
 def vision_dtype(config: BDGemmaConfig) -> torch.dtype:
+    """The torch dtype of the carried tensors (`config.vision_dtype` names it)."""
     return getattr(torch, config.vision_dtype)
 
 
