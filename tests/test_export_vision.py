@@ -7,6 +7,9 @@
   the text stack but saves the vision tensors unchanged, and each checkpoint exports them bit-identical.
 - A text-only model stays text-only: its export holds the zero `MINIMAL_VISION` stand-in (no missing keys, about
   our size), and a vision config recorded by a source is used only when its tensors are carried.
+- A Gemma 4 multimodal source carries its tower too; an audio tower, missing, unexpected, mis-shaped or mixed-dtype
+  vision tensors, and a checkpoint whose carried tensor changed dtype are refused by name.
+- The planner counts the carried bytes in the first stage's weights, not in the parameters.
 """
 
 from __future__ import annotations
@@ -245,3 +248,25 @@ def test_planner_counts_the_carried_bytes_not_parameters(vision_source, model_pa
     stored = sum(t.numel() * t.element_size() for t in source.values())
     assert _carried_bytes([model]) == stored > 1_000_000 and _carried_bytes([text_only]) == 0
     assert _count([model]) == _count([text_only])
+
+
+def test_export_refuses_a_carried_tensor_of_another_dtype(vision_source, tmp_path, model_parallel):
+    """Reading would cast it to the recorded dtype, so the export would no longer hold the source's bytes."""
+    from megatron_bdgemma.conversion.hf_export import convert_megatron_to_hf
+    from megatron_bdgemma.conversion.megatron_checkpoint import (
+        ConversionError,
+        convert_hf_to_megatron,
+        load_model,
+        model_config_to_dict,
+    )
+    from megatron_bdgemma.training.checkpointing import save_checkpoint
+
+    convert_hf_to_megatron(vision_source, tmp_path / "mg", log=_quiet)
+    model = load_model(tmp_path / "mg")
+    recorded = model_config_to_dict(model.config)
+    projection = model.vision.embed_vision.embedding_projection
+    projection.weight = projection.weight.bfloat16()
+    save_checkpoint(tmp_path / "cast", 0, model, extra={"model_config": recorded})
+    with pytest.raises(ConversionError, match=r"vision\.embed_vision\.embedding_projection\.weight is stored as "
+                                              r"torch\.bfloat16, but the model config records the vision tower as float32"):
+        convert_megatron_to_hf(tmp_path / "cast", tmp_path / "hf", log=_quiet)

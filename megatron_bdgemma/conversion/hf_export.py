@@ -260,6 +260,10 @@ def _preflight(path: Path, layout: CheckpointLayout) -> None:
     for key, shape in layout.global_shapes.items():
         if stored[key] != shape:
             raise ConversionError(f"{path}: tensor {key} has shape {stored[key]}, but the model config needs {shape}")
+        # Reading would cast a carried tensor to the recorded dtype: its bytes would not be the source's.
+        if is_carried(key) and metadata[key].dtype != vision_dtype(layout.config):
+            raise ConversionError(f"{path}: tensor {key} is stored as {metadata[key].dtype}, but the model config "
+                                  f"records the vision tower as {layout.config.vision_dtype}")
 
 
 def _groups(mappings: list[Mapping]) -> list[list[Mapping]]:
