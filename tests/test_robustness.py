@@ -426,8 +426,8 @@ def test_disk_full_during_a_save_names_the_directory_and_keeps_the_last_checkpoi
 
     monkeypatch.setattr(filesystem_async, "_write_item", no_space)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: namedtuple("usage", "total used free")(1 << 30, 1 << 30, 0))
-    with pytest.raises(OSError, match=rf"no space left on {tmp_path} while saving iter_0000002 \(0\.0 MiB free, this "
-                                      rf"rank's part needs [\d.]+ MiB\): removed the partial iter_0000002\.tmp; "
+    with pytest.raises(OSError, match=rf"no space left on {tmp_path} while saving iter_0000002 \(0\.0 MiB free, the "
+                                      rf"checkpoint needs [\d.]+ MiB\): removed the partial iter_0000002\.tmp; "
                                       rf"{tmp_path}/iter_0000001 is kept") as error:
         save_checkpoint(tmp_path, 2, model)
     assert error.value.errno == errno.ENOSPC

@@ -5,6 +5,7 @@ is CLI behaviour."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -129,6 +130,24 @@ def test_a_requeued_job_starts_over_only_before_its_first_checkpoint(tmp_path, m
     _refused(root, rf"already holds a run \(checkpoints iter_0000001; .*resume it with --load {root},")
 
 
+def test_without_file_locks_the_run_starts_and_says_what_is_not_guarded(tmp_path, monkeypatch, capsys):
+    """Lustre without `-o flock` answers flock with ENOSYS: the run goes on unlocked, with one warning; the checks on
+    the directory's contents still apply."""
+    import fcntl
+
+    def no_locks(*args):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    root = tmp_path / "run"
+    held = claim(root)
+    assert held.lock is None and _record(root)["run_id"] == held.run_id
+    held.release()
+    assert capsys.readouterr().err == (f"warning: {root}/{LOCK} cannot be locked (Function not implemented): a second "
+                                       f"run started into {root} while this one runs would not be refused\n")
+    _refused(root, "already holds a run that has no complete checkpoint")
+
+
 def test_load_without_latest_names_the_checkpoints_it_found(tmp_path):
     from megatron_bdgemma.training.resume import resume_run_config
 
@@ -244,7 +263,7 @@ def test_cli_a_full_disk_and_a_read_only_save_are_named(tmp_path, tmpfs, model_p
     root = tmpfs("full", "size=5m") / "run"
     done = _cli(tmp_path, "train.steps=3", "checkpoint.interval=1", f"checkpoint.save={root}")
     assert done.returncode != 0 and f"saved checkpoint {root}/iter_0000001" in done.stdout, done.stderr[-3000:]
-    assert re.search(rf"no space left on {root} while saving iter_0000002 \([\d.]+ MiB free, this rank's part needs "
+    assert re.search(rf"no space left on {root} while saving iter_0000002 \([\d.]+ MiB free, the checkpoint needs "
                      rf"[\d.]+ MiB\): removed the partial iter_0000002\.tmp; {root}/iter_0000001 is kept$",
                      _last_line(done)), done.stderr[-3000:]
     assert _listing(root) == ["iter_0000001", "latest", OWNER, LOCK]

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.dict_utils import nested_values
-from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
 
 from megatron_bdgemma.training.run_dir import STAGING, checkpoint_name, latest_checkpoint, locate_checkpoint, publish
 
@@ -189,16 +189,19 @@ def save_checkpoint(
     _barrier()
     state = _sharded_state(_chunks(model), optimizer, is_loading=False, optimizer_format=optimizer_format)
     state["extra"] = extra or {}
+    needed = _bytes_to_write(state)
     try:
         dist_checkpointing.save(state, str(staging))
     except BaseException as error:  # torch's CheckpointException is a BaseException
-        free, needed = _free_bytes(root), _bytes_to_write(state)  # before the partial save is removed
+        # Whether or not rank 0 has removed the partial save yet, a file system with less free space than the whole
+        # checkpoint could not have held it: every rank reaches the same verdict without another collective.
+        free = _free_bytes(root)
         if rank0:
             shutil.rmtree(staging, ignore_errors=True)  # every rank has failed too: DCP gathers the failures
         if _is_disk_full(error) or free < needed:
             previous = latest_checkpoint(root)
             raise OSError(errno.ENOSPC, f"no space left on {root} while saving {checkpoint_name(step)} ({_mib(free)} "
-                          f"free, this rank's part needs {_mib(needed)}): removed the partial {staging.name}; "
+                          f"free, the checkpoint needs {_mib(needed)}): removed the partial {staging.name}; "
                           f"{f'{previous} is kept' if previous else 'no earlier checkpoint exists'}") from error
         raise
     _barrier()
@@ -231,12 +234,19 @@ def _free_bytes(root: Path) -> int | float:
 
 
 def _bytes_to_write(state: dict[str, Any]) -> int:
-    """The tensor bytes this rank writes for `state`. A save that failed with less than this free on the file system
-    ran out of space, whatever the writer reported: megatron-core's writer process keeps only the class of its
-    error, and torch's file writer turns a short write into `RuntimeError: [enforce fail at inline_container.cc]`."""
-    tensors = [v.data for v in nested_values(state) if isinstance(v, ShardedTensor) and v.data is not None]
-    tensors += [v for v in nested_values(state) if isinstance(v, torch.Tensor)]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    """The tensor bytes the whole checkpoint of `state` holds (every rank's main replicas; tensors built only while
+    saving are left out, so it errs low). A save that failed with less than this free on the file system ran out of
+    space, whatever the writer reported: megatron-core's writer process keeps only the class of its error, and
+    torch's file writer turns a short write into `RuntimeError: [enforce fail at inline_container.cc]`."""
+    values = list(nested_values(state))
+    sharded = [v.data for v in values if isinstance(v, ShardedTensor) and v.data is not None
+               and is_main_replica(v.replica_id)]
+    plain = [v for v in values if isinstance(v, torch.Tensor)] if not dist.is_initialized() or dist.get_rank() == 0 else []
+    total = torch.tensor([sum(t.numel() * t.element_size() for t in sharded + plain)], dtype=torch.int64,
+                         device=torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return int(total.item())
 
 
 def _mib(size: int) -> str:
