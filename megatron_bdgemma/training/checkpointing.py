@@ -37,6 +37,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_repl
 
 from megatron_bdgemma.training.run_dir import STAGING, checkpoint_name, latest_checkpoint, locate_checkpoint, publish
 
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
