@@ -6,9 +6,11 @@
 
 Positional `section.key=value` arguments override the YAML (values are parsed as YAML).
 
-`--load DIR` resumes the training run in DIR (its save root, or one of its `iter_N` directories) exactly: with the
-run config stored in its checkpoint, saving into DIR; `--config` and overrides apply on top, each change is printed,
-and changes to the data, objective, sample stream or architecture are refused. `--init-from DIR` starts a new run
+`--load DIR` resumes the training run in DIR (its run directory, or one of its `iter_N` checkpoints) exactly: with
+the run config stored in its checkpoint, saving into DIR unless `checkpoint.save=...` is given here (a YAML's does
+not move it); `--config` and overrides apply on top, each change is printed and takes effect (the LR schedule is
+rebuilt from the new values at the checkpoint's step), and changes to the data, objective, sample stream or model
+are refused. `--init-from DIR` starts a new run
 (the `--config` and overrides given) from DIR's model: a checkpoint converted from HF, or another run's (e.g. SFT
 from a pretraining run); optimizer, schedule and step start fresh.
 `--sample PROMPT` generates from the saved model at the end (byte tokenizer runs only).

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import re
 import shutil
 import sys
@@ -69,6 +70,51 @@ def test_load_resumes_the_runs_own_config_and_save_directory(sft_run, capsys):
     assert "train.log_interval: 10 → 100" in capsys.readouterr().out  # each change is printed
 
 
+def _cosine_lr(n: int, *, lr: float, min_lr: float, warmup: int, steps: int) -> float:
+    """The LR after `n` scheduler steps, written out: linear warmup from 0, then cosine decay to `min_lr` at `steps`."""
+    if n <= warmup:
+        return lr * n / warmup
+    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(n - warmup, steps - warmup) / (steps - warmup)))
+
+
+@pytest.mark.parametrize("optimizer", ["optim.distributed_optimizer=true", "optim.distributed_optimizer=false"],
+                         ids=["distributed", "plain"])
+def test_resume_runs_the_schedule_it_prints(tmp_path, model_parallel, capsys, optimizer):
+    """A 3-step run (lr 3e-3 → min_lr 3e-4, warmup 1) extended to 5 steps, and extended with a new lr, min_lr and
+    beta1: the lr each resumed step's optimizer update uses (every param group) is the closed-form schedule of the
+    new config at that step (Megatron's --override-opt_param-scheduler), and the printed lines say so. Before, steps
+    4-5 ran at the old min_lr. A train.steps the run is already past is refused by name."""
+    from megatron_bdgemma.training.resume import resume_run_config
+    from megatron_bdgemma.training.trainer import setup, train, train_step
+
+    root = tmp_path / "run"
+    train(_run(tmp_path, "train.steps=3", f"checkpoint.save={root}", optimizer))
+    capsys.readouterr()
+    for overrides, config in [
+        (["train.steps=5"], dict(lr=3e-3, min_lr=3e-4, beta1=0.95)),
+        (["train.steps=5", "optim.lr=0.001", "optim.min_lr=0.0001", "optim.beta1=0.9"], dict(lr=1e-3, min_lr=1e-4, beta1=0.9)),
+    ]:
+        state = setup(resume_run_config(root / "iter_0000003", None, overrides))
+        try:
+            used = []
+            while state.step < 5:
+                used.append({group["lr"] for group in state.optimizer.param_groups})
+                assert {group["betas"][0] for group in state.optimizer.param_groups} == {config["beta1"]}
+                train_step(state)
+        finally:
+            state.release_run_directory()
+        expected = [_cosine_lr(n, lr=config["lr"], min_lr=config["min_lr"], warmup=1, steps=5) for n in (3, 4)]
+        assert len(used) == 2 and all(len(lrs) == 1 for lrs in used), used
+        assert [lrs.pop() for lrs in used] == pytest.approx(expected, rel=1e-12, abs=0)
+        assert expected[0] > 2 * config["min_lr"]  # not the old schedule's min_lr
+        printed = capsys.readouterr().out
+        assert "train.steps: 3 → 5 (the schedule is rebuilt from step 3)" in printed
+        assert ("optim.lr: 0.003 → 0.001 (the schedule is rebuilt from step 3)" in printed) == (config["lr"] == 1e-3)
+    with pytest.raises(ValueError, match=rf"resuming {root}, saved at step 3, with train\.steps=2: the run is already "
+                                         r"past it; give train\.steps > 3"):
+        train(resume_run_config(root, None, ["train.steps=2"]))
+
+
 def test_cli_load_and_init_from(sft_run, monkeypatch):
     """The job's flags: `--load DIR` alone resumes DIR's SFT run (the default pretraining YAML is not read);
     `--init-from DIR` takes the YAML given and DIR's model; both at once are refused."""
@@ -82,14 +128,20 @@ def test_cli_load_and_init_from(sft_run, monkeypatch):
     runs = []
     monkeypatch.setattr(trainer, "train", runs.append)
     root, _ = sft_run
-    monkeypatch.setattr(sys, "argv", ["pretrain_bdgemma.py", "--load", str(root), "train.steps=8", "--sample", ""])
-    job.main()
+    elsewhere = root.parent / "elsewhere"
+    for args in (["--load", str(root), "train.steps=8"],
+                 # the YAML's checkpoint.save (runs/tiny_sft) does not move a resumed run; the command line does
+                 ["--load", str(root), "--config", str(SFT_CONFIG)],
+                 ["--load", str(root), "--config", str(SFT_CONFIG), f"checkpoint.save={elsewhere}"]):
+        monkeypatch.setattr(sys, "argv", ["pretrain_bdgemma.py", *args, "--sample", ""])
+        job.main()
     big = REPO / "examples" / "configs" / "diffusiongemma_26b_sft.yaml"  # sets model.hf, which --init-from replaces
     monkeypatch.setattr(sys, "argv", ["pretrain_bdgemma.py", "--config", str(big), "--init-from", str(root), "--sample", ""])
     job.main()
-    resumed, started = runs
+    resumed, with_yaml, moved, started = runs
     assert (resumed.data.mode, resumed.checkpoint.save, resumed.checkpoint.load, resumed.train.steps) == (
         "sft", str(root), str(root), 8)
+    assert (with_yaml.checkpoint.save, with_yaml.train.steps, moved.checkpoint.save) == (str(root), 60, str(elsewhere))
     assert started.checkpoint.init_from == str(root) and started.model.hf is None and started.checkpoint.load is None
     monkeypatch.setattr(sys, "argv", ["pretrain_bdgemma.py", "--load", str(root), "--init-from", str(root)])
     with pytest.raises(SystemExit):
@@ -127,8 +179,9 @@ def test_resuming_into_another_runs_directory_names_both(sft_run, tmp_path):
     (other / "iter_0000009").mkdir()
     (other / "latest").write_text("iter_0000009")
     root, _ = sft_run
-    with pytest.raises(ValueError, match=rf"checkpoint.save={other} holds another run \(latest: iter_0000009\) than "
-                                         rf"the one being resumed, {root}; `--load {root}` alone saves"):
+    with pytest.raises(ValueError, match=rf"cannot resume {root} into checkpoint.save={other}: it holds another run "
+                                         rf"\(checkpoints iter_0000009; latest: iter_0000009\); `--load {root}` alone "
+                                         "saves into its own directory"):
         train(resume_run_config(root, None, [f"checkpoint.save={other}"]))
 
 
@@ -362,7 +415,8 @@ def test_disk_full_during_a_save_names_the_directory_and_keeps_the_last_checkpoi
 
     from megatron_bdgemma.config import tiny
     from megatron_bdgemma.model import BDGemmaModel
-    from megatron_bdgemma.training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+    from megatron_bdgemma.training.checkpointing import load_checkpoint, save_checkpoint
+    from megatron_bdgemma.training.run_dir import latest_checkpoint
 
     model = BDGemmaModel(tiny(num_layers=1, layer_types=["full_attention"]))
     save_checkpoint(tmp_path, 1, model)
@@ -372,8 +426,9 @@ def test_disk_full_during_a_save_names_the_directory_and_keeps_the_last_checkpoi
 
     monkeypatch.setattr(filesystem_async, "_write_item", no_space)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: namedtuple("usage", "total used free")(1 << 30, 1 << 30, 0))
-    with pytest.raises(OSError, match=rf"no space left on {tmp_path} while saving iter_0000002: removed the partial "
-                                      rf"iter_0000002\.tmp; {tmp_path}/iter_0000001 is kept") as error:
+    with pytest.raises(OSError, match=rf"no space left on {tmp_path} while saving iter_0000002 \(0\.0 MiB free, the "
+                                      rf"checkpoint needs [\d.]+ MiB\): removed the partial iter_0000002\.tmp; "
+                                      rf"{tmp_path}/iter_0000001 is kept") as error:
         save_checkpoint(tmp_path, 2, model)
     assert error.value.errno == errno.ENOSPC
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000001", "latest"]

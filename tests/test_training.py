@@ -63,7 +63,7 @@ def test_loss_falls(tmp_path, model_parallel):
 
 def test_crash_during_save_keeps_previous_checkpoint(tmp_path, model_parallel):
     """A process killed in the middle of writing step 4 leaves `latest` on step 2, which still loads."""
-    from megatron_bdgemma.training.checkpointing import latest_checkpoint
+    from megatron_bdgemma.training.run_dir import latest_checkpoint
     from megatron_bdgemma.training.trainer import train
 
     root = tmp_path / "ckpt"
@@ -217,15 +217,18 @@ def test_preprocessed_jsonl_trains(tmp_path, model_parallel):
 
 
 def test_a_new_run_never_writes_into_another_runs_checkpoints(tmp_path, model_parallel):
-    """Starting afresh into a save directory that holds a run is refused (nothing deleted); resuming it is not."""
+    """Starting afresh (here with another lr) into a save directory that holds a run is refused, nothing touched;
+    resuming it is not."""
     from megatron_bdgemma.training.trainer import train
 
     root = tmp_path / "ckpt"
     train(_run(tmp_path, "train.steps=4", f"checkpoint.save={root}", "checkpoint.interval=2"))
-    before = sorted(p.name for p in root.iterdir())
-    with pytest.raises(ValueError, match=r"already holds a run \(latest: iter_0000004\).*--load"):
-        train(_run(tmp_path, "train.steps=4", f"checkpoint.save={root}"))
-    assert sorted(p.name for p in root.iterdir()) == before
+    before = {p.name: p.stat().st_mtime_ns for p in root.iterdir()}
+    with pytest.raises(ValueError, match=rf"^checkpoint\.save={root} already holds a run \(checkpoints iter_0000002, "
+                                         rf"iter_0000004; latest: iter_0000004; run \w+ started on .*\); resume it with "
+                                         rf"--load {root}, or choose another checkpoint\.save$"):
+        train(_run(tmp_path, "train.steps=4", "optim.lr=0.001", f"checkpoint.save={root}"))
+    assert {p.name: p.stat().st_mtime_ns for p in root.iterdir()} == before
     resumed = train(_run(tmp_path, "train.steps=6", f"checkpoint.save={root}", f"checkpoint.load={root}"))
     assert [h["step"] for h in resumed] == [5, 6]
 
@@ -234,7 +237,8 @@ def test_pruning_keeps_the_checkpoint_just_written(tmp_path, model_parallel):
     """Later-numbered checkpoints of an abandoned run neither count against `keep_last` nor push out the new one."""
     from megatron_bdgemma.config import tiny
     from megatron_bdgemma.model import BDGemmaModel
-    from megatron_bdgemma.training.checkpointing import latest_checkpoint, save_checkpoint
+    from megatron_bdgemma.training.checkpointing import save_checkpoint
+    from megatron_bdgemma.training.run_dir import latest_checkpoint
 
     model = BDGemmaModel(tiny(num_layers=1, layer_types=["full_attention"]))
     for step in (7, 8):  # the abandoned run's

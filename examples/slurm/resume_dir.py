@@ -15,8 +15,8 @@ from pathlib import Path
 
 from megatron_bdgemma.training.config import load_run_config
 
-# The marker `megatron_bdgemma.training.checkpointing` writes last in a save directory; read here without importing
-# megatron-core, which that module needs.
+# The marker `megatron_bdgemma.training.run_dir` writes last in a run directory; read here without importing
+# torch, which that module needs.
 LATEST = "latest"
 
 

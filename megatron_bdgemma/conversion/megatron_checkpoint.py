@@ -148,19 +148,12 @@ def model_config_from_dict(values: dict[str, Any], **overrides: Any) -> BDGemmaC
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:
     """A checkpoint directory itself, or the one a save root's `latest` marker names."""
-    from megatron_bdgemma.training.checkpointing import LATEST, latest_checkpoint
+    from megatron_bdgemma.training.run_dir import locate_checkpoint
 
-    path = Path(path)
-    if not path.is_dir():
-        raise ConversionError(f"checkpoint directory {path} does not exist")
-    if (path / LATEST).is_file():
-        try:
-            path = latest_checkpoint(path)
-        except (ValueError, FileNotFoundError) as error:
-            raise ConversionError(str(error)) from error
-    if not (path / "metadata.json").is_file():
-        raise ConversionError(f"{path} is not a Megatron distributed checkpoint (no metadata.json)")
-    return path
+    try:
+        return locate_checkpoint(path)
+    except (ValueError, FileNotFoundError) as error:
+        raise ConversionError(str(error)) from error
 
 
 def read_extra(path: str | Path) -> dict[str, Any]:

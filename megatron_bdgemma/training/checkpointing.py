@@ -1,14 +1,9 @@
 """Distributed checkpoints (`torch_dist`) with a crash-safe `latest` marker.
 
-Layout of a save directory:
-
-    iter_0000020/      a complete checkpoint (model, optimizer, scheduler, progress)
-    iter_0000040/
-    latest             "iter_0000040", written last
-
-A save goes to `iter_N.tmp/`, is renamed to `iter_N/` only after every rank has finished writing, and `latest` is
-replaced atomically after that. A crash at any point leaves `latest` naming the previous complete checkpoint.
-Only the newest `keep_last` complete checkpoints up to the one just written are kept.
+A save goes to `iter_N.tmp/` in the run directory, is renamed to `iter_N/` only after every rank has finished
+writing, and `latest` is replaced atomically after that (`run_dir.publish`, which also prunes to `keep_last`). A
+crash at any point leaves `latest` naming the previous complete checkpoint; a save that runs out of disk removes its
+`iter_N.tmp/` and says so. `training/run_dir.py` owns the directory: layout, owner record, lock, `latest`, pruning.
 
 Any layout loads any checkpoint: the model and (in the default `fully_reshardable` format) the distributed
 optimizer's state are stored in model space, sharded like the parameters and keyed by global names (layer numbers
@@ -27,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import itertools
 import os
 import shutil
 from collections.abc import Iterator, Sequence
@@ -36,40 +32,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
 
-LATEST = "latest"
-
-
-def _name(step: int) -> str:
-    return f"iter_{step:07d}"
+from megatron_bdgemma.training.run_dir import STAGING, checkpoint_name, latest_checkpoint, locate_checkpoint, publish
 
 
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The directory `latest` names, or None when there is none yet."""
-    marker = Path(root) / LATEST
-    if not marker.is_file():
-        return None
-    raw = marker.read_bytes()
-    try:
-        name = raw.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        name = None
-    if name is None or not name.isprintable() or "/" in name:
-        raise ValueError(f"{marker} is not a checkpoint marker (binary or garbled: {raw[:32]!r}); it should hold a "
-                         f"directory name such as {_name(40)}")
-    if not name:
-        raise ValueError(f"{marker} is empty; it should name the newest complete checkpoint, e.g. {_name(40)} "
-                         f"(present here: {sorted(p.name for p in Path(root).glob('iter_*'))})")
-    path = Path(root) / name
-    if not path.is_dir():
-        raise FileNotFoundError(f"{marker} names {path.name}, which does not exist")
-    return path
 
 
 # How the distributed optimizer's state is saved. `fully_reshardable` (the default) stores it in model space (one
@@ -206,11 +177,12 @@ def save_checkpoint(
     root: str | Path, step: int, model: Model, optimizer: Any | None = None, extra: dict[str, Any] | None = None,
     keep_last: int = 2, optimizer_format: str = OPTIMIZER_FORMATS[0],
 ) -> Path:
-    """Save model (+ optimizer) shards and `extra` (scheduler state, data position: plain picklable values).
+    """Save model (+ optimizer) shards and `extra` (scheduler state, data position: plain picklable values) as the
+    newest checkpoint of the run directory `root`.
 
     `optimizer_format`: how a distributed optimizer's state is stored (see `OPTIMIZER_FORMATS`)."""
     root = Path(root)
-    final, staging = root / _name(step), root / (_name(step) + ".tmp")
+    staging = root / (checkpoint_name(step) + STAGING)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     if rank0:
         shutil.rmtree(staging, ignore_errors=True)  # leftovers of a crashed save of the same step
@@ -218,42 +190,31 @@ def save_checkpoint(
     _barrier()
     state = _sharded_state(_chunks(model), optimizer, is_loading=False, optimizer_format=optimizer_format)
     state["extra"] = extra or {}
+    needed = _bytes_to_write(state)
     try:
         dist_checkpointing.save(state, str(staging))
     except BaseException as error:  # torch's CheckpointException is a BaseException
-        disk_full = _is_disk_full(error, root, model)  # before the partial save is removed and frees space again
+        # Whether or not rank 0 has removed the partial save yet, a file system with less free space than the whole
+        # checkpoint could not have held it: every rank reaches the same verdict without another collective.
+        free = _free_bytes(root)
         if rank0:
             shutil.rmtree(staging, ignore_errors=True)  # every rank has failed too: DCP gathers the failures
-        if disk_full:
+        if _is_disk_full(error) or free < needed:
             previous = latest_checkpoint(root)
-            raise OSError(errno.ENOSPC, f"no space left on {root} while saving {final.name}: removed the partial "
-                          f"{staging.name}; {f'{previous} is kept' if previous else 'no earlier checkpoint exists'}"
-                          ) from error
+            raise OSError(errno.ENOSPC, f"no space left on {root} while saving {checkpoint_name(step)} ({_mib(free)} "
+                          f"free, the checkpoint needs {_mib(needed)}): removed the partial {staging.name}; "
+                          f"{f'{previous} is kept' if previous else 'no earlier checkpoint exists'}") from error
         raise
     _barrier()
-    if rank0:
-        shutil.rmtree(final, ignore_errors=True)
-        staging.rename(final)
-        marker = root / (LATEST + ".tmp")
-        marker.write_text(final.name)
-        os.replace(marker, root / LATEST)
-        # Prune only this run's past: a later-numbered checkpoint left by another run is not ours to delete, and
-        # must never push out the one just written.
-        earlier = sorted(p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp") and p.name <= final.name)
-        for old in earlier[:-keep_last]:
-            shutil.rmtree(old)
+    final = publish(root, staging, keep_last) if rank0 else root / checkpoint_name(step)
     _barrier()
     return final
 
 
-def _is_disk_full(error: BaseException, root: Path, model: Model) -> bool:
-    """Whether a failed save ran out of space on `root`.
-
-    torch and megatron-core wrap a writer's OSError in their own exceptions (chained, or per rank in
-    `CheckpointException.failures`); megatron's threaded writer keeps only the class name (`<class 'OSError'>`). So
-    ENOSPC is recognised in the chain, or an OSError with less room left on `root` than this rank's weights need.
-    """
-    seen, todo, oserror = set(), [error], False
+def _is_disk_full(error: BaseException) -> bool:
+    """Whether ENOSPC is in `error`'s chain: torch and megatron-core wrap a writer's OSError in their own exceptions
+    (chained, or per rank in `CheckpointException.failures`)."""
+    seen, todo = set(), [error]
     while todo:
         e = todo.pop()
         if e is None or id(e) in seen:
@@ -261,24 +222,44 @@ def _is_disk_full(error: BaseException, root: Path, model: Model) -> bool:
         seen.add(id(e))
         if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or os.strerror(errno.ENOSPC) in str(e):
             return True
-        oserror |= isinstance(e, OSError) or "OSError" in str(e)
         todo += [e.__cause__, e.__context__]
         todo += [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
-    needed = sum(p.numel() * p.element_size() for chunk in _chunks(model) for p in chunk.parameters())
-    return oserror and shutil.disk_usage(root).free < needed
+    return False
+
+
+def _free_bytes(root: Path) -> int | float:
+    try:
+        return shutil.disk_usage(root).free
+    except OSError:  # the directory itself is gone: nothing to say about its space
+        return float("inf")
+
+
+def _bytes_to_write(state: dict[str, Any]) -> int:
+    """The tensor bytes the whole checkpoint of `state` holds (every rank's main replicas; tensors built only while
+    saving are left out, so it errs low). A save that failed with less than this free on the file system ran out of
+    space, whatever the writer reported: megatron-core's writer process keeps only the class of its error, and
+    torch's file writer turns a short write into `RuntimeError: [enforce fail at inline_container.cc]`."""
+    values = list(nested_values(state))
+    sharded = [v.data for v in values if isinstance(v, ShardedTensor) and v.data is not None
+               and is_main_replica(v.replica_id)]
+    plain = [v for v in values if isinstance(v, torch.Tensor)] if not dist.is_initialized() or dist.get_rank() == 0 else []
+    total = torch.tensor([sum(t.numel() * t.element_size() for t in sharded + plain)], dtype=torch.int64,
+                         device=torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return int(total.item())
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
 
 
 def load_checkpoint(path: str | Path, model: Model, optimizer: Any | None = None) -> dict[str, Any]:
-    """Load a checkpoint directory (or a save root, via `latest`) into `model` / `optimizer`; return `extra`.
+    """Load a checkpoint directory (or a run directory, via `latest`) into `model` / `optimizer`; return `extra`.
 
-    The optimizer's learning rates are left to the LR scheduler's `load_state_dict` (from `extra["scheduler"]`)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
-    if (path / LATEST).is_file():
-        path = latest_checkpoint(path)
-    if not (path / "metadata.json").is_file():
-        raise FileNotFoundError(f"{path} is not a complete Megatron distributed checkpoint (no metadata.json)")
+    The optimizer's hyperparameters stay this run's (the param groups built from its config, not the saved ones),
+    so a resumed run's changed `optim.*` values apply; learning rates are set by the LR scheduler (`setup`)."""
+    path = locate_checkpoint(path)
     if optimizer is not None:
         _materialise_optimizer_state(optimizer)
     optimizer_format = _saved_optimizer_format(path)
@@ -289,7 +270,12 @@ def load_checkpoint(path: str | Path, model: Model, optimizer: Any | None = None
     for key, chunk in zip(_model_keys(chunks), chunks):
         chunk.load_state_dict(loaded[key], strict=True)
     if optimizer is not None:
+        configured = [{k: v for k, v in group.items() if k not in ("params", "step")} for group in optimizer.param_groups]
         _load_optimizer_state(optimizer, loaded["optimizer"], optimizer_format)
+        # torch's `load_state_dict` (the plain optimizer) replaces each group's hyperparameters with the saved ones,
+        # the lr schedule's `max_lr` / `min_lr` included.
+        for group, values in zip(optimizer.param_groups, configured, strict=True):
+            group.update(values)
     return loaded.get("extra", {})
 
 
@@ -300,6 +286,34 @@ def _saved_steps(state: Any) -> set[float]:
         found = {float(g["step"]) for g in groups if isinstance(g, dict) and g.get("step") is not None}
         return found.union(*(_saved_steps(v) for k, v in state.items() if k != "param_groups"))
     return set()
+
+
+# The param-group fields megatron-core's LR / weight-decay scheduler reads (its `ParamGroupOverride` bounds).
+_SCHEDULE_GROUP_KEYS = ("max_lr", "min_lr", "start_wd", "end_wd")
+
+
+def _pair_groups_under_this_schedule(optimizer: Any, state: Any) -> None:
+    """Let a plain optimizer's saved param groups pair with this run's when the run's lr / min_lr changed.
+
+    megatron-core 0.19's `load_state_dict` pairs saved groups with the current ones by a tuple of per-group settings
+    that includes the scheduler bounds `max_lr` / `min_lr` (`param_group_identifier_keys`, Megatron-LM PR #4705),
+    so a resume with a new `optim.lr` found no saved group ("Could not find parameter group with key ...";
+    tests/test_robustness.py `test_resume_runs_the_schedule_it_prints[plain]`). Here every group has the run's
+    bounds (no per-group overrides), so the saved groups take them before the pairing, which then goes by the
+    remaining, structural fields (`wd_mult`, expert parallelism, ...). Where groups differ in their bounds, the
+    pairing is left as it is.
+    """
+    bounds = {tuple(group.get(key) for key in _SCHEDULE_GROUP_KEYS) for group in optimizer.param_groups}
+    if len(bounds) != 1:
+        return
+    ours = dict(zip(_SCHEDULE_GROUP_KEYS, bounds.pop()))
+    for inner_state in _per_inner_optimizer(optimizer, state):
+        groups = inner_state["param_groups"] if "param_groups" in inner_state else inner_state["optimizer"]["param_groups"]
+        for group, (key, value) in itertools.product(groups, ours.items()):
+            if value is None:  # absent: the scheduler then uses its own value (the pairing reads absent as None)
+                group.pop(key, None)
+            else:
+                group[key] = value
 
 
 def _load_optimizer_state(optimizer: Any, state: Any, optimizer_format: str) -> None:
@@ -321,6 +335,7 @@ def _load_optimizer_state(optimizer: Any, state: Any, optimizer_format: str) -> 
     """
     inners = _distributed_optimizers(optimizer)
     if not inners:
+        _pair_groups_under_this_schedule(optimizer, state)
         optimizer.load_state_dict(state)
         return
     steps = _saved_steps(state)

@@ -1,10 +1,14 @@
 """Resuming a training run, as opposed to starting a new run from a checkpoint's weights.
 
-- **Resume** (`--load DIR`, `checkpoint.load`): DIR is a training run (its save root, or one of its `iter_N`
-  directories). The run continues with the run config stored in the checkpoint and saves into DIR's save root;
-  a YAML given with `--config` and the command-line overrides apply on top. Every value that differs from the
-  stored run is printed, and a change that breaks exact resume (the data, the objective, the sample stream, the
-  architecture) is refused.
+- **Resume** (`--load DIR`, `checkpoint.load`): DIR is a training run (its run directory, or one of its `iter_N`
+  checkpoints). The run continues with the run config stored in the checkpoint and saves into DIR's run directory
+  unless `checkpoint.save` is given on the command line (a YAML's does not move it); a YAML given with `--config`
+  and the command-line overrides apply on top. Every value that differs from the stored run is printed, and each
+  printed change takes effect: the optimizer's hyperparameters and the LR / weight-decay schedule are this config's,
+  the schedule rebuilt and positioned at the checkpoint's step (Megatron's `--override-opt_param-scheduler`, not
+  `--use-checkpoint-opt_param-scheduler`), so a new `optim.lr` or a longer `train.steps` (the decay horizon) applies
+  from the next step. A change that breaks exact resume (the data, the objective, the sample stream, the model) or
+  that cannot happen (`train.steps` before the checkpoint's step) is refused.
 - **Start from weights** (`--init-from DIR`, `checkpoint.init_from`): a new run whose model architecture and
   weights come from DIR (a checkpoint converted from HF, or another run, e.g. SFT from a pretraining run);
   optimizer, schedule and step start fresh, and the run config is the one given.
@@ -19,13 +23,16 @@ from typing import Any
 import yaml
 
 from megatron_bdgemma.training.config import RunConfig, _build, apply_override
+from megatron_bdgemma.training.run_dir import locate_checkpoint, save_root
 
 # Keys whose change makes a resumed run differ from the uninterrupted one: which samples, in which order, under
 # which objective, with which model. Prefixes end with a dot.
 BREAKS_EXACT_RESUME = (
     "data.mode", "data.paths", "data.tokenizer", "data.seq_length", "data.split", "objective.", "train.seed",
-    "train.global_batch_size", "model.overrides.",
+    "train.global_batch_size", "model.overrides.", "model.preset", "model.hf",
 )
+# Keys the LR / weight-decay schedule is built from: a change rebuilds it from the checkpoint's step.
+SCHEDULE = ("optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.decay_style", "optim.weight_decay", "train.steps")
 # `model.overrides` keys that choose an implementation, not the model: same values and gradients (to rounding).
 IMPLEMENTATION_OVERRIDES = ("attention_impl", "attention_chunk_size")
 # Not part of what a resumed run reproduces: where it comes from and where it writes.
@@ -38,8 +45,8 @@ def read_checkpoint_extra(path: str | Path, flag: str) -> dict[str, Any]:
     from megatron_bdgemma.conversion.megatron_checkpoint import ConversionError, read_extra
 
     try:
-        return read_extra(path)
-    except ConversionError as error:
+        return read_extra(locate_checkpoint(path, option=f"{flag} " if flag.startswith("--") else f"{flag}="))
+    except (ConversionError, ValueError, FileNotFoundError) as error:
         raise ValueError(f"{flag} {path}: {error}") from None
 
 
@@ -59,42 +66,39 @@ def read_training_extra(path: str | Path, flag: str) -> dict[str, Any]:
     return extra
 
 
-def save_root(path: str | Path) -> Path:
-    """The save directory a checkpoint belongs to: `path` itself when it holds `latest`, else its parent."""
-    from megatron_bdgemma.training.checkpointing import LATEST
-
-    path = Path(path)
-    return path if (path / LATEST).is_file() else path.parent
-
-
 def resume_run_config(load: str | Path, config_path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
-    """The run config that resumes the training run at `load`: the stored one, saving into `load`'s save root,
-    then the values of the YAML at `config_path` (if given), then `overrides` (`section.key=value`)."""
+    """The run config that resumes the training run at `load`: the stored one, then the values of the YAML at
+    `config_path` (if given), saving into `load`'s run directory, then `overrides` (`section.key=value`; only
+    these can move `checkpoint.save`)."""
     values = copy.deepcopy(read_training_extra(load, "--load")["run"])
-    values.setdefault("checkpoint", {}).update(save=str(save_root(load)), load=str(load), init_from=None)
     if config_path is not None:
         given = yaml.safe_load(Path(config_path).read_text()) or {}
         if not isinstance(given, dict):
             raise ValueError(f"{config_path}: expected a mapping of sections at the top level")
         _merge(values, given)
+    values.setdefault("checkpoint", {}).update(save=str(save_root(load)), load=str(load), init_from=None)
     for override in overrides:
         apply_override(values, override)
     values["checkpoint"]["load"] = str(load)
     return _build(RunConfig, values, "")
 
 
-def check_resume(run: RunConfig, stored: dict[str, Any]) -> list[str]:
-    """Compare `run` with the stored run config of the checkpoint it resumes.
+def check_resume(run: RunConfig, stored: dict[str, Any], step: int) -> list[str]:
+    """Compare `run` with the stored run config of the checkpoint it resumes, saved after `step` steps.
 
-    Returns one line per changed value (`key: old → new`); raises ValueError listing the changes that break exact
-    resume.
+    Returns one line per changed value (`key: old → new`, saying so where the schedule is rebuilt); raises
+    ValueError listing the changes that break exact resume, or naming a `train.steps` the run is already past.
     """
     old, new = _flatten(stored), _flatten(run.to_dict())
     changed = [key for key in sorted(old.keys() | new.keys())
                if not key.startswith(_NOT_COMPARED) and old.get(key) != new.get(key)]
     refused = [key for key in changed if key.startswith(BREAKS_EXACT_RESUME)
                and key.removeprefix("model.overrides.") not in IMPLEMENTATION_OVERRIDES]
-    lines = [f"{key}: {old.get(key)!r} → {new.get(key)!r}" for key in changed]
+    lines = [f"{key}: {old.get(key)!r} → {new.get(key)!r}"
+             + (f" (the schedule is rebuilt from step {step})" if key in SCHEDULE else "") for key in changed]
+    if run.train.steps < step:
+        raise ValueError(f"resuming {run.checkpoint.load}, saved at step {step}, with train.steps={run.train.steps}: "
+                         f"the run is already past it; give train.steps > {step}")
     if refused:
         raise ValueError(
             f"resuming {run.checkpoint.load} with a different "

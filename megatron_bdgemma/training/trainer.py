@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -33,11 +32,12 @@ from megatron_bdgemma.diffusion import DiffusionBatch, NoisedCanvas, noise_batch
 from megatron_bdgemma.model import BDGemmaModel, TrainingOutput
 from megatron_bdgemma.runtime.distributed import init_distributed
 from megatron_bdgemma.spec import Backend
-from megatron_bdgemma.training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_bdgemma.training.checkpointing import load_checkpoint, save_checkpoint
 from megatron_bdgemma.training.config import RunConfig
 from megatron_bdgemma.training.data import StepData, build_step_data
 from megatron_bdgemma.training.metrics import MetricsLogger, model_flops_per_step
 from megatron_bdgemma.training.resume import check_resume, read_checkpoint_extra, read_training_extra
+from megatron_bdgemma.training.run_dir import RunDirectory, claim_run_directory, latest_checkpoint
 
 
 @dataclass
@@ -58,6 +58,12 @@ class TrainState:
     scheduler: OptimizerParamScheduler
     data: StepData
     step: int = 0
+    run_dir: RunDirectory | None = None
+    """`checkpoint.save`, held (locked) by rank 0 until `release_run_directory`."""
+
+    def release_run_directory(self) -> None:
+        if self.run_dir is not None:
+            self.run_dir.release()
 
 
 def build_model_config(run: RunConfig) -> BDGemmaConfig:
@@ -108,42 +114,35 @@ def build_model_chunks(config: BDGemmaConfig, backend: Backend, vpp: int | None)
     ]
 
 
-def _check_save_root_is_free(run: RunConfig) -> None:
-    """A run that does not resume from `checkpoint.save` must not write into another run's checkpoints there."""
-    save = run.checkpoint.save
-    existing = latest_checkpoint(save) if save else None
-    if existing is None:
-        return
-    if run.checkpoint.load:
-        load = Path(run.checkpoint.load).resolve()
-        if Path(save).resolve() in (load, *load.parents):  # resuming this run (from `latest` or one of its iters)
-            return
-    if run.checkpoint.load:  # name the run being resumed, not only the one in the way
-        raise ValueError(
-            f"checkpoint.save={save} holds another run (latest: {existing.name}) than the one being resumed, "
-            f"{run.checkpoint.load}; `--load {run.checkpoint.load}` alone saves into its own directory, or set "
-            "checkpoint.save to a new directory"
-        )
-    raise ValueError(
-        f"checkpoint.save={save} already holds a run (latest: {existing.name}); resume it "
-        f"with --load {save}, or save somewhere else, or delete that directory"
-    )
-
-
 def setup(run: RunConfig) -> TrainState:
-    """Distributed groups, model (from a preset or HF weights), DDP, optimizer, schedule, data; resume if asked."""
+    """Distributed groups, the run directory (claimed: see `run_dir.py`), model (from a preset or HF weights), DDP,
+    optimizer, schedule, data; resume if asked."""
     p = run.parallel
     init_distributed(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, vpp=p.vpp, seed=run.train.seed)
     run.validate(dist.get_world_size())
     if run.checkpoint.load:
-        changes = check_resume(run, read_training_extra(run.checkpoint.load, "checkpoint.load")["run"])
+        extra = read_training_extra(run.checkpoint.load, "checkpoint.load")
+        changes = check_resume(run, extra["run"], int(extra["step"]))
         if changes and dist.get_rank() == 0:
             print(f"resuming {run.checkpoint.load} with changes to its run config:\n  " + "\n  ".join(changes), flush=True)
     elif run.checkpoint.init_from:
         read_checkpoint_extra(run.checkpoint.init_from, "checkpoint.init_from")  # named before anything is built
-    _check_save_root_is_free(run)
     if run.train.fp8 and not torch.cuda.is_available():
         raise ValueError("train.fp8 needs a GPU with Transformer Engine; this machine has no CUDA device")
+    run_dir = claim_run_directory(run.checkpoint.save, run.checkpoint.load) if run.checkpoint.save else None
+    try:
+        state = _build(run)
+    except BaseException:
+        if run_dir is not None:
+            run_dir.release()
+        raise
+    state.run_dir = run_dir
+    return state
+
+
+def _build(run: RunConfig) -> TrainState:
+    """What `setup` builds once the run directory is held."""
+    p = run.parallel
     config = build_model_config(run)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=run.optim.distributed_optimizer
@@ -165,17 +164,20 @@ def setup(run: RunConfig) -> TrainState:
         ),
         chunks,
     )
+    # A resumed run's schedule is this config's, positioned at the checkpoint's step: Megatron's
+    # --override-opt_param-scheduler (check_resume prints each change to it as such).
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.warmup_steps,
         lr_decay_steps=run.train.steps, lr_decay_style=o.decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
         wd_incr_steps=run.train.steps, wd_incr_style="constant",
+        override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=False,
     )
     # Megatron's schedule calls these around the micro-batch loop.
     config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
     config.finalize_model_grads_func = finalize_model_grads
     state = TrainState(run, config, chunks, optimizer, scheduler, build_step_data(run, config))
     modules = [chunk.module for chunk in chunks]
-    if run.checkpoint.load:  # a training run: resume exactly
+    if run.checkpoint.load:  # a training run: resume exactly (with this config's schedule, from its step)
         extra = load_checkpoint(run.checkpoint.load, modules, optimizer)
         scheduler.load_state_dict(extra["scheduler"])
         state.step = int(extra["step"])
@@ -348,6 +350,14 @@ def train(run: RunConfig) -> list[dict[str, float]]:
     """Run (or resume) training; returns the per-step metrics of this process (for tests and scripts), with the
     held-out losses on the steps that evaluate."""
     state = setup(run)
+    try:
+        return _train(state)
+    finally:
+        state.release_run_directory()
+
+
+def _train(state: TrainState) -> list[dict[str, float]]:
+    run = state.run
     logger = MetricsLogger(run, model_flops_per_step(state.config, run))
     history = []
     for chunk in state.model:
