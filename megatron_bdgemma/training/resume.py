@@ -16,9 +16,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from megatron_bdgemma.training.config import RunConfig, _build, apply_override
+from megatron_bdgemma.training.config import RunConfig, _build, apply_override, read_config_file
 
 # Keys whose change makes a resumed run differ from the uninterrupted one: which samples, in which order, under
 # which objective, with which model. Prefixes end with a dot.
@@ -73,10 +71,7 @@ def resume_run_config(load: str | Path, config_path: str | Path | None = None, o
     values = copy.deepcopy(read_training_extra(load, "--load")["run"])
     values.setdefault("checkpoint", {}).update(save=str(save_root(load)), load=str(load), init_from=None)
     if config_path is not None:
-        given = yaml.safe_load(Path(config_path).read_text()) or {}
-        if not isinstance(given, dict):
-            raise ValueError(f"{config_path}: expected a mapping of sections at the top level")
-        _merge(values, given)
+        _merge(values, read_config_file(config_path))
     for override in overrides:
         apply_override(values, override)
     values["checkpoint"]["load"] = str(load)
