@@ -34,7 +34,7 @@ from megatron_bdgemma.model import BDGemmaModel, TrainingOutput
 from megatron_bdgemma.runtime.distributed import init_distributed
 from megatron_bdgemma.spec import Backend
 from megatron_bdgemma.training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
-from megatron_bdgemma.training.config import RunConfig
+from megatron_bdgemma.training.config import ModelSection, RunConfig
 from megatron_bdgemma.training.data import StepData, build_step_data
 from megatron_bdgemma.training.metrics import MetricsLogger, model_flops_per_step
 from megatron_bdgemma.training.resume import check_resume, read_checkpoint_extra, read_training_extra
@@ -90,6 +90,16 @@ def build_model_config(run: RunConfig) -> BDGemmaConfig:
         return model_config_from_dict(extra["model_config"], **(megatron | run.model.overrides))
     if run.model.hf:  # the shape needs config.json only (tools/plan.py plans from it); weights load in `setup`
         from transformers import AutoConfig
+
+        hf = Path(run.model.hf)
+        if not (hf / "config.json").is_file():
+            # transformers would take a missing path for a hub repo id and fail on its form
+            preset = run.model.preset if run.model.preset != ModelSection.preset else f"<one of {sorted(PRESETS)}>"
+            raise ValueError(
+                f"model.hf={hf} {'has no config.json' if hf.is_dir() else 'does not exist on this machine'} (model.hf "
+                f"is a local Hugging Face model directory; nothing is downloaded); to plan or train from the "
+                f"architecture alone, use model.hf=null model.preset={preset}"
+            )
 
         return config_from_hf(AutoConfig.from_pretrained(run.model.hf, local_files_only=True), **(megatron | run.model.overrides))
     if run.model.preset not in PRESETS:
