@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from megatron_bdgemma.data import BadDataError, BadRecords
+from megatron_bdgemma.data import BadRecords
 from megatron_bdgemma.data.pretrain import TOKEN_DTYPE, IndexedDatasetWriter
 from megatron_bdgemma.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_bdgemma.runtime.cli import entry_point

@@ -1,21 +1,23 @@
 """How every command-line entry point ends: an error is one line on stderr, printed once, and a documented exit code.
 
-    @entry_point(exit_codes={ConversionError: EXIT_BAD_INPUT})
-    def main(argv=None) -> int: ...
+    @entry_point
+    def main(argv=None) -> int: ...        # an exit code, or None for 0
 
     if __name__ == "__main__":
         sys.exit(main())
 
 An exception that reaches `main` becomes `error: <message>` on stderr and an exit code instead of a traceback on
-every rank. Exit codes:
+every rank. The message is the exception's own for ValueError / OSError (this project's named errors) and for any
+exception class with an `exit_code`; anything else is shown with its class name and where to get the traceback.
+Exit codes:
 
 | code | meaning |
 |---:|---|
 | 0 | done |
 | 1 | error (the message says what); also the converters' "`--verify` above tolerance" |
-| 2 | bad input where an entry point says so (the converters: a file, flag or tensor it cannot use); argparse's usage errors |
-| 130 | interrupted (Ctrl-C reached the entry point) |
-| other | an exception with an integer `exit_code` attribute exits with it (e.g. the trainer's stops) |
+| 2 | bad input where an entry point reports it as such through `report_error` (the converters: a path, file or tensor they cannot use); argparse's usage errors |
+| 130 | interrupted (KeyboardInterrupt reached `main`: one line from rank 0, no waiting for peers) |
+| other | an exception class with an integer `exit_code` attribute exits with it (e.g. the trainer's stops) |
 
 `SystemExit` passes through unchanged. `BDGEMMA_TRACEBACK=1` prints each failing rank's traceback before the line.
 
@@ -28,7 +30,8 @@ of the process group: a rank that did not fail is typically blocked in a collect
 So an error that only some ranks hit is printed after at most `2 * PEER_WAIT_S` seconds, and the exchange cannot
 hang. Rank 0 waits for the others' messages before it prints, and every rank that stays silent waits until rank 0
 has printed: torchrun kills the remaining ranks as soon as one exits with an error, so a rank must not exit before
-the line it relies on is out. Without a reachable store, rank 0 prints and the other ranks print naming themselves.
+the line it relies on is out (it stays `LINGER_S` longer, so that rank 0 exits first and is torchrun's "root
+cause"). Without a reachable store, rank 0 prints and the other ranks print naming themselves.
 
 torchrun itself then reports that the job failed (its `ChildFailedError` summary, printed by the launcher process
 for any non-zero exit of a rank); the summary's `traceback` field carries the same one line (written to the error
@@ -43,7 +46,7 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -53,40 +56,36 @@ EXIT_INTERRUPTED = 130
 TRACEBACK_ENV = "BDGEMMA_TRACEBACK"
 PEER_WAIT_S = 5.0
 """How long rank 0 waits for the other ranks' messages; the others wait twice as long for rank 0's."""
+LINGER_S = 2.0
+"""How long a rank whose error rank 0 printed stays after it, so that rank 0 exits first."""
 
 _NAMED = (ValueError, OSError)
-"""Errors this project raises on purpose, with messages that name what is wrong: printed without their class name."""
+"""Errors this project raises on purpose, with messages that name what is wrong: printed without their class name
+(as is any exception with an `exit_code`)."""
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def entry_point(fn: F | None = None, *, exit_codes: Mapping[type[BaseException], int] | None = None) -> Any:
-    """Decorate a command's `main`: it then returns an exit code instead of raising (see the module docstring).
+def entry_point(main: F) -> F:
+    """Decorate a command's `main`: it then returns an exit code instead of raising (see the module docstring)."""
 
-    Args:
-        exit_codes: exception classes (subclasses included) and their exit codes, e.g. the converters' bad input
-            (2); other exceptions exit 1.
-    """
+    @functools.wraps(main)
+    def run(*args: Any, **kwargs: Any) -> int:
+        try:
+            code = main(*args, **kwargs)
+        except KeyboardInterrupt:
+            # Every rank gets the interrupt: rank 0 says so, and nobody waits for a peer.
+            if process_rank() == 0:
+                print("error: interrupted", file=sys.stderr, flush=True)
+            return EXIT_INTERRUPTED
+        except (SystemExit, GeneratorExit):
+            raise
+        except BaseException as error:  # noqa: BLE001 - torch's CheckpointException is a BaseException
+            code = _exit_code_of(error)
+            return report_error(error, EXIT_ERROR if code is None else code)
+        return 0 if code is None else int(code)
 
-    def wrap(main: F) -> F:
-        @functools.wraps(main)
-        def run(*args: Any, **kwargs: Any) -> int:
-            try:
-                code = main(*args, **kwargs)
-            except KeyboardInterrupt:
-                # Every rank gets the interrupt: rank 0 says so, and nobody waits for a peer.
-                if process_rank() == 0:
-                    print("error: interrupted", file=sys.stderr, flush=True)
-                return EXIT_INTERRUPTED
-            except (SystemExit, GeneratorExit):
-                raise
-            except BaseException as error:  # noqa: BLE001 - torch's CheckpointException is a BaseException
-                return report_error(error, _exit_code(error, exit_codes or {}))
-            return 0 if code is None else int(code)
-
-        return run  # type: ignore[return-value]
-
-    return wrap(fn) if fn is not None else wrap
+    return run  # type: ignore[return-value]
 
 
 def process_rank() -> int:
@@ -106,18 +105,17 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _exit_code(error: BaseException, exit_codes: Mapping[type[BaseException], int]) -> int:
+def _exit_code_of(error: BaseException) -> int | None:
+    """The exit code an exception class of this project asks for (its `exit_code` attribute), if any."""
     code = getattr(error, "exit_code", None)
-    if isinstance(code, int) and not isinstance(code, bool):
-        return code
-    return next((c for kind, c in exit_codes.items() if isinstance(error, kind)), EXIT_ERROR)
+    return code if isinstance(code, int) and not isinstance(code, bool) else None
 
 
 def error_message(error: BaseException) -> str:
     """The message of `error` as the line shows it: a named error's own message; anything else with its class
     name and where to find the traceback."""
     text = str(error).strip()
-    if isinstance(error, _NAMED) and text:
+    if (isinstance(error, _NAMED) or _exit_code_of(error) is not None) and text:
         return text
     return f"{type(error).__name__}{': ' + text if text else ''} ({TRACEBACK_ENV}=1 prints the traceback)"
 
@@ -155,9 +153,13 @@ def _exchange(message: str, rank: int, world: int) -> bool:
         first = store.get(f"{space}0").decode() if _wait(store, [f"{space}0"], 2 * wait) else None
         if first != message:
             print(f"error: rank {rank}: {message}", file=sys.stderr, flush=True)
-        else:  # rank 0 prints it: stay alive until it has (torchrun kills the job when this rank exits)
-            _wait(store, [f"{space}printed"], wait)
+            store.set(f"{space}{rank}/done", "1")
+            return True
+        # Rank 0 prints it: stay alive until it has (torchrun kills the job when this rank exits), then a moment
+        # longer, so that rank 0 exits first and torchrun's summary gives it as the root cause.
+        _wait(store, [f"{space}printed"], wait)
         store.set(f"{space}{rank}/done", "1")
+        time.sleep(LINGER_S)
         return True
     except Exception:  # noqa: BLE001 - the store went away mid-exchange (rank 0 exited): print for ourselves
         return False
