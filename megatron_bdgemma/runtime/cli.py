@@ -180,13 +180,14 @@ def _launcher_store() -> Any | None:
 
 
 def _wait(store: Any, keys: list[str], timeout: timedelta) -> bool:
-    if not keys:
-        return True
-    try:
-        store.wait(keys, timeout)
-        return True
-    except Exception:  # noqa: BLE001 - torch raises its own timeout error classes, which vary by version
-        return False
+    """Whether all `keys` are in `store` within `timeout`. Polls `check`, which never blocks: the store's own `wait`
+    would log a c10d socket warning on stderr when it times out, which is an expected outcome here."""
+    deadline = time.monotonic() + timeout.total_seconds()
+    while not store.check(keys):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _write_torchrun_error_file(message: str) -> None:
