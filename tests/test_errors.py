@@ -174,8 +174,8 @@ def test_a_short_run_shortens_a_warmup_it_was_not_given():
     notes.clear()
     assert load_run_config(None, ["train.steps=1"], notes).optim.warmup_steps == 0 and "(the default) → 0" in notes[0]
     given = load_run_config(CONFIG, ["train.steps=5", "optim.warmup_steps=5"], [])  # the command line's own: refused
-    with pytest.raises(ValueError, match=r"^invalid run configuration: optim\.warmup_steps \(5\) must be < train\.steps "
-                                         r"\(5\): set optim\.warmup_steps=4 or fewer, or more train\.steps$"):
+    with pytest.raises(ValueError, match=r"^invalid run configuration: optim\.warmup_steps \(5\) must be < train"
+                                         r"\.steps \(5\): set optim\.warmup_steps=4 or fewer, or more train\.steps$"):
         given.validate(world_size=1)
     assert load_run_config(CONFIG, ["train.steps=5"]).optim.warmup_steps == 5  # library callers: nothing adapted
 
@@ -266,12 +266,12 @@ def test_generate_names_its_inputs(tmp_path, capsys):
     for args, message in cases:
         assert tool.main([*args, "--prompt", "x"]) == 1
         assert capsys.readouterr().err == f"error: {message}\n"
-    done = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "generate.py"), "--load", str(run), "--prompt", b"caf\xe9"],
-        capture_output=True, text=True, timeout=300, env=os.environ | {"PYTHONPATH": str(REPO)})
+    latin1 = "é caf".encode() + b"\xe9"  # UTF-8, then a byte of another encoding
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "generate.py"), "--load", str(run), "--prompt", latin1],
+                          capture_output=True, text=True, timeout=300, env=os.environ | {"PYTHONPATH": str(REPO)})
     assert (done.returncode, done.stderr) == (1, (
-        "error: --prompt 1 ('caf\\udce9') is not valid UTF-8 text: byte b'\\xe9' at position 3; pass UTF-8 (check "
-        "the terminal's or the file's encoding)\n"))
+        "error: --prompt 1 ('é caf\\udce9') is not valid UTF-8 text: byte b'\\xe9' at character 5; pass UTF-8 "
+        "(check the terminal's or the file's encoding)\n"))
 
 
 def test_plan_names_a_placeholder_hf_path_and_the_preset_instead():

@@ -48,7 +48,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return report_error(ValueError("run the converter as one process; its checkpoint loads at any TP/EP/PP"), EXIT_BAD_INPUT)
+        one_process = ValueError("run the converter as one process; its checkpoint loads at any TP/EP/PP")
+        return report_error(one_process, EXIT_BAD_INPUT)
     # torch's checkpoint code warns about its own deprecated ShardedTensor on every call; Megatron uses it on purpose.
     warnings.filterwarnings("ignore", module=r"torch\.distributed\.checkpoint")
     from megatron_bdgemma.conversion.megatron_checkpoint import (

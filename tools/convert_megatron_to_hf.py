@@ -41,7 +41,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return report_error(ValueError("run the exporter as one process; it reads a checkpoint saved at any layout"), EXIT_BAD_INPUT)
+        one_process = ValueError("run the exporter as one process; it reads a checkpoint saved at any layout")
+        return report_error(one_process, EXIT_BAD_INPUT)
     # torch's checkpoint code warns about its own deprecated ShardedTensor on every call; Megatron uses it on purpose.
     warnings.filterwarnings("ignore", module=r"torch\.distributed\.checkpoint")
     from megatron_bdgemma.conversion.hf_export import convert_megatron_to_hf, parse_size

@@ -86,8 +86,10 @@ def check_prompts(prompts: Sequence[str]) -> None:
         try:
             prompt.encode("utf-8")
         except UnicodeEncodeError as error:
-            raw = prompt.encode("utf-8", "surrogateescape")[error.start:error.start + 1]
-            raise ValueError(f"--prompt {index + 1} ({prompt!r}) is not valid UTF-8 text: byte {raw!r} at position "
+            char = prompt[error.start]
+            escaped = "\udc80" <= char <= "\udcff"  # surrogateescape's stand-in for the byte ord(char) - 0xDC00
+            what = f"byte {bytes([ord(char) - 0xDC00])!r}" if escaped else f"lone surrogate {char!r}"
+            raise ValueError(f"--prompt {index + 1} ({prompt!r}) is not valid UTF-8 text: {what} at character "
                              f"{error.start}; pass UTF-8 (check the terminal's or the file's encoding)") from None
 
 

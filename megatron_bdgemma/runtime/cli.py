@@ -15,7 +15,7 @@ Exit codes:
 |---:|---|
 | 0 | done |
 | 1 | error (the message says what); also the converters' "`--verify` above tolerance" |
-| 2 | bad input where an entry point reports it as such through `report_error` (the converters: a path, file or tensor they cannot use); argparse's usage errors |
+| 2 | bad input, where an entry point reports it so (`report_error`: the converters); argparse's usage errors |
 | 130 | interrupted (KeyboardInterrupt reached `main`: one line from rank 0, no waiting for peers) |
 | other | an exception class with an integer `exit_code` attribute exits with it (e.g. the trainer's stops) |
 

@@ -199,8 +199,9 @@ class RunConfig:
         if not 0 < self.objective.t_min <= self.objective.t_max <= 1:
             problems.append(f"need 0 < objective.t_min <= objective.t_max <= 1, got {self.objective.t_min}, {self.objective.t_max}")
         if self.optim.warmup_steps >= t.steps >= 1:
+            fewer = " or fewer" if t.steps > 1 else ""
             problems.append(f"optim.warmup_steps ({self.optim.warmup_steps}) must be < train.steps ({t.steps}): set "
-                            f"optim.warmup_steps={t.steps - 1}{' or fewer' if t.steps > 1 else ''}, or more train.steps")
+                            f"optim.warmup_steps={t.steps - 1}{fewer}, or more train.steps")
         if t.steps < 1 or t.micro_batch_size < 1 or t.global_batch_size < 1:
             problems.append("train.steps, train.micro_batch_size and train.global_batch_size must be >= 1")
         if t.log_interval < 1 or t.eval_interval < 0 or t.eval_steps < 1:
@@ -380,10 +381,10 @@ def apply_override(values: dict[str, Any], override: str) -> None:
 def load_run_config(path: str | Path | None, overrides: list[str] = (), notes: list[str] | None = None) -> RunConfig:
     """Read a YAML run config (None = all defaults) and apply dotted overrides.
 
-    `notes`: when given (the command line), a value the overrides did not set is adapted where the overrides make
-    it impossible, and a line saying so is appended: `optim.warmup_steps` (the YAML's or the default) becomes
-    `train.steps - 1` when the overrides shorten the run below it. Without `notes` nothing is adapted, and
-    `RunConfig.validate` names the conflict and its fix.
+    `notes`: when given (the command line), a value the overrides did not set is adapted where it conflicts with
+    the rest, and a line saying so is appended: `optim.warmup_steps` (the YAML's or the default) becomes
+    `train.steps - 1` in a run shorter than it (`train.steps=5` for a smoke test). A value the overrides set is
+    never adapted. Without `notes` nothing is, and `RunConfig.validate` names the conflict and its fix.
     """
     values = read_config_file(path) if path is not None else {}
     for override in overrides:
