@@ -133,13 +133,14 @@ def report_error(error: BaseException, code: int) -> int:
 
 
 def _exchange(message: str, rank: int, world: int) -> bool:
-    """Print `message` if this rank should (see the module docstring); False when no store is reachable."""
+    """Print `message` if this rank should (see the module docstring); False when it could not tell (no store, or
+    the store went away before this rank knew), so the caller prints for this rank."""
     store = _launcher_store()
     if store is None:
         return False
     space = "bdgemma_error/{}/{}/".format(os.environ.get("TORCHELASTIC_RUN_ID", ""),
                                           os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    wait = timedelta(seconds=PEER_WAIT_S)
+    wait, decided = timedelta(seconds=PEER_WAIT_S), False
     try:
         store.set(f"{space}{rank}", message)
         if rank == 0:
@@ -147,10 +148,12 @@ def _exchange(message: str, rank: int, world: int) -> bool:
             arrived = others if _wait(store, others, wait) else [k for k in others if store.check([k])]
             alike = len(arrived) == len(others) and all(store.get(k).decode() == message for k in arrived)
             print(f"error: {message}" if alike else f"error: rank 0: {message}", file=sys.stderr, flush=True)
+            decided = True
             store.set(f"{space}printed", "1")
             _wait(store, [f"{k}/done" for k in arrived], wait)
             return True
         first = store.get(f"{space}0").decode() if _wait(store, [f"{space}0"], 2 * wait) else None
+        decided = True
         if first != message:
             print(f"error: rank {rank}: {message}", file=sys.stderr, flush=True)
             store.set(f"{space}{rank}/done", "1")
@@ -161,8 +164,8 @@ def _exchange(message: str, rank: int, world: int) -> bool:
         store.set(f"{space}{rank}/done", "1")
         time.sleep(LINGER_S)
         return True
-    except Exception:  # noqa: BLE001 - the store went away mid-exchange (rank 0 exited): print for ourselves
-        return False
+    except Exception:  # noqa: BLE001 - the store went away (its host exited)
+        return decided
 
 
 def _launcher_store() -> Any | None:
