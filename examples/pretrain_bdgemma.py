@@ -13,17 +13,33 @@ rebuilt from the new values at the checkpoint's step), and changes to the data, 
 are refused. `--init-from DIR` starts a new run
 (the `--config` and overrides given) from DIR's model: a checkpoint converted from HF, or another run's (e.g. SFT
 from a pretraining run); optimizer, schedule and step start fresh.
-`--sample PROMPT` generates from the saved model at the end (byte tokenizer runs only).
+`--sample PROMPT` generates from the saved model at the end (byte tokenizer runs only), at any parallel layout (under
+pipeline parallelism the saved checkpoint is loaded again with the whole stack on every rank). An SFT run samples
+its data's first prompt (the chat template's rendering of the first record up to its first user turn) unless
+`--sample` gives a user turn of its own.
+
+An error ends the job with one line `error: <message>` and exit code 1 (`megatron_bdgemma/runtime/cli.py`;
+`BDGEMMA_TRACEBACK=1` adds the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from megatron_bdgemma.runtime.cli import entry_point, process_rank
+
+if TYPE_CHECKING:
+    from megatron_bdgemma.training.config import RunConfig
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny_pretrain.yaml"
+PRETRAIN_SAMPLE = "def "
 
 
+@entry_point
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None,
@@ -31,7 +47,9 @@ def main() -> None:
     parser.add_argument("--load", default=None, help="resume the training run in this save root or iter_N directory")
     parser.add_argument("--init-from", default=None,
                         help="start a new run from this checkpoint's model (converted from HF, or another run's)")
-    parser.add_argument("--sample", default="def ", help="prompt to generate from after training ('' = none)")
+    parser.add_argument("--sample", default=None,
+                        help=f"prompt to generate from after training ('' = none; default {PRETRAIN_SAMPLE!r}, for SFT "
+                             "the data's first user turn)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_intermixed_args()
 
@@ -46,30 +64,70 @@ def main() -> None:
         run = resume_run_config(args.load, args.config, list(args.overrides))
     else:
         start = [f"checkpoint.init_from={args.init_from}", "model.hf=null"] if args.init_from else []
-        run = load_run_config(args.config or DEFAULT_CONFIG, [*args.overrides, *start])
+        notes: list[str] = []
+        run = load_run_config(args.config or DEFAULT_CONFIG, [*args.overrides, *start], notes)
+        if notes and process_rank() == 0:
+            print("\n".join(notes), flush=True)
     train(run)
-    if args.sample and run.checkpoint.save and run.data.tokenizer == "byte":
-        print_sample(run.checkpoint.save, args.sample)
+    if args.sample != "" and run.checkpoint.save and run.data.tokenizer == "byte":
+        print_sample(run, args.sample)
 
 
-def print_sample(checkpoint: str, prompt: str) -> None:
-    """Greedy block-diffusion continuation of `prompt` from the saved checkpoint (rank 0 prints)."""
+def sample_messages(run: RunConfig, prompt: str | None) -> list[dict[str, str]] | None:
+    """The conversation an SFT run samples from: `prompt` as a user turn, or the first record of its data up to its
+    first user turn ([] when no record has one). None for pretraining (plain text)."""
+    if run.data.mode != "sft":
+        return None
+    if prompt is not None:
+        return [{"role": "user", "content": prompt}]
+    from megatron_bdgemma.data import embedded_sft_path
+
+    path = Path(run.data.paths[0]) if run.data.paths else Path(embedded_sft_path(run.data.cache_dir))
+    with path.open(encoding="utf-8") as lines:
+        for line in lines:
+            messages = json.loads(line).get("messages", []) if line.strip() else []
+            users = [i for i, message in enumerate(messages) if message.get("role") == "user"]
+            if users:
+                return messages[: users[0] + 1]
+    return []
+
+
+def print_sample(run: RunConfig, prompt: str | None) -> None:
+    """Greedy block-diffusion continuation of the sample prompt from the saved checkpoint (rank 0 prints).
+
+    Generation needs the whole stack on each rank: under pipeline parallelism the model-parallel groups are made
+    again with PP = 1 (TP and EP kept, the pipeline ranks joining data parallelism), and the checkpoint, which
+    reshards, is loaded at that layout."""
     import torch
-    import torch.distributed as dist
 
     from megatron_bdgemma.checkpointing import load_model
     from megatron_bdgemma.data import ByteTokenizer
     from megatron_bdgemma.generation import Greedy, generate
+    from megatron_bdgemma.runtime.distributed import init_distributed
 
+    p = run.parallel
+    if p.pp > 1:
+        init_distributed(tp=p.tp, pp=1, ep=p.ep, etp=p.etp, seed=run.train.seed)
     tokenizer = ByteTokenizer()
-    model = load_model(checkpoint, sequence_parallel=False).eval()
-    ids = torch.tensor([tokenizer.encode(prompt)], device=next(model.parameters()).device)
+    messages = sample_messages(run, prompt)
+    if messages == []:
+        if process_rank() == 0:
+            print("sample skipped: no record of the SFT data has a user turn to prompt with", flush=True)
+        return
+    if messages is not None:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        shown = messages[-1]["content"]
+    else:
+        text = shown = PRETRAIN_SAMPLE if prompt is None else prompt
+    model = load_model(run.checkpoint.save, sequence_parallel=False).eval()
+    ids = torch.tensor([tokenizer.encode(text)], device=next(model.parameters()).device)
     out = generate(model, ids, sampler=Greedy(), max_new_tokens=2 * model.config.canvas_length,
                    eos_token_ids=[tokenizer.eod], pad_token_id=tokenizer.pad)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        text = tokenizer.decode([t for t in out.generated[0].tolist() if t != tokenizer.pad])
-        print(f"sample ({out.tokens_per_forward[0]:.2f} tokens per forward): {prompt + text!r}")
+    if process_rank() == 0:
+        answer = tokenizer.decode([t for t in out.generated[0].tolist() if t != tokenizer.pad])
+        sample = f"{shown!r} → {answer!r}" if messages is not None else repr(shown + answer)
+        print(f"sample ({out.tokens_per_forward[0]:.2f} tokens per forward): {sample}", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

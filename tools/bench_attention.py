@@ -55,6 +55,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from megatron_bdgemma.runtime.cli import entry_point
+
 IMPLS = ("eager", "block_sparse")
 MIB = 2**20
 CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # fixed threshold: large frees go back to the OS at once
@@ -322,6 +324,7 @@ def _mib(outcome: Outcome | None, key: str) -> str:
     return f"{outcome.result[key]:.0f}" if outcome.result else "failed"
 
 
+@entry_point
 def main() -> None:
     args = parse_args()
     if args.child:
@@ -400,4 +403,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -43,6 +43,7 @@ os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "65536")
 
 import argparse
 import statistics
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -52,6 +53,7 @@ import torch
 from bench_train import Measurement, measure, ratio_over_rounds, round_order, set_timing_threads
 
 from megatron_bdgemma import hf_reference
+from megatron_bdgemma.runtime.cli import entry_point
 
 # DiffusionGemma's geometry scaled down so one CPU run is quick.
 SMALL_TEXT = hf_reference.SMALL_TEXT | dict(vocab_size=2048)
@@ -85,6 +87,7 @@ def small_random_hf(path: Path) -> Path:
     return path
 
 
+@entry_point
 def main() -> None:
     args = parse_args()
     import megatron_bdgemma
@@ -212,4 +215,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

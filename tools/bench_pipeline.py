@@ -26,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from megatron_bdgemma.runtime.cli import entry_point  # noqa: E402
 from tests.multiproc import run_in_processes  # noqa: E402  (the repo's gloo launcher: spawn, env vars, CPU patches)
 
 
@@ -60,6 +61,7 @@ def _timed_steps(rank: int, args: argparse.Namespace, tmp: str, pp: int) -> list
     return times
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--objective", choices=["pretrain", "sft"], default="pretrain")
@@ -95,4 +97,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 
@@ -43,6 +44,8 @@ import torch
 
 from bench_attention import PeakMeter
 from bench_train import hf_training_step, measure, round_order, set_timing_threads
+
+from megatron_bdgemma.runtime.cli import entry_point
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from the vendors' datasheets, matched on the device name.
 BF16_PEAK_TFLOPS = [
@@ -169,6 +172,7 @@ def run(variant: Variant, device: torch.device, record: bool) -> None:
     variant.peak_gib = max(variant.peak_gib, peak)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from megatron_bdgemma.diffusion import ar_loss, build_pretrain_batch, noise_batch
@@ -255,4 +259,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -54,6 +54,7 @@ import argparse
 import dataclasses
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -64,6 +65,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_bdgemma import hf_reference
+from megatron_bdgemma.runtime.cli import entry_point
 
 # DiffusionGemma's geometry scaled down so one CPU run is quick.
 SMALL_TEXT = hf_reference.SMALL_TEXT | dict(vocab_size=8192, final_logit_softcapping=30.0)
@@ -242,6 +244,7 @@ def hf_training_step(hf, batch, noised) -> Step:
     return step
 
 
+@entry_point
 def main() -> None:
     args = parse_args()
     import megatron_bdgemma
@@ -363,4 +366,4 @@ def _to(noised, device: torch.device):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

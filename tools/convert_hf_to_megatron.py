@@ -12,7 +12,8 @@ The checkpoint is layout independent: Megatron reshards it on load, so it is wri
 at any TP / EP / PP (`examples/pretrain_bdgemma.py --load DIR`, `tools/generate.py --load DIR`). `--tp/--ep/--pp` check
 that the model fits the layout you mean to run. Tensors are read one at a time and written layer by layer, so memory
 stays near one layer's experts. The output appears only when complete; `--verify` then compares logits of both sides.
-Exit status: 0 done, 1 `--verify` above tolerance, 2 bad input (the message names it).
+Exit status: 0 done, 1 `--verify` above tolerance or another error, 2 bad input (the message names it); an error is
+one line `error: <message>` (`BDGEMMA_TRACEBACK=1` adds the traceback).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+
+from megatron_bdgemma.runtime.cli import EXIT_BAD_INPUT, entry_point, report_error
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -42,11 +45,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@entry_point
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        print("error: run the converter as one process; its checkpoint loads at any TP/EP/PP", file=sys.stderr)
-        return 2
+        one_process = ValueError("run the converter as one process; its checkpoint loads at any TP/EP/PP")
+        return report_error(one_process, EXIT_BAD_INPUT)
     # torch's checkpoint code warns about its own deprecated ShardedTensor on every call; Megatron uses it on purpose.
     warnings.filterwarnings("ignore", module=r"torch\.distributed\.checkpoint")
     from megatron_bdgemma.conversion.megatron_checkpoint import (
@@ -61,9 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         convert_hf_to_megatron(args.hf, args.out, dtype=DTYPES.get(args.dtype), tp=args.tp, ep=args.ep, pp=args.pp,
                                overwrite=args.overwrite, seed=args.seed, log=log, **overrides)
-    except (ConversionError, FileExistsError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except (ConversionError, FileExistsError, FileNotFoundError, NotADirectoryError) as error:
+        return report_error(error, EXIT_BAD_INPUT)
     return report_verification(args.out, args.hf, args.verify_tolerance, log) if args.verify else 0
 
 

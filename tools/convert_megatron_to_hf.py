@@ -9,7 +9,8 @@ and `generation_config.json`; `transformers` loads it with `from_pretrained` (no
 tower is written back bit-identical, a text-only model gets a zero stand-in) and generates with it. Tensors are
 read one layer at a time and written as they are ready. The output appears only when complete; `--verify` then
 compares logits of both sides.
-Exit status: 0 done, 1 `--verify` above tolerance, 2 bad input (the message names it).
+Exit status: 0 done, 1 `--verify` above tolerance or another error, 2 bad input (the message names it); an error is
+one line `error: <message>` (`BDGEMMA_TRACEBACK=1` adds the traceback).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+
+from megatron_bdgemma.runtime.cli import EXIT_BAD_INPUT, entry_point, report_error
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -35,23 +38,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@entry_point
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        print("error: run the exporter as one process; it reads a checkpoint saved at any layout", file=sys.stderr)
-        return 2
+        one_process = ValueError("run the exporter as one process; it reads a checkpoint saved at any layout")
+        return report_error(one_process, EXIT_BAD_INPUT)
     # torch's checkpoint code warns about its own deprecated ShardedTensor on every call; Megatron uses it on purpose.
     warnings.filterwarnings("ignore", module=r"torch\.distributed\.checkpoint")
     from megatron_bdgemma.conversion.hf_export import convert_megatron_to_hf, parse_size
     from megatron_bdgemma.conversion.megatron_checkpoint import DTYPES, ConversionError, report_verification
+    from megatron_bdgemma.training.checkpointing import DamagedCheckpointError
 
     log = functools.partial(print, flush=True)
     try:
         convert_megatron_to_hf(args.megatron, args.out, dtype=DTYPES.get(args.dtype),
                                max_shard_size=parse_size(args.max_shard_size), overwrite=args.overwrite, log=log)
-    except (ConversionError, FileExistsError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except (ConversionError, DamagedCheckpointError, FileExistsError, FileNotFoundError, NotADirectoryError) as error:
+        return report_error(error, EXIT_BAD_INPUT)
     return report_verification(args.megatron, args.out, args.verify_tolerance, log) if args.verify else 0
 
 

@@ -19,6 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from megatron_bdgemma.runtime.cli import entry_point  # noqa: E402
+
 DEVICE = "cuda"
 
 
@@ -165,6 +167,7 @@ def training_steps(seq: int, repeats: int) -> list[tuple[str, str]]:
     ]
 
 
+@entry_point
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq", type=int, default=1024)
@@ -192,4 +195,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -13,7 +13,8 @@ checkpoint's run trained with (`data.tokenizer`: `byte`, or a tokenizer director
 prompts are whitespace-separated token ids and the output is printed as ids. EOS / pad ids come from
 `--eos-token-id` / `--pad-token-id`, else the checkpoint's `generation_config.json`, else the run's tokenizer, else
 the model config. Every rank of a TP group
-runs the same loop with the same seed (lock-step); rank 0 prints.
+runs the same loop with the same seed (lock-step); rank 0 prints. An error is one line `error: <message>`, exit 1
+(`BDGEMMA_TRACEBACK=1` adds the traceback).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from megatron_bdgemma.runtime.cli import entry_point
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -58,6 +61,38 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_source(args: argparse.Namespace) -> None:
+    """Refuse, by name, a `--hf` that is not an HF model directory and a `--load` that is one (each is the other's
+    kind of directory more often than anything else)."""
+    from megatron_bdgemma.training.checkpointing import LATEST
+
+    if args.hf is not None and not (args.hf / "config.json").is_file():
+        megatron = [name for name in (LATEST, "metadata.json") if (args.hf / name).is_file()] or (
+            [p.name for p in args.hf.glob("iter_*")][:1] if args.hf.is_dir() else [])
+        if megatron:
+            raise ValueError(f"--hf {args.hf} is a Megatron checkpoint ({megatron[0]}), not a Hugging Face model "
+                             f"directory; use --load {args.hf}")
+        what = "has no config.json" if args.hf.is_dir() else "does not exist"
+        raise ValueError(f"--hf {args.hf} {what}: expected a local Hugging Face model directory")
+    if args.load is not None and (args.load / "config.json").is_file() and not (args.load / "metadata.json").is_file():
+        raise ValueError(f"--load {args.load} is a Hugging Face model directory (config.json), not a Megatron "
+                         f"checkpoint; use --hf {args.load}")
+
+
+def check_prompts(prompts: Sequence[str]) -> None:
+    """A prompt the shell passed in another encoding than UTF-8 arrives with its bytes as lone surrogates (Python's
+    surrogateescape); no tokenizer can encode it, so it is named here."""
+    for index, prompt in enumerate(prompts):
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as error:
+            char = prompt[error.start]
+            escaped = "\udc80" <= char <= "\udcff"  # surrogateescape's stand-in for the byte ord(char) - 0xDC00
+            what = f"byte {bytes([ord(char) - 0xDC00])!r}" if escaped else f"lone surrogate {char!r}"
+            raise ValueError(f"--prompt {index + 1} ({prompt!r}) is not valid UTF-8 text: {what} at character "
+                             f"{error.start}; pass UTF-8 (check the terminal's or the file's encoding)") from None
+
+
 def load_model(args: argparse.Namespace) -> Any:
     """The model on this rank's device, from `--hf` or `--load`."""
     from megatron_bdgemma.runtime.distributed import init_distributed
@@ -69,13 +104,8 @@ def load_model(args: argparse.Namespace) -> Any:
 
         model = megatron_bdgemma.from_hf(args.hf, dtype=dtype)
     else:
-        try:
-            from megatron_bdgemma.checkpointing import load_model as load_checkpoint
-        except ImportError as error:
-            raise SystemExit(
-                f"--load needs megatron_bdgemma.checkpointing.load_model, which this installation lacks ({error}); "
-                "convert the checkpoint to HF and use --hf instead"
-            ) from error
+        from megatron_bdgemma.checkpointing import load_model as load_checkpoint
+
         # Generation runs without sequence parallelism (see generation.generate).
         model = load_checkpoint(args.load, dtype=dtype, sequence_parallel=False)
     if torch.cuda.is_available():
@@ -138,11 +168,11 @@ def tokenize(prompts: Sequence[str], tokenizer: Any | None, chat: bool) -> list[
         return [tokenizer.encode(p) for p in prompts]
     if tokenizer is None:
         if chat:
-            raise SystemExit("--chat needs a tokenizer (--tokenizer or an --hf directory with one)")
+            raise ValueError("--chat needs a tokenizer (--tokenizer or an --hf directory with one)")
         try:
             return [[int(token) for token in prompt.split()] for prompt in prompts]
         except ValueError:
-            raise SystemExit("without a tokenizer, --prompt must be whitespace-separated token ids") from None
+            raise ValueError("without a tokenizer, --prompt must be whitespace-separated token ids") from None
     if chat:
         return [
             list(tokenizer.apply_chat_template(
@@ -153,14 +183,17 @@ def tokenize(prompts: Sequence[str], tokenizer: Any | None, chat: bool) -> list[
     return [tokenizer(p)["input_ids"] for p in prompts]
 
 
+@entry_point
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from megatron_bdgemma.generation import generate, left_pad, parse_sampler
 
+    check_prompts(args.prompt)
+    check_source(args)
     try:
         sampler = parse_sampler(args.sampler)
     except ValueError as error:
-        raise SystemExit(f"--sampler: {error}") from None
+        raise ValueError(f"--sampler: {error}") from None
     model = load_model(args)
     tokenizer = load_tokenizer(args)
     eos, pad = special_ids(args, model.config, tokenizer)
@@ -178,14 +211,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Same seed on every rank: TP ranks draw identical noise and stay in lock-step.
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
     start = time.perf_counter()
-    try:
-        output = generate(
-            model, input_ids, padding_mask=padding_mask, sampler=sampler, max_new_tokens=args.max_new_tokens,
-            eos_token_ids=eos, pad_token_id=pad, generator=generator, on_canvas=stream if args.stream else None,
-            compile=args.compile,
-        )
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+    output = generate(
+        model, input_ids, padding_mask=padding_mask, sampler=sampler, max_new_tokens=args.max_new_tokens,
+        eos_token_ids=eos, pad_token_id=pad, generator=generator, on_canvas=stream if args.stream else None,
+        compile=args.compile,
+    )
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

@@ -24,10 +24,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from megatron_bdgemma.runtime.cli import entry_point  # noqa: E402
 from megatron_bdgemma.training.config import load_run_config  # noqa: E402
 from megatron_bdgemma.training.plan import format_plan, plan_run  # noqa: E402
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="a run config YAML (examples/configs/*.yaml)")

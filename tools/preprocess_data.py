@@ -33,9 +33,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from megatron_bdgemma.data import BadDataError, BadRecords
+from megatron_bdgemma.data import BadRecords
 from megatron_bdgemma.data.pretrain import TOKEN_DTYPE, IndexedDatasetWriter
 from megatron_bdgemma.data.tokenizer import Tokenizer, load_tokenizer
+from megatron_bdgemma.runtime.cli import entry_point
 
 Line = tuple[str, int, bytes]
 """``(file, line number, raw line)``."""
@@ -162,7 +163,7 @@ def preprocess(args: argparse.Namespace) -> BadRecords:
     """
     tokenizer = load_tokenizer(args.tokenizer)
     vocab_size = args.vocab_size or tokenizer.vocab_size
-    bad = BadRecords(args.on_bad)
+    bad = BadRecords(args.on_bad, skip_setting="--on-bad skip")
     progress = _Progress(args.log_interval)
     # closing(): a bad line must shut the worker pool down now, not whenever the generator is collected.
     with IndexedDatasetWriter(args.output_prefix) as writer, closing(_encoded(args, tokenizer, vocab_size)) as encoded:
@@ -200,14 +201,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+@entry_point
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (1 on bad data, with the reason on stderr)."""
-    args = parse_args(argv)
-    try:
-        preprocess(args)
-    except (BadDataError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    """Command-line entry point; returns the exit status (1 on bad data, with the reason on stderr in one line)."""
+    preprocess(parse_args(argv))
     return 0
 
 

@@ -160,7 +160,11 @@ def read_extra(path: str | Path) -> dict[str, Any]:
     """The `extra` dict saved with a checkpoint, read without building a model."""
     from megatron.core import dist_checkpointing
 
-    return dist_checkpointing.load_common_state_dict(str(resolve_checkpoint_dir(path))).get("extra", {})
+    from megatron_bdgemma.training.checkpointing import naming_damaged_files
+
+    path = resolve_checkpoint_dir(path)
+    with naming_damaged_files(path):
+        return dist_checkpointing.load_common_state_dict(str(path)).get("extra", {})
 
 
 def checkpoint_model_config(path: str | Path, **overrides: Any) -> BDGemmaConfig:
@@ -227,7 +231,13 @@ def staged_output(out: str | Path, overwrite: bool) -> Iterator[Path]:
     directory is removed, so no partial output is left behind and an existing `out` is untouched.
     """
     out = Path(out)
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+    blocking = next((p for p in [out.parent, *out.parent.parents] if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise NotADirectoryError(f"--out {out}: {blocking} is a file, not a directory")
+    if out.exists() and not out.is_dir() and not overwrite:
+        raise FileExistsError(f"--out {out} is a file; the output is a directory: give a new path, or pass "
+                              "--overwrite to replace the file")
+    if out.exists() and not overwrite and any(out.iterdir()):
         raise FileExistsError(f"{out} already exists and is not empty; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -318,7 +328,10 @@ class CheckpointLayout:
 
         state = {name: dataclasses.replace(entry, data=torch.empty_like(entry.data, device="cpu"))
                  for name, entry in ((name, self.entries[name]) for name in names)}
-        loaded = dist_checkpointing.load(state, str(checkpoint_dir))
+        from megatron_bdgemma.training.checkpointing import naming_damaged_files
+
+        with naming_damaged_files(checkpoint_dir):
+            loaded = dist_checkpointing.load(state, str(checkpoint_dir))
         return {name: loaded[name] for name in names}
 
 

@@ -51,6 +51,8 @@ class BadRecords:
     """Skipped records per reason."""
     locations: dict[str, list[str]] = field(default_factory=dict)
     """The first few locations (``file:line``) per reason."""
+    skip_setting: str = "on_bad='skip'"
+    """How the caller's user asks for ``"skip"`` (``data.on_bad=skip``, ``--on-bad skip``): the error names it."""
 
     def __post_init__(self) -> None:
         if self.on_bad not in ("error", "skip"):
@@ -65,7 +67,7 @@ class BadRecords:
             detail: what is wrong, for the error message.
         """
         if self.on_bad == "error":
-            raise BadDataError(f"{location}: {detail} (on_bad / --on-bad 'skip' drops such records and counts them)")
+            raise BadDataError(f"{location}: {detail}; {self.skip_setting} drops such records and counts them")
         self.counts[reason] += 1
         where = self.locations.setdefault(reason, [])
         if len(where) < _MAX_LOCATIONS:

@@ -163,7 +163,8 @@ def build_pretrain_datasets(
         seq_length: tokens per sample ``S``.
         seed: shuffling seed.
         num_samples: ``(train, valid, test)`` sample counts: a weighted blend gives exactly these and needs all
-            three; a single corpus gives whole epochs, at least this many samples (``None``: one epoch).
+            three; a single corpus gives whole epochs, at least this many samples (``None``: one epoch). ``0``: the
+            split is not needed and not built (``None`` in the result), so it may get no documents.
         split: train/valid/test weights of the documents.
         cache_dir: where megatron-core caches its index arrays (keyed on the corpora's size and modification time,
             so a corpus rewritten at the same prefix gets a fresh index) and each corpus's token range.
@@ -213,6 +214,7 @@ def build_pretrain_datasets(
         add_extra_token_to_sequence=False,
         drop_last_partial_validation_sequence=True,  # every row is full, so pretrain_collate needs no valid mask
     )
+    config.split_matrix = [None if n == 0 else bounds for n, bounds in zip(num_samples, config.split_matrix)]
     _check_splits(prefixes, split, config.split_matrix)
     datasets = BlendedMegatronDatasetBuilder(dataset_class, num_samples, is_built_on_rank, config).build()
     return PretrainSplits(*(None if d is None else PretrainDataset(d) for d in datasets))
@@ -366,11 +368,38 @@ def _check_splits(prefixes: Iterable[str], split: str, split_matrix: Sequence[tu
     names = ("train", "valid", "test")
     for prefix in prefixes:
         n = len(IndexedDataset(prefix).sequence_lengths)
-        # The same document ranges megatron-core's builder computes.
-        empty = [names[i] for i, bounds in enumerate(split_matrix)
-                 if bounds is not None and round(bounds[1] * n) - round(bounds[0] * n) == 0]
+        empty = [names[i] for i, count in enumerate(_documents_per_split(n, split_matrix)) if count == 0]
         if empty:
+            fix = _split_with_documents(n, split, split_matrix)
             raise ValueError(
                 f"{prefix} has {n} documents: split {split!r} leaves the {'/'.join(empty)} split without any; "
-                f"use more documents or give those splits a larger share (or 0 to disable them)"
+                + (f"e.g. data.split={fix} gives every split in use a document" if fix else "use more documents")
             )
+
+
+def _documents_per_split(n: int, split_matrix: Sequence[tuple[float, float] | None]) -> list[int | None]:
+    """Documents of each split out of `n` (None: not built): the ranges megatron-core's builder computes."""
+    return [None if bounds is None else round(bounds[1] * n) - round(bounds[0] * n) for bounds in split_matrix]
+
+
+def _split_with_documents(n: int, split: str, split_matrix: Sequence[tuple[float, float] | None]) -> str | None:
+    """A `split` in whole percents close to the given one under which every split that is built gets a document
+    (and one that is not gets 0), or None when `n` is too small for that."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+
+    used = [bounds is not None for bounds in split_matrix]
+    percents = [round(100 * w) if use else 0 for w, use in zip(parse_and_normalize_split(split), used)]
+    percents[0] = 100 - sum(percents[1:])
+    while percents[0] > 1:
+        matrix = convert_split_vector_to_split_matrix([p / 100 for p in percents])
+        counts = _documents_per_split(n, [m if use else None for m, use in zip(matrix, used)])
+        starved = [i for i, count in enumerate(counts) if count == 0]
+        if not starved:
+            return ",".join(map(str, percents))
+        for i in starved:
+            percents[i] += 1
+            percents[0] -= 1
+    return None

@@ -100,7 +100,7 @@ def encode_chat(record: Any, tokenizer: Tokenizer, *, max_length: int, block_siz
     if truncated and not truncation:
         where = "tokens" if first is None else f"positions with the EOS block fill (block {block_size})"
         raise ChatRecordError("too_long", f"the conversation takes {laid_out} {where}, over max_length {max_length} "
-                              "(data.truncation: true cuts it there instead)")
+                              "(data.seq_length); data.truncation=true cuts it there instead")
     ids, supervised = ids[:max_length], supervised[:max_length]
     return ChatExample(np.asarray(ids, dtype=np.int32), np.asarray(supervised, dtype=bool), truncated)
 
@@ -125,7 +125,7 @@ class SFTDataset(torch.utils.data.Dataset):
     def __init__(self, path: str | Path, tokenizer: Tokenizer, *, max_length: int, block_size: int,
                  on_bad: OnBad = "error", truncation: bool = False) -> None:
         self.path = Path(path)
-        self.bad = BadRecords(on_bad)
+        self.bad = BadRecords(on_bad, skip_setting="data.on_bad=skip")
         self.examples: list[ChatExample] = []
         with self.path.open("rb") as f:
             for lineno, raw in enumerate(f, start=1):

@@ -35,7 +35,14 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
 
-from megatron_bdgemma.training.run_dir import STAGING, checkpoint_name, latest_checkpoint, locate_checkpoint, publish
+from megatron_bdgemma.training.run_dir import (
+    STAGING, checkpoint_name, complete_checkpoints, latest_checkpoint, locate_checkpoint, publish,
+)
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint file is missing or shorter than the checkpoint's index says; the message names it and the newest
+    intact checkpoint beside it."""
 
 
 def _barrier() -> None:
@@ -262,11 +269,12 @@ def load_checkpoint(path: str | Path, model: Model, optimizer: Any | None = None
     path = locate_checkpoint(path)
     if optimizer is not None:
         _materialise_optimizer_state(optimizer)
-    optimizer_format = _saved_optimizer_format(path)
-    chunks = _chunks(model)
-    template = _sharded_state(chunks, optimizer, is_loading=True, optimizer_format=optimizer_format)
-    template["extra"] = {}
-    loaded = dist_checkpointing.load(template, str(path))
+    with naming_damaged_files(path):
+        optimizer_format = _saved_optimizer_format(path)
+        chunks = _chunks(model)
+        template = _sharded_state(chunks, optimizer, is_loading=True, optimizer_format=optimizer_format)
+        template["extra"] = {}
+        loaded = dist_checkpointing.load(template, str(path))
     for key, chunk in zip(_model_keys(chunks), chunks):
         chunk.load_state_dict(loaded[key], strict=True)
     if optimizer is not None:
@@ -277,6 +285,51 @@ def load_checkpoint(path: str | Path, model: Model, optimizer: Any | None = None
         for group, values in zip(optimizer.param_groups, configured, strict=True):
             group.update(values)
     return loaded.get("extra", {})
+
+
+def damaged_files(path: str | Path) -> list[str]:
+    """What is wrong with the files of the `torch_dist` checkpoint at `path`: its index (`.metadata`) unreadable, or
+    a data file missing or shorter than the index's entries in it (a copy or save cut short). Empty: intact."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    path = Path(path)
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+    except Exception as error:  # noqa: BLE001 - any failure to read the index means it is damaged
+        return [f"{path / '.metadata'} cannot be read ({type(error).__name__})"]
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    problems = []
+    for name, size in sorted(needed.items()):
+        file = path / name
+        if not file.is_file():
+            problems.append(f"{file} is missing")
+        elif file.stat().st_size < size:
+            problems.append(f"{file} is truncated ({file.stat().st_size} of {size} bytes)")
+    return problems
+
+
+@contextlib.contextmanager
+def naming_damaged_files(path: str | Path) -> Iterator[None]:
+    """Reading the checkpoint at `path` inside: a failure caused by a damaged file (torch raises a bare EOFError or
+    an unpickling error, with no file name) becomes a `DamagedCheckpointError` naming the file and the newest
+    intact checkpoint beside it; any other failure passes unchanged."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as error:  # torch's CheckpointException is a BaseException
+        problems = damaged_files(path)
+        if not problems:
+            raise
+        path = Path(path)
+        others = [p for p in reversed(complete_checkpoints(path.parent))
+                  if p.resolve() != path.resolve() and (p / "metadata.json").is_file()]
+        intact = next((p for p in others if not damaged_files(p)), None)
+        hint = (f"the newest intact checkpoint is {intact}: give that directory instead (training resumes from it with "
+                f"--load {intact})" if intact else "no other complete checkpoint beside it is intact")
+        raise DamagedCheckpointError(f"checkpoint {path} is damaged: {'; '.join(problems)}; {hint}") from error
 
 
 def _saved_steps(state: Any) -> set[float]:

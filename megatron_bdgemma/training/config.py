@@ -3,13 +3,17 @@
     run = load_run_config("examples/configs/tiny_pretrain.yaml", ["train.steps=20", "parallel.tp=2"])
 
 Every section is a dataclass; an unknown key, a value of the wrong type or sizes that conflict stop the run before
-anything is built, with one message that lists every problem.
+anything is built, with one message that lists every problem. YAML is read strictly where PyYAML is lenient or
+surprising: a key given twice in one mapping (a section included, which YAML would silently replace by the last one)
+and a malformed file (a tab in the indentation) are refused naming the file and line, and scientific notation
+without a dot (`1e-3`, a string to YAML 1.1) is a number wherever the key expects a float.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -168,7 +172,7 @@ class RunConfig:
         return self.train.global_batch_size // (self.train.micro_batch_size * self.data_parallel_size(world_size))
 
     def validate(self, world_size: int) -> None:
-        """Raise one ValueError listing every conflict between sizes."""
+        """Raise one ValueError naming every conflict between sizes (one line for one, a list for several)."""
         p, t, problems = self.parallel, self.train, []
         if world_size % (p.tp * p.pp):
             problems.append(f"world size {world_size} is not divisible by parallel.tp × parallel.pp = {p.tp} × {p.pp}")
@@ -194,8 +198,10 @@ class RunConfig:
             problems.append("objective.kind=absorbing needs objective.mask_id")
         if not 0 < self.objective.t_min <= self.objective.t_max <= 1:
             problems.append(f"need 0 < objective.t_min <= objective.t_max <= 1, got {self.objective.t_min}, {self.objective.t_max}")
-        if self.optim.warmup_steps >= t.steps:
-            problems.append(f"optim.warmup_steps ({self.optim.warmup_steps}) must be < train.steps ({t.steps})")
+        if self.optim.warmup_steps >= t.steps >= 1:
+            fewer = " or fewer" if t.steps > 1 else ""
+            problems.append(f"optim.warmup_steps ({self.optim.warmup_steps}) must be < train.steps ({t.steps}): set "
+                            f"optim.warmup_steps={t.steps - 1}{fewer}, or more train.steps")
         if t.steps < 1 or t.micro_batch_size < 1 or t.global_batch_size < 1:
             problems.append("train.steps, train.micro_batch_size and train.global_batch_size must be >= 1")
         if t.log_interval < 1 or t.eval_interval < 0 or t.eval_steps < 1:
@@ -228,6 +234,8 @@ class RunConfig:
             problems.append(f"train.recompute_modules {t.recompute_modules}: choose one or more of {list(SELECTIVE_RECOMPUTE_MODULES)}")
         if t.fp8_param and not (t.fp8 and self.optim.distributed_optimizer):
             problems.append("train.fp8_param needs train.fp8 and optim.distributed_optimizer=true")
+        if len(problems) == 1:
+            raise ValueError(f"invalid run configuration: {problems[0]}")
         if problems:
             raise ValueError("invalid run configuration:\n  - " + "\n  - ".join(problems))
 
@@ -235,38 +243,47 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def _check_type(path: str, value: Any, annotation: Any) -> None:
-    """A light type check of YAML values against the dataclass annotations (names the key on mismatch)."""
+_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)[eE][-+]?[0-9]+")
+"""Scientific notation, which YAML 1.1 (PyYAML) reads as a float only with a dot: `1.0e-3` is a float, `1e-3` a
+string. Only what a float field (or a float option of a union) is given is read this way; a string field stays."""
+
+
+def _coerce(path: str, value: Any, annotation: Any) -> Any:
+    """A light type check of YAML values against the dataclass annotations (names the key on mismatch); returns the
+    value, with scientific notation read as a float where a float is expected."""
     origin = typing.get_origin(annotation)
     if annotation is Any:
-        return
+        return value
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(annotation):
             try:
-                _check_type(path, value, option)
-                return
+                return _coerce(path, value, option)
             except ValueError:
                 continue
         raise ValueError(f"{path}={value!r} does not fit {annotation}")
     if origin is Literal:
         if value not in typing.get_args(annotation):
             raise ValueError(f"{path}={value!r}: expected one of {list(typing.get_args(annotation))}")
-        return
+        return value
     if annotation is type(None):
         if value is not None:
             raise ValueError(f"{path}={value!r}: expected null")
-        return
+        return value
     expected = origin or annotation
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return
+        return value
+    if expected is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)
     if expected is tuple and isinstance(value, list):  # YAML has no tuples
-        return
+        return value
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         raise ValueError(f"{path}={value!r}: expected {getattr(expected, '__name__', expected)}")
+    return value
 
 
 def _model_override_problems(overrides: dict[str, Any]) -> list[str]:
-    """Unknown `BDGemmaConfig` fields and values of the wrong type in `model.overrides`, each named."""
+    """Unknown `BDGemmaConfig` fields and values of the wrong type in `model.overrides`, each named (scientific
+    notation given to a float field becomes the float)."""
     from megatron_bdgemma.config import BDGemmaConfig
 
     hints = typing.get_type_hints(BDGemmaConfig)
@@ -277,7 +294,7 @@ def _model_override_problems(overrides: dict[str, Any]) -> list[str]:
             problems.append(f"model.overrides.{key} is not a BDGemmaConfig field{f' (did you mean {close}?)' if close else ''}")
             continue
         try:
-            _check_type(f"model.overrides.{key}", value, hints[key])
+            overrides[key] = _coerce(f"model.overrides.{key}", value, hints[key])
         except ValueError as error:
             problems.append(str(error))
         except TypeError:  # an annotation isinstance cannot check (e.g. a protocol); the config's own checks apply
@@ -298,9 +315,53 @@ def _build(cls: type, values: dict[str, Any], path: str) -> Any:
                 raise ValueError(f"{path}{name} must be a mapping")
             kwargs[name] = _build(hints[name], value, f"{path}{name}.")
         else:
-            _check_type(f"{path}{name}", value, hints[name])
-            kwargs[name] = value
+            kwargs[name] = _coerce(f"{path}{name}", value, hints[name])
     return cls(**kwargs)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses a key given twice in one mapping (PyYAML keeps the last one silently: a
+    section given twice loses every key of the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden on purpose
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue  # the base class names an unhashable key
+            if key in first_line:
+                lost = "every key of the first" if isinstance(value_node, yaml.MappingNode) else "the first value"
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice (first at line {first_line[key]}); YAML would keep only the "
+                    f"last, dropping {lost}: give it once", key_node.start_mark)
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def _parse_yaml(text: str, source: str, file: bool = True) -> Any:
+    """`text` parsed by `_StrictLoader`; a ValueError naming `source` (a `file`: with line and column) when it is
+    malformed or gives a key twice."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as error:
+        mark, problem = error.problem_mark, error.problem or str(error)
+        if "'\\t'" in problem:  # PyYAML's scanner: "found character '\\t' that cannot start any token"
+            problem = "a tab character; YAML indents with spaces only"
+        where = source if mark is None else f"{source}:{mark.line + 1}:{mark.column + 1}" if file else source
+        raise ValueError(f"{where}: {problem}") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"{source}: not valid YAML ({error})") from None
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The sections of a YAML run config file (empty file: none); ValueError naming the file and line when it is
+    malformed or gives a key twice."""
+    values = _parse_yaml(Path(path).read_text(), str(path)) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of sections at the top level")
+    return values
 
 
 def apply_override(values: dict[str, Any], override: str) -> None:
@@ -314,17 +375,25 @@ def apply_override(values: dict[str, Any], override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ValueError(f"override {override!r}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    node[parts[-1]] = _parse_yaml(raw, f"override {override!r}", file=False)
 
 
-def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML run config (None = all defaults) and apply dotted overrides."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        text = Path(path).read_text()
-        values = yaml.safe_load(text) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a mapping of sections at the top level")
+def load_run_config(path: str | Path | None, overrides: list[str] = (), notes: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config (None = all defaults) and apply dotted overrides.
+
+    `notes`: when given (the command line), a value the overrides did not set is adapted where it conflicts with
+    the rest, and a line saying so is appended: `optim.warmup_steps` (the YAML's or the default) becomes
+    `train.steps - 1` in a run shorter than it (`train.steps=5` for a smoke test). A value the overrides set is
+    never adapted. Without `notes` nothing is, and `RunConfig.validate` names the conflict and its fix.
+    """
+    values = read_config_file(path) if path is not None else {}
     for override in overrides:
         apply_override(values, override)
-    return _build(RunConfig, values, "")
+    run = _build(RunConfig, values, "")
+    given = {override.split("=", 1)[0].strip() for override in overrides}
+    if notes is not None and "optim.warmup_steps" not in given and run.optim.warmup_steps >= run.train.steps >= 1:
+        source = f"from {Path(path).name}" if "warmup_steps" in values.get("optim", {}) else "the default"
+        notes.append(f"optim.warmup_steps: {run.optim.warmup_steps} ({source}) → {run.train.steps - 1}, to fit "
+                     f"train.steps={run.train.steps}; give optim.warmup_steps to choose")
+        run.optim.warmup_steps = run.train.steps - 1
+    return run

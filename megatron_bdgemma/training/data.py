@@ -12,9 +12,10 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_bdgemma.config import BDGemmaConfig
@@ -23,6 +24,8 @@ from megatron_bdgemma.data.pretrain import pretrain_collate
 from megatron_bdgemma.data.sft import SFTDataset, sft_collate
 from megatron_bdgemma.diffusion import DiffusionBatch
 from megatron_bdgemma.training.config import FP8_ALIGNMENT, RunConfig
+
+T = TypeVar("T")
 
 SFT_VALID_EVERY = 20
 """SFT holds out every 20th record for evaluation (chat files have no indexed split)."""
@@ -58,6 +61,23 @@ def sft_seq_multiple(config: BDGemmaConfig) -> int:
     return math.lcm(tp, FP8_ALIGNMENT if config.fp8 else 1)
 
 
+def rank_zero_first(write: Callable[[], T]) -> T:
+    """`write()` on rank 0 first, then (after a barrier) on the other ranks, which find its files and return.
+
+    The embedded data is written once into `data.cache_dir`. Written by every rank at once, each rank's file would
+    replace the others' with another modification time, which is part of the index cache's key
+    (`data.pretrain.inspect_corpus`): ranks then looked for index files that only another rank's key named.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return write()
+    if dist.get_rank() == 0:
+        result = write()
+    dist.barrier()
+    if dist.get_rank() != 0:
+        result = write()
+    return result
+
+
 def build_step_data(run: RunConfig, config: BDGemmaConfig) -> StepData:
     """Datasets of the run (the embedded default when `data.paths` is empty) and the sampling scheme."""
     d = run.data
@@ -66,17 +86,19 @@ def build_step_data(run: RunConfig, config: BDGemmaConfig) -> StepData:
         raise ValueError(f"data.tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is {config.vocab_size}")
     block = config.canvas_length
     if d.mode == "pretrain":
-        blend = d.paths or [embedded_pretrain_prefix(d.cache_dir)]
+        blend = d.paths or [rank_zero_first(lambda: embedded_pretrain_prefix(d.cache_dir))]
         g = run.train.global_batch_size
+        # The test split is never read, and the valid split only when evaluating: 0 samples = not built, so a
+        # corpus too small to give them documents still trains.
         splits = build_pretrain_datasets(
             blend, tokenizer=tokenizer, seq_length=d.seq_length, seed=run.train.seed,
-            num_samples=(run.train.steps * g, max(run.train.eval_steps, 1) * g, None if len(blend) == 1 else g),
+            num_samples=(run.train.steps * g, run.train.eval_steps * g if run.train.eval_interval else 0, 0),
             split=d.split, cache_dir=d.cache_dir, vocab_size=config.vocab_size,
         )
         datasets = {"train": splits.train, "valid": splits.valid or splits.train}
         collate = partial(pretrain_collate, block_size=block, pad_id=tokenizer.pad)
     else:
-        paths = d.paths or [embedded_sft_path(d.cache_dir)]
+        paths = d.paths or [rank_zero_first(lambda: embedded_sft_path(d.cache_dir))]
         if len(paths) != 1:
             raise ValueError(f"data.paths for sft takes one chat JSONL file, got {paths}")
         full = SFTDataset(paths[0], tokenizer, max_length=d.seq_length, block_size=block, on_bad=d.on_bad,

@@ -20,9 +20,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from megatron_bdgemma.training.config import RunConfig, _build, apply_override
+from megatron_bdgemma.training.config import RunConfig, _build, apply_override, read_config_file
 from megatron_bdgemma.training.run_dir import locate_checkpoint, save_root
 
 # Keys whose change makes a resumed run differ from the uninterrupted one: which samples, in which order, under
@@ -72,10 +70,7 @@ def resume_run_config(load: str | Path, config_path: str | Path | None = None, o
     these can move `checkpoint.save`)."""
     values = copy.deepcopy(read_training_extra(load, "--load")["run"])
     if config_path is not None:
-        given = yaml.safe_load(Path(config_path).read_text()) or {}
-        if not isinstance(given, dict):
-            raise ValueError(f"{config_path}: expected a mapping of sections at the top level")
-        _merge(values, given)
+        _merge(values, read_config_file(config_path))
     values.setdefault("checkpoint", {}).update(save=str(save_root(load)), load=str(load), init_from=None)
     for override in overrides:
         apply_override(values, override)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -105,8 +106,12 @@ def locate_checkpoint(path: str | Path, option: str = "") -> Path:
             f"{path} has no `{LATEST}` marker to say which checkpoint is its newest; it holds {_names(found)}: give "
             f"one, e.g. {option}{found[-1]}"
         )
+    if path.name.endswith(STAGING) and re.fullmatch(r"iter_\d+", path.name.removesuffix(STAGING)):
+        raise RunDirectoryError(f"{path} is the staging directory of a save that did not finish (a complete save is "
+                                f"renamed to {path.name.removesuffix(STAGING)}); use a complete checkpoint")
     if not (path / "metadata.json").is_file():
-        raise FileNotFoundError(f"{path} is not a Megatron distributed checkpoint (no metadata.json)")
+        hint = "; it is a Hugging Face model directory (config.json)" if (path / "config.json").is_file() else ""
+        raise FileNotFoundError(f"{path} is not a Megatron distributed checkpoint (no metadata.json){hint}")
     return path
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -33,7 +34,7 @@ from megatron_bdgemma.model import BDGemmaModel, TrainingOutput
 from megatron_bdgemma.runtime.distributed import init_distributed
 from megatron_bdgemma.spec import Backend
 from megatron_bdgemma.training.checkpointing import load_checkpoint, save_checkpoint
-from megatron_bdgemma.training.config import RunConfig
+from megatron_bdgemma.training.config import ModelSection, RunConfig
 from megatron_bdgemma.training.data import StepData, build_step_data
 from megatron_bdgemma.training.metrics import MetricsLogger, model_flops_per_step
 from megatron_bdgemma.training.resume import check_resume, read_checkpoint_extra, read_training_extra
@@ -95,7 +96,16 @@ def build_model_config(run: RunConfig) -> BDGemmaConfig:
             raise ValueError(f"{source}: the checkpoint does not record its model config (extra['model_config'])")
         return model_config_from_dict(extra["model_config"], **(megatron | run.model.overrides))
     if run.model.hf:  # the shape needs config.json only (tools/plan.py plans from it); weights load in `setup`
-        return hf_model_config(run.model.hf, **(megatron | run.model.overrides))
+        hf = Path(run.model.hf)
+        if not (hf / "config.json").is_file():
+            # transformers would take a missing path for a hub repo id and fail on its form
+            preset = run.model.preset if run.model.preset != ModelSection.preset else f"<one of {sorted(PRESETS)}>"
+            raise ValueError(
+                f"model.hf={hf} {'has no config.json' if hf.is_dir() else 'does not exist on this machine'} (model.hf "
+                f"is a local Hugging Face model directory; nothing is downloaded); to plan or train from the "
+                f"architecture alone, use model.hf=null model.preset={preset}"
+            )
+        return hf_model_config(hf, **(megatron | run.model.overrides))
     if run.model.preset not in PRESETS:
         raise ValueError(f"model.preset {run.model.preset!r} is unknown; choose from {sorted(PRESETS)}")
     return PRESETS[run.model.preset](**(megatron | run.model.overrides))
