@@ -64,7 +64,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def check_source(args: argparse.Namespace) -> None:
     """Refuse, by name, a `--hf` that is not an HF model directory and a `--load` that is one (each is the other's
     kind of directory more often than anything else)."""
-    from megatron_bdgemma.training.checkpointing import LATEST
+    from megatron_bdgemma.training.run_dir import LATEST
 
     if args.hf is not None and not (args.hf / "config.json").is_file():
         megatron = [name for name in (LATEST, "metadata.json") if (args.hf / name).is_file()] or (
