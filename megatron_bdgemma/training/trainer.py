@@ -323,8 +323,9 @@ def _over_ranks(losses: torch.Tensor) -> torch.Tensor:
 
 
 def _local_grad_norm(state: TrainState) -> torch.Tensor:
-    """The L2 norm of this rank's gradient buffers after `finalize_model_grads` (the stop check's value: non-finite
-    exactly when a gradient this rank computed or holds reduced is; the reported grad norm is megatron's, global)."""
+    """The L2 norm of this rank's gradient buffers after `finalize_model_grads`, for the stop check: non-finite when a
+    gradient this rank computed, or one it holds reduced, is (megatron's global grad norm, which the log reports, is
+    then too). One pass over the buffers, as megatron's own `check_for_nan_in_grad` makes."""
     norms = [buffer.grad_data.norm() for chunk in state.model
              for buffer in chunk.buffers + chunk.expert_parallel_buffers]
     device = next(state.model[0].parameters()).device
@@ -347,10 +348,8 @@ def train_step(state: TrainState, stop: StopCheck | None = None) -> tuple[dict[s
     totals = _over_ranks(losses)
     if verdict.skipped:  # no update, no LR step: the parameters and optimizer state stay the previous step's
         grad_norm = float("nan")
-    else:
-        update_ok, grad_norm, _ = state.optimizer.step()
-        if not update_ok:  # megatron's own skip (a grad scaler's overflow): cannot happen in fp32 / bf16 without one
-            raise FloatingPointError(f"step {step + 1}: the optimizer skipped the update (grad norm {grad_norm})")
+    else:  # megatron's fp32 / bf16 optimizers (no grad scaler) always report success: the check above is the guard
+        _, grad_norm, _ = state.optimizer.step()
         state.scheduler.step(increment=1)
     state.step += 1
     dp = parallel_state.get_data_parallel_world_size()
