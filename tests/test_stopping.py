@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import psutil
@@ -64,11 +65,12 @@ class _Job:
         self.process.wait(timeout=timeout)
         while (line := self._queue.get(timeout=timeout)) is not None:
             self.lines.append(line)
+        self.process.stdout.close()
         return "\n".join(self.lines)
 
     def leftovers(self) -> list[str]:
         """Processes still alive from the job: in its tree as seen, or in the process group or session of any."""
-        groups = set(self.seen)
+        groups = {self.process.pid, *self.seen}
         left = []
         for process in psutil.process_iter(["pid", "cmdline", "status"]):
             try:
@@ -97,7 +99,9 @@ def _tensors(checkpoint: Path, scratch: Path) -> dict[str, torch.Tensor]:
     """Every tensor a checkpoint holds (model and optimizer), by key, read without a process group."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    dcp_to_torch_save(str(checkpoint), str(scratch))
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp_to_torch_save(str(checkpoint), str(scratch))
     return {k: v for k, v in torch.load(scratch, weights_only=False).items() if isinstance(v, torch.Tensor)}
 
 
@@ -109,56 +113,67 @@ def _iters(root: Path) -> list[str]:
     return sorted(p.name for p in root.glob("iter_*"))
 
 
-def test_signals_stop_after_the_step_save_and_resume_bit_for_bit(tmp_path, model_parallel):
-    """SIGTERM, sent again and again all through the stop and its save; then a resumed run stopped with SIGINT
-    (Ctrl-C); then a resumed run to the end. Each stop: one line, exit status 0, its checkpoint, no process left
-    (megatron-core's checkpoint writer starts none: `checkpointing._write_results_in_this_process`). The three runs'
-    losses and final checkpoint (every model and optimizer tensor) equal one uninterrupted run's."""
+def test_ctrl_c_stops_after_the_step_saves_and_resumes_bit_for_bit(tmp_path, model_parallel):
+    """SIGINT (Ctrl-C), sent again and again until the process has exited, also while its save is written: one line,
+    no traceback, exit status 0, the step's checkpoint, no process left (megatron-core's checkpoint writer starts
+    none: `checkpointing._write_results_in_this_process`). The run resumed from it to the end: its losses and final
+    checkpoint (every model and optimizer tensor) equal an uninterrupted run's, and it leaves no process either."""
     from megatron_bdgemma.training.trainer import train
 
-    root, steps = tmp_path / "run", 16
+    root, steps = tmp_path / "run", 12
     overrides = _overrides(tmp_path, f"train.steps={steps}", "checkpoint.interval=2")
     cli = [sys.executable, SCRIPT, "--sample", ""]
 
     first = _Job([*cli, *overrides, f"checkpoint.save={root}"], tmp_path)
     first.wait_for(r"^saved checkpoint .*iter_0000002$")
     assert first.children() == []  # after a save: the checkpoint writer left no helper process
-    first.process.send_signal(signal.SIGTERM)
     during_save = 0
-    while first.process.poll() is None:  # again and again until it has exited, also while iter_N.tmp is written
+    while first.process.poll() is None:
         during_save += any(root.glob("iter_*.tmp"))
-        first.process.send_signal(signal.SIGTERM)  # the same signal: Linux delivers a lower-numbered one first
+        first.process.send_signal(signal.SIGINT)
         time.sleep(0.002)
     output = first.finish()
-    stopped = re.search(rf"^stopped by SIGTERM at step (\d+); saved iter_(\d+); resume with --load {root}$", output, re.M)
+    stopped = re.search(rf"^stopped by SIGINT at step (\d+); saved iter_(\d+); resume with --load {root}$", output, re.M)
     assert first.process.returncode == 0 and stopped and stopped[1] == stopped[2].lstrip("0"), output
-    assert during_save > 0 and "SIGTERM again: the run is already stopping" in output, output
-    assert "Traceback" not in output and first.leftovers() == []
+    assert during_save > 0 and "SIGINT again: the run is already stopping" in output, output
+    assert "KeyboardInterrupt" not in output and "Traceback" not in output and first.leftovers() == []
     n = int(stopped[1])
     assert (root / "latest").read_text() == f"iter_{n:07d}" and (root / f"iter_{n:07d}" / "metadata.json").is_file()
 
-    second = _Job([*cli, "--load", str(root)], tmp_path)
-    second.wait_for(rf"^step +{n + 1}/")
-    assert second.children() == []
-    second.process.send_signal(signal.SIGINT)
-    output += "\n" + second.finish()
-    stopped = re.search(rf"^stopped by SIGINT at step (\d+); saved iter_\d+; resume with --load {root}$", output, re.M)
-    assert second.process.returncode == 0 and stopped, output
-    assert "KeyboardInterrupt" not in output and "Traceback" not in output and second.leftovers() == []
-    m = int(stopped[1])
-
-    third = _Job([*cli, "--load", str(root)], tmp_path)
-    output += "\n" + third.finish()
-    assert third.process.returncode == 0 and f"saved checkpoint {root}/iter_{steps:07d}" in output, output
+    resumed = _Job([*cli, "--load", str(root)], tmp_path)
+    output += "\n" + resumed.finish()
+    assert resumed.process.returncode == 0 and f"saved checkpoint {root}/iter_{steps:07d}" in output, output
+    assert resumed.leftovers() == []
 
     reference = train(load_run_config(CONFIG, [*overrides, f"checkpoint.save={tmp_path / 'reference'}"]))
-    # Each step printed once over the three runs, with the uninterrupted run's losses.
+    # Each step printed once over the two runs, with the uninterrupted run's losses.
     assert _printed_losses(output) == {h["step"]: (f"{h['diffusion']:.4f}", f"{h['ar']:.4f}") for h in reference}
-    assert len(LINE.findall(output)) == steps and n < m < steps
-    resumed = _tensors(root / f"iter_{steps:07d}", tmp_path / "resumed.pt")
+    assert len(LINE.findall(output)) == steps and n < steps
+    final = _tensors(root / f"iter_{steps:07d}", tmp_path / "resumed.pt")
     uninterrupted = _tensors(tmp_path / "reference" / f"iter_{steps:07d}", tmp_path / "reference.pt")
-    assert resumed.keys() == uninterrupted.keys() and len(resumed) > 100
-    assert [k for k in resumed if not torch.equal(resumed[k], uninterrupted[k])] == []
+    assert final.keys() == uninterrupted.keys() and len(final) > 100
+    assert [k for k in final if not torch.equal(final[k], uninterrupted[k])] == []
+
+
+def test_sigusr1_stops_and_the_handlers_are_put_back(model_parallel):
+    """SIGUSR1 (what `#SBATCH --signal=USR1@T` sends) is a stop signal like SIGTERM and SIGINT; the run's handlers
+    replace the previous ones only while it trains, and after a stop further signals are ignored until the exit."""
+    from megatron_bdgemma.training.stopping import STOP_SIGNALS, RunStopped, StopCheck, Verdict
+
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    try:
+        with StopCheck() as stop:
+            assert stop.agree(1, torch.zeros(2), torch.zeros(())) == Verdict()
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert stop.agree(2, torch.zeros(2), torch.zeros(())) == Verdict(signal="SIGUSR1")
+        assert {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} == previous
+        with pytest.raises(RunStopped) as stopped, StopCheck():
+            raise RunStopped("SIGUSR1", 2)
+        assert stopped.value.code == 0
+        assert {signal.getsignal(sig) for sig in STOP_SIGNALS} == {signal.SIG_IGN}
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def test_nonfinite_values_skip_then_stop_before_the_update_and_are_never_saved(tmp_path):
@@ -191,7 +206,7 @@ def test_nonfinite_values_skip_then_stop_before_the_update_and_are_never_saved(t
 
 
 def test_torchrun_one_rank_signalled_every_rank_stops(tmp_path, model_parallel):
-    """torchrun, 2 gloo ranks (DP=2, distributed optimizer): SIGUSR1 reaches rank 1 only, the ranks agree to stop at
+    """torchrun, 2 gloo ranks (DP=2, distributed optimizer): SIGTERM reaches rank 1 only, the ranks agree to stop at
     the same step, save, rank 0 prints the one line, both exit 0, so torchrun does too, without a failure report."""
     root = tmp_path / "run"
     _build_data_cache(tmp_path, "train.steps=200")
@@ -200,9 +215,9 @@ def test_torchrun_one_rank_signalled_every_rank_stops(tmp_path, model_parallel):
     job.wait_for(r"^step +2/")
     ranks = {int(p.environ().get("RANK", -1)): p for p in job.children() if "RANK" in p.environ()}
     assert sorted(ranks) == [0, 1], ranks
-    ranks[1].send_signal(signal.SIGUSR1)
+    ranks[1].send_signal(signal.SIGTERM)
     output = job.finish()
-    lines = re.findall(rf"^stopped by SIGUSR1 at step (\d+); saved iter_(\d+); resume with --load {root}$", output, re.M)
+    lines = re.findall(rf"^stopped by SIGTERM at step (\d+); saved iter_(\d+); resume with --load {root}$", output, re.M)
     assert job.process.returncode == 0 and len(lines) == 1, output
     assert "ChildFailedError" not in output and "Traceback" not in output and job.leftovers() == []
     assert (root / "latest").read_text() == f"iter_{int(lines[0][0]):07d}"

@@ -182,6 +182,7 @@ def test_layouts_match_one_process_and_reshard(tmp_path, model_parallel, hf_star
         (["optim.warmup_steps=10"], "warmup_steps"),
         (["objective.kind=absorbing"], "mask_id"),
         (["train.recompute=selective", "train.recompute_modules=[core_attn, mlp]"], "recompute_modules"),
+        (["train.skip_nonfinite_steps=-1"], "train.skip_nonfinite_steps must be >= 0, got -1"),
     ],
 )
 def test_conflicting_sizes_are_named(tmp_path, overrides, message):
