@@ -155,21 +155,33 @@ def test_ctrl_c_stops_after_the_step_saves_and_resumes_bit_for_bit(tmp_path, mod
     assert [k for k in final if not torch.equal(final[k], uninterrupted[k])] == []
 
 
-def test_sigusr1_stops_and_the_handlers_are_put_back(model_parallel):
-    """SIGUSR1 (what `#SBATCH --signal=USR1@T` sends) is a stop signal like SIGTERM and SIGINT; the run's handlers
-    replace the previous ones only while it trains, and after a stop further signals are ignored until the exit."""
-    from megatron_bdgemma.training.stopping import STOP_SIGNALS, RunStopped, StopCheck, Verdict
+def test_sigusr1_stops_a_run_without_checkpoint_save_and_handlers_are_put_back(tmp_path, model_parallel, capsys,
+                                                                              monkeypatch):
+    """SIGUSR1 (what `#SBATCH --signal=USR1@T` sends) stops like SIGTERM and SIGINT; without `checkpoint.save` the
+    line says nothing was saved. The run's handlers replace the previous ones only while it trains; after a stop,
+    further signals are ignored until the process exits."""
+    from megatron_bdgemma.training.metrics import MetricsLogger
+    from megatron_bdgemma.training.stopping import STOP_SIGNALS, RunStopped, StopCheck
+    from megatron_bdgemma.training.trainer import train
 
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
-    try:
-        with StopCheck() as stop:
-            assert stop.agree(1, torch.zeros(2), torch.zeros(())) == Verdict()
+    log_step = MetricsLogger.log_step
+
+    def signalled_after_step_1(self, step, metrics):
+        log_step(self, step, metrics)
+        if step == 1:  # after step 1's check: step 2 is finished, then the run stops
             os.kill(os.getpid(), signal.SIGUSR1)
-            assert stop.agree(2, torch.zeros(2), torch.zeros(())) == Verdict(signal="SIGUSR1")
+
+    monkeypatch.setattr(MetricsLogger, "log_step", signalled_after_step_1)
+    try:
+        with StopCheck():
+            assert {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} != previous
         assert {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} == previous
-        with pytest.raises(RunStopped) as stopped, StopCheck():
-            raise RunStopped("SIGUSR1", 2)
-        assert stopped.value.code == 0
+        with pytest.raises(RunStopped) as stopped:
+            train(load_run_config(CONFIG, _overrides(tmp_path, "train.steps=5", "checkpoint.save=null")))
+        assert stopped.value.code == 0 and (stopped.value.signal_name, stopped.value.step) == ("SIGUSR1", 2)
+        assert capsys.readouterr().out.splitlines()[-1] == ("stopped by SIGUSR1 at step 2; not saved: checkpoint.save "
+                                                           "is not set")
         assert {signal.getsignal(sig) for sig in STOP_SIGNALS} == {signal.SIG_IGN}
     finally:
         for sig, handler in previous.items():
