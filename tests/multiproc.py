@@ -11,8 +11,7 @@ process group of `nprocs` ranks on a free localhost port, the torchrun-style env
 A child that raises fails the call with the child's traceback in the message. The other ranks are then killed
 rather than awaited, since they are typically blocked in a collective that will never complete; a child that dies
 without reporting, or a run past `timeout_s`, fails the same way. Each rank leads its own process group, so the
-kill also reaches what it started (dist_checkpointing's save starts a multiprocessing Manager server, which would
-otherwise outlive a killed rank).
+kill also reaches anything it started, which would otherwise outlive a killed rank.
 """
 
 from __future__ import annotations

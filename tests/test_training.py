@@ -81,12 +81,12 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, model_parallel):
             real_save(state, path, *args, **kwargs)   # the shards are written ...
             os._exit(9)                               # ... and the process dies before the rename / marker
 
-        if __name__ == "__main__":  # the checkpoint writer re-imports __main__ in a helper process
+        if __name__ == "__main__":
             real_save = dist_checkpointing.save
             checkpointing.dist_checkpointing.save = dying_save
             train(load_run_config({str(CONFIG)!r}, {json.dumps(_overrides(tmp_path, root))}))
     """))
-    # Its own session, so the checkpoint writer's helper process can be cleaned up with it.
+    # Its own session, so anything it started can be cleaned up with it.
     process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL,
                                stderr=open(tmp_path / "stderr.txt", "w"), start_new_session=True)
     try:
@@ -182,6 +182,7 @@ def test_layouts_match_one_process_and_reshard(tmp_path, model_parallel, hf_star
         (["optim.warmup_steps=10"], "warmup_steps"),
         (["objective.kind=absorbing"], "mask_id"),
         (["train.recompute=selective", "train.recompute_modules=[core_attn, mlp]"], "recompute_modules"),
+        (["train.skip_nonfinite_steps=-1"], "train.skip_nonfinite_steps must be >= 0, got -1"),
     ],
 )
 def test_conflicting_sizes_are_named(tmp_path, overrides, message):

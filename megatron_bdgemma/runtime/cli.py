@@ -16,6 +16,7 @@ Exit codes:
 | 0 | done |
 | 1 | error (the message says what); also the converters' "`--verify` above tolerance" |
 | 2 | bad input, where an entry point reports it so (`report_error`: the converters); argparse's usage errors |
+| 3 | the training run diverged: a non-finite loss or gradient stopped it before the update (`NonFiniteError`) |
 | 130 | interrupted (KeyboardInterrupt reached `main`: one line from rank 0, no waiting for peers) |
 | other | an exception class with an integer `exit_code` attribute exits with it (e.g. the trainer's stops) |
 

@@ -24,6 +24,7 @@ import dataclasses
 import errno
 import itertools
 import os
+import queue
 import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -199,7 +200,8 @@ def save_checkpoint(
     state["extra"] = extra or {}
     needed = _bytes_to_write(state)
     try:
-        dist_checkpointing.save(state, str(staging))
+        with _write_results_in_this_process():
+            dist_checkpointing.save(state, str(staging))
     except BaseException as error:  # torch's CheckpointException is a BaseException
         # Whether or not rank 0 has removed the partial save yet, a file system with less free space than the whole
         # checkpoint could not have held it: every rank reaches the same verdict without another collective.
@@ -216,6 +218,27 @@ def save_checkpoint(
     final = publish(root, staging, keep_last) if rank0 else root / checkpoint_name(step)
     _barrier()
     return final
+
+
+@contextlib.contextmanager
+def _write_results_in_this_process() -> Iterator[None]:
+    """Let megatron-core 0.19.2's synchronous save pass its write results through a plain queue of this process.
+
+    Its writer hands them over through `filesystem_async.get_write_results_queue()`, which on first use starts a
+    `multiprocessing.Manager` server: a spawned second Python process that imports torch (about 750 MB) and lives as
+    long as the trainer, in the trainer's process group. A trainer killed by a signal leaves it running, orphaned; and a
+    SIGTERM sent to the whole process group (torchrun's way of stopping a rank, Slurm's) ends it before the stopping
+    trainer's last save, which then fails. A synchronous save writes and reads the results in this process (the
+    writer's threads, then `retrieve_write_results`), so a `queue.Queue` serves; no process is started.
+    tests/test_stopping.py checks that megatron-core still starts that process.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    previous, filesystem_async._results_queue = filesystem_async._results_queue, queue.Queue()
+    try:
+        yield
+    finally:
+        filesystem_async._results_queue = previous
 
 
 def _is_disk_full(error: BaseException) -> bool:

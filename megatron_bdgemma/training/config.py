@@ -128,6 +128,9 @@ class TrainSection:
     eval_interval: int = 0
     """Evaluate on the held-out split every N steps (0 = never)."""
     eval_steps: int = 2
+    skip_nonfinite_steps: int = 0
+    """Steps of the run (resumes included) whose non-finite loss or gradient skips the update instead of stopping the
+    run; the next one stops it (`training/stopping.py`)."""
 
 
 @dataclass
@@ -207,6 +210,8 @@ class RunConfig:
         if t.log_interval < 1 or t.eval_interval < 0 or t.eval_steps < 1:
             problems.append(f"need train.log_interval >= 1, train.eval_interval >= 0 and train.eval_steps >= 1, got "
                             f"{t.log_interval}, {t.eval_interval}, {t.eval_steps}")
+        if t.skip_nonfinite_steps < 0:
+            problems.append(f"train.skip_nonfinite_steps must be >= 0, got {t.skip_nonfinite_steps}")
         if self.data.seq_length < 1:
             problems.append(f"data.seq_length must be >= 1, got {self.data.seq_length}")
         if self.checkpoint.keep_last < 1:

@@ -6,14 +6,16 @@ One step reads like a list (torchtitan's `train_step`):
   3. forward/backward of every micro-batch through Megatron's schedule (encode → pass 1 → pass 2 → losses); under
      pipeline parallelism a forward-only schedule runs encode → pass 1 first, then 1F1B runs encode → pass 2
      (`_pipeline_first_pass`, docs/design.md §8);
-  4. `finalize_model_grads`, clip, optimizer step, LR step;
-  5. log; evaluate (3. forward only on the held-out split, `evaluate`); checkpoint.
+  4. `finalize_model_grads`; the stop check (`training/stopping.py`: one all-reduce over every rank of its signal flag
+     and its losses and gradient norm, before any parameter changes: a non-finite value skips the update or raises);
+     clip, optimizer step, LR step;
+  5. log; evaluate (3. forward only on the held-out split, `evaluate`); checkpoint; after a signal, save and exit.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
@@ -39,6 +41,7 @@ from megatron_bdgemma.training.data import StepData, build_step_data
 from megatron_bdgemma.training.metrics import MetricsLogger, model_flops_per_step
 from megatron_bdgemma.training.resume import check_resume, read_checkpoint_extra, read_training_extra
 from megatron_bdgemma.training.run_dir import RunDirectory, claim_run_directory, latest_checkpoint
+from megatron_bdgemma.training.stopping import RunStopped, StopCheck, Verdict
 
 
 @dataclass
@@ -59,6 +62,8 @@ class TrainState:
     scheduler: OptimizerParamScheduler
     data: StepData
     step: int = 0
+    skipped: list[int] = field(default_factory=list)
+    """Steps of the run skipped for non-finite values (`train.skip_nonfinite_steps`), kept in its checkpoints."""
     run_dir: RunDirectory | None = None
     """`checkpoint.save`, held (locked) by rank 0 until `release_run_directory`."""
 
@@ -191,6 +196,7 @@ def _build(run: RunConfig) -> TrainState:
         extra = load_checkpoint(run.checkpoint.load, modules, optimizer)
         scheduler.load_state_dict(extra["scheduler"])
         state.step = int(extra["step"])
+        state.skipped = list(extra.get("skipped_steps", []))
     elif run.checkpoint.init_from:  # weights only; optimizer, schedule and step start fresh
         load_checkpoint(run.checkpoint.init_from, modules)
     return state
@@ -291,8 +297,9 @@ def _to(noised: NoisedCanvas, device: torch.device) -> NoisedCanvas:
 def _forward_backward(state: TrainState, microbatches: list[MicroBatch], counts: torch.Tensor, *, forward_only: bool,
                       what: str) -> torch.Tensor:
     """The step's forward (and backward unless `forward_only`) of `microbatches` through Megatron's schedule: under
-    pipeline parallelism with self-conditioning the forward-only pass-1 schedule first. Returns [diffusion, ar]
-    losses (each normalised by `counts`) summed over the micro-batches and DP ranks, on every rank."""
+    pipeline parallelism with self-conditioning the forward-only pass-1 schedule first. Returns this rank's [diffusion,
+    ar] losses (each normalised by `counts`) summed over its micro-batches: zeros off the last pipeline stage
+    (`_over_ranks` makes them the step's)."""
     run, device = state.run, counts.device
     dp = parallel_state.get_data_parallel_world_size()
     # Under pipeline parallelism stages pass [encoder hidden ; canvas hidden] of each micro-batch, at one shape.
@@ -309,34 +316,57 @@ def _forward_backward(state: TrainState, microbatches: list[MicroBatch], counts:
         forward_step_func=partial(_forward_step, state, counts, len(microbatches) * dp),
         data_iterator=_iterators(state, microbatches), model=state.model, forward_only=forward_only, **schedule,
     )
-    # Only the last pipeline stage has losses; the others receive them below.
-    totals = (torch.stack([sum(l["diffusion"] for l in losses), sum(l["ar"] for l in losses)]).to(device) if losses
-              else torch.zeros(2, device=device))
+    # Only the last pipeline stage has losses.
+    return (torch.stack([sum(l["diffusion"] for l in losses), sum(l["ar"] for l in losses)]).to(device) if losses
+            else torch.zeros(2, device=device))
+
+
+def _over_ranks(losses: torch.Tensor) -> torch.Tensor:
+    """The step's [diffusion, ar] losses on every rank from each rank's own (`_forward_backward`): summed over the DP
+    ranks, and sent from the last pipeline stage, where the losses live."""
+    totals = losses.clone()
     dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
-    if pipeline:  # the losses live on the last stage; every rank reports them
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         dist.broadcast(totals, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                        group=parallel_state.get_pipeline_model_parallel_group())
     return totals
 
 
-def train_step(state: TrainState) -> dict[str, float]:
+def _local_grad_norm(state: TrainState) -> torch.Tensor:
+    """The L2 norm of this rank's gradient buffers after `finalize_model_grads`, for the stop check: non-finite when a
+    gradient this rank computed, or one it holds reduced, is (megatron's global grad norm, which the log reports, is
+    then too). One pass over the buffers, as megatron's own `check_for_nan_in_grad` makes."""
+    norms = [buffer.grad_data.norm() for chunk in state.model
+             for buffer in chunk.buffers + chunk.expert_parallel_buffers]
+    device = next(state.model[0].parameters()).device
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), device=device)
+
+
+def train_step(state: TrainState, stop: StopCheck | None = None) -> tuple[dict[str, float], Verdict]:
+    """One step: its metrics (`skipped` for a step skipped for non-finite values) and the stop check's verdict
+    (`stop`: the run's; by default one without signal handling). Raises `NonFiniteError` before any update."""
     step = state.step
+    stop = stop or StopCheck(state.run.train.skip_nonfinite_steps, state.skipped, state.run.checkpoint.save)
     microbatches = _microbatches(state, step)
     device = next(state.model[0].parameters()).device
     counts = _global_counts(microbatches, device)
     for chunk in state.model:
         chunk.zero_grad_buffer()
     state.optimizer.zero_grad()
-    totals = _forward_backward(state, microbatches, counts, forward_only=False, what=f"step {step}")
-    update_ok, grad_norm, _ = state.optimizer.step()
-    if not update_ok:
-        raise FloatingPointError(f"step {step}: non-finite gradients (grad norm {grad_norm})")
-    state.scheduler.step(increment=1)
+    losses = _forward_backward(state, microbatches, counts, forward_only=False, what=f"step {step}")
+    verdict = stop.agree(step + 1, losses, _local_grad_norm(state))  # steps count from 1 in logs and checkpoints
+    totals = _over_ranks(losses)
+    if verdict.skipped:  # no update, no LR step: the parameters and optimizer state stay the previous step's
+        grad_norm = float("nan")
+    else:  # megatron's fp32 / bf16 optimizers (no grad scaler) always report success: the check above is the guard
+        _, grad_norm, _ = state.optimizer.step()
+        state.scheduler.step(increment=1)
     state.step += 1
     dp = parallel_state.get_data_parallel_world_size()
     tokens = sum(mb.batch.encoder_valid.sum().item() + mb.noised.canvas_ids.numel() for mb in microbatches)
-    return dict(diffusion=totals[0].item(), ar=totals[1].item(), grad_norm=float(grad_norm),
-                lr=state.optimizer.param_groups[0]["lr"], tokens=tokens * dp)
+    metrics = dict(diffusion=totals[0].item(), ar=totals[1].item(), grad_norm=float(grad_norm),
+                   lr=state.optimizer.param_groups[0]["lr"], tokens=tokens * dp)
+    return metrics | ({"skipped": True} if verdict.skipped else {}), verdict
 
 
 @torch.no_grad()
@@ -349,7 +379,7 @@ def evaluate(state: TrainState) -> dict[str, float]:
                             next(state.model[0].parameters()).device)
     for chunk in state.model:
         chunk.eval()
-    totals = sum(_forward_backward(state, microbatches, counts, forward_only=True, what=f"eval step {i}")
+    totals = sum(_over_ranks(_forward_backward(state, microbatches, counts, forward_only=True, what=f"eval step {i}"))
                  for i, microbatches in enumerate(steps))
     for chunk in state.model:
         chunk.train()
@@ -358,7 +388,12 @@ def evaluate(state: TrainState) -> dict[str, float]:
 
 def train(run: RunConfig) -> list[dict[str, float]]:
     """Run (or resume) training; returns the per-step metrics of this process (for tests and scripts), with the
-    held-out losses on the steps that evaluate."""
+    held-out losses on the steps that evaluate.
+
+    Stops early (`training/stopping.py`): on SIGTERM, SIGINT or SIGUSR1 after finishing the current step, saving it
+    and printing one line on rank 0, by raising `RunStopped` (a `SystemExit` with status `EXIT_STOPPED`); on a
+    non-finite loss or gradient by raising `NonFiniteError` before the update (after `train.skip_nonfinite_steps`
+    skipped steps)."""
     state = setup(run)
     try:
         return _train(state)
@@ -372,20 +407,44 @@ def _train(state: TrainState) -> list[dict[str, float]]:
     history = []
     for chunk in state.model:
         chunk.train()
-    while state.step < run.train.steps:
-        metrics = train_step(state)
-        history.append(metrics | {"step": state.step})
-        logger.log_step(state.step, metrics)
-        if run.train.eval_interval and state.step % run.train.eval_interval == 0:
-            held_out = evaluate(state)
-            history[-1] |= held_out
-            logger.log_eval(state.step, held_out)
-        last = state.step == run.train.steps
-        if run.checkpoint.save and (last or (run.checkpoint.interval and state.step % run.checkpoint.interval == 0)):
-            save_checkpoint(run.checkpoint.save, state.step, [chunk.module for chunk in state.model], state.optimizer,
-                            extra=dict(step=state.step, scheduler=state.scheduler.state_dict(), run=run.to_dict(),
-                                       model_config=model_config_to_dict(state.config)),
-                            keep_last=run.checkpoint.keep_last, optimizer_format=run.checkpoint.optimizer_format)
-            logger.info(f"saved checkpoint {latest_checkpoint(run.checkpoint.save)}")
-    logger.close()
+    try:
+        with StopCheck(run.train.skip_nonfinite_steps, state.skipped, run.checkpoint.save) as stop:
+            while state.step < run.train.steps:
+                metrics, verdict = train_step(state, stop)
+                history.append(metrics | {"step": state.step})
+                if verdict.skipped:
+                    logger.info(f"step {state.step}: skipped, non-finite {verdict.skipped}; no update applied "
+                                f"({len(state.skipped)} of train.skip_nonfinite_steps={run.train.skip_nonfinite_steps})")
+                else:
+                    logger.log_step(state.step, metrics)
+                if verdict.signal:
+                    _stop(state, logger, verdict.signal)
+                if run.train.eval_interval and state.step % run.train.eval_interval == 0:
+                    held_out = evaluate(state)
+                    history[-1] |= held_out
+                    logger.log_eval(state.step, held_out)
+                last = state.step == run.train.steps
+                if run.checkpoint.save and (last or (run.checkpoint.interval and state.step % run.checkpoint.interval == 0)):
+                    logger.info(f"saved checkpoint {_save(state)}")
+    finally:
+        logger.close()
     return history
+
+
+def _save(state: TrainState) -> Path:
+    """Checkpoint the state after `state.step` into `checkpoint.save`; returns its directory."""
+    run = state.run
+    return save_checkpoint(run.checkpoint.save, state.step, [chunk.module for chunk in state.model], state.optimizer,
+                           extra=dict(step=state.step, scheduler=state.scheduler.state_dict(), run=run.to_dict(),
+                                      model_config=model_config_to_dict(state.config), skipped_steps=list(state.skipped)),
+                           keep_last=run.checkpoint.keep_last, optimizer_format=run.checkpoint.optimizer_format)
+
+
+def _stop(state: TrainState, logger: MetricsLogger, signal_name: str) -> None:
+    """Every rank agreed to stop after this step for `signal_name`: save, say so in one line, end the process."""
+    save = state.run.checkpoint.save
+    if save:
+        logger.info(f"stopped by {signal_name} at step {state.step}; saved {_save(state).name}; resume with --load {save}")
+    else:
+        logger.info(f"stopped by {signal_name} at step {state.step}; not saved: checkpoint.save is not set")
+    raise RunStopped(signal_name, state.step)
