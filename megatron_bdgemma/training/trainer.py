@@ -40,7 +40,7 @@ from megatron_bdgemma.training.config import ModelSection, RunConfig
 from megatron_bdgemma.training.data import StepData, build_step_data
 from megatron_bdgemma.training.metrics import MetricsLogger, model_flops_per_step
 from megatron_bdgemma.training.resume import check_resume, read_checkpoint_extra, read_training_extra
-from megatron_bdgemma.training.run_dir import RunDirectory, claim_run_directory, latest_checkpoint
+from megatron_bdgemma.training.run_dir import RunDirectory, claim_run_directory
 from megatron_bdgemma.training.stopping import RunStopped, StopCheck, Verdict
 
 
