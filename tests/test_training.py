@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_bdgemma.training.config import load_run_config
 from tests.multiproc import run_in_processes
@@ -50,6 +51,66 @@ def test_exact_resume(tmp_path, model_parallel, optimizer):
     (tmp_path / "a" / "latest").write_text("iter_0000003")  # pretend the run stopped after step 3
     resumed = train(_run(tmp_path, f"checkpoint.load={tmp_path / 'a'}", f"checkpoint.save={tmp_path / 'b'}", *optimizer))
     assert [h["step"] for h in resumed] == [4, 5, 6]
+    assert _metrics(resumed) == _metrics(full)[3:], "resumed losses and grad norms must be bit-identical"
+
+
+class _FusedAdamLike(torch.optim.Optimizer):
+    """Transformer Engine's / Apex's FusedAdam as megatron-core sees it, on CPU: AdamW whose step count is an int in
+    each param group, with only `exp_avg` and `exp_avg_sq` per parameter (torch's Adam keeps a `step` tensor per
+    parameter instead). The constructor takes what megatron-core passes FusedAdam."""
+
+    def __init__(self, params, lr: float, weight_decay: float, betas: tuple[float, float], eps: float,
+                 capturable: bool = False, adam_w_mode: bool = True) -> None:
+        assert adam_w_mode and not capturable
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:
+        for group in self.param_groups:
+            group["step"] = group.get("step", 0) + 1
+            (beta1, beta2), step = group["betas"], group["step"]
+            for param in (p for p in group["params"] if p.grad is not None):
+                state = self.state[param]
+                if not state:
+                    state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(param), torch.zeros_like(param)
+                state["exp_avg"].lerp_(param.grad, 1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(param.grad, param.grad, value=1 - beta2)
+                denominator = (state["exp_avg_sq"] / (1 - beta2**step)).sqrt_().add_(group["eps"])
+                param.mul_(1 - group["lr"] * group["weight_decay"])
+                param.addcdiv_(state["exp_avg"], denominator, value=-group["lr"] / (1 - beta1**step))
+
+
+@pytest.fixture
+def fused_adam(monkeypatch) -> type[torch.optim.Optimizer]:
+    """megatron-core builds its inner optimizer as it does with Transformer Engine installed (the GPU path)."""
+    from megatron.core import optimizer
+    from megatron.core.optimizer import distrib_optimizer
+
+    monkeypatch.setattr(optimizer, "Adam", _FusedAdamLike)
+    monkeypatch.setattr(optimizer, "USING_PYTORCH_OPTIMIZER", False)
+    monkeypatch.setattr(distrib_optimizer, "HAVE_APEX_OR_TE", True)
+    monkeypatch.setattr(distrib_optimizer, "USING_TE_OPTIMIZER", True)
+    return _FusedAdamLike
+
+
+@pytest.mark.parametrize("optimizer_format", ["fully_reshardable", "dp_reshardable"])
+def test_exact_resume_with_a_fused_adam_style_optimizer(tmp_path, model_parallel, fused_adam, optimizer_format):
+    """With FusedAdam's layout (the step count in the param groups) resume restores the step count, which the next
+    update's bias correction reads, and continues bit-identically."""
+    from megatron_bdgemma.training.checkpointing import _inner_optimizers
+    from megatron_bdgemma.training.trainer import setup, train
+
+    options = ["optim.distributed_optimizer=true", f"checkpoint.optimizer_format={optimizer_format}", "train.steps=5"]
+    full = train(_run(tmp_path, f"checkpoint.save={tmp_path / 'a'}", "checkpoint.interval=3", *options))
+    (tmp_path / "a" / "latest").write_text("iter_0000003")
+    resume = _run(tmp_path, f"checkpoint.load={tmp_path / 'a'}", f"checkpoint.save={tmp_path / 'b'}", *options)
+    inners = [inner.optimizer for inner in _inner_optimizers(setup(resume).optimizer)]
+    assert inners and all(isinstance(inner, fused_adam) for inner in inners)
+    assert [group["step"] for inner in inners for group in inner.param_groups] == [3] * sum(
+        len(inner.param_groups) for inner in inners)
+    assert not any("step" in state for inner in inners for state in inner.state.values())
+    resumed = train(resume)
+    assert [h["step"] for h in resumed] == [4, 5]
     assert _metrics(resumed) == _metrics(full)[3:], "resumed losses and grad norms must be bit-identical"
 
 
