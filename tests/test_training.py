@@ -16,6 +16,7 @@ import torch
 
 from megatron_bdgemma.training.config import load_run_config
 from tests.multiproc import run_in_processes
+from tests.tolerances import assert_steps_close
 
 CONFIG = Path(__file__).resolve().parent.parent / "examples" / "configs" / "tiny_pretrain.yaml"
 
@@ -180,31 +181,30 @@ def hf_start(tmp_path_factory) -> str:
     return str(hf_models.save(model, tmp_path_factory.mktemp("start") / "hf"))
 
 
-def _iter3(root: Path) -> str:
-    return str(root / "iter_0000003")
+def _iter2(root: Path) -> str:
+    return str(root / "iter_0000002")
+
+
+LAYOUT_STEPS = 4
+"""Steps of the layout runs, saving at step 2. Step 1 runs at learning rate 0 (warmup), so steps 1 and 2 run on the
+starting weights; step 3 is the first after a checkpoint both continuations load."""
 
 
 def _layout_runs_in_rank(rank: int, tmp: str, start: list[str], layout: list[str]) -> dict[str, list]:
-    """At `layout` (2 ranks): 6 steps saving at step 3; resumed from that step 3; resumed from the 1-process step 3."""
+    """At `layout` (2 ranks): 4 steps saving at step 2; resumed from that step 2; resumed from the 1-process step 2."""
     import torch.distributed as dist
 
     from megatron_bdgemma.training.trainer import train
 
     tmp = Path(tmp)
-    full = train(_run(tmp, *start, *layout, f"checkpoint.save={tmp / 'layout'}", "checkpoint.interval=3"))
+    steps = f"train.steps={LAYOUT_STEPS}"
+    full = train(_run(tmp, *start, *layout, steps, f"checkpoint.save={tmp / 'layout'}", "checkpoint.interval=2"))
     dist.barrier()
-    resumed = train(_run(tmp, *start, *layout, f"checkpoint.load={_iter3(tmp / 'layout')}",
+    resumed = train(_run(tmp, *start, *layout, steps, f"checkpoint.load={_iter2(tmp / 'layout')}",
                          f"checkpoint.save={tmp / 'layout_resumed'}"))
-    from_one = train(_run(tmp, *start, *layout, f"checkpoint.load={_iter3(tmp / 'one')}",
+    from_one = train(_run(tmp, *start, *layout, steps, f"checkpoint.load={_iter2(tmp / 'one')}",
                           f"checkpoint.save={tmp / 'from_one'}"))
     return dict(full=_metrics(full), resumed=_metrics(resumed), from_one=_metrics(from_one))
-
-
-def _assert_close(ours: list, reference: list, what: str, rel: float = 1e-5) -> None:
-    assert len(ours) == len(reference), (what, ours, reference)
-    for step, (a, b) in enumerate(zip(ours, reference)):
-        for name, x, y in zip(("diffusion", "ar", "grad_norm"), a, b):
-            assert abs(x - y) <= rel * abs(y), f"{what}, step {step + 1}, {name}: {x} vs {y} (rel {abs(x - y) / abs(y):.2e})"
 
 
 @pytest.mark.parametrize(
@@ -215,23 +215,34 @@ def _assert_close(ours: list, reference: list, what: str, rel: float = 1e-5) -> 
 def test_layouts_match_one_process_and_reshard(tmp_path, model_parallel, hf_start, layout):
     """DP=2 (same global batch), TP=2+SP and EP=2 against one process, fp32, distributed optimizer:
 
-    - every step's losses AND global grad norm equal the 1-process run (<= 1e-5 relative): a layout whose gradients
-      were halved or never reduced changes the grad norm even where the clipped update hides it in the losses;
-    - the layout resumes its own step-3 checkpoint bit-identically;
-    - a step-3 checkpoint saved at the layout continues in one process, and one saved in one process continues at
-      the layout, both equal to the run that never changed layout (<= 1e-5 relative).
+    - every step's losses, and the global grad norm of steps 1-2 (the starting weights), equal the 1-process run's:
+      a layout whose gradients were halved or never reduced changes the grad norm even where the clipped update
+      hides it in the losses;
+    - the layout resumes its own step-2 checkpoint bit-identically;
+    - a step-2 checkpoint saved at the layout continues in one process as at the layout, and one saved in one process
+      continues at the layout as in one process (steps 3-4: losses, and step 3's grad norm, on the loaded weights;
+      the restored Adam moments and step count drive step 3's update, which step 4's losses see).
+
+    1e-5 relative (tests/tolerances.py says why the grad norm is compared on shared weights only). Worst measured,
+    all three layouts: 4.6e-7 with the defaults (AVX-512; tp2_sp, step 2's grad norm) and 7.7e-7 under AVX2
+    (tp2_sp): margins >= 13x. The grad norm after an update, not compared: up to 4.6e-6 (AVX-512) and 2.6e-6 (AVX2).
     """
     from megatron_bdgemma.training.trainer import train
 
     start = [f"model.hf={hf_start}", "model.overrides={}", "optim.distributed_optimizer=true"]
-    reference = _metrics(train(_run(tmp_path, *start, f"checkpoint.save={tmp_path / 'one'}", "checkpoint.interval=3")))
+    steps = f"train.steps={LAYOUT_STEPS}"
+    reference = _metrics(train(_run(tmp_path, *start, steps, f"checkpoint.save={tmp_path / 'one'}",
+                                    "checkpoint.interval=2")))
     runs = run_in_processes(_layout_runs_in_rank, 2, str(tmp_path), start, layout, timeout_s=400)
+    to_one = _metrics(train(_run(tmp_path, *start, steps, f"checkpoint.load={_iter2(tmp_path / 'layout')}",
+                                 f"checkpoint.save={tmp_path / 'to_one'}")))
     for rank, got in enumerate(runs):
-        _assert_close(got["full"], reference, f"{layout} rank {rank} vs 1 process")
-        assert got["resumed"] == got["full"][3:], f"{layout} rank {rank}: resume at the same layout must be bit-identical"
-        _assert_close(got["from_one"], reference[3:], f"1 process -> {layout}, rank {rank}")
-    to_one = train(_run(tmp_path, *start, f"checkpoint.load={_iter3(tmp_path / 'layout')}", f"checkpoint.save={tmp_path / 'to_one'}"))
-    _assert_close(_metrics(to_one), reference[3:], f"{layout} -> 1 process")
+        assert_steps_close(got["full"], reference, f"{layout} rank {rank} vs 1 process", shared_weight_steps=2)
+        assert got["resumed"] == got["full"][2:], f"{layout} rank {rank}: resume at the same layout must be bit-identical"
+        assert_steps_close(got["from_one"], reference[2:], f"1-process step 2 continued at {layout}, rank {rank}",
+                           shared_weight_steps=1, first_step=3)
+        assert_steps_close(to_one, got["full"][2:], f"{layout} step 2 continued in 1 process vs at the layout, rank {rank}",
+                           shared_weight_steps=1, first_step=3)
 
 
 @pytest.mark.parametrize(
