@@ -253,12 +253,14 @@ def _in_fake_worlds(rank: int, schedule_cases: list, plan_cases: list[tuple[Path
     from megatron_bdgemma.training.plan import plan_run
 
     schedules = _schedules_in_flight(rank, schedule_cases)  # it leaves no world behind; plan_run makes its own
-    plans = [[(stage.in_flight, stage.activation_bytes) for stage in plan_run(load_run_config(config, overrides), gpus).stages]
+    plans = [[(stage.in_flight, stage.activation_bytes) for stage in plan_run(load_run_config(config, overrides),
+                                                                              gpus).stages]
              for config, gpus, overrides in plan_cases]
     return dict(schedules=schedules, plans=plans)
 
 
-SFT_CONFIG, PRETRAIN_CONFIG = ROOT / "examples" / "configs" / "tiny_sft.yaml", ROOT / "examples" / "configs" / "tiny_pretrain.yaml"
+SFT_CONFIG = ROOT / "examples" / "configs" / "tiny_sft.yaml"
+PRETRAIN_CONFIG = ROOT / "examples" / "configs" / "tiny_pretrain.yaml"
 SELECTIVE = ["train.recompute=selective", "train.recompute_modules=[core_attn, moe, shared_experts]"]
 VPP = ["parallel.pp=2", "parallel.vpp=2", "data.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=8"]
 PLAN_CASES = [(SFT_CONFIG, 1, []), (SFT_CONFIG, 1, SELECTIVE), (PRETRAIN_CONFIG, 2, VPP)]
