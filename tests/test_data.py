@@ -273,6 +273,22 @@ def test_sft_truncation_cuts_at_max_length(tmp_path):
     assert batch.input_ids[1, 43:].tolist() == [1] * 5  # the fill, cut at max_length
 
 
+def test_sft_record_exactly_at_max_length_is_kept_whole(tmp_path):
+    """The limit is inclusive: a record whose laid-out length (41-byte prompt + answer "x" and EOS, rounded up to
+    one 16-token block = 57) equals max_length is accepted as it is, not refused and not truncated, and its EOS fill
+    reaches max_length; one position less refuses it."""
+    path = write_jsonl(tmp_path / "c.jsonl", [chat("word " * 4, "x")])
+    data = SFTDataset(path, ByteTokenizer(), max_length=57, block_size=16)
+    assert len(data) == 1 and data.truncated == 0 and data.bad.counts == {}
+    assert len(data[0]["input_ids"]) == 43 and data[0]["loss_mask"].sum() == 2  # "x" + EOS, nothing cut
+    batch, _ = sft_collate([data[0]], block_size=16, eos_id=1, pad_id=0, max_len=57)
+    assert batch.seq_len == 57 and batch.response_lens.tolist() == [16]  # one whole block
+    assert batch.input_ids[0, 43:].tolist() == [1] * 14  # the whole EOS fill
+    assert SFTDataset(path, ByteTokenizer(), max_length=57, block_size=16, truncation=True).truncated == 0
+    with pytest.raises(BadDataError, match="takes 57 positions .* over max_length 56"):
+        SFTDataset(path, ByteTokenizer(), max_length=56, block_size=16)
+
+
 BAD_RECORDS = {
     "invalid_json": '{"messages": [',
     "invalid_record": {"messages": [{"role": "robot", "content": "x"}]},

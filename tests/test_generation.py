@@ -281,6 +281,13 @@ def test_sampler_rules():
     # Max-probability threshold: every position at or above it, and always the most confident one.
     probs = torch.tensor([[[0.95, 0.05], [0.5, 0.5], [0.09, 0.91]], [[0.6, 0.4], [0.3, 0.7], [0.5, 0.5]]])
     assert MaxProbThreshold(threshold=0.9).accept(probs, None).tolist() == [[True, False, True], [False, True, False]]
+    # At the threshold exactly the position is accepted, as in Fast-dLLM (NVlabs/Fast-dLLM `get_transfer_index`
+    # drops a position only when `confidence < threshold`); one fp32 step below it is not. Position 0 is the most
+    # confident, so positions 1 and 2 are judged by the threshold alone.
+    below = torch.nextafter(torch.tensor(0.75), torch.tensor(0.0)).item()
+    probs = torch.tensor([[[0.875, 0.125], [0.75, 0.25], [below, 1 - below]]])
+    assert probs[0, 1, 0] == 0.75 and probs[0, 2, 0] < 0.75
+    assert MaxProbThreshold(threshold=0.75).accept(probs, None).tolist() == [[True, True, False]]
     # Top-p keeps the smallest top set reaching p; top-k keeps the k largest.
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).log_softmax(-1)  # probs ≈ .64 .24 .09 .03
     assert torch.isfinite(filter_logits(logits, None, 0.8)).tolist() == [[True, True, False, False]]

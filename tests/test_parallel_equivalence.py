@@ -15,10 +15,18 @@ from megatron_bdgemma.conversion.hf_checkpoint import shard_for_rank
 from megatron_bdgemma.diffusion import build_sft_batch, noise_batch
 from tests import hf_models
 from tests.multiproc import run_in_processes
+from tests.tolerances import record
 
 # 2 KV heads on both layer types so TP=2 splits whole groups.
 TEXT = dict(num_global_key_value_heads=2, num_key_value_heads=2)
-LOGIT_TOL, GRAD_TOL = 1e-5, 1e-5
+# fp32 rounding is relative to a tensor's scale, and TP (a row-parallel linear sums two partial products) rounds in
+# another order than one process: each tensor is compared relative to its largest magnitude. The tiny random model
+# is ill-conditioned at that level (small q/k projections through q/k norms, gradients that are sums over every token
+# which largely cancel; tests/tolerances.py), so the noise is well above one ulp. Worst measured over the three
+# layouts, with the defaults (AVX-512) and under AVX2: logits 1.6e-6 of the largest logit (TP=2 decoder; 1.3e-5 of
+# a largest 9.6 under AVX2, where the 1e-5 absolute bound used before failed); loss sums 1.4e-7; gradients 4.6e-6
+# of max(1, the tensor's largest) (1e-5 before). Bounds >= 11x those.
+LOGIT_TOL, LOSS_TOL, GRAD_TOL = 2e-5, 2e-6, 5e-5
 
 
 def _batch():
@@ -77,13 +85,13 @@ def _check_layout(rank: int, path: str, tp: int, ep: int, attention: str, refere
         batch, indices = _rows(batch, slice(dp_rank, dp_rank + 1)), [dp_rank]
     ours = _run(model, batch, indices)
     rows = slice(dp_rank, dp_rank + 1) if dp_size > 1 else slice(None)
-    diffs = {
-        "encoder": (ours["encoder"] - reference["encoder"][rows]).abs().max().item(),
-        "decoder": (ours["decoder"] - reference["decoder"][rows]).abs().max().item(),
+    diffs = {  # relative to the largest logit
+        name: ((ours[name] - reference[name][rows]).abs().max() / reference[name][rows].abs().max()).item()
+        for name in ("encoder", "decoder")
     }
     losses = ours["losses"].clone()
     torch.distributed.all_reduce(losses, group=parallel_state.get_data_parallel_group())
-    diffs["losses"] = (losses - reference["losses"]).abs().max().item()
+    diffs["losses"] = ((losses - reference["losses"]).abs() / reference["losses"].abs()).max().item()
 
     worst = 0.0
     tp_group = parallel_state.get_tensor_model_parallel_group()
@@ -126,9 +134,9 @@ def reference(checkpoint):
     ids=["tp2_sp", "ep2", "tp2_sp_block_sparse"],  # the reference is 1 process with eager attention
 )
 def test_two_ranks_match_one(checkpoint, reference, model_parallel, tp, ep, attention):
-    # Across attention backends the softmax sums run in another order: fp32 rounding of up to ~2e-5 on logits.
-    logit_tol = LOGIT_TOL if attention == "eager" else 1e-4
     for rank, diffs in enumerate(run_in_processes(_check_layout, 2, checkpoint, tp, ep, attention, reference)):
-        assert diffs["encoder"] <= logit_tol and diffs["decoder"] <= logit_tol, (rank, diffs)
-        assert diffs["losses"] <= 1e-4, (rank, diffs)
+        for name, bound in (("encoder", LOGIT_TOL), ("decoder", LOGIT_TOL), ("losses", LOSS_TOL), ("grads", GRAD_TOL)):
+            record(f"rank {rank} {name}", diffs[name], bound)
+        assert diffs["encoder"] <= LOGIT_TOL and diffs["decoder"] <= LOGIT_TOL, (rank, diffs)
+        assert diffs["losses"] <= LOSS_TOL, (rank, diffs)
         assert diffs["grads"] <= GRAD_TOL, (rank, diffs)

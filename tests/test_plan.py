@@ -211,14 +211,97 @@ def _schedules_in_flight(rank: int, cases: list[tuple[int, int | None, int]]) ->
     return out
 
 
-def test_in_flight_counts_megatrons_schedules():
+SCHEDULE_CASES = [(2, None, 4), (4, None, 8), (4, None, 2), (2, 2, 4), (4, 2, 8), (2, 3, 2)]
+"""(pp, vpp, micro-batches) whose in-flight counts are measured on Megatron's schedules."""
+
+
+def test_in_flight_counts_megatrons_schedules(fake_world_results):
     """The micro-batches the planner holds in flight per stage are those Megatron's 1F1B (and interleaved 1F1B)
     schedule keeps between a forward and its backward, counted while the schedule runs: stage i of pp holds
     min(pp - i, m); interleaved, 2·(pp - i - 1) + (vpp - 1)·pp + 1 model-chunk micro-batches (capped at vpp·m)."""
-    from tests.multiproc import run_in_processes
-
-    cases = [(2, None, 4), (4, None, 8), (4, None, 2), (2, 2, 4), (4, 2, 8), (2, 3, 2)]
-    (results,) = run_in_processes(_schedules_in_flight, 1, cases, timeout_s=200)
+    cases, results = SCHEDULE_CASES, fake_world_results["schedules"]
     for (pp, vpp, m), (measured, planned) in zip(cases, results):
         assert planned == measured, f"pp {pp}, vpp {vpp}, {m} micro-batches: planned {planned}, schedule {measured}"
     assert results[1][0] == [4, 3, 2, 1] and results[2][0] == [2, 2, 2, 1] and results[4][0] == [11, 9, 7, 5]
+
+
+# The `tiny` preset's shape (megatron_bdgemma/config.py): hidden 64; 4 query heads of 16 (sliding) or 32 (full)
+# channels; KV 2 groups x 16 (sliding) or 1 x 32 (full); dense GeGLU 128; top-2 experts of 32; vocabulary 512;
+# 4 layers; canvas 16; self-conditioning on. fp32 activations: 4 bytes.
+H, HEADS, DENSE_I, EXPERT_I, TOP_K, VOCAB, LAYERS, CANVAS, FP32 = 64, 4, 128, 32, 2, 512, 4, 16, 4
+Q = HEADS * 32  # the widest layer's query width (full layers), which the estimate takes for every layer
+KV = max(2 * 16, 1 * 32)
+KEPT_PER_TOKEN = {  # elements a layer keeps per token: attention + dense GeGLU + router, norms and experts
+    "none": (4 * H + 2 * Q + 2 * KV) + (3 * H + 3 * DENSE_I) + (6 * H + TOP_K * (2 * H + 3 * EXPERT_I)),
+    # selective core_attn + moe + shared_experts: the dense branch keeps its input and output; the experts keep
+    # the dispatched inputs and their outputs (no fc1 / activation); attention's own tensors are unchanged.
+    "selective": (4 * H + 2 * Q + 2 * KV) + 2 * H + (6 * H + TOP_K * 2 * H),
+}
+assert KEPT_PER_TOKEN == {"none": 1984, "selective": 1344}
+
+
+def _eager_probabilities(batch: int, s: int, r: int) -> int:
+    """Eager attention's fp32 probabilities and their dropout-free copy (x 2) per layer: the encoder's S x S
+    scores, and the canvas' R queries over S + R keys."""
+    return batch * HEADS * (s * s + r * (s + r)) * FP32 * 2
+
+
+def _in_fake_worlds(rank: int, schedule_cases: list, plan_cases: list[tuple[Path, int, list[str]]]) -> dict[str, list]:
+    """One spawned process (a spawn costs seconds) for both checks that need fake worlds: in-flight counts on
+    Megatron's schedules, and the planner's (in-flight, activation bytes) per stage."""
+    from megatron_bdgemma.training.config import load_run_config
+    from megatron_bdgemma.training.plan import plan_run
+
+    schedules = _schedules_in_flight(rank, schedule_cases)  # it leaves no world behind; plan_run makes its own
+    plans = [[(stage.in_flight, stage.activation_bytes) for stage in plan_run(load_run_config(config, overrides),
+                                                                              gpus).stages]
+             for config, gpus, overrides in plan_cases]
+    return dict(schedules=schedules, plans=plans)
+
+
+SFT_CONFIG = ROOT / "examples" / "configs" / "tiny_sft.yaml"
+PRETRAIN_CONFIG = ROOT / "examples" / "configs" / "tiny_pretrain.yaml"
+SELECTIVE = ["train.recompute=selective", "train.recompute_modules=[core_attn, moe, shared_experts]"]
+VPP = ["parallel.pp=2", "parallel.vpp=2", "data.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=8"]
+PLAN_CASES = [(SFT_CONFIG, 1, []), (SFT_CONFIG, 1, SELECTIVE), (PRETRAIN_CONFIG, 2, VPP)]
+"""(config, GPUs, overrides) planned by test_activation_bytes_equal_closed_form_counts."""
+
+
+@pytest.fixture(scope="module")
+def fake_world_results() -> dict[str, list]:
+    from tests.multiproc import run_in_processes
+
+    (results,) = run_in_processes(_in_fake_worlds, 1, SCHEDULE_CASES, PLAN_CASES, timeout_s=200)
+    return results
+
+
+def test_activation_bytes_equal_closed_form_counts(fake_world_results):
+    """The planner's activation bytes per stage, against counts written out here for the tiny preset:
+
+    - SFT, one rank, eager attention (S = 96 encoder + R = 16 canvas tokens, micro-batch 4): every layer keeps its
+      per-token tensors and the attention probabilities; the LM head's logits, softmax and gradient cover the
+      encoder and canvas rows plus pass 1's canvas rows (self-conditioning);
+    - the same with selective recompute of core_attn, moe and shared_experts: no probabilities, smaller layers;
+    - pretraining at PP 2 x VPP 2 (S = R = 32, micro-batch 2, 4 micro-batches): one layer per model chunk; Megatron's
+      interleaved schedule holds 2·(pp - i - 1) + (vpp - 1)·pp + 1 model-chunk micro-batches on stage i (5 and 3),
+      each keeping a received and a sent [S + R, B, H] tensor; the first stage also keeps pass 1's final hidden
+      [R, B, H] of all 4 micro-batches, the last one the loss logits.
+    """
+    got = fake_world_results["plans"]
+
+    s, r, b = 96, CANVAS, 4  # SFT: one scored block per example
+    tokens = (s + r) * b
+    head = 3 * ((s + r) * b + r * b) * VOCAB * FP32  # logits, softmax, gradient
+    assert got[0] == [(1, dict(layers=LAYERS * (tokens * KEPT_PER_TOKEN["none"] * FP32 + _eager_probabilities(b, s, r)),
+                               logits=head, pipeline=0))]
+    assert got[1] == [(1, dict(layers=LAYERS * tokens * KEPT_PER_TOKEN["selective"] * FP32, logits=head, pipeline=0))]
+
+    s = r = 32  # pretraining scores every block: the canvas is the whole sequence
+    b, microbatches = 2, 4
+    layer = (s + r) * b * KEPT_PER_TOKEN["none"] * FP32 + _eager_probabilities(b, s, r)
+    boundary = (s + r) * b * H * FP32  # one [S + R, B, H] pipeline tensor
+    assert got[2] == [
+        (5, dict(layers=5 * layer, logits=3 * r * b * VOCAB * FP32,
+                 pipeline=5 * 2 * boundary + microbatches * r * b * H * FP32)),
+        (3, dict(layers=3 * layer, logits=3 * (s + r) * b * VOCAB * FP32, pipeline=3 * 2 * boundary)),
+    ]

@@ -11,6 +11,7 @@ from megatron_bdgemma.diffusion import NoisedCanvas, noise_batch
 from megatron_bdgemma.model import BDGemmaModel
 from tests.test_training_forward import BLOCK, WINDOW, _batch
 from tests.test_training_forward import _model as _random_model
+from tests.tolerances import record
 
 SETTINGS = {
     "none": dict(),
@@ -52,6 +53,10 @@ def test_selective_recompute_equals_none_and_keeps_less(model_parallel, score):
     d0, a0, g0, kept0 = results["none"]
     assert len(g0) > 10
     for name, (d, a, g, kept) in results.items():
+        # Measured bit-identical (0) with the defaults (AVX-512) and under AVX2: the recomputed ops are the same ops.
+        record(f"{name} losses", max(abs(d - d0) / abs(d0), abs(a - a0) / abs(a0)), 1e-6)
+        record(f"{name} grads", max((g[p] - g0[p]).abs().max().item() / max(g0[p].abs().max().item(), 1.0)
+                                    for p in g0), 1e-6)
         assert d == pytest.approx(d0, rel=1e-6) and a == pytest.approx(a0, rel=1e-6), name
         assert g.keys() == g0.keys(), name
         for param in g0:

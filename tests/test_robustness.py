@@ -451,7 +451,11 @@ def test_ep2_from_random_init_matches_one_process(tmp_path, model_parallel):
     """From the preset's random init (no HF weights), EP=2 gives the 1-process losses and grad norms at every step."""
     from tests.multiproc import run_in_processes
 
+    from tests.tolerances import assert_steps_close
+
     reference = _ep_losses_in_rank(0, str(tmp_path), [])
-    for rank_values in run_in_processes(_ep_losses_in_rank, 2, str(tmp_path), ["parallel.ep=2"], timeout_s=300):
-        for step, (ours, ref) in enumerate(zip(rank_values, reference, strict=True)):
-            assert all(abs(a - b) <= 1e-4 * max(1.0, abs(b)) for a, b in zip(ours, ref)), (step, ours, ref)
+    for rank, rank_values in enumerate(run_in_processes(_ep_losses_in_rank, 2, str(tmp_path), ["parallel.ep=2"],
+                                                        timeout_s=300)):
+        # Steps 1-2 run on the starting weights (step 1's lr is 0; tests/tolerances.py). 1e-5 relative (1e-4 of
+        # max(1, value) before): worst measured 1.5e-7 with the defaults (AVX-512), 1.9e-7 under AVX2.
+        assert_steps_close(rank_values, reference, f"EP=2 rank {rank} vs 1 process", shared_weight_steps=2)

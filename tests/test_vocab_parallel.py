@@ -20,10 +20,17 @@ import megatron_bdgemma
 from megatron_bdgemma.diffusion import build_sft_batch, noise_batch
 from tests import hf_models
 from tests.multiproc import run_in_processes
+from tests.tolerances import record
 
 VOCAB = 130  # even (TP=2) and unlike any other width of the tiny model, so `shape[-1] == VOCAB` means logits
 TEXT = dict(num_global_key_value_heads=2, num_key_value_heads=2, vocab_size=VOCAB)  # TP=2 splits whole KV groups
 TOL = 1e-5
+"""Values and gradients, relative to max(1, the largest magnitude). Worst measured with the defaults (AVX-512) and
+under AVX2: 1-process chunked vs plain losses 1.3e-7, TP=2 function values and gradients 9.5e-7 (the soft embedding),
+TP=2 model losses 1.3e-7: margins >= 10x."""
+CHUNKED_GRAD_TOL = 2e-5
+"""1-process chunked vs plain gradients, summed over tokens in another grouping: worst measured 1.3e-6 (AVX-512) and
+8.7e-7 (AVX2), on the tiny model's ill-conditioned q/k-norm and self-conditioning gradients (tests/tolerances.py)."""
 
 
 def _inputs():
@@ -66,12 +73,16 @@ def plain(checkpoint) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
 def test_chunked_equals_plain(checkpoint, plain, model_parallel, chunk):
     values, grads = _step(megatron_bdgemma.from_hf(checkpoint), chunk)
     expected, expected_grads = plain
+    record("losses", ((values - expected).abs() / expected.abs().clamp(min=1)).max().item(), TOL)
     assert ((values - expected).abs() <= TOL * expected.abs().clamp(min=1)).all(), (values, expected)
     assert grads.keys() == expected_grads.keys()
     assert "self_conditioning.mlp.linear_fc1.weight" in grads and "embedding.word_embeddings.weight" in grads
+    record("grads", max((grad - expected_grads[name]).abs().max().item()
+                        / max(1.0, expected_grads[name].abs().max().item()) for name, grad in grads.items()),
+           CHUNKED_GRAD_TOL)
     for name, grad in grads.items():
         scale = max(1.0, expected_grads[name].abs().max().item())
-        assert (grad - expected_grads[name]).abs().max().item() <= TOL * scale, name
+        assert (grad - expected_grads[name]).abs().max().item() <= CHUNKED_GRAD_TOL * scale, name
 
 
 def test_no_vocabulary_sized_tensor_is_kept_for_backward(checkpoint, model_parallel):
@@ -138,4 +149,6 @@ def _check_tp2(rank: int, path: str, plain_values: torch.Tensor) -> dict[str, fl
 
 def test_tp2_sequence_parallel_matches_one_process(checkpoint, plain, model_parallel):
     for rank, diffs in enumerate(run_in_processes(_check_tp2, 2, checkpoint, plain[0])):
+        for name, value in diffs.items():
+            record(f"rank {rank} {name}", value, TOL)
         assert all(value <= TOL for value in diffs.values()), (rank, diffs)
