@@ -112,7 +112,7 @@ def load_model(args: argparse.Namespace) -> Any:
 
     On CPU one thread unless `--threads` or OMP_NUM_THREADS asks for more (torchrun's default too): a decode is
     hundreds of small ops, and on a machine whose cores other jobs share each op's threads wait for one another;
-    on 2 cores shared with other jobs, the tiny run's 256 tokens took 2.4-3.9 s on one thread, 3-99 s on two.
+    on 2 cores shared with other jobs, the tiny run's 256 tokens took 2.1-4.1 s on one thread, 2.2-99 s on two.
     """
     import torch
 
