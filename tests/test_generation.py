@@ -14,6 +14,10 @@ The HF oracle runs with sdpa attention: its eager decoder-mask builder fails on 
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -353,11 +357,16 @@ def test_other_samplers_are_seeded(models, model_parallel, sampler):
 
 
 def test_streaming_gets_each_committed_canvas(models, model_parallel):
+    """Each committed canvas in order, with each row's forwards so far: the last call's are the output's."""
     _, ours, _ = models
     streamed = []
-    out = run_ours(ours, PROMPTS, EntropyBound(**NO_STOP), on_canvas=lambda i, b: streamed.append((i, b.clone())))
-    assert [i for i, _ in streamed] == list(range(5))
-    assert torch.equal(torch.cat([block for _, block in streamed], dim=1), out.generated)
+    out = run_ours(ours, PROMPTS, EntropyBound(**NO_STOP),
+                   on_canvas=lambda i, b, f: streamed.append((i, b.clone(), f.clone())))
+    assert [i for i, _, _ in streamed] == list(range(5))
+    assert torch.equal(torch.cat([block for _, block, _ in streamed], dim=1), out.generated)
+    forwards = torch.stack([f for _, _, f in streamed])
+    assert (forwards[1:] >= forwards[:-1]).all() and (forwards[0] > 0).all()
+    assert torch.equal(forwards[-1], out.forwards)
 
 
 @pytest.mark.parametrize(
@@ -406,15 +415,71 @@ def test_parse_sampler_converts_values():
     assert sampler == MaxProbThreshold(threshold=0.8, max_denoising_steps=16, top_p=0.9)
 
 
-def test_generate_tool_prints_tokens_and_rates(models, model_parallel, capsys):
-    _, _, path = models
-    script = Path(__file__).resolve().parent.parent / "tools" / "generate.py"
-    spec = importlib.util.spec_from_file_location("generate_tool", script)
+GENERATE_TOOL = Path(__file__).resolve().parent.parent / "tools" / "generate.py"
+PROGRESS = re.compile(r"canvas (\d+)/3: (\d+) tokens, (\d+\.\d\d) tokens per forward, \d+\.\d tokens/s")
+SUMMARY = re.compile(r"generated tokens: (\d+) in \d+\.\d+ s = \d+\.\d tokens/s")
+
+
+def generate_tool():
+    spec = importlib.util.spec_from_file_location("generate_tool", GENERATE_TOOL)
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    tool.main(["--hf", str(path), "--prompt", "5 6 7 8 9", "--prompt", "20 21", "--max-new-tokens", "8",
-               "--sampler", "entropy_bound:max_denoising_steps=3", "--eos-token-id", "1", "--pad-token-id", "0"])
-    out = capsys.readouterr().out
-    assert "=== prompt 1: '20 21'" in out and "tokens per forward:" in out and "tokens/s" in out
-    assert tool.main(["--hf", str(path), "--prompt", "5", "--sampler", "nucleus"]) == 1
+    return tool
+
+
+def test_text_stream_prints_only_settled_text():
+    """A block that ends inside a UTF-8 character, or before a token that rewrites the text before it: nothing
+    printed is taken back, and what is printed, with `finish`, reads as the final text."""
+    from megatron_bdgemma.data import ByteTokenizer
+
+    tokenizer = ByteTokenizer()
+    text = "naïve — 日本語 \n ok"
+    ids = tokenizer.encode(text)
+    stream = generate_tool().TextStream(tokenizer.decode)
+    pieces = [stream.add(ids[i:i + 3]) for i in range(0, len(ids), 3)]  # 3 bytes per block: cuts characters
+    assert all("\ufffd" not in piece for piece in pieces) and "".join(pieces) + stream.finish(text) == text
+    assert pieces[:2] == ["na", "ïve"]  # "na" + 0xC3 (half of ï) prints "na"; then 0xAF "ve" completes it
+    # A decoder that joins " n't" to the word before (as HF's clean-up does): the printed "is n" is not the final
+    # text's beginning, so `finish` gives the whole text again on a line of its own.
+    stream = generate_tool().TextStream(lambda ids: "".join(map(chr, ids)).replace(" n't", "n't"))
+    assert [stream.add(list(map(ord, part))) for part in ("is n", "'t", " ok")] == ["is n", "", ""]
+    assert stream.finish("isn't ok") == "\nisn't ok"
+
+
+def test_generate_tool_prints_progress_and_streams(models, model_parallel, capsys):
+    """tools/generate.py: a progress line per canvas on stderr whose last counts are the run's; `--stream`'s text,
+    one prompt inline and several a line per block, reads as the run's final text."""
+    _, _, path = models
+    tool = generate_tool()
+    args = ["--hf", str(path), "--max-new-tokens", "12", "--sampler", "entropy_bound:max_denoising_steps=3",
+            "--eos-token-id", "1", "--pad-token-id", "0"]
+
+    def progress(stderr: str) -> list[tuple[int, int, float]]:
+        lines = stderr.splitlines()
+        assert lines and all(PROGRESS.fullmatch(line) for line in lines), stderr
+        counts = [(int(a), int(b), float(c)) for a, b, c in (PROGRESS.fullmatch(line).groups() for line in lines)]
+        assert [done for done, _, _ in counts] == list(range(1, len(counts) + 1))
+        return counts
+
+    # Two prompts, in this process: a line per block of each row's new text, then the final texts.
+    assert tool.main([*args, "--prompt", "5 6 7 8 9", "--prompt", "20 21", "--stream"]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    blocks = [line.removeprefix(f"[block {i}] ").split(" | ") for i, line in enumerate(lines) if line.startswith("[block")]
+    assert lines[len(blocks)] == "=== prompt 0: '5 6 7 8 9'" and lines[len(blocks) + 2] == "=== prompt 1: '20 21'"
+    assert ["".join(row) for row in zip(*blocks)] == [lines[len(blocks) + 1], lines[len(blocks) + 3]]
+    per_forward = [float(x) for x in lines[-2].removeprefix("tokens per forward: ").split(", ")]
+    (_, tokens, last_per_forward), total = progress(err)[-1], int(SUMMARY.fullmatch(lines[-1]).group(1))
+    assert len(blocks) == len(progress(err)) and tokens == total == sum(len(t.split()) for t in lines[-6:-3:2])
+    assert abs(last_per_forward - sum(per_forward) / 2) <= 0.006  # both rounded: 2 and 3 decimals
+    assert tool.main([*args, "--prompt", "5", "--sampler", "nucleus"]) == 1
     assert capsys.readouterr().err.startswith("error: --sampler: unknown sampler 'nucleus'; choose one of")
+
+    # One prompt streamed inline through the CLI: the same output as without --stream, but the time.
+    assert tool.main([*args, "--prompt", "5 6 7 8 9"]) == 0
+    plain = capsys.readouterr().out.splitlines()
+    done = subprocess.run([sys.executable, str(GENERATE_TOOL), *args, "--prompt", "5 6 7 8 9", "--stream"], text=True,
+                          capture_output=True, timeout=300,
+                          env=os.environ | {"PYTHONPATH": str(GENERATE_TOOL.parents[1]), "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0 and done.stdout.splitlines()[:-1] == plain[:-1], (done.stdout, plain, done.stderr)
+    assert progress(done.stderr)[-1][1] == int(SUMMARY.fullmatch(done.stdout.splitlines()[-1]).group(1))

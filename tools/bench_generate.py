@@ -49,21 +49,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-from bench_train import Measurement, measure, ratio_over_rounds, round_order, set_timing_threads
-
-from megatron_bdgemma import hf_reference
-from megatron_bdgemma.runtime.cli import entry_point
-
-# DiffusionGemma's geometry scaled down so one CPU run is quick.
-SMALL_TEXT = hf_reference.SMALL_TEXT | dict(vocab_size=2048)
-SMALL_CANVAS = 256
-
-OURS = "ours (block diffusion, KV cache)"
-HF = "transformers DiffusionGemma.generate"
-AR = "ours AR baseline (encoder logits, KV cache)"
-COMPILED = "ours compiled (torch.compile canvas forward)"
-
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,6 +64,25 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per side (1: timing robust to load)")
     parser.add_argument("--compile", action="store_true", help="also time ours with generate(..., compile=True)")
     return parser.parse_args()
+
+
+if __name__ == "__main__":
+    parse_args()  # `--help` and usage errors answer here, before the imports below load torch (seconds)
+
+import torch  # noqa: E402
+from bench_train import Measurement, measure, ratio_over_rounds, round_order, set_timing_threads  # noqa: E402
+
+from megatron_bdgemma import hf_reference  # noqa: E402
+from megatron_bdgemma.runtime.cli import entry_point  # noqa: E402
+
+# DiffusionGemma's geometry scaled down so one CPU run is quick.
+SMALL_TEXT = hf_reference.SMALL_TEXT | dict(vocab_size=2048)
+SMALL_CANVAS = 256
+
+OURS = "ours (block diffusion, KV cache)"
+HF = "transformers DiffusionGemma.generate"
+AR = "ours AR baseline (encoder logits, KV cache)"
+COMPILED = "ours compiled (torch.compile canvas forward)"
 
 
 def small_random_hf(path: Path) -> Path:

@@ -27,7 +27,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from megatron_bdgemma.runtime.cli import entry_point  # noqa: E402
-from tests.multiproc import run_in_processes  # noqa: E402  (the repo's gloo launcher: spawn, env vars, CPU patches)
 
 
 def _overrides(args: argparse.Namespace, tmp: str, pp: int) -> list[str]:
@@ -73,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.layers % 2:
         parser.error("--layers must be even (two pipeline stages)")
+    # After parsing (it imports torch): the repo's gloo launcher (spawn, env vars, CPU patches).
+    from tests.multiproc import run_in_processes
+
     per_side: dict[int, list[tuple[float, float]]] = {1: [], 2: []}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.rounds):

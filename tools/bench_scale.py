@@ -40,12 +40,41 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 
-import torch
 
-from bench_attention import PeakMeter
-from bench_train import hf_training_step, measure, round_order, set_timing_threads
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=4, help="layers of the 5:1 pattern (last one full)")
+    parser.add_argument("--seq", type=int, default=4096, help="tokens per document")
+    parser.add_argument("--batch", type=int, default=1, help="documents per step")
+    parser.add_argument("--fp8", choices=["tensorwise", "blockwise", "mxfp8"], help="FP8 recipe (needs TE and a GPU)")
+    parser.add_argument("--attention", choices=["eager", "block_sparse", "flex"],
+                        help="our core attention (default: flex on GPU, eager on CPU)")
+    parser.add_argument("--loss-chunk-size", type=int, help="vocab-parallel loss in chunks of this many tokens")
+    parser.add_argument("--tiny-width", action="store_true", help="the tiny preset's widths (CPU smoke runs)")
+    parser.add_argument("--no-hf", action="store_true", help="skip the HF DiffusionGemma step")
+    parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak for MFU (default: the card's, if known)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    import torch  # only here: `--help` does not wait for it
 
-from megatron_bdgemma.runtime.cli import entry_point
+    if args.fp8 and not torch.cuda.is_available():
+        parser.error("--fp8 needs a GPU with Transformer Engine (this machine has no CUDA device)")
+    if args.layers < 1 or args.seq < 1 or args.batch < 1:
+        parser.error("--layers, --seq and --batch must be positive")
+    return args
+
+
+if __name__ == "__main__":
+    parse_args()  # `--help` and usage errors answer here, before the imports below load torch (seconds)
+
+import torch  # noqa: E402
+
+from bench_attention import PeakMeter  # noqa: E402
+from bench_train import hf_training_step, measure, round_order, set_timing_threads  # noqa: E402
+
+from megatron_bdgemma.runtime.cli import entry_point  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from the vendors' datasheets, matched on the device name.
 BF16_PEAK_TFLOPS = [
@@ -67,29 +96,6 @@ def peak_tflops(device: torch.device, override: float | None) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((peak for key, peak in BF16_PEAK_TFLOPS if key in name), None)
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=4, help="layers of the 5:1 pattern (last one full)")
-    parser.add_argument("--seq", type=int, default=4096, help="tokens per document")
-    parser.add_argument("--batch", type=int, default=1, help="documents per step")
-    parser.add_argument("--fp8", choices=["tensorwise", "blockwise", "mxfp8"], help="FP8 recipe (needs TE and a GPU)")
-    parser.add_argument("--attention", choices=["eager", "block_sparse", "flex"],
-                        help="our core attention (default: flex on GPU, eager on CPU)")
-    parser.add_argument("--loss-chunk-size", type=int, help="vocab-parallel loss in chunks of this many tokens")
-    parser.add_argument("--tiny-width", action="store_true", help="the tiny preset's widths (CPU smoke runs)")
-    parser.add_argument("--no-hf", action="store_true", help="skip the HF DiffusionGemma step")
-    parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak for MFU (default: the card's, if known)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.fp8 and not torch.cuda.is_available():
-        parser.error("--fp8 needs a GPU with Transformer Engine (this machine has no CUDA device)")
-    if args.layers < 1 or args.seq < 1 or args.batch < 1:
-        parser.error("--layers, --seq and --batch must be positive")
-    return args
 
 
 def model_config(args: argparse.Namespace, device: torch.device):

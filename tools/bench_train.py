@@ -61,11 +61,31 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-import torch
-import torch.nn.functional as F
 
-from megatron_bdgemma import hf_reference
-from megatron_bdgemma.runtime.cli import entry_point
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hf", type=Path, help="local HF DiffusionGemma directory (default: a small random one)")
+    parser.add_argument("--batch", type=int, default=4, help="examples per micro-batch")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per example, prompt + response + fill")
+    parser.add_argument("--loss-chunk-size", type=int, default=512, help="tokens per chunk, vocab-parallel variant")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads per side (1: timing robust to load)")
+    parser.add_argument("--loss-rtol", type=float, help="allowed relative loss difference (default 1e-4 fp32, 2e-2 "
+                        "bf16)")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    parse_args()  # `--help` and usage errors answer here, before the imports below load torch (seconds)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from megatron_bdgemma import hf_reference  # noqa: E402
+from megatron_bdgemma.runtime.cli import entry_point  # noqa: E402
 
 # DiffusionGemma's geometry scaled down so one CPU run is quick.
 SMALL_TEXT = hf_reference.SMALL_TEXT | dict(vocab_size=8192, final_logit_softcapping=30.0)
@@ -136,22 +156,6 @@ def ratio_over_rounds(
     """
     ratios = [a.seconds(device) / b.seconds(device) for a, b in zip(ours, reference, strict=True)]
     return statistics.median(ratios), min(ratios), max(ratios)
-
-
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hf", type=Path, help="local HF DiffusionGemma directory (default: a small random one)")
-    parser.add_argument("--batch", type=int, default=4, help="examples per micro-batch")
-    parser.add_argument("--seq-len", type=int, default=512, help="tokens per example, prompt + response + fill")
-    parser.add_argument("--loss-chunk-size", type=int, default=512, help="tokens per chunk, vocab-parallel variant")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads per side (1: timing robust to load)")
-    parser.add_argument("--loss-rtol", type=float, help="allowed relative loss difference (default 1e-4 fp32, 2e-2 "
-                        "bf16)")
-    return parser.parse_args()
 
 
 def small_random_hf(path: Path) -> Path:

@@ -15,7 +15,19 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cpu-dry-run", action="store_true", help="run every section on CPU (to test this script)")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    parse_args()  # `--help` and usage errors answer here, before the imports below load torch (seconds)
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -169,11 +181,7 @@ def training_steps(seq: int, repeats: int) -> list[tuple[str, str]]:
 
 @entry_point
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seq", type=int, default=1024)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--cpu-dry-run", action="store_true", help="run every section on CPU (to test this script)")
-    args = parser.parse_args()
+    args = parse_args()
     global DEVICE
     if args.cpu_dry_run:
         DEVICE = "cpu"

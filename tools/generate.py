@@ -13,7 +13,11 @@ checkpoint's run trained with (`data.tokenizer`: `byte`, or a tokenizer director
 prompts are whitespace-separated token ids and the output is printed as ids. EOS / pad ids come from
 `--eos-token-id` / `--pad-token-id`, else the checkpoint's `generation_config.json`, else the run's tokenizer, else
 the model config. Every rank of a TP group
-runs the same loop with the same seed (lock-step); rank 0 prints. An error is one line `error: <message>`, exit 1
+runs the same loop with the same seed (lock-step); rank 0 prints.
+
+While it runs, rank 0 prints a progress line per canvas on stderr (`canvas 3/8: 96 tokens, 0.67 tokens per forward,
+41.2 tokens/s`, counted over all prompts; the AR baseline: one per canvas length of tokens); `--stream` prints the
+text on stdout as its blocks commit, the same text the run ends with. An error is one line `error: <message>`, exit 1
 (`BDGEMMA_TRACEBACK=1` adds the traceback).
 """
 
@@ -27,15 +31,19 @@ os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "65536")
 
 import argparse
 import json
+import math
+import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+# Light: torch, megatron-core and transformers load in main, after the arguments are parsed (`--help` at once).
 from megatron_bdgemma.runtime.cli import entry_point
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -53,12 +61,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (launch with torchrun)")
-    parser.add_argument("--stream", action="store_true", help="print each committed canvas as it is produced")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads per process (default: OMP_NUM_THREADS, else 1; see load_model)")
+    parser.add_argument("--stream", action="store_true",
+                        help="print the text as its blocks commit (one prompt: inline; several: a line per block)")
     parser.add_argument(
         "--compile", action="store_true",
         help="canvas forward under torch.compile (CUDA graphs on GPU); the first two canvases pay the compilation",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    return args
 
 
 def check_source(args: argparse.Namespace) -> None:
@@ -94,8 +108,18 @@ def check_prompts(prompts: Sequence[str]) -> None:
 
 
 def load_model(args: argparse.Namespace) -> Any:
-    """The model on this rank's device, from `--hf` or `--load`."""
+    """The model on this rank's device, from `--hf` or `--load`.
+
+    On CPU one thread unless `--threads` or OMP_NUM_THREADS asks for more (torchrun's default too): a decode is
+    hundreds of small ops, and on a machine whose cores other jobs share each op's threads wait for one another;
+    on 2 cores shared with other jobs, the tiny run's 256 tokens took 2.1-4.1 s on one thread, 2.2-99 s on two.
+    """
+    import torch
+
     from megatron_bdgemma.runtime.distributed import init_distributed
+
+    if args.threads is not None or "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(args.threads or 1)
 
     init_distributed(tp=args.tp, seed=args.seed)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
@@ -183,10 +207,48 @@ def tokenize(prompts: Sequence[str], tokenizer: Any | None, chat: bool) -> list[
     return [tokenizer(p)["input_ids"] for p in prompts]
 
 
+class TextStream:
+    """One row's text, printed as its blocks commit. The text is decoded anew from all the row's tokens each time (a
+    block can end inside a character, or before a token that changes how the text before it decodes), and only what
+    later tokens cannot change is printed: up to a trailing incomplete character (U+FFFD) or whitespace."""
+
+    _UNSETTLED = re.compile(r"[\s\ufffd]+$")
+
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        self.decode = decode
+        self.ids: list[int] = []
+        self.printed = ""
+
+    def add(self, ids: list[int]) -> str:
+        """Take a block's tokens → the text to print now."""
+        self.ids += ids
+        settled = self._UNSETTLED.sub("", self.decode(self.ids))
+        if not settled.startswith(self.printed):
+            return ""  # a later token rewrote printed text; `finish` prints the whole text again
+        new, self.printed = settled[len(self.printed):], settled
+        return new
+
+    def finish(self, text: str) -> str:
+        """The rest of the final `text` after what was printed (the whole text on a new line, should the printed part
+        not be its beginning), so that what was streamed reads as `text`."""
+        return text[len(self.printed):] if text.startswith(self.printed) else "\n" + text
+
+
+def progress_line(label: str, done: int, total: int, tokens: Tensor, forwards: Tensor, seconds: float) -> str:
+    """`canvas 3/8: 96 tokens, 0.67 tokens per forward, 41.2 tokens/s`: non-pad tokens so far over all rows, each
+    row's tokens over its forwards so far (HF's tokens per forward, mean over rows), tokens per second so far."""
+    per_forward = (tokens / forwards.clamp(min=1)).mean().item()
+    total_tokens = int(tokens.sum())
+    return (f"{label} {done}/{total}: {total_tokens} tokens, {per_forward:.2f} tokens per forward, "
+            f"{total_tokens / seconds:.1f} tokens/s")
+
+
 @entry_point
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    from megatron_bdgemma.generation import generate, left_pad, parse_sampler
+    import torch
+
+    from megatron_bdgemma.generation import Autoregressive, generate, left_pad, parse_sampler
 
     check_prompts(args.prompt)
     check_source(args)
@@ -200,20 +262,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     input_ids, padding_mask = left_pad(tokenize(args.prompt, tokenizer, args.chat), pad)
     is_printer = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
-    def show(tokens: torch.Tensor) -> list[str]:
-        rows = [[t for t in row.tolist() if t != pad] for row in tokens]
-        return [tokenizer.decode(row) if tokenizer is not None else " ".join(map(str, row)) for row in rows]
+    def show(tokens: Tensor) -> list[str]:
+        return [decode([t for t in row.tolist() if t != pad]) for row in tokens]
 
-    def stream(index: int, block: torch.Tensor) -> None:
-        if is_printer:
-            print(f"[block {index}] " + " | ".join(show(block)), flush=True)
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids) if tokenizer is not None else " ".join(map(str, ids))
+
+    # Progress per canvas (an AR run: per canvas_length tokens) on stderr, the streamed text on stdout; rank 0 only.
+    autoregressive = isinstance(sampler, Autoregressive)
+    length = model.config.canvas_length
+    label, total, every = ("token", args.max_new_tokens, length) if autoregressive else (
+        "canvas", math.ceil(args.max_new_tokens / length), 1)
+    tokens_so_far = torch.zeros(len(args.prompt), dtype=torch.long)
+    streams = [TextStream(decode) for _ in args.prompt] if args.stream else []
+    inline = len(streams) == 1  # one prompt streams as running text; several, one line per block
+    if inline:
+        print(f"=== prompt 0: {args.prompt[0]!r}", flush=True)
+
+    def report(index: int, block: Tensor, forwards: Tensor) -> None:
+        tokens_so_far.add_((block != pad).sum(dim=1).cpu())
+        if streams:
+            pieces = [stream.add([t for t in row.tolist() if t != pad]) for stream, row in zip(streams, block)]
+            print(pieces[0] if inline else f"[block {index}] " + " | ".join(pieces), end="" if inline else "\n",
+                  flush=True)
+        if (index + 1) % every == 0 or index + 1 == total:
+            line = progress_line(label, index + 1, total, tokens_so_far, forwards.cpu(), time.perf_counter() - start)
+            print(line, file=sys.stderr, flush=True)
 
     # Same seed on every rank: TP ranks draw identical noise and stay in lock-step.
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
     start = time.perf_counter()
     output = generate(
         model, input_ids, padding_mask=padding_mask, sampler=sampler, max_new_tokens=args.max_new_tokens,
-        eos_token_ids=eos, pad_token_id=pad, generator=generator, on_canvas=stream if args.stream else None,
+        eos_token_ids=eos, pad_token_id=pad, generator=generator, on_canvas=report if is_printer else None,
         compile=args.compile,
     )
     if torch.cuda.is_available():
@@ -221,8 +302,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     seconds = time.perf_counter() - start
     if is_printer:
         tokens = int((output.generated != pad).sum())
-        for row, text in enumerate(show(output.generated)):
-            print(f"=== prompt {row}: {args.prompt[row]!r}\n{text}")
+        texts = show(output.generated)
+        if inline:
+            print(streams[0].finish(texts[0]))
+        else:
+            for row, text in enumerate(texts):
+                print(f"=== prompt {row}: {args.prompt[row]!r}\n{text}")
         per_forward = ", ".join(f"{x:.3f}" for x in output.tokens_per_forward.tolist())
         print(f"sampler: {sampler}")
         print(f"tokens per forward: {per_forward}")

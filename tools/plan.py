@@ -25,8 +25,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from megatron_bdgemma.runtime.cli import entry_point  # noqa: E402
-from megatron_bdgemma.training.config import load_run_config  # noqa: E402
-from megatron_bdgemma.training.plan import format_plan, plan_run  # noqa: E402
 
 
 @entry_point
@@ -37,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, as for training")
     args = parser.parse_args(argv)
+    # After parsing: these import torch and megatron-core (seconds), which `--help` need not wait for.
+    from megatron_bdgemma.training.config import load_run_config
+    from megatron_bdgemma.training.plan import format_plan, plan_run
+
     run = load_run_config(args.config, args.overrides)
     print(format_plan(plan_run(run, args.gpus), args.gpu_gib))
     return 0

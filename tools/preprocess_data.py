@@ -34,7 +34,6 @@ from typing import NamedTuple
 import numpy as np
 
 from megatron_bdgemma.data import BadRecords
-from megatron_bdgemma.data.pretrain import TOKEN_DTYPE, IndexedDatasetWriter
 from megatron_bdgemma.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_bdgemma.runtime.cli import entry_point
 
@@ -54,6 +53,10 @@ class _Encoder:
     def __init__(self, tokenizer: Tokenizer, json_key: str, vocab_size: int) -> None:
         self.tokenizer, self.json_key, self.vocab_size = tokenizer, json_key, vocab_size
         self.prefix = [] if tokenizer.bos is None else [tokenizer.bos]
+        # Here, not at the top: data.pretrain imports torch, which `--help` need not wait for.
+        from megatron_bdgemma.data.pretrain import TOKEN_DTYPE
+
+        self.dtype = TOKEN_DTYPE
 
     def encode_line(self, line: Line) -> np.ndarray | BadLine:
         path, lineno, raw = line
@@ -72,7 +75,7 @@ class _Encoder:
         ids = self.tokenizer.encode(text) if text.strip() else []
         if not ids:
             return BadLine("empty", location, "empty document")
-        ids = np.asarray(self.prefix + ids + [self.tokenizer.eod], dtype=TOKEN_DTYPE)
+        ids = np.asarray(self.prefix + ids + [self.tokenizer.eod], dtype=self.dtype)
         if (top := int(ids.max())) >= self.vocab_size:
             return BadLine("id_out_of_range", location,
                            f"token id {top} >= vocab size {self.vocab_size} (the tokenizer does not match the model)")
@@ -161,6 +164,8 @@ def preprocess(args: argparse.Namespace) -> BadRecords:
         BadDataError: a bad line under ``--on-bad error`` (nothing is written).
         ValueError: no document survived.
     """
+    from megatron_bdgemma.data.pretrain import IndexedDatasetWriter
+
     tokenizer = load_tokenizer(args.tokenizer)
     vocab_size = args.vocab_size or tokenizer.vocab_size
     bad = BadRecords(args.on_bad, skip_setting="--on-bad skip")

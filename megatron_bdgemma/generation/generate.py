@@ -37,9 +37,11 @@ from megatron_bdgemma.model import BDGemmaModel
 
 __all__ = ["GenerationOutput", "generate", "left_pad"]
 
-CanvasCallback = Callable[[int, Tensor], None]
-"""Streaming hook `(index, tokens)`: called with each committed block `[B, n]` (a canvas, or one AR token),
-pad already substituted, `index` counting blocks from 0."""
+CanvasCallback = Callable[[int, Tensor, Tensor], None]
+"""Streaming and progress hook `(index, tokens, forwards)`: called with each committed block `tokens [B, n]` (a
+canvas, or one AR token), pad already substituted, `index` counting blocks from 0, and each row's forwards so far
+`forwards [B]` (counted as `GenerationOutput.forwards`, so the non-pad tokens so far over them is the row's tokens
+per forward up to this block). Not called at all when None: the loop pays nothing for it then."""
 
 
 @dataclass
@@ -193,7 +195,7 @@ def _generate_diffusion(
         committed, ended = _finalize(committed, ended, eos, pad)
         sequences = torch.cat([sequences, committed], dim=1)
         if on_canvas is not None:
-            on_canvas(index, committed)
+            on_canvas(index, committed, forwards.clone())
         if ended.all():
             break
     return _output(sequences, prompt_length, forwards, pad)
@@ -319,7 +321,7 @@ def _generate_autoregressive(
         ended = ended | torch.isin(token, eos)
         tokens.append(token)
         if on_token is not None:
-            on_token(index, token[:, None])
+            on_token(index, token[:, None], forwards.clone())
         if ended.all() or index + 1 == max_new_tokens:
             break
         logits = encode_into(model, cache, token[:, None], last_logits=True)
