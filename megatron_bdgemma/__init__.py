@@ -8,14 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from megatron_bdgemma.runtime.log_filters import filter_dependency_noise
 
 # Before any megatron-core import: most of the messages it filters are printed at import time.
 filter_dependency_noise()
 
 if TYPE_CHECKING:
+    import torch
+
     from megatron_bdgemma.config import BDGemmaConfig, config_from_hf
     from megatron_bdgemma.model import BDGemmaModel
 
@@ -23,7 +23,8 @@ __all__ = ["BDGemmaConfig", "BDGemmaModel", "config_from_hf", "from_hf"]
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy, so light users (the data pipeline, `megatron_bdgemma.diffusion`) do not import megatron-core.
+    # Lazy, as is torch, so light users (the data pipeline, `megatron_bdgemma.diffusion`) do not import megatron-core
+    # and a command's --help or --print-config answers before torch is imported (seconds).
     if name in ("BDGemmaConfig", "config_from_hf"):
         from megatron_bdgemma import config
 
@@ -35,13 +36,15 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'megatron_bdgemma' has no attribute {name!r}")
 
 
-def from_hf(path: str | Path, dtype: torch.dtype = torch.float32, backend: str = "local", **overrides) -> BDGemmaModel:
+def from_hf(path: str | Path, dtype: torch.dtype | None = None, backend: str = "local", **overrides) -> BDGemmaModel:
     """Build a `BDGemmaModel` from a local HF directory and load its weights.
 
     Accepts `Gemma4ForCausalLM` / `Gemma4ForConditionalGeneration` (MoE text) and `DiffusionGemmaForBlockDiffusion`
     checkpoints (`config.json` + safetensors, sharded or not). Initialises a 1-process model-parallel group when
-    none exists; under an existing TP/EP/PP layout each rank loads its own shard. `overrides` set config fields.
+    none exists; under an existing TP/EP/PP layout each rank loads its own shard. `dtype`: of the weights (default
+    float32). `overrides` set config fields.
     """
+    import torch
     from megatron.core import parallel_state
 
     from megatron_bdgemma.conversion.hf_checkpoint import HFCheckpoint, load_hf_weights
@@ -51,6 +54,7 @@ def from_hf(path: str | Path, dtype: torch.dtype = torch.float32, backend: str =
 
     ensure_model_parallel()
     checkpoint = HFCheckpoint(path)
+    dtype = torch.float32 if dtype is None else dtype
     config = checkpoint.model_config(
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
