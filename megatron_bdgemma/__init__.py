@@ -23,8 +23,8 @@ __all__ = ["BDGemmaConfig", "BDGemmaModel", "config_from_hf", "from_hf"]
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy, as is torch, so light users (the data pipeline, `megatron_bdgemma.diffusion`) do not import megatron-core
-    # and a command's --help or --print-config answers before torch is imported (seconds).
+    # Lazy, so light users (the data pipeline, `megatron_bdgemma.diffusion`) do not import megatron-core, and
+    # a command's `--help` (runtime.cli) does not import torch.
     if name in ("BDGemmaConfig", "config_from_hf"):
         from megatron_bdgemma import config
 
@@ -41,7 +41,7 @@ def from_hf(path: str | Path, dtype: torch.dtype | None = None, backend: str = "
 
     Accepts `Gemma4ForCausalLM` / `Gemma4ForConditionalGeneration` (MoE text) and `DiffusionGemmaForBlockDiffusion`
     checkpoints (`config.json` + safetensors, sharded or not). Initialises a 1-process model-parallel group when
-    none exists; under an existing TP/EP/PP layout each rank loads its own shard. `dtype`: of the weights (default
+    none exists; under an existing TP/EP/PP layout each rank loads its own shard. `dtype`: the parameters' (None =
     float32). `overrides` set config fields.
     """
     import torch
@@ -52,9 +52,9 @@ def from_hf(path: str | Path, dtype: torch.dtype | None = None, backend: str = "
 
     from megatron_bdgemma.model import BDGemmaModel
 
+    dtype = torch.float32 if dtype is None else dtype
     ensure_model_parallel()
     checkpoint = HFCheckpoint(path)
-    dtype = torch.float32 if dtype is None else dtype
     config = checkpoint.model_config(
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
