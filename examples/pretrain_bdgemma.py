@@ -18,6 +18,10 @@ pipeline parallelism the saved checkpoint is loaded again with the whole stack o
 its data's first prompt (the chat template's rendering of the first record up to its first user turn) unless
 `--sample` gives a user turn of its own.
 
+`--print-config` prints the resolved run config (every key, where its value came from) and exits without
+building anything; the trainer writes the same config as `run_config.yaml` into `checkpoint.save` and into each
+checkpoint (docs/config.md lists every key).
+
 An error ends the job with one line `error: <message>` and exit code 1 (`megatron_bdgemma/runtime/cli.py`;
 `BDGEMMA_TRACEBACK=1` adds the traceback).
 """
@@ -50,24 +54,36 @@ def main() -> None:
     parser.add_argument("--sample", default=None,
                         help=f"prompt to generate from after training ('' = none; default {PRETRAIN_SAMPLE!r}, for SFT "
                              "the data's first user turn)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved run config, one `key: value  # source` line per key (source: default, "
+                             "yaml, override; checkpoint for --load's stored config), and exit without training")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_intermixed_args()
 
     if args.load and args.init_from:
         parser.error("--load resumes a run, --init-from starts a new one from weights: give one")
 
-    from megatron_bdgemma.training.config import load_run_config
-    from megatron_bdgemma.training.resume import resume_run_config
-    from megatron_bdgemma.training.trainer import train
+    from megatron_bdgemma.training.config import format_config, load_run_config
 
-    if args.load:
-        run = resume_run_config(args.load, args.config, list(args.overrides))
+    sources: dict[str, str] = {}
+    if args.load:  # reads the checkpoint: imports torch and megatron-core, also for --print-config
+        from megatron_bdgemma.training.resume import resume_run_config
+
+        run = resume_run_config(args.load, args.config, args.overrides, sources)
     else:
         start = [f"checkpoint.init_from={args.init_from}", "model.hf=null"] if args.init_from else []
         notes: list[str] = []
-        run = load_run_config(args.config or DEFAULT_CONFIG, [*args.overrides, *start], notes)
-        if notes and process_rank() == 0:
+        run = load_run_config(args.config or DEFAULT_CONFIG, [*args.overrides, *start], notes, sources)
+        if args.init_from:
+            sources |= dict.fromkeys(("checkpoint.init_from", "model.hf"), "--init-from")
+        if notes and not args.print_config and process_rank() == 0:
             print("\n".join(notes), flush=True)
+    if args.print_config:
+        print(format_config(run, sources), flush=True)
+        return
+
+    from megatron_bdgemma.training.trainer import train
+
     train(run)
     if args.sample != "" and run.checkpoint.save and run.data.tokenizer == "byte":
         print_sample(run, args.sample)

@@ -145,6 +145,25 @@ def test_readme_commands_run_after_make_demo(tmp_path, model_parallel, hf_diffus
     assert ours <= theirs <= 1.02 * ours, (theirs, ours)
 
 
+def test_readme_commands_write_only_where_git_ignores():
+    """What the README's commands and `make demo` write (`--out`, a run's `checkpoint.save` and `data.cache_dir`,
+    from its overrides or YAML) lies under a top-level directory `.gitignore` names, so `git status` stays clean.
+    Absolute paths (the `/path/to` placeholders) are outside the checkout."""
+    from megatron_bdgemma.training.config import load_run_config
+
+    ignored = set(re.findall(r"^/([^/*!\s]+)/", (REPO / ".gitignore").read_text(), re.M))
+    written = []
+    for words in [*makefile_recipe("demo"), *bash_commands(README)]:
+        written += [words[i + 1] for i, word in enumerate(words[:-1]) if word == "--out"]
+        if "examples/pretrain_bdgemma.py" in words and "--load" not in words:  # --load writes into its own run
+            config = words[words.index("--config") + 1] if "--config" in words else "examples/configs/tiny_pretrain.yaml"
+            run = load_run_config(REPO / config, [w for w in words if "=" in w and not w.startswith("-")])
+            written += [run.checkpoint.save, run.data.cache_dir]
+    relative = [path for path in written if path and not path.startswith("/")]
+    assert len(relative) >= 10, written
+    assert all(Path(path).parts[0] in ignored for path in relative), (sorted(set(relative)), sorted(ignored))
+
+
 def _parameter_count(config) -> int:
     from megatron_bdgemma.model import BDGemmaModel
     from megatron_bdgemma.runtime.distributed import ensure_model_parallel

@@ -431,7 +431,7 @@ def test_disk_full_during_a_save_names_the_directory_and_keeps_the_last_checkpoi
                                       rf"{tmp_path}/iter_0000001 is kept") as error:
         save_checkpoint(tmp_path, 2, model)
     assert error.value.errno == errno.ENOSPC
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000001", "latest"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000001", "latest", "latest_checkpointed_iteration.txt"]
     monkeypatch.undo()
     assert latest_checkpoint(tmp_path).name == "iter_0000001"
     load_checkpoint(tmp_path, model)

@@ -186,7 +186,8 @@ def save_checkpoint(
     keep_last: int = 2, optimizer_format: str = OPTIMIZER_FORMATS[0],
 ) -> Path:
     """Save model (+ optimizer) shards and `extra` (scheduler state, data position: plain picklable values) as the
-    newest checkpoint of the run directory `root`.
+    newest checkpoint of the run directory `root`. A training checkpoint's run config, `extra["run"]`, is also
+    written readable beside the shards (`run_config.yaml`).
 
     `optimizer_format`: how a distributed optimizer's state is stored (see `OPTIMIZER_FORMATS`)."""
     root = Path(root)
@@ -215,7 +216,7 @@ def save_checkpoint(
                           f"{f'{previous} is kept' if previous else 'no earlier checkpoint exists'}") from error
         raise
     _barrier()
-    final = publish(root, staging, keep_last) if rank0 else root / checkpoint_name(step)
+    final = publish(root, staging, keep_last, state["extra"].get("run")) if rank0 else root / checkpoint_name(step)
     _barrier()
     return final
 

@@ -11,11 +11,13 @@ without a dot (`1e-3`, a string to YAML 1.1) is a number wherever the key expect
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -31,20 +33,30 @@ FP8_ALIGNMENT = 16
 
 @dataclass
 class ModelSection:
+    """The model: a preset or a local HF directory, changed field by field."""
+
     preset: str = "tiny"
-    """A `megatron_bdgemma.config.PRESETS` name; ignored when `hf` is set."""
+    """A `megatron_bdgemma.config.PRESETS` name; ignored when `hf` is set or the weights come from a checkpoint
+    (`checkpoint.load`, `checkpoint.init_from`), which carries its architecture."""
     hf: str | None = None
     """Start from a local HF DiffusionGemma / Gemma 4 MoE directory (config and weights)."""
     overrides: dict[str, Any] = field(default_factory=dict)
-    """`BDGemmaConfig` fields to change, e.g. {num_layers: 2}."""
+    """`BDGemmaConfig` fields to change, e.g. {num_layers: 2} (one field on the command line:
+    `model.overrides.num_layers=2`)."""
     backend: Literal["local", "te"] = "local"
+    """Layer implementation: 'local' (PyTorch, CPU and GPU) or 'te' (Transformer Engine, GPU; needed for FP8)."""
 
 
 @dataclass
 class ParallelSection:
+    """How the model and the batch are split over the ranks (the data-parallel size is what is left)."""
+
     tp: int = 1
+    """Tensor-parallel size: each layer's weights split over this many ranks (with sequence parallelism)."""
     pp: int = 1
+    """Pipeline-parallel size: the layers split into this many stages (1F1B schedule)."""
     ep: int = 1
+    """Expert-parallel size: the routed experts of each MoE layer split over this many ranks."""
     vpp: int | None = None
     """Virtual pipeline stages per rank (Megatron's interleaved 1F1B schedule); needs pp > 1."""
     etp: int | None = None
@@ -57,7 +69,10 @@ class ParallelSection:
 
 @dataclass
 class DataSection:
+    """What is trained on and how it is read."""
+
     mode: Literal["pretrain", "sft"] = "pretrain"
+    """'pretrain': indexed token datasets, every block scored; 'sft': chat JSONL, the answers supervised."""
     paths: list[str | float] = field(default_factory=list)
     """pretrain: indexed-dataset prefixes, optionally with weights ([w1, prefix1, w2, prefix2]); sft: chat JSONL
     files. Empty = the embedded default (text that ships with Python, byte tokenizer)."""
@@ -67,24 +82,38 @@ class DataSection:
     """sft: a Jinja chat template file replacing the HF tokenizer's own; it must mark the supervised tokens with
     {% generation %} tags (DiffusionGemma's released template has none: use NeMo Automodel's)."""
     seq_length: int = 128
+    """Tokens per training sample (the encoder sequence; pretraining's canvas is as long)."""
     split: str = "98,1,1"
+    """pretrain: train, valid and test weights of each dataset's documents (Megatron's `--split`)."""
     on_bad: Literal["error", "skip"] = "error"
+    """sft: a bad record (invalid JSON, no messages, longer than seq_length): 'error' stops the run naming its file
+    and line, 'skip' drops it and counts it."""
     truncation: bool = False
     """sft: cut a record longer than seq_length there (NeMo Automodel's rule; a partial last block is possible)
     instead of refusing or skipping it (on_bad)."""
     cache_dir: str = "runs/data_cache"
+    """Where the embedded default data and megatron-core's index caches of pretraining data are written."""
 
 
 @dataclass
 class ObjectiveSection:
+    """The training loss: corruption of the canvas, the scored blocks, self-conditioning and the AR term."""
+
     score: Literal["one_block", "all_blocks"] | None = None
     """Default: one_block for sft (the DiffusionGemma recipe), all_blocks for pretrain."""
     kind: Literal["uniform", "absorbing"] = "uniform"
+    """Corruption: 'uniform' replaces a token by a random vocabulary id; 'absorbing' by mask_id (MDLM / BD3-LM,
+    noised positions weighted by 1/t)."""
     mask_id: int | None = None
+    """The mask token id of kind=absorbing (required there)."""
     t_min: float = 1e-3
+    """Lower end of the noise level t ~ U(t_min, t_max): the probability that a supervised token is corrupted."""
     t_max: float = 1.0
+    """Upper end of the noise level t ~ U(t_min, t_max)."""
     self_conditioning_p: float = 0.5
+    """Probability, per example, that the second decode pass gets the first pass's prediction (else a zero signal)."""
     ar_weight: float = 1.0
+    """Weight of the AR (next-token) loss on the encoder's logits, added to the diffusion loss."""
     loss_chunk_size: int | None = None
     """Tokens per chunk of the vocab-parallel loss and self-conditioning path (None = full logits; set it for
     large vocabularies: 262K fp32 logits are 1 MiB per token)."""
@@ -92,25 +121,46 @@ class ObjectiveSection:
 
 @dataclass
 class OptimSection:
+    """Adam (Megatron's optimizer) and its learning-rate schedule."""
+
     lr: float = 1.5e-4
+    """Peak learning rate, reached at the end of the warmup."""
     min_lr: float = 1.5e-5
+    """Learning rate at the end of the decay (train.steps)."""
     warmup_steps: int = 25
+    """Steps of linear warmup from 0 to lr; must be < train.steps."""
     decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay from lr to min_lr over the steps after the warmup."""
     beta1: float = 0.95
+    """Adam's first-moment decay."""
     beta2: float = 0.99
+    """Adam's second-moment decay."""
     eps: float = 1e-8
+    """Adam's epsilon."""
     weight_decay: float = 1e-4
+    """Decoupled weight decay (AdamW), constant over the run."""
     clip_grad: float = 1.0
+    """Clip the global gradient norm to this (0 = no clipping)."""
     distributed_optimizer: bool = True
+    """Shard the optimizer state and fp32 master weights over data-parallel ranks (Megatron's distributed optimizer)."""
 
 
 @dataclass
 class TrainSection:
+    """The step loop: length, batch, precision, recompute, logging and evaluation."""
+
     steps: int = 100
+    """Optimizer steps of the run (also the LR decay horizon)."""
     micro_batch_size: int = 4
+    """Samples per forward/backward on each data-parallel rank."""
     global_batch_size: int = 4
+    """Samples per optimizer step over all ranks; a multiple of micro_batch_size x data-parallel size (the rest is
+    gradient accumulation)."""
     seed: int = 1234
+    """Seed of the initial weights and of every random draw of a step (keyed by sample and step, so any layout and
+    a resumed run draw the same)."""
     bf16: bool = False
+    """bf16 weights and compute with fp32 master weights in the optimizer (off: fp32 throughout)."""
     fp8: Literal["hybrid", "e4m3"] | None = None
     """FP8 GEMMs through Transformer Engine (needs `model.backend: te`, `train.bf16` and a GPU); None = off."""
     fp8_recipe: Literal["tensorwise", "blockwise", "mxfp8"] = "tensorwise"
@@ -125,19 +175,25 @@ class TrainSection:
     """With recompute=selective, any of: core_attn (attention scores and probabilities), moe (the routed experts'
     fc1, activation and fc2; dispatch and combine are not repeated), shared_experts (the dense GeGLU branch)."""
     log_interval: int = 10
+    """Print a progress line every N steps."""
     eval_interval: int = 0
     """Evaluate on the held-out split every N steps (0 = never)."""
     eval_steps: int = 2
+    """Global batches of the held-out split each evaluation averages over."""
     skip_nonfinite_steps: int = 0
     """Steps of the run (resumes included) whose non-finite loss or gradient skips the update instead of stopping the
-    run; the next one stops it (`training/stopping.py`)."""
+    run; the next one stops it (`megatron_bdgemma/training/stopping.py`)."""
 
 
 @dataclass
 class CheckpointSection:
+    """Where the run saves, and what it starts from."""
+
     save: str | None = None
+    """The run directory: checkpoints (`iter_N/`), `latest`, the owner record and run_config.yaml (None = no saves)."""
     load: str | None = None
-    """Resume this training run exactly (its save root or an `iter_N` directory); see `training/resume.py`."""
+    """Resume this training run exactly (its save root or an `iter_N` directory); see
+    `megatron_bdgemma/training/resume.py`."""
     init_from: str | None = None
     """Start a new run from this checkpoint's model (architecture and weights: converted from HF, or another run's);
     optimizer, schedule and step start fresh."""
@@ -154,11 +210,16 @@ class CheckpointSection:
 
 @dataclass
 class LoggingSection:
+    """Where metrics go besides the progress line."""
+
     tensorboard_dir: str | None = None
+    """Write TensorBoard scalars here (needs the `tensorboard` package; None = off)."""
 
 
 @dataclass
 class RunConfig:
+    """A whole run: one section per concern."""
+
     model: ModelSection = field(default_factory=ModelSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -383,22 +444,85 @@ def apply_override(values: dict[str, Any], override: str) -> None:
     node[parts[-1]] = _parse_yaml(raw, f"override {override!r}", file=False)
 
 
-def load_run_config(path: str | Path | None, overrides: list[str] = (), notes: list[str] | None = None) -> RunConfig:
+def load_run_config(path: str | Path | None, overrides: Sequence[str] = (), notes: list[str] | None = None,
+                    sources: dict[str, str] | None = None) -> RunConfig:
     """Read a YAML run config (None = all defaults) and apply dotted overrides.
 
     `notes`: when given (the command line), a value the overrides did not set is adapted where it conflicts with
     the rest, and a line saying so is appended: `optim.warmup_steps` (the YAML's or the default) becomes
     `train.steps - 1` in a run shorter than it (`train.steps=5` for a smoke test). A value the overrides set is
     never adapted. Without `notes` nothing is, and `RunConfig.validate` names the conflict and its fix.
+
+    `sources`: when given, filled with where each dotted key's value came from, `yaml` or `override` (a key it
+    does not name has its default), an adapted value saying so (`format_config` prints them).
     """
     values = read_config_file(path) if path is not None else {}
+    layers = [("yaml", copy.deepcopy(values))]
     for override in overrides:
         apply_override(values, override)
+        layers.append(("override", {}))
+        apply_override(layers[-1][1], override)
     run = _build(RunConfig, values, "")
+    origins = key_origins(layers)
     given = {override.split("=", 1)[0].strip() for override in overrides}
     if notes is not None and "optim.warmup_steps" not in given and run.optim.warmup_steps >= run.train.steps >= 1:
-        source = f"from {Path(path).name}" if "warmup_steps" in values.get("optim", {}) else "the default"
+        origin = origins.get("optim.warmup_steps", "default")
+        source = f"from {Path(path).name}" if origin == "yaml" else "the default"
         notes.append(f"optim.warmup_steps: {run.optim.warmup_steps} ({source}) → {run.train.steps - 1}, to fit "
                      f"train.steps={run.train.steps}; give optim.warmup_steps to choose")
+        origins["optim.warmup_steps"] = f"{origin} ({run.optim.warmup_steps}), shortened to train.steps - 1"
         run.optim.warmup_steps = run.train.steps - 1
+    if sources is not None:
+        sources.update(origins)
     return run
+
+
+# ---- the resolved config, shown and saved ------------------------------------------------------------------------
+
+
+def flatten(values: dict[str, Any], prefix: str = "", keep_empty: bool = False) -> dict[str, Any]:
+    """Nested sections as the dotted keys overrides name: {"train": {"steps": 3}} → {"train.steps": 3}. A mapping's
+    entries are keys of their own (`model.overrides.num_layers`); an empty mapping has none, or is kept as one `{}`
+    value with `keep_empty` (to show it)."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and (value or not keep_empty):
+            flat |= flatten(value, f"{prefix}{key}.", keep_empty)
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def key_origins(layers: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, str]:
+    """Dotted key → the label of the last of `layers` (label, nested values; applied in order) that gives it."""
+    origins: dict[str, str] = {}
+    for label, values in layers:
+        origins |= dict.fromkeys(flatten(values, keep_empty=True), label)
+    return origins
+
+
+def format_value(value: Any) -> str:
+    """`value` as an override writes it (YAML flow style: `null`, `[a, 0.5]`, `{num_layers: 2}`)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=float("inf"), sort_keys=False).strip()
+    return text.removesuffix("...").strip()  # a plain scalar's document end marker
+
+
+def format_config(run: RunConfig, sources: dict[str, str]) -> str:
+    """One line per key of `run`, `train.steps: 300  # yaml`: the dotted key and value as an override gives them,
+    and where the value came from (`sources`, filled by `load_run_config` or `resume_run_config`; `default` for a
+    key they do not name)."""
+    rows = [(f"{key}: {format_value(value)}", sources.get(key, "default"))
+            for key, value in flatten(run.to_dict(), keep_empty=True).items()]
+    width = max((len(text) for text, _ in rows if len(text) <= 56), default=0)
+    return "\n".join(f"{text.ljust(width)}  # {source}" for text, source in rows)
+
+
+RUN_CONFIG_HEADER = """\
+# The resolved run config: every key (docs/config.md says what each means), written by megatron_bdgemma's trainer.
+# `examples/pretrain_bdgemma.py --config FILE` reads it back; give another checkpoint.save to run it again elsewhere.
+"""
+
+
+def config_yaml(values: dict[str, Any]) -> str:
+    """`values` (`RunConfig.to_dict`) as a YAML run config file that `load_run_config` reads back to the same run."""
+    return RUN_CONFIG_HEADER + yaml.safe_dump(values, sort_keys=False, width=120)

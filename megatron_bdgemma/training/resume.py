@@ -17,10 +17,13 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from megatron_bdgemma.training.config import RunConfig, _build, apply_override, read_config_file
+from megatron_bdgemma.training.config import (
+    RunConfig, _build, apply_override, flatten, format_value, key_origins, read_config_file,
+)
 from megatron_bdgemma.training.run_dir import locate_checkpoint, save_root
 
 # Keys whose change makes a resumed run differ from the uninterrupted one: which samples, in which order, under
@@ -64,18 +67,36 @@ def read_training_extra(path: str | Path, flag: str) -> dict[str, Any]:
     return extra
 
 
-def resume_run_config(load: str | Path, config_path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+def resume_run_config(load: str | Path, config_path: str | Path | None = None, overrides: Sequence[str] = (),
+                      sources: dict[str, str] | None = None) -> RunConfig:
     """The run config that resumes the training run at `load`: the stored one, then the values of the YAML at
     `config_path` (if given), saving into `load`'s run directory, then `overrides` (`section.key=value`; only
-    these can move `checkpoint.save`)."""
-    values = copy.deepcopy(read_training_extra(load, "--load")["run"])
+    these can move `checkpoint.save`).
+
+    `sources`: when given, filled with where each dotted key's value came from: `checkpoint` (the stored run
+    config), `yaml`, `--load` or `override`, with the stored value beside a value that changes it."""
+    stored = read_training_extra(load, "--load")["run"]
+    values = copy.deepcopy(stored)
+    layers = [("checkpoint", stored)]
     if config_path is not None:
-        _merge(values, read_config_file(config_path))
-    values.setdefault("checkpoint", {}).update(save=str(save_root(load)), load=str(load), init_from=None)
+        layers.append(("yaml", read_config_file(config_path)))
+        _merge(values, layers[-1][1])
+    layers.append(("--load", {"checkpoint": dict(save=str(save_root(load)), load=str(load), init_from=None)}))
+    values.setdefault("checkpoint", {}).update(layers[-1][1]["checkpoint"])
     for override in overrides:
         apply_override(values, override)
+        layers.append(("override", {}))
+        apply_override(layers[-1][1], override)
     values["checkpoint"]["load"] = str(load)
-    return _build(RunConfig, values, "")
+    layers.append(("--load", {"checkpoint": {"load": str(load)}}))
+    run = _build(RunConfig, values, "")
+    if sources is not None:
+        sources.update(key_origins(layers))
+        old = flatten(stored, keep_empty=True)
+        for key, value in flatten(run.to_dict(), keep_empty=True).items():
+            if key in old and old[key] != value and not key.startswith(_NOT_COMPARED):
+                sources[key] += f" (checkpoint: {format_value(old[key])})"
+    return run
 
 
 def check_resume(run: RunConfig, stored: dict[str, Any], step: int) -> list[str]:
@@ -84,7 +105,7 @@ def check_resume(run: RunConfig, stored: dict[str, Any], step: int) -> list[str]
     Returns one line per changed value (`key: old → new`, saying so where the schedule is rebuilt); raises
     ValueError listing the changes that break exact resume, or naming a `train.steps` the run is already past.
     """
-    old, new = _flatten(stored), _flatten(run.to_dict())
+    old, new = flatten(stored), flatten(run.to_dict())
     changed = [key for key in sorted(old.keys() | new.keys())
                if not key.startswith(_NOT_COMPARED) and old.get(key) != new.get(key)]
     refused = [key for key in changed if key.startswith(BREAKS_EXACT_RESUME)
@@ -110,13 +131,3 @@ def _merge(into: dict[str, Any], given: dict[str, Any]) -> None:
             _merge(into[key], value)
         else:
             into[key] = value
-
-
-def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat |= _flatten(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

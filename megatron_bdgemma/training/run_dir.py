@@ -3,9 +3,11 @@ it, `latest`, and pruning. Every decision about what may be written there is mad
 
     run.json            the owner record: the run's id and each start of it (time, host, pid, command, launcher job)
     run.lock            locked by the live run's rank 0 for the life of its process
-    iter_0000020/       complete checkpoints
+    run_config.yaml     the resolved run config of the latest start (`--config` reads it back)
+    iter_0000020/       complete checkpoints, each with the run_config.yaml it was trained with
     iter_0000040.tmp/   a save in progress (or one a crash tore)
     latest              "iter_0000040", written after the rename
+    latest_checkpointed_iteration.txt   "40": the same, in Megatron-LM's form (its tools look for this file)
 
 The record is written when a run starts, independently of `latest`, so a directory whose `latest` was deleted, or
 whose run stopped before its first save, still says whose it is. Which start is the same run:
@@ -46,9 +48,14 @@ from typing import IO, Any
 
 import torch.distributed as dist
 
+from megatron_bdgemma.training.config import config_yaml
+
 LATEST = "latest"
+MEGATRON_TRACKER = "latest_checkpointed_iteration.txt"
+"""Megatron-LM's `latest`: the newest checkpoint's iteration as plain text (`get_checkpoint_tracker_filename`)."""
 OWNER = "run.json"
 LOCK = "run.lock"
+RUN_CONFIG = "run_config.yaml"
 STAGING = ".tmp"
 
 
@@ -121,15 +128,17 @@ def save_root(path: str | Path) -> Path:
     return path.parent if (path / "metadata.json").is_file() and not (path / LATEST).is_file() else path
 
 
-def publish(root: Path, staging: Path, keep_last: int) -> Path:
-    """Make the complete save `staging` (`iter_N.tmp`) the run's newest checkpoint: rename it to `iter_N`, point
-    `latest` at it (atomically), then keep the newest `keep_last` checkpoints up to it. Rank 0 only."""
+def publish(root: Path, staging: Path, keep_last: int, run_config: dict[str, Any] | None = None) -> Path:
+    """Make the complete save `staging` (`iter_N.tmp`) the run's newest checkpoint: write `run_config` (the run
+    config it was trained with, if given) into it, rename it to `iter_N`, point `latest` and Megatron-LM's tracker
+    file at it (each atomically), then keep the newest `keep_last` checkpoints up to it. Rank 0 only."""
+    if run_config is not None:  # before the rename: a checkpoint is never without it
+        write_run_config(staging, run_config)
     final = staging.with_name(staging.name.removesuffix(STAGING))
     shutil.rmtree(final, ignore_errors=True)  # an earlier save of this step that `latest` no longer names
     staging.rename(final)
-    marker = root / (LATEST + STAGING)
-    marker.write_text(final.name)
-    os.replace(marker, root / LATEST)
+    _write_atomically(root / LATEST, final.name)
+    _write_atomically(root / MEGATRON_TRACKER, str(int(final.name.removeprefix("iter_"))))
     # Prune only this run's past: a later-numbered checkpoint (left when a resume went back to an earlier step) is
     # not the past of the one just written and must never push it out.
     earlier = [p for p in complete_checkpoints(root) if p.name <= final.name]
@@ -156,16 +165,18 @@ class RunDirectory:
             self.lock = None
 
 
-def claim_run_directory(root: str | Path, resuming: str | Path | None = None) -> RunDirectory | None:
+def claim_run_directory(root: str | Path, resuming: str | Path | None = None,
+                        run_config: dict[str, Any] | None = None) -> RunDirectory | None:
     """Take `root` for this run on rank 0 (see the module docstring for what is refused); every rank raises the same
     RunDirectoryError when it is refused. Returns the held directory on rank 0, None on the other ranks.
 
-    `resuming`: the checkpoint path this run resumes (`checkpoint.load`), or None for a new run."""
+    `resuming`: the checkpoint path this run resumes (`checkpoint.load`), or None for a new run. `run_config`: this
+    start's resolved run config (`RunConfig.to_dict`), written as `run_config.yaml`."""
     distributed = dist.is_initialized() and dist.get_world_size() > 1
     held, outcome = None, [None]
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
-            held = claim(root, resuming)
+            held = claim(root, resuming, run_config)
         except Exception as error:  # every rank raises it, so none waits for the others at the next collective
             outcome = [error]
     if distributed:
@@ -175,9 +186,10 @@ def claim_run_directory(root: str | Path, resuming: str | Path | None = None) ->
     return held
 
 
-def claim(root: str | Path, resuming: str | Path | None = None) -> RunDirectory:
-    """Lock `root`, check that this run may write there, remove the partial saves of its own run and record this
-    start. One process (rank 0) claims for the whole run."""
+def claim(root: str | Path, resuming: str | Path | None = None,
+          run_config: dict[str, Any] | None = None) -> RunDirectory:
+    """Lock `root`, check that this run may write there, remove the partial saves of its own run, record this
+    start and write its `run_config` (if given). One process (rank 0) claims for the whole run."""
     root = Path(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -208,7 +220,9 @@ def claim(root: str | Path, resuming: str | Path | None = None) -> RunDirectory:
             shutil.rmtree(partial)
         record = record or {"run_id": uuid.uuid4().hex[:12], "starts": []}
         record["starts"].append(_this_start(resuming))
-        _write_record(root, record)
+        _write_atomically(root / OWNER, json.dumps(record, indent=1) + "\n")
+        if run_config is not None:
+            write_run_config(root, run_config)
     except BaseException:
         if lock is not None:
             lock.close()
@@ -298,8 +312,14 @@ def _read_record(root: Path) -> dict[str, Any] | None:
     return record
 
 
-def _write_record(root: Path, record: dict[str, Any]) -> None:
-    staging = root / (OWNER + STAGING)
-    staging.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(staging, root / OWNER)
+def write_run_config(directory: Path, run_config: dict[str, Any]) -> None:
+    """`run_config` (`RunConfig.to_dict`) as `directory/run_config.yaml`, readable and loadable with `--config`."""
+    _write_atomically(directory / RUN_CONFIG, config_yaml(run_config))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Replace `path` by `text` so that a reader sees the old file or the new one, never part of it."""
+    staging = path.with_name(path.name + STAGING)
+    staging.write_text(text)
+    os.replace(staging, path)
 

@@ -81,6 +81,15 @@ class RunStopped(SystemExit):
         self.signal_name, self.step = signal_name, step
 
 
+class RunFinished(SystemExit):
+    """Ends the process with status 0 before anything is built when the run a resume continues is already at its
+    `train.steps` (rank 0 has printed its line): nothing to train, and nothing to sample that the run has not."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(0)
+        self.step = step
+
+
 @dataclass(frozen=True)
 class Verdict:
     """What every rank does after the step's check."""

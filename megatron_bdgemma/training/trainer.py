@@ -41,7 +41,7 @@ from megatron_bdgemma.training.data import StepData, build_step_data
 from megatron_bdgemma.training.metrics import MetricsLogger, model_flops_per_step
 from megatron_bdgemma.training.resume import check_resume, read_checkpoint_extra, read_training_extra
 from megatron_bdgemma.training.run_dir import RunDirectory, claim_run_directory
-from megatron_bdgemma.training.stopping import RunStopped, StopCheck, Verdict
+from megatron_bdgemma.training.stopping import RunFinished, RunStopped, StopCheck, Verdict
 
 
 @dataclass
@@ -137,14 +137,21 @@ def setup(run: RunConfig) -> TrainState:
     run.validate(dist.get_world_size())
     if run.checkpoint.load:
         extra = read_training_extra(run.checkpoint.load, "checkpoint.load")
-        changes = check_resume(run, extra["run"], int(extra["step"]))
+        step = int(extra["step"])
+        changes = check_resume(run, extra["run"], step)  # refuses a train.steps before `step`
+        if step == run.train.steps:
+            if dist.get_rank() == 0:
+                print(f"run already at step {step} of {step} ({run.checkpoint.load}): nothing to train; give "
+                      f"train.steps > {step} to continue it", flush=True)
+            raise RunFinished(step)
         if changes and dist.get_rank() == 0:
             print(f"resuming {run.checkpoint.load} with changes to its run config:\n  " + "\n  ".join(changes), flush=True)
     elif run.checkpoint.init_from:
         read_checkpoint_extra(run.checkpoint.init_from, "checkpoint.init_from")  # named before anything is built
     if run.train.fp8 and not torch.cuda.is_available():
         raise ValueError("train.fp8 needs a GPU with Transformer Engine; this machine has no CUDA device")
-    run_dir = claim_run_directory(run.checkpoint.save, run.checkpoint.load) if run.checkpoint.save else None
+    run_dir = (claim_run_directory(run.checkpoint.save, run.checkpoint.load, run.to_dict()) if run.checkpoint.save
+               else None)
     try:
         state = _build(run)
     except BaseException:
@@ -390,7 +397,8 @@ def train(run: RunConfig) -> list[dict[str, float]]:
     """Run (or resume) training; returns the per-step metrics of this process (for tests and scripts), with the
     held-out losses on the steps that evaluate.
 
-    Stops early (`training/stopping.py`): on SIGTERM, SIGINT or SIGUSR1 after finishing the current step, saving it
+    A resumed run already at its `train.steps` says so and ends the process with status 0 (`RunFinished`). Stops
+    early (`training/stopping.py`): on SIGTERM, SIGINT or SIGUSR1 after finishing the current step, saving it
     and printing one line on rank 0, by raising `RunStopped` (a `SystemExit` with status `EXIT_STOPPED`); on a
     non-finite loss or gradient by raising `NonFiniteError` before the update (after `train.skip_nonfinite_steps`
     skipped steps)."""
