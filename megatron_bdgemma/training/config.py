@@ -155,6 +155,9 @@ class CheckpointSection:
 @dataclass
 class LoggingSection:
     tensorboard_dir: str | None = None
+    wandb_project: str | None = None
+    """Log the metrics rows' scalars to this Weights & Biases project too (needs the wandb package; WANDB_ENTITY
+    and WANDB_MODE=offline as wandb reads them); a resumed run continues the W&B run of its run directory."""
 
 
 @dataclass

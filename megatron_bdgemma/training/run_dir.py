@@ -6,6 +6,7 @@ it, `latest`, and pruning. Every decision about what may be written there is mad
     iter_0000020/       complete checkpoints
     iter_0000040.tmp/   a save in progress (or one a crash tore)
     latest              "iter_0000040", written after the rename
+    metrics.jsonl       a row per log step and evaluation (`training/metrics.py`), continued by a resumed run
 
 The record is written when a run starts, independently of `latest`, so a directory whose `latest` was deleted, or
 whose run stopped before its first save, still says whose it is. Which start is the same run:
@@ -50,6 +51,7 @@ LATEST = "latest"
 OWNER = "run.json"
 LOCK = "run.lock"
 STAGING = ".tmp"
+METRICS = "metrics.jsonl"
 
 
 class RunDirectoryError(ValueError):
