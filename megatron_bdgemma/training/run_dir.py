@@ -45,8 +45,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
-import torch.distributed as dist
-
 LATEST = "latest"
 OWNER = "run.json"
 LOCK = "run.lock"
@@ -163,6 +161,8 @@ def claim_run_directory(root: str | Path, resuming: str | Path | None = None) ->
     RunDirectoryError when it is refused. Returns the held directory on rank 0, None on the other ranks.
 
     `resuming`: the checkpoint path this run resumes (`checkpoint.load`), or None for a new run."""
+    import torch.distributed as dist  # here, so that reading a run directory's names (tools) does not import torch
+
     distributed = dist.is_initialized() and dist.get_world_size() > 1
     held, outcome = None, [None]
     if not dist.is_initialized() or dist.get_rank() == 0:
