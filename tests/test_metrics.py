@@ -227,9 +227,10 @@ def fake_backends(monkeypatch) -> dict[str, list]:
 def test_resumed_run_continues_the_metrics_file_as_one_uninterrupted_run(tmp_path, model_parallel, fake_backends,
                                                                         capsys):
     """6 steps, a row every 4 and at the end, eval every 3, checkpoints at 2, 4, 6. As if the run died after writing
-    step 6's rows (and half a line of step 7's) but before its checkpoint: `latest` back on step 4. The resume
-    (first step 5: a progress line, no row) leaves the file equal, bit for bit in its deterministic fields, to the
-    uninterrupted run's; TensorBoard got each row's scalars; the W&B run of the directory is continued."""
+    step 6's rows (and half a line of step 7's, which the plot leaves out) but before its checkpoint: `latest` back
+    on step 4. The resume (first step 5: a progress line, no row) leaves the file equal, bit for bit in its
+    deterministic fields, to the uninterrupted run's; TensorBoard got each row's scalars; the W&B run of the
+    directory is continued."""
     from megatron_bdgemma.training.resume import resume_run_config
     from megatron_bdgemma.training.trainer import train
 
@@ -249,6 +250,8 @@ def test_resumed_run_continues_the_metrics_file_as_one_uninterrupted_run(tmp_pat
     (root / "latest").write_text("iter_0000004")
     with (root / "metrics.jsonl").open("a") as torn:
         torn.write('{"step": 7, "diffusion": 4.')
+    assert _plot_tool().read_rows(root / "metrics.jsonl") == uninterrupted, "the plot leaves the cut row out"
+    assert capsys.readouterr().err == f"warning: {root / 'metrics.jsonl'}:6: the last row is cut short; left out\n"
     train(resume_run_config(str(root), None, []))
     resumed = _rows(root / "metrics.jsonl")
     assert [{k: v for k, v in r.items() if k in DETERMINISTIC} for r in resumed] == \

@@ -67,14 +67,19 @@ def metrics_file(run: str | Path) -> Path:
 
 
 def read_rows(path: Path) -> list[dict]:
-    """The rows of a metrics file; a line that is not a JSON object with a step is named with its line number."""
+    """The rows of a metrics file; a line that is not a JSON object with a step is named with its line number, except
+    a last line cut short (a run killed while writing it), which is left out with a warning."""
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
+            if number == len(lines):
+                print(f"warning: {path}:{number}: the last row is cut short; left out", file=sys.stderr, flush=True)
+                break
             raise ValueError(f"{path}:{number}: not a JSON row ({error.msg})") from None
         if not isinstance(row, dict) or not isinstance(row.get("step"), int):
             raise ValueError(f"{path}:{number}: a metrics row is a JSON object with an integer step, got {line[:80]!r}")
