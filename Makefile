@@ -22,6 +22,7 @@ DEMO_RUN := runs/tiny_pretrain
 demo: setup
 	rm -rf $(DEMO_RUN)
 	$(PY) examples/pretrain_bdgemma.py checkpoint.save=$(DEMO_RUN)
+	$(PY) tools/plot_metrics.py $(DEMO_RUN)
 
 test: setup
 	$(PY) -m pytest -q tests

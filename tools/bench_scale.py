@@ -22,9 +22,9 @@ after `--warmup`):
 
 Model FLOPs are `training_step_flops` (megatron_bdgemma/training/metrics.py): every matmul of the three passes
 and the backward, attention counted over the query-key pairs the masks allow (the work any exact kernel must do).
-MFU = model TFLOP/s / the card's dense bf16 peak (table below; `--peak-tflops` overrides; FP8 runs are measured
-against the bf16 peak too). On CPU the sides run single-threaded and ratios use process CPU time (wall beside);
-on GPU, wall time between synchronisations. Peak memory: `torch.cuda.max_memory_allocated` per variant (GPU),
+MFU = model TFLOP/s / the card's dense bf16 peak (the table in megatron_bdgemma/training/metrics.py; `--peak-tflops`
+overrides; FP8 runs are measured against the bf16 peak too). On CPU the sides run single-threaded and ratios use
+process CPU time (wall beside); on GPU, wall time between synchronisations. Peak memory: `torch.cuda.max_memory_allocated` per variant (GPU),
 resident high-water mark above the start (CPU). The last line is machine-readable:
 
     RESULT step_s=... model_tflop=... model_tflops=... mfu=... diffusion_over_ar=... flop_ratio=... peak_mem_gib=...
@@ -76,26 +76,15 @@ from bench_train import hf_training_step, measure, round_order, set_timing_threa
 
 from megatron_bdgemma.runtime.cli import entry_point  # noqa: E402
 
-# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from the vendors' datasheets, matched on the device name.
-BF16_PEAK_TFLOPS = [
-    ("H200", 989.4),
-    ("H100 NVL", 835.0),
-    ("H100 PCIe", 756.0),
-    ("H100", 989.4),
-    ("GH200", 989.4),
-    ("B200", 2250.0),
-    ("A100", 312.0),
-    ("L40S", 362.1),
-]
-
 
 def peak_tflops(device: torch.device, override: float | None) -> float | None:
     if override is not None:
         return override
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in BF16_PEAK_TFLOPS if key in name), None)
+    from megatron_bdgemma.training.metrics import bf16_peak_tflops
+
+    return bf16_peak_tflops(torch.cuda.get_device_name(device))
 
 
 def model_config(args: argparse.Namespace, device: torch.device):

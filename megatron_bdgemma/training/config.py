@@ -214,6 +214,9 @@ class LoggingSection:
 
     tensorboard_dir: str | None = None
     """Write TensorBoard scalars here (needs the `tensorboard` package; None = off)."""
+    wandb_project: str | None = None
+    """Log the metrics rows' scalars to this Weights & Biases project too (needs the wandb package; WANDB_ENTITY
+    and WANDB_MODE=offline as wandb reads them); a resumed run continues the W&B run of its run directory."""
 
 
 @dataclass

@@ -1,14 +1,61 @@
-"""Progress lines, TensorBoard scalars and the model-FLOP count of a block-diffusion training step."""
+"""What a run reports: the progress line, `metrics.jsonl` in its run directory, TensorBoard and Weights & Biases
+scalars, and the model-FLOP count of a block-diffusion training step behind its TFLOP/s and MFU.
+
+`metrics.jsonl` (rank 0, in `checkpoint.save`; none without it) holds one JSON object per line: a training row at
+step 1, every `train.log_interval` steps, the last step and every skipped step, and an evaluation row after each
+evaluation. Every field is a number, or absent (a non-finite loss or gradient norm of a skipped step, the MFU on a
+CPU or an unknown card), never null; `device`, the GPU's name, is the one string.
+
+    training row:   step, diffusion, ar, lr, grad_norm, tokens_per_s, ms_per_step, consumed_samples,
+                    consumed_tokens, peak_memory_gib, model_tflops_per_rank, mfu, device, skipped (1 when skipped)
+    evaluation row: step, eval_diffusion, eval_ar, consumed_samples, consumed_tokens
+
+Rates (`tokens_per_s`, `ms_per_step`, TFLOP/s, MFU) are over the steps since the previous row or progress line,
+timed around the training step alone (evaluation and checkpoint saves excluded, as Megatron-LM's interval timer
+does). Tokens are the data tokens read (every non-pad position of the samples, all data-parallel ranks); the canvas
+is made from them, and its compute is in the model TFLOP/s. Peak memory is `torch.cuda.max_memory_allocated` on a
+GPU and the process's peak resident set size on a CPU, both since the process started.
+
+A resumed run continues the file of the run it resumes: rows after the checkpoint's step, which a run that crashed
+or stopped wrote before its next checkpoint, are dropped as the run starts, so the file holds the step sequence of
+one uninterrupted run.
+"""
 
 from __future__ import annotations
 
-import time
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from megatron_bdgemma.config import FULL, BDGemmaConfig
 from megatron_bdgemma.training.config import RunConfig
+from megatron_bdgemma.training.run_dir import METRICS, STAGING, save_root
+
+BF16_PEAK_TFLOPS = [
+    ("H200", 989.4),
+    ("H100 NVL", 835.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.4),
+    ("GH200", 989.4),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("L40S", 362.1),
+]
+"""Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from the vendors' datasheets, matched in this order as a
+substring of the CUDA device name (`NVIDIA H100 80GB HBM3` is the SXM card)."""
+
+STEP_TIMES_KEPT = 100
+"""The ETA is the median of the last this many step times (the process's first step, which pays start-up, excluded)."""
 
 
 def active_params_per_token(config: BDGemmaConfig) -> int:
@@ -109,58 +156,203 @@ def model_flops_per_step(config: BDGemmaConfig, run: RunConfig) -> float:
     return per_row.total * run.train.global_batch_size
 
 
-class MetricsLogger:
-    """Rank 0 prints a progress line per `log_interval` and writes TensorBoard scalars when configured."""
+def bf16_peak_tflops(device_name: str) -> float | None:
+    """The dense bf16 peak of the card named `device_name` (`torch.cuda.get_device_name`), None when unknown."""
+    return next((peak for key, peak in BF16_PEAK_TFLOPS if key in device_name), None)
 
-    def __init__(self, run: RunConfig, flops_per_step: float) -> None:
-        self.run, self.flops_per_step = run, flops_per_step
+
+def peak_memory_gib() -> float:
+    """This process's peak memory since it started: CUDA's max allocated on a GPU, peak resident set size on a CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak * (1 if sys.platform == "darwin" else 1024) / 2**30
+
+
+def require_logging_backends(run: RunConfig) -> None:
+    """Raise a named ValueError when a configured logging backend is not installed. Every rank calls it before
+    anything is built, so a missing package ends the run at once instead of after set-up."""
+    wanted = [
+        ("logging.tensorboard_dir", run.logging.tensorboard_dir, "TensorBoard", "'megatron_bdgemma[tensorboard]'"),
+        ("logging.wandb_project", run.logging.wandb_project, "the wandb package", "'megatron_bdgemma[wandb]'"),
+    ]
+    for key, value, package, install in wanted:
+        if not value:
+            continue
+        try:
+            _import_backend(key)
+        except ImportError as error:
+            raise ValueError(f"{key}={value} is set but {package} is not installed ({error}): pip install {install}, "
+                             f"or set {key}=null") from None
+
+
+def _import_backend(key: str) -> Any:
+    """The module a logging key writes through: `wandb`, or TensorBoard's `SummaryWriter` by way of torch."""
+    if key == "logging.wandb_project":
+        import wandb
+
+        return wandb
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter
+
+
+class MetricsLogger:
+    """Rank 0's report of a run (see the module docstring): progress lines, `metrics.jsonl`, TensorBoard and W&B.
+
+    Args:
+        run: the run config.
+        flops_per_step: model FLOPs of one global batch (`model_flops_per_step`).
+        start_step: the step the run starts after (0, or the resumed checkpoint's).
+        run_id: the run directory's id (`training/run_dir.py`): a resumed run continues the same W&B run.
+    """
+
+    def __init__(self, run: RunConfig, flops_per_step: float, start_step: int = 0, run_id: str | None = None) -> None:
+        self.run, self.flops_per_step, self.start_step = run, flops_per_step, start_step
         self.rank0 = not dist.is_initialized() or dist.get_rank() == 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
-        self.start = self.last = time.perf_counter()
-        self.start_step: int | None = None
-        self.tokens = 0
-        self.writer = None
-        if self.rank0 and run.logging.tensorboard_dir:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as error:
-                raise ImportError(
-                    "logging.tensorboard_dir is set but TensorBoard is not installed: pip install 'megatron_bdgemma[tensorboard]'"
-                ) from error
-
-            self.writer = SummaryWriter(run.logging.tensorboard_dir)
+        self.device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+        self.peak_tflops = bf16_peak_tflops(self.device) if self.device else None
+        self.step_times: deque[float] = deque(maxlen=STEP_TIMES_KEPT)
+        self.interval_steps, self.interval_seconds, self.interval_tokens = 0, 0.0, 0
+        self.consumed_tokens: int | None = None
+        self.file = self.tensorboard = self.wandb = None
+        if not self.rank0:
+            return
+        save = run.checkpoint.save
+        if save:
+            self.file = _continue_file(Path(save) / METRICS, run.checkpoint.load, start_step)
+            self.info(f"metrics: {self.file.name}")
+        else:
+            self.info("metrics: no metrics.jsonl (it is written into checkpoint.save, which is not set)")
+        if self.device:
+            self.info(f"MFU against {self.device}'s dense bf16 peak of {self.peak_tflops} TFLOP/s" if self.peak_tflops
+                      else f"MFU not reported: {self.device} is not in the table of bf16 peaks (training/metrics.py)")
+        if run.logging.tensorboard_dir:
+            self.tensorboard = _import_backend("logging.tensorboard_dir")(run.logging.tensorboard_dir)
+            self.info(f"tensorboard: writing to {run.logging.tensorboard_dir} (view with: tensorboard --logdir "
+                      f"{run.logging.tensorboard_dir})")
+        if run.logging.wandb_project:
+            self.wandb = _import_backend("logging.wandb_project").init(
+                project=run.logging.wandb_project, name=Path(save).name if save else None, id=run_id,
+                resume="allow" if run_id else None, dir=save, config=run.to_dict(),
+            )
+            self.info(f"wandb: logging to project {run.logging.wandb_project}"
+                      + (f", run id {run_id} (a resumed run continues it)" if run_id else ""))
 
     def info(self, message: str) -> None:
         if self.rank0:
             print(message, flush=True)
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
-        if self.start_step is None:
-            self.start_step = step - 1
-        self.tokens += metrics["tokens"]
-        if self.writer:
-            for key in ("diffusion", "ar", "grad_norm", "lr"):
-                self.writer.add_scalar(f"train/{key}", metrics[key], step)
-        interval = self.run.train.log_interval
-        if not (step % interval == 0 or step == self.run.train.steps or step == self.start_step + 1):
+        """Account for `step` (`train_step`'s metrics: losses, lr, grad_norm, tokens, seconds, consumed_tokens,
+        skipped); print the progress line and write the row when it is due."""
+        self.interval_steps += 1
+        self.interval_seconds += metrics["seconds"]
+        self.interval_tokens += metrics["tokens"]
+        first = step == self.start_step + 1
+        if not first:
+            self.step_times.append(metrics["seconds"])
+        self.consumed_tokens = metrics.get("consumed_tokens")
+        skipped = bool(metrics.get("skipped"))
+        steps = self.run.train.steps
+        due = step == 1 or step % self.run.train.log_interval == 0 or step == steps
+        if not (due or skipped or first):
             return
-        now = time.perf_counter()
-        done = step - self.start_step
-        per_step = (now - self.start) / done
-        tflops = self.flops_per_step / per_step / self.world / 1e12
-        eta = per_step * (self.run.train.steps - step)
+        seconds = self.interval_seconds / self.interval_steps
+        tflops = self.flops_per_step / seconds / self.world / 1e12
+        row = _numbers(
+            step=step, diffusion=metrics["diffusion"], ar=metrics["ar"], lr=metrics["lr"],
+            grad_norm=metrics["grad_norm"],
+            tokens_per_s=self.interval_tokens / self.interval_seconds, ms_per_step=1000 * seconds,
+            consumed_samples=step * self.run.train.global_batch_size, consumed_tokens=self.consumed_tokens,
+            peak_memory_gib=peak_memory_gib(), model_tflops_per_rank=tflops,
+            mfu=tflops / self.peak_tflops if self.peak_tflops else None, skipped=1 if skipped else None,
+        )
+        if self.device:
+            row["device"] = self.device
+        self.interval_steps, self.interval_seconds, self.interval_tokens = 0, 0.0, 0
+        if due or skipped:  # not the first step of a resumed process: an uninterrupted run has no row there
+            self._write(row)
+        if skipped:
+            return  # the trainer prints the skip in its own line
+        eta = f" | ETA {_duration(statistics.median(self.step_times) * (steps - step))}" if self.step_times else ""
+        mfu = f" ({row['mfu']:.1%} MFU)" if "mfu" in row else ""
         self.info(
-            f"step {step:5d}/{self.run.train.steps} | diffusion {metrics['diffusion']:.4f} | ar {metrics['ar']:.4f} | "
-            f"lr {metrics['lr']:.2e} | grad norm {metrics['grad_norm']:.3f} | "
-            f"{self.tokens / (now - self.start):,.0f} tok/s | {tflops:.3f} model TFLOP/s/rank | ETA {eta:.0f}s"
+            f"step {step:5d}/{steps} | diffusion {metrics['diffusion']:.4f} | ar {metrics['ar']:.4f} | "
+            f"lr {metrics['lr']:.2e} | grad norm {metrics['grad_norm']:.3f} | {row['tokens_per_s']:,.0f} tok/s | "
+            f"{row['ms_per_step']:,.0f} ms/step | {tflops:.3f} model TFLOP/s/rank{mfu} | "
+            f"peak mem {row['peak_memory_gib']:.2f} GiB{eta}"
         )
 
     def log_eval(self, step: int, metrics: dict[str, float]) -> None:
         self.info(f"eval  {step:5d} | diffusion {metrics['eval_diffusion']:.4f} | ar {metrics['eval_ar']:.4f}")
-        if self.writer:
-            for key, value in metrics.items():
-                self.writer.add_scalar(f"eval/{key}", value, step)
+        self._write(_numbers(step=step, eval_diffusion=metrics["eval_diffusion"], eval_ar=metrics["eval_ar"],
+                             consumed_samples=step * self.run.train.global_batch_size,
+                             consumed_tokens=self.consumed_tokens))
+
+    def _write(self, row: dict[str, Any]) -> None:
+        """Append `row` to the metrics file and send its numbers to TensorBoard and W&B (rank 0)."""
+        if not self.rank0:
+            return
+        if self.file:
+            self.file.write(json.dumps(row) + "\n")
+        scalars = scalar_tags(row)
+        if self.tensorboard:
+            for tag, value in scalars.items():
+                self.tensorboard.add_scalar(tag, value, row["step"])
+        if self.wandb:
+            self.wandb.log(scalars, step=row["step"])
 
     def close(self) -> None:
-        if self.writer:
-            self.writer.close()
+        for sink in (self.file, self.tensorboard):
+            if sink:
+                sink.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def scalar_tags(row: dict[str, Any]) -> dict[str, float]:
+    """A metrics row as TensorBoard / W&B scalars: `train/<field>` for a training row, `eval/<loss>` for an
+    evaluation row (whose consumed counts the training rows already carry)."""
+    if "eval_diffusion" in row:
+        return {f"eval/{key.removeprefix('eval_')}": value for key, value in row.items() if key.startswith("eval_")}
+    return {f"train/{key}": value for key, value in row.items() if key not in ("step", "device")}
+
+
+def _numbers(**fields: float | None) -> dict[str, float]:
+    """The fields that are finite numbers: a metrics row never holds null, NaN or infinity."""
+    return {key: value for key, value in fields.items() if value is not None and math.isfinite(value)}
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
+
+
+def _continue_file(path: Path, resumed_from: str | None, start_step: int):
+    """Open `path` for appending with the rows of steps up to `start_step` of the run this one continues (the file in
+    the resumed checkpoint's run directory, or `path` itself) and nothing after: a row of a later step was written by
+    a run that crashed or stopped before its next checkpoint, and this run writes that step again."""
+    source = save_root(resumed_from) / METRICS if resumed_from else path
+    kept = []
+    if source.is_file():
+        for number, line in enumerate(source.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # only a line a killed run was writing; its step is written again
+                print(f"warning: {source}:{number} is not a JSON row (cut short?); dropped", file=sys.stderr,
+                      flush=True)
+                continue
+            if row["step"] <= start_step:
+                kept.append(line + "\n")
+    staging = path.with_name(path.name + STAGING)
+    staging.write_text("".join(kept))
+    os.replace(staging, path)
+    return path.open("a", buffering=1)  # line-buffered: each row is on disk when written

@@ -8,6 +8,7 @@ it, `latest`, and pruning. Every decision about what may be written there is mad
     iter_0000040.tmp/   a save in progress (or one a crash tore)
     latest              "iter_0000040", written after the rename
     latest_checkpointed_iteration.txt   "40": the same, in Megatron-LM's form (its tools look for this file)
+    metrics.jsonl       a row per log step and evaluation (`training/metrics.py`), continued by a resumed run
 
 The record is written when a run starts, independently of `latest`, so a directory whose `latest` was deleted, or
 whose run stopped before its first save, still says whose it is. Which start is the same run:
@@ -46,8 +47,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
-import torch.distributed as dist
-
 from megatron_bdgemma.training.config import config_yaml
 
 LATEST = "latest"
@@ -57,6 +56,7 @@ OWNER = "run.json"
 LOCK = "run.lock"
 RUN_CONFIG = "run_config.yaml"
 STAGING = ".tmp"
+METRICS = "metrics.jsonl"
 
 
 class RunDirectoryError(ValueError):
@@ -172,6 +172,8 @@ def claim_run_directory(root: str | Path, resuming: str | Path | None = None,
 
     `resuming`: the checkpoint path this run resumes (`checkpoint.load`), or None for a new run. `run_config`: this
     start's resolved run config (`RunConfig.to_dict`), written as `run_config.yaml`."""
+    import torch.distributed as dist  # here, so that reading a run directory's names (tools) does not import torch
+
     distributed = dist.is_initialized() and dist.get_world_size() > 1
     held, outcome = None, [None]
     if not dist.is_initialized() or dist.get_rank() == 0:

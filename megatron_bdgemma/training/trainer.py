@@ -15,6 +15,7 @@ One step reads like a list (torchtitan's `train_step`):
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -38,7 +39,7 @@ from megatron_bdgemma.spec import Backend
 from megatron_bdgemma.training.checkpointing import load_checkpoint, save_checkpoint
 from megatron_bdgemma.training.config import ModelSection, RunConfig
 from megatron_bdgemma.training.data import StepData, build_step_data
-from megatron_bdgemma.training.metrics import MetricsLogger, model_flops_per_step
+from megatron_bdgemma.training.metrics import MetricsLogger, model_flops_per_step, require_logging_backends
 from megatron_bdgemma.training.resume import check_resume, read_checkpoint_extra, read_training_extra
 from megatron_bdgemma.training.run_dir import RunDirectory, claim_run_directory
 from megatron_bdgemma.training.stopping import RunFinished, RunStopped, StopCheck, Verdict
@@ -66,6 +67,9 @@ class TrainState:
     """Steps of the run skipped for non-finite values (`train.skip_nonfinite_steps`), kept in its checkpoints."""
     run_dir: RunDirectory | None = None
     """`checkpoint.save`, held (locked) by rank 0 until `release_run_directory`."""
+    consumed_tokens: int | None = 0
+    """Data tokens read by the steps so far, all data-parallel ranks (None: resumed from a checkpoint that predates
+    the count)."""
 
     def release_run_directory(self) -> None:
         if self.run_dir is not None:
@@ -135,6 +139,7 @@ def setup(run: RunConfig) -> TrainState:
     p = run.parallel
     init_distributed(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, vpp=p.vpp, seed=run.train.seed)
     run.validate(dist.get_world_size())
+    require_logging_backends(run)
     if run.checkpoint.load:
         extra = read_training_extra(run.checkpoint.load, "checkpoint.load")
         step = int(extra["step"])
@@ -204,6 +209,7 @@ def _build(run: RunConfig) -> TrainState:
         scheduler.load_state_dict(extra["scheduler"])
         state.step = int(extra["step"])
         state.skipped = list(extra.get("skipped_steps", []))
+        state.consumed_tokens = extra.get("consumed_tokens")
     elif run.checkpoint.init_from:  # weights only; optimizer, schedule and step start fresh
         load_checkpoint(run.checkpoint.init_from, modules)
     return state
@@ -223,12 +229,13 @@ def _microbatches(state: TrainState, step: int, split: str = "train") -> list[Mi
 
 
 def _global_counts(microbatches: list[MicroBatch], device: torch.device) -> torch.Tensor:
-    """[scored canvas tokens, AR pairs] over every micro-batch of every DP rank (known before any forward), the
-    same counts `diffusion_loss` / `ar_loss` return."""
-    counts = torch.zeros(2, dtype=torch.float64, device=device)
+    """[scored canvas tokens, AR pairs, data tokens] over every micro-batch of every DP rank (known before any
+    forward): the counts `diffusion_loss` / `ar_loss` return, and the non-pad positions read (for the metrics)."""
+    counts = torch.zeros(3, dtype=torch.float64, device=device)
     for mb in microbatches:
         counts[0] += mb.noised.scored.sum().item()
         counts[1] += mb.batch.ar_loss_mask.sum().item()
+        counts[2] += mb.batch.encoder_valid.sum().item()
     dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
     return counts.clamp(min=1.0)
 
@@ -350,8 +357,10 @@ def _local_grad_norm(state: TrainState) -> torch.Tensor:
 
 
 def train_step(state: TrainState, stop: StopCheck | None = None) -> tuple[dict[str, float], Verdict]:
-    """One step: its metrics (`skipped` for a step skipped for non-finite values) and the stop check's verdict
-    (`stop`: the run's; by default one without signal handling). Raises `NonFiniteError` before any update."""
+    """One step: its metrics (`skipped` for a step skipped for non-finite values; `seconds` it took, `tokens` it
+    read) and the stop check's verdict (`stop`: the run's; by default one without signal handling). Raises
+    `NonFiniteError` before any update."""
+    started = time.perf_counter()
     step = state.step
     stop = stop or StopCheck(state.run.train.skip_nonfinite_steps, state.skipped, state.run.checkpoint.save)
     microbatches = _microbatches(state, step)
@@ -369,10 +378,13 @@ def train_step(state: TrainState, stop: StopCheck | None = None) -> tuple[dict[s
         _, grad_norm, _ = state.optimizer.step()
         state.scheduler.step(increment=1)
     state.step += 1
-    dp = parallel_state.get_data_parallel_world_size()
-    tokens = sum(mb.batch.encoder_valid.sum().item() + mb.noised.canvas_ids.numel() for mb in microbatches)
+    tokens = int(counts[2].item())
+    if state.consumed_tokens is not None:
+        state.consumed_tokens += tokens
+    # The losses' .item() waits for the device, so the time is the step's own (Megatron-LM's interval timer).
     metrics = dict(diffusion=totals[0].item(), ar=totals[1].item(), grad_norm=float(grad_norm),
-                   lr=state.optimizer.param_groups[0]["lr"], tokens=tokens * dp)
+                   lr=state.optimizer.param_groups[0]["lr"], tokens=tokens, consumed_tokens=state.consumed_tokens,
+                   seconds=time.perf_counter() - started)
     return metrics | ({"skipped": True} if verdict.skipped else {}), verdict
 
 
@@ -411,7 +423,8 @@ def train(run: RunConfig) -> list[dict[str, float]]:
 
 def _train(state: TrainState) -> list[dict[str, float]]:
     run = state.run
-    logger = MetricsLogger(run, model_flops_per_step(state.config, run))
+    logger = MetricsLogger(run, model_flops_per_step(state.config, run), state.step,
+                           state.run_dir.run_id if state.run_dir else None)
     history = []
     for chunk in state.model:
         chunk.train()
@@ -423,8 +436,7 @@ def _train(state: TrainState) -> list[dict[str, float]]:
                 if verdict.skipped:
                     logger.info(f"step {state.step}: skipped, non-finite {verdict.skipped}; no update applied "
                                 f"({len(state.skipped)} of train.skip_nonfinite_steps={run.train.skip_nonfinite_steps})")
-                else:
-                    logger.log_step(state.step, metrics)
+                logger.log_step(state.step, metrics)  # a skipped step gets a row (`skipped: 1`), not a progress line
                 if verdict.signal:
                     _stop(state, logger, verdict.signal)
                 if run.train.eval_interval and state.step % run.train.eval_interval == 0:
@@ -444,7 +456,8 @@ def _save(state: TrainState) -> Path:
     run = state.run
     return save_checkpoint(run.checkpoint.save, state.step, [chunk.module for chunk in state.model], state.optimizer,
                            extra=dict(step=state.step, scheduler=state.scheduler.state_dict(), run=run.to_dict(),
-                                      model_config=model_config_to_dict(state.config), skipped_steps=list(state.skipped)),
+                                      model_config=model_config_to_dict(state.config),
+                                      skipped_steps=list(state.skipped), consumed_tokens=state.consumed_tokens),
                            keep_last=run.checkpoint.keep_last, optimizer_format=run.checkpoint.optimizer_format)
 
 
