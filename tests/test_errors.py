@@ -344,8 +344,12 @@ def test_pipeline_parallel_run_ends_with_its_sample(tmp_path):
                 f"checkpoint.save={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}", nproc=2)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
-    assert re.fullmatch(r"sample \(\d+\.\d\d tokens per forward\): 'def .*'", lines[-1]), done.stdout
-    assert lines[-2] == f"saved checkpoint {tmp_path / 'run'}/iter_0000002" and done.stderr.count("error") == 0
+    prompt = re.escape(repr("    def __init__(self, ")[:-1])  # the default prompt, continued
+    assert re.fullmatch(rf"sample \(block diffusion, entropy_bound, seed 1234, \d+\.\d\d tokens per forward\): "
+                        rf"{prompt}.*'", lines[-2]), done.stdout
+    assert re.fullmatch(rf"sample \(AR head of the same weights, temperature 0.7, top-k 10, seed 1234, 1.00 tokens per "
+                        rf"forward\): {prompt}.*'", lines[-1]), done.stdout
+    assert lines[-5] == f"saved checkpoint {tmp_path / 'run'}/iter_0000002" and done.stderr.count("error") == 0
 
 
 def test_sft_run_samples_its_first_prompt(tmp_path, model_parallel, capsys):

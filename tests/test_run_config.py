@@ -91,7 +91,8 @@ def test_a_run_saves_its_config_and_megatron_tracker_and_a_finished_run_says_so(
     for directory in (root, root / "iter_0000002"):
         assert load_run_config(directory / "run_config.yaml").to_dict() == resolved, directory
     assert sorted(p.name for p in root.iterdir()) == [
-        "iter_0000002", "latest", "latest_checkpointed_iteration.txt", "run.json", "run.lock", "run_config.yaml"]
+        "iter_0000002", "latest", "latest_checkpointed_iteration.txt", "metrics.jsonl", "run.json", "run.lock",
+        "run_config.yaml"]
     tracker = (root / "latest_checkpointed_iteration.txt").read_text()
     assert tracker == "2" and (root / "latest").read_text() == "iter_{:07d}".format(int(tracker.strip()))
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from megatron_bdgemma.training.run_dir import (
-    LOCK, MEGATRON_TRACKER, OWNER, RUN_CONFIG, RunDirectoryError, claim, claim_run_directory,
+    LOCK, MEGATRON_TRACKER, METRICS, OWNER, RUN_CONFIG, RunDirectoryError, claim, claim_run_directory,
 )
 from tests.multiproc import run_in_processes
 
@@ -265,7 +265,7 @@ def test_cli_a_full_disk_and_a_read_only_save_are_named(tmp_path, tmpfs, model_p
     assert re.search(rf"no space left on {root} while saving iter_0000002 \([\d.]+ MiB free, the checkpoint needs "
                      rf"[\d.]+ MiB\): removed the partial iter_0000002\.tmp; {root}/iter_0000001 is kept$",
                      _last_line(done)), done.stderr[-3000:]
-    assert _listing(root) == ["iter_0000001", "latest", MEGATRON_TRACKER, OWNER, LOCK, RUN_CONFIG]
+    assert _listing(root) == ["iter_0000001", "latest", MEGATRON_TRACKER, METRICS, OWNER, LOCK, RUN_CONFIG]
     assert read_extra(root)["step"] == 1 and (root / MEGATRON_TRACKER).read_text() == "1"
     load_model(root)
 

@@ -116,7 +116,7 @@ def _iters(root: Path) -> list[str]:
 def test_ctrl_c_stops_after_the_step_saves_and_resumes_bit_for_bit(tmp_path, model_parallel):
     """SIGINT (Ctrl-C), sent again and again until the process has exited, also while its save is written: one line,
     no traceback, exit status 0, the step's checkpoint, no process left (megatron-core's checkpoint writer starts
-    none: `checkpointing._write_results_in_this_process`). The run resumed from it to the end: its losses and final
+    none: `checkpointing.write_results_in_this_process`). The run resumed from it to the end: its losses and final
     checkpoint (every model and optimizer tensor) equal an uninterrupted run's, and it leaves no process either."""
     from megatron_bdgemma.training.trainer import train
 
@@ -289,12 +289,13 @@ def test_nonfinite_on_one_rank_stops_every_rank_before_the_update(tmp_path, mode
                      "saved before it; train.skip_nonfinite_steps=1 already skipped step 2")
 
 
-def test_megatron_checkpoint_writer_still_starts_a_process():
-    """Why `checkpointing._write_results_in_this_process` exists: megatron-core's writer gets its results queue from
+def test_megatron_checkpoint_writer_still_starts_a_process(monkeypatch):
+    """Why `checkpointing.write_results_in_this_process` exists: megatron-core's writer gets its results queue from
     a `multiprocessing.Manager`, a second process. When this fails, megatron no longer does that: drop the workaround."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    assert filesystem_async._results_queue is None
+    # As in a fresh process (a test that saved through megatron-core directly, without the workaround, made one).
+    monkeypatch.setattr(filesystem_async, "_results_queue", None)
     before = {p.pid for p in psutil.Process().children()}
     results = filesystem_async.get_write_results_queue()
     try:
@@ -302,4 +303,3 @@ def test_megatron_checkpoint_writer_still_starts_a_process():
         assert started and "multiprocessing" in " ".join(started[0].cmdline()), started
     finally:
         results._manager.shutdown()
-        filesystem_async._results_queue = None

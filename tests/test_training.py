@@ -105,7 +105,9 @@ def test_exact_resume_with_a_fused_adam_style_optimizer(tmp_path, model_parallel
     full = train(_run(tmp_path, f"checkpoint.save={tmp_path / 'a'}", "checkpoint.interval=3", *options))
     (tmp_path / "a" / "latest").write_text("iter_0000003")
     resume = _run(tmp_path, f"checkpoint.load={tmp_path / 'a'}", f"checkpoint.save={tmp_path / 'b'}", *options)
-    inners = [inner.optimizer for inner in _inner_optimizers(setup(resume).optimizer)]
+    # The resumed optimizer as built (without a save directory: `train(resume)` below claims it).
+    inspected = _run(tmp_path, f"checkpoint.load={tmp_path / 'a'}", "checkpoint.save=null", *options)
+    inners = [inner.optimizer for inner in _inner_optimizers(setup(inspected).optimizer)]
     assert inners and all(isinstance(inner, fused_adam) for inner in inners)
     assert [group["step"] for inner in inners for group in inner.param_groups] == [3] * sum(
         len(inner.param_groups) for inner in inners)

@@ -469,10 +469,13 @@ def save_streaming(out_dir: Path, layout: CheckpointLayout, mappings: list[Mappi
     """Write a `torch_dist` checkpoint of `layout`'s model into the empty `out_dir`, producing groups on demand."""
     from megatron.core import dist_checkpointing
 
+    from megatron_bdgemma.training.checkpointing import write_results_in_this_process
+
     source = _ChunkSource(mappings, layout, produce)
     state = {"model": layout.sharded_state_dict(), "extra": extra}
     try:
-        dist_checkpointing.save(state, str(out_dir), sharded_strategy=_streaming_strategy(source, log))
+        with write_results_in_this_process():
+            dist_checkpointing.save(state, str(out_dir), sharded_strategy=_streaming_strategy(source, log))
     except BaseException:  # torch's CheckpointException is a BaseException
         if source.error is not None:
             raise source.error from None

@@ -201,7 +201,7 @@ def save_checkpoint(
     state["extra"] = extra or {}
     needed = _bytes_to_write(state)
     try:
-        with _write_results_in_this_process():
+        with write_results_in_this_process():
             dist_checkpointing.save(state, str(staging))
     except BaseException as error:  # torch's CheckpointException is a BaseException
         # Whether or not rank 0 has removed the partial save yet, a file system with less free space than the whole
@@ -222,10 +222,11 @@ def save_checkpoint(
 
 
 @contextlib.contextmanager
-def _write_results_in_this_process() -> Iterator[None]:
+def write_results_in_this_process() -> Iterator[None]:
     """Let megatron-core 0.19.2's synchronous save pass its write results through a plain queue of this process.
 
-    Its writer hands them over through `filesystem_async.get_write_results_queue()`, which on first use starts a
+    Every synchronous save of the project runs inside (the trainer's and the HF converter's). Its writer hands them
+    over through `filesystem_async.get_write_results_queue()`, which on first use starts a
     `multiprocessing.Manager` server: a spawned second Python process that imports torch (about 750 MB) and lives as
     long as the trainer, in the trainer's process group. A trainer killed by a signal leaves it running, orphaned; and a
     SIGTERM sent to the whole process group (torchrun's way of stopping a rank, Slurm's) ends it before the stopping
