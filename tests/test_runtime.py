@@ -46,19 +46,20 @@ VOCAB, SEQ, BATCH = 128, 16, 4
 NUM_EXPERTS = 4
 TOL = 1e-5
 """fp32 logits, gradients, losses and grad norms (absolute; values of order 1). Worst measured with the defaults
-(AVX-512) and under AVX2: 3.6e-7 (TP=2 logits); PP=2 step-2 loss 2.4e-7 and grad norm 1.0e-7 (AVX2; 0 with the
-defaults): margins >= 28x."""
+(AVX-512) and under AVX2: 3.6e-7 (TP=2 logits): margins >= 28x. EP=2 and PP=2 (both steps' losses and grad norms)
+measured bit-equal."""
 DP_TOL = 1e-12
 """DP=2 vs one process in float64: step 1's reduced gradients (relative to each tensor's largest magnitude) and the
-parameters after each step (absolute; lr 1e-3). Worst measured 9.3e-16 and 4.6e-15 with the defaults (AVX-512),
-7.3e-16 and 1.0e-15 under AVX2: margins >= 200x. In fp32 the parameters differed by 1.6e-6 after step 1 already
+parameters after each step (absolute; lr 1e-3). Worst measured 1.0e-15 and 2.4e-15 with the defaults (AVX-512),
+1.0e-15 and 1.4e-15 under AVX2: margins >= 400x. In fp32 the parameters differed by 1.6e-6 after step 1 already
 (Adam's first update, g / (|g| + eps), turns fp32 rounding of gradients near eps into a fraction of lr)."""
 DISTOPT_TOL = 1e-6
 """The distributed optimizer, fp32 (megatron refuses float64 parameters there): grad norms relative, parameters
 relative to each tensor's largest magnitude. Against the plain optimizer in the same ranks, the reduced gradients
 are the same sums (a + b over two ranks) and Adam is elementwise: parameters measured bit-equal with the defaults
-and under AVX2; the grad norm, summed over shards in another order, within 4.6e-8 (22x). Step 1's grad norm
-against one process: 0 (AVX-512), 3.5e-8 (AVX2): 28x."""
+and under AVX2 (the clip coefficient, from the grad norm, could move a parameter by an ulp: 6e-8 of the tensor's
+largest entry); the grad norm, summed over shards in another order, within 4.6e-8 (22x). Step 1's grad norm
+against one process: 3.5e-8 (28x), with the defaults and under AVX2."""
 TRAIN_STEPS, MICROBATCHES = 2, 2
 
 
@@ -263,6 +264,8 @@ def worst_difference(actual: dict[str, torch.Tensor], expected: dict[str, torch.
 
 
 def test_data_parallel_training_matches_full_batch(model_parallel, moe_reference, ranks):
+    """DP=2 (each rank half of every micro-batch) against one process on whole micro-batches, in float64: the reduced
+    gradients catch a wrong DDP sum or scale, which Adam's update, invariant to the gradient's scale, would hide."""
     expected = train(moe_reference, [batch(i) for i in range(MICROBATCHES)], dtype=torch.float64)
     for rank, result in enumerate(ranks):
         got = result["dp2_float64"]
@@ -275,6 +278,10 @@ def test_data_parallel_training_matches_full_batch(model_parallel, moe_reference
 
 
 def test_distributed_optimizer_matches_plain_optimizer_and_one_process(model_parallel, moe_reference, ranks):
+    """The distributed optimizer cannot run in float64, and in fp32 Adam's first update already turns rounding into
+    1.6e-6 of the parameters (`DP_TOL`): so it is compared where that noise cannot arise, with the plain optimizer
+    (which the float64 test ties to one process) on the same gradients in the same ranks; and its step-1 grad norm,
+    computed over the ranks' shards, with one process."""
     expected = train(moe_reference, [batch(i) for i in range(MICROBATCHES)], use_distributed_optimizer=True)
     for rank, result in enumerate(ranks):
         got, plain = result["dp2_distopt"], result["dp2"]
