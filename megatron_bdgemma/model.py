@@ -4,7 +4,8 @@ How it differs from an autoregressive Gemma 4:
 - one stack, two phases: a causal **encode** of the clean sequence yields every layer's K/V (and the AR logits);
   a bidirectional **decode** of a noised canvas attends over `[encoder K/V ; canvas K/V]` under the block mask;
 - RoPE from explicit positions (canvas tokens sit at their absolute positions), per layer type;
-- embedding × √H, tied LM head, logits softcapped in fp32;
+- embedding × √H, tied LM head, logits softcapped in fp32 (norms, softmaxes and logits run in
+  `precision.compute_dtype`: fp32, or float64 in a float64 model);
 - two-pass self-conditioning: the decoder input mixes in a soft embedding of the previous pass's logits.
 A model converted from a multimodal checkpoint also carries its vision tower's tensors (`vision.VisionWeights`, first
 stage), unused until images enter the encoder.
@@ -30,8 +31,10 @@ from megatron_bdgemma.diffusion import DiffusionBatch, NoisedCanvas, ar_loss, di
 from megatron_bdgemma.diffusion.loss import scored_weights
 from megatron_bdgemma.layers.attention import KV, KVBuffer
 from megatron_bdgemma.layers.linear import plain_forward, runs_plain
+from megatron_bdgemma.layers.norm import cast
 from megatron_bdgemma.layers.rope import RotaryTables
 from megatron_bdgemma.layers.self_conditioning import SelfConditioning, soft_embedding
+from megatron_bdgemma.precision import compute_dtype
 from megatron_bdgemma.spec import Backend, get_bdgemma_block_spec, get_glu_mlp_submodules
 from megatron_bdgemma.vision import VisionWeights
 from megatron_bdgemma.vocab_parallel import softcap, vocab_parallel_cross_entropy_sum, vocab_parallel_soft_embedding
@@ -113,7 +116,8 @@ class BDGemmaModel(GPTModel):
         return self.rotary_tables(position_ids, dtype)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final hidden `[S, B, H]` → full-vocabulary `[B, S, V]` fp32 logits, softcapped."""
+        """Final hidden `[S, B, H]` → full-vocabulary `[B, S, V]` fp32 logits (float64 in a float64 model),
+        softcapped."""
         # The head multiplies batch-first hidden states, so the logits come out contiguous `[B, S, V]`: transposed
         # ones would be copied to contiguous by each vocabulary-wide softmax after. Under sequence parallelism the
         # head first gathers dim 0, which must then be the sequence.
@@ -125,7 +129,8 @@ class BDGemmaModel(GPTModel):
         else:
             logits, _ = self.output_layer(hidden, weight=weight)
             logits = gather_from_tensor_model_parallel_region(logits, group=self.tp_group)
-        logits = (logits if batch_first else logits.transpose(0, 1)).float()
+        logits = logits if batch_first else logits.transpose(0, 1)
+        logits = cast(logits, compute_dtype(logits.dtype))
         # The head's fresh output: outside autograd it is capped in place.
         return softcap(logits, self.config.final_logit_softcapping, inplace=not logits.requires_grad)
 
@@ -232,7 +237,7 @@ class BDGemmaModel(GPTModel):
 
     def logits_signal(self, logits: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits `[B, R, V]` → self-conditioning signal `[R, B, H]` (`[R/tp, B, H]` under SP)."""
-        return self.probs_signal(torch.softmax(logits, dim=-1, dtype=torch.float32))
+        return self.probs_signal(torch.softmax(logits, dim=-1, dtype=compute_dtype(logits.dtype)))
 
     def probs_signal(self, probs: torch.Tensor) -> torch.Tensor:
         """`logits_signal` from the logits' fp32 softmax `[B, R, V]`, for a caller that has it already."""

@@ -11,7 +11,9 @@ consumers of the LM head during training work here from the final hidden states 
 - **chunked over tokens**: each chunk runs under activation checkpointing, so the forward keeps no logits and the
   backward recomputes one chunk at a time. The extra peak memory is a few `[chunk, V/tp]` fp32 tensors.
 
-Values equal the plain path up to fp32 summation order, and so do the gradients.
+Values equal the plain path up to summation order, and so do the gradients. "fp32" here is
+`precision.compute_dtype`: float64 in a float64 model, except the CE under TP > 1, which is Megatron's
+`vocab_parallel_cross_entropy` and computes in fp32 whatever the logits' dtype.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from megatron.core.tensor_parallel import (
 from torch import Tensor
 from torch.distributed import ProcessGroup, ReduceOp, all_reduce
 from torch.utils.checkpoint import checkpoint
+
+from megatron_bdgemma.precision import compute_dtype
 
 __all__ = ["softcap", "vocab_parallel_cross_entropy_sum", "vocab_parallel_soft_embedding"]
 
@@ -71,11 +75,12 @@ def vocab_parallel_cross_entropy_sum(
         tp_group: the tensor-parallel group the vocabulary is split over.
 
     Returns:
-        fp32 scalar, the same on every TP rank.
+        fp32 scalar (float64 in a float64 model, to fp32 precision under TP > 1), the same on every TP rank.
     """
     _check_chunk_size(chunk_size)
     hidden = _replicate(hidden, sequence_parallel, tp_group)
-    flat_weights = weights.t().reshape(-1).to(torch.float32)  # [S·B], the order of hidden's tokens
+    dtype = compute_dtype(embedding_weight.dtype)
+    flat_weights = weights.t().reshape(-1).to(dtype)  # [S·B], the order of hidden's tokens
     # Only weighted tokens go through the head: padding and unscored canvas slots cost nothing. The selection comes
     # from `weights`, which every TP rank holds, so all ranks run the same chunks and collectives (the price is one
     # host sync for the count).
@@ -83,7 +88,7 @@ def vocab_parallel_cross_entropy_sum(
     tokens = hidden.reshape(-1, hidden.shape[-1])[rows]  # [n, H]
     targets, flat_weights = targets.t().reshape(-1)[rows], flat_weights[rows]
     recompute = torch.is_grad_enabled() and (tokens.requires_grad or embedding_weight.requires_grad)
-    total = tokens.new_zeros((), dtype=torch.float32)
+    total = tokens.new_zeros((), dtype=dtype)
     for start in range(0, rows.numel(), chunk_size):
         part = slice(start, start + chunk_size)
         args = (tokens[part], embedding_weight, targets[part], flat_weights[part], cap, tp_group)
@@ -154,8 +159,10 @@ def _replicate(hidden: Tensor, sequence_parallel: bool, tp_group: ProcessGroup) 
 
 
 def _shard_logits(tokens: Tensor, embedding_weight: Tensor, cap: float | None) -> Tensor:
-    """`[n, H]` × `[V/tp, H]` → `[n, V/tp]` fp32 softcapped: the matmul in the weight dtype, then fp32, as the LM head."""
-    return softcap(F.linear(tokens, embedding_weight).float(), cap)
+    """`[n, H]` × `[V/tp, H]` → `[n, V/tp]` fp32 softcapped: the matmul in the weight dtype, then fp32 (the compute
+    dtype), as the LM head."""
+    logits = F.linear(tokens, embedding_weight)
+    return softcap(logits.to(compute_dtype(logits.dtype)), cap)
 
 
 def _cross_entropy_sum(

@@ -6,8 +6,10 @@ RoPE, tied embeddings; MoE = 4 SequentialMLP experts top-2 + a shared expert) is
 all layouts back to back) and compared with the same code in this 1-process world:
 - TP=2 dense, and TP=2 + sequence parallel MoE: logits and the word-embedding grad (each rank's vocab shard).
 - EP=2 MoE with the allgather and the alltoall dispatcher: each rank's logits and grads on its own batch.
-- DP=2 with megatron DDP + `get_megatron_optimizer` (fp32 optimizer and distributed optimizer), through
-  `get_forward_backward_func` + `finalize_model_grads`: parameters after 2 steps equal full-batch single-process.
+- DP=2 with megatron DDP + `get_megatron_optimizer`, through `get_forward_backward_func` + `finalize_model_grads`:
+  in float64 with the plain optimizer, step 1's reduced gradients and the parameters after each of 2 steps equal
+  full-batch single-process; the distributed optimizer (fp32 only) gives step 1's grad norm of single-process and
+  the plain optimizer's grad norms and parameters in the same two ranks.
 - PP=2 (1F1B schedule) with the same DDP + optimizer: per-step losses and grad norms equal PP=1.
 - `dist_checkpointing`: saved under TP=2, loaded under TP=2 and under TP=1.
 
@@ -43,12 +45,21 @@ SEED = 1234
 VOCAB, SEQ, BATCH = 128, 16, 4
 NUM_EXPERTS = 4
 TOL = 1e-5
-"""Logits, gradients, losses and grad norms (absolute; values of order 1). Worst measured with the defaults (AVX-512)
-and under AVX2: 3.6e-7 (TP=2 logits); margins >= 28x."""
-PARAM_TOL = 2e-5
-"""Parameters after `TRAIN_STEPS` Adam steps (lr 1e-3): DP=2 vs one process, worst measured 1.6e-6 (AVX-512) and
-8.0e-7 (AVX2), 0.16% of one update; the second update amplifies the first step's gradient rounding (see
-tests/tolerances.py). A rank that trained on its own half-batch gradients would be off by O(lr)."""
+"""fp32 logits, gradients, losses and grad norms (absolute; values of order 1). Worst measured with the defaults
+(AVX-512) and under AVX2: 3.6e-7 (TP=2 logits): margins >= 28x. EP=2 and PP=2 (both steps' losses and grad norms)
+measured bit-equal."""
+DP_TOL = 1e-12
+"""DP=2 vs one process in float64: step 1's reduced gradients (relative to each tensor's largest magnitude) and the
+parameters after each step (absolute; lr 1e-3). Worst measured 1.0e-15 and 2.4e-15 with the defaults (AVX-512),
+1.0e-15 and 1.4e-15 under AVX2: margins >= 400x. In fp32 the parameters differed by 1.6e-6 after step 1 already
+(Adam's first update, g / (|g| + eps), turns fp32 rounding of gradients near eps into a fraction of lr)."""
+DISTOPT_TOL = 1e-6
+"""The distributed optimizer, fp32 (megatron refuses float64 parameters there): grad norms relative, parameters
+relative to each tensor's largest magnitude. Against the plain optimizer in the same ranks, the reduced gradients
+are the same sums (a + b over two ranks) and Adam is elementwise: parameters measured bit-equal with the defaults
+and under AVX2 (the clip coefficient, from the grad norm, could move a parameter by an ulp: 6e-8 of the tensor's
+largest entry); the grad norm, summed over shards in another order, within 4.6e-8 (22x). Step 1's grad norm
+against one process: 3.5e-8 (28x), with the defaults and under AVX2."""
 TRAIN_STEPS, MICROBATCHES = 2, 2
 
 
@@ -62,16 +73,13 @@ class SequenceParallelLayerNorm(torch.nn.LayerNorm):
 
 
 def build_gpt(moe: bool, sequence_parallel: bool = False, dispatcher: str = "allgather", seed: int = SEED,
-              full_logits: bool = True) -> GPTModel:
-    """The tiny stock GPTModel for the current parallel layout; same seed = same full (unsharded) weights.
-
-    `full_logits=False` keeps logits vocab-sharded, as training with `labels` requires (megatron's vocab-parallel
-    cross entropy works in place on them).
-    """
+              dtype: torch.dtype = torch.float32) -> GPTModel:
+    """The tiny stock GPTModel for the current parallel layout, full logits; same seed = same full (unsharded)
+    weights."""
     config = TransformerConfig(
         num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
         add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True,
-        params_dtype=torch.float32, pipeline_dtype=torch.float32,
+        params_dtype=dtype, pipeline_dtype=dtype,
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
         expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
@@ -87,10 +95,12 @@ def build_gpt(moe: bool, sequence_parallel: bool = False, dispatcher: str = "all
         spec = TransformerBlockSubmodules(layer_specs=[layer] * config.num_layers, layer_norm=SequenceParallelLayerNorm)
     # Weights come from torch's default generator (CPU init), which this reseeds.
     model_parallel_cuda_manual_seed(seed)
-    return GPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope",
-                    share_embeddings_and_output_weights=True, parallel_output=not full_logits,
-                    pre_process=parallel_state.is_pipeline_first_stage(),
-                    post_process=parallel_state.is_pipeline_last_stage())
+    model = GPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope",
+                     share_embeddings_and_output_weights=True, parallel_output=False,
+                     pre_process=parallel_state.is_pipeline_first_stage(),
+                     post_process=parallel_state.is_pipeline_last_stage())
+    # The local spec's torch LayerNorm is built in fp32 whatever `params_dtype` says.
+    return model.to(dtype)
 
 
 def batch(index: int, size: int = BATCH) -> dict[str, torch.Tensor]:
@@ -123,44 +133,55 @@ def localize(reference: dict[str, Any], model: GPTModel) -> dict[str, Any]:
     return {name: reference[reference_name(name)] for name in model.state_dict()}
 
 
-def train(weights: dict[str, Any], microbatches: list[dict[str, torch.Tensor]], use_distributed_optimizer: bool = False
-          ) -> dict[str, Any]:
-    """`TRAIN_STEPS` steps of the realistic loop from `weights`: DDP, megatron optimizer, schedule, finalize grads."""
-    model = build_gpt(moe=True, full_logits=False)
+def train(weights: dict[str, Any], microbatches: list[dict[str, torch.Tensor]], use_distributed_optimizer: bool = False,
+          dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """`TRAIN_STEPS` steps of the realistic loop from `weights`: DDP, megatron optimizer, schedule, finalize grads.
+
+    Returns each step's losses (last stage) and grad norm, the parameters after each step, and step 1's gradients as
+    the optimizer gets them (after DDP's reduction; under the distributed optimizer only this rank's shard of each
+    is reduced, so none are returned). In float64 the gradients are reduced in float64 and not clipped: megatron's
+    clipping asserts fp32 gradients (`clip_grad_by_total_norm_fp32`), so there is no grad norm either. The MoE
+    router's softmax stays fp32 (megatron's `topk_routing_with_score_function`).
+    """
+    model = build_gpt(moe=True, dtype=dtype)
     model.load_state_dict(localize(weights, model))
     config = model.config
+    fp32 = dtype == torch.float32
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=use_distributed_optimizer),
+        grad_reduce_in_fp32=fp32, overlap_grad_reduce=False, use_distributed_optimizer=use_distributed_optimizer),
         model)
     optimizer = get_megatron_optimizer(OptimizerConfig(
-        optimizer="adam", lr=1e-3, bf16=False, params_dtype=torch.float32, clip_grad=1.0,
+        optimizer="adam", lr=1e-3, bf16=False, params_dtype=dtype, clip_grad=1.0 if fp32 else 0.0,
         use_distributed_optimizer=use_distributed_optimizer), [ddp])
     config.no_sync_func = ddp.no_sync
     config.finalize_model_grads_func = finalize_model_grads
 
     def forward_step(data_iterator, model):
         data = next(data_iterator)
-        per_token = model(data["tokens"], data["position_ids"], None, labels=data["labels"])
+        logits = model(data["tokens"], data["position_ids"], None)
 
         def loss_func(output: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            loss = output.float().mean()
+            # In the model's dtype: with `labels` megatron's vocab-parallel cross entropy would compute in fp32.
+            loss = F.cross_entropy(output.reshape(-1, VOCAB), data["labels"].reshape(-1))
             return loss, {"loss": loss.detach()}
 
-        return per_token, loss_func
+        return logits, loss_func
 
-    losses, grad_norms = [], []
-    for _ in range(TRAIN_STEPS):
+    losses, grad_norms, params, grads = [], [], [], None
+    for step in range(TRAIN_STEPS):
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
         reports = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(microbatches), model=[ddp],
             num_microbatches=len(microbatches), seq_length=SEQ, micro_batch_size=microbatches[0]["tokens"].shape[0])
+        if step == 0 and not use_distributed_optimizer:
+            grads = {name: param.main_grad.clone() for name, param in model.named_parameters()}
         update_successful, grad_norm, _ = optimizer.step()
         assert update_successful
         losses.append(torch.stack([r["loss"] for r in reports]) if reports else None)
         grad_norms.append(grad_norm)
-    return dict(losses=losses, grad_norms=grad_norms,
-                params={name: param.detach().clone() for name, param in model.named_parameters()})
+        params.append({name: param.detach().clone() for name, param in model.named_parameters()})
+    return dict(losses=losses, grad_norms=grad_norms, params=params, grads=grads)
 
 
 def two_rank_checks(rank: int, moe_reference: dict[str, torch.Tensor], checkpoint_dir: str) -> dict[str, Any]:
@@ -187,6 +208,7 @@ def two_rank_checks(rank: int, moe_reference: dict[str, torch.Tensor], checkpoin
 
     init_distributed()  # DP=2: each rank trains on its half of every microbatch
     half = [{k: v.chunk(2)[rank] for k, v in batch(i).items()} for i in range(MICROBATCHES)]
+    results["dp2_float64"] = train(moe_reference, half, dtype=torch.float64)
     results["dp2"] = train(moe_reference, half)
     results["dp2_distopt"] = train(moe_reference, half, use_distributed_optimizer=True)
 
@@ -234,14 +256,43 @@ def test_expert_parallel_matches_single_process(model_parallel, ranks, dispatche
         assert_close(got["embedding_grad"], expected["embedding_grad"], f"rank {rank} embedding grad")
 
 
-@pytest.mark.parametrize("key", ["dp2", "dp2_distopt"])
-def test_data_parallel_training_matches_full_batch(model_parallel, moe_reference, ranks, key):
-    expected = train(moe_reference, [batch(i) for i in range(MICROBATCHES)],
-                     use_distributed_optimizer=key == "dp2_distopt")
+def worst_difference(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], relative: bool) -> float:
+    """The largest difference over all tensors, each relative to its largest magnitude or absolute."""
+    assert actual.keys() == expected.keys()
+    return max(((actual[name] - tensor).abs().max() / (tensor.abs().max() if relative else 1)).item()
+               for name, tensor in expected.items())
+
+
+def test_data_parallel_training_matches_full_batch(model_parallel, moe_reference, ranks):
+    """DP=2 (each rank half of every micro-batch) against one process on whole micro-batches, in float64: the reduced
+    gradients catch a wrong DDP sum or scale, which Adam's update, invariant to the gradient's scale, would hide."""
+    expected = train(moe_reference, [batch(i) for i in range(MICROBATCHES)], dtype=torch.float64)
     for rank, result in enumerate(ranks):
-        assert result[key]["params"].keys() == expected["params"].keys()
-        for name, param in expected["params"].items():
-            assert_close(result[key]["params"][name], param, f"rank {rank} {name}", atol=PARAM_TOL)
+        got = result["dp2_float64"]
+        worst = {"step 1 grads": worst_difference(got["grads"], expected["grads"], relative=True)}
+        worst |= {f"step {step + 1} params": worst_difference(got["params"][step], expected["params"][step],
+                                                               relative=False) for step in range(TRAIN_STEPS)}
+        for what, value in worst.items():
+            record(f"rank {rank} {what}", value, DP_TOL)
+        assert all(value <= DP_TOL for value in worst.values()), (rank, worst)
+
+
+def test_distributed_optimizer_matches_plain_optimizer_and_one_process(model_parallel, moe_reference, ranks):
+    """The distributed optimizer cannot run in float64, and in fp32 Adam's first update already turns rounding into
+    1.6e-6 of the parameters (`DP_TOL`): so it is compared where that noise cannot arise, with the plain optimizer
+    (which the float64 test ties to one process) on the same gradients in the same ranks; and its step-1 grad norm,
+    computed over the ranks' shards, with one process."""
+    expected = train(moe_reference, [batch(i) for i in range(MICROBATCHES)], use_distributed_optimizer=True)
+    for rank, result in enumerate(ranks):
+        got, plain = result["dp2_distopt"], result["dp2"]
+        worst = {"step 1 grad norm vs one process": abs(got["grad_norms"][0] / expected["grad_norms"][0] - 1)}
+        for step in range(TRAIN_STEPS):
+            worst[f"step {step + 1} grad norm vs plain"] = abs(got["grad_norms"][step] / plain["grad_norms"][step] - 1)
+            worst[f"step {step + 1} params vs plain"] = worst_difference(got["params"][step], plain["params"][step],
+                                                                         relative=True)
+        for what, value in worst.items():
+            record(f"rank {rank} {what}", value, DISTOPT_TOL)
+        assert all(value <= DISTOPT_TOL for value in worst.values()), (rank, worst)
 
 
 def test_pipeline_parallel_matches_single_stage(model_parallel, moe_reference, ranks):

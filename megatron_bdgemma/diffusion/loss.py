@@ -2,7 +2,8 @@
 
 Both return ``(loss_sum, token_count)`` rather than a mean: the trainer all-reduces the counts over data-parallel
 ranks and micro-batches and divides by the **global** count (``normalise``), so every token weighs the same
-whatever the batching. CE is computed in fp32 on the given logits, which the model has already softcapped.
+whatever the batching. CE is computed in fp32 (float64 for float64 logits: ``precision.compute_dtype``) on the
+given logits, which the model has already softcapped.
 
 ``chunk_size`` computes the CE over chunks of the flattened token dimension, each under activation
 checkpointing, so the fp32 ``[tokens, V]`` log-softmax is never held for more than one chunk (262K vocabulary:
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from ..precision import compute_dtype
 from .noise import NoiseKind
 
 __all__ = [
@@ -30,16 +32,17 @@ def weighted_cross_entropy_sum(
     *,
     chunk_size: int | None = None,
 ) -> Tensor:
-    """``Σ_i weights[i] · CE(logits[i], targets[i])`` in fp32 over positions with nonzero weight.
+    """``Σ_i weights[i] · CE(logits[i], targets[i])`` in fp32 (float64 for float64 logits) over positions with
+    nonzero weight.
 
     Args:
-        logits: ``[..., V]`` any float dtype (cast to fp32 per chunk).
+        logits: ``[..., V]`` any float dtype (cast to the compute dtype per chunk).
         targets: ``[...]`` long; ignored (may be out of range) where ``weights == 0``.
         weights: ``[...]`` float or bool.
         chunk_size: tokens per chunk; ``None`` computes everything at once.
 
     Returns:
-        fp32 scalar.
+        scalar in the compute dtype.
     """
     V = logits.shape[-1]
     if logits.shape[:-1] != targets.shape or targets.shape != weights.shape:
@@ -47,7 +50,8 @@ def weighted_cross_entropy_sum(
             f"logits {tuple(logits.shape)}, targets {tuple(targets.shape)} and weights {tuple(weights.shape)} "
             "must agree on the leading dims"
         )
-    weights = weights.to(torch.float32)
+    dtype = compute_dtype(logits.dtype)
+    weights = weights.to(dtype)
     if chunk_size is None or chunk_size >= targets.numel():
         # Only the positions in the sum are gathered: a whole canvas scores one block of many, and CE over the
         # rest (a log-softmax over V each, multiplied by 0) would cost more than the scored part.
@@ -61,7 +65,7 @@ def weighted_cross_entropy_sum(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     recompute = torch.is_grad_enabled() and logits.requires_grad
-    total = logits.new_zeros((), dtype=torch.float32)
+    total = logits.new_zeros((), dtype=dtype)
     for start in range(0, N, chunk_size):
         part = slice(start, start + chunk_size)
         chunk = (logits[part], targets[part], weights[part])
@@ -92,7 +96,7 @@ def diffusion_loss(
         chunk_size: see module docstring.
 
     Returns:
-        ``(loss_sum, token_count)``: fp32 scalar and int64 scalar.
+        ``(loss_sum, token_count)``: fp32 (float64 for float64 logits) scalar and int64 scalar.
     """
     w = scored_weights(scored, weights)
     return weighted_cross_entropy_sum(logits, targets, w, chunk_size=chunk_size), scored.to(torch.bool).sum()
@@ -158,7 +162,7 @@ def ar_loss(
         chunk_size: see module docstring.
 
     Returns:
-        ``(loss_sum, token_count)``: fp32 scalar and int64 scalar.
+        ``(loss_sum, token_count)``: fp32 (float64 for float64 logits) scalar and int64 scalar.
     """
     loss_mask = loss_mask.to(torch.bool)
     return weighted_cross_entropy_sum(logits, labels, loss_mask, chunk_size=chunk_size), loss_mask.sum()
@@ -171,7 +175,7 @@ def normalise(loss_sum: Tensor, global_count: Tensor | int) -> Tensor:
 
 
 def _ce_sum(logits: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
-    """fp32 weighted CE sum of one chunk: ``logits [n, V]``, ``targets [n]``, ``weights [n]``."""
-    ce = F.cross_entropy(logits.float(), targets, reduction="none")  # [n]
+    """Weighted CE sum of one chunk in the weights' (compute) dtype: ``logits [n, V]``, ``targets [n]``, ``weights``."""
+    ce = F.cross_entropy(logits.to(weights.dtype), targets, reduction="none")  # [n]
     # where, not a plain product: a masked slot's CE never reaches the sum (nor its gradient) even if non-finite.
     return torch.where(weights != 0, ce * weights, 0.0).sum()

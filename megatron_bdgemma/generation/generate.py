@@ -227,7 +227,8 @@ def _denoise_canvas(
     canvas = torch.randint(0, vocab, (batch, length), generator=generator, device=device)
     argmax = canvas
     # The previous step's tempered logits in the embedding dtype (HF's self-conditioning input) and their softmax;
-    # None = the zero signal of every canvas's first step.
+    # None = the zero signal of every canvas's first step. The samplers take fp32 logits, as HF's (a float64 model's
+    # decode gives float64 ones: `precision.compute_dtype`).
     self_conditioning: Tensor | None = None
     self_conditioning_probs: Tensor | None = None
     stop_rule = sampler.stop_rule()
@@ -250,13 +251,13 @@ def _denoise_canvas(
             logits = decode(
                 canvas[live], live_buffers, canvas_position_ids=positions[live], attention_mask=live_attention,
                 self_conditioning_probs=self_conditioning_probs[live], rope=live_rope,
-            )
+            ).float()
             processed = self_conditioning.float().index_put((live,), sampler.process(logits, steps_remaining))
         else:
             logits = decode(
                 canvas, buffers, canvas_position_ids=positions, attention_mask=attention,
                 self_conditioning_probs=self_conditioning_probs, rope=rope,
-            )
+            ).float()
             processed = sampler.process(logits, steps_remaining)
         probs, token_entropy, new_argmax = step_distribution(processed)
         new_canvas = sampler.step(canvas, processed, probs, token_entropy, generator)

@@ -130,7 +130,7 @@ class BDGemmaAttention(Attention):
         # q_norm, k_norm and v_norm each normalise every head over d, so one normalisation of all slots serves the
         # three (HF runs three), and the q and k heads are weighted and rotated together.
         normalized = rms_normalize(mixed, self.config.layernorm_epsilon)
-        q_weight, k_weight = self.q_layernorm.weight.float(), self.k_layernorm.weight.float()
+        q_weight, k_weight = (cast(norm.weight, normalized.dtype) for norm in (self.q_layernorm, self.k_layernorm))
         qk_weight = torch.cat([q_weight.expand(heads, dim), k_weight[None]])
         cos, sin = (table.unsqueeze(2) for table in rope)
         qk = apply_rope(cast(normalized[:, :, :, : heads + 1] * qk_weight, mixed.dtype), cos, sin)

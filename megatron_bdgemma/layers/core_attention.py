@@ -13,12 +13,12 @@
   FlexAttention op's dense implementation, all scores in fp32 (FlexAttention's public entry point refuses
   backward on CPU, so the op is called directly there).
 
-Eager and block-sparse (`masked_attention`) use fp32 softmax: off CPU over scores in the activation dtype (HF's eager
-path), on CPU over fp32 scores within PyTorch's fused SDPA kernel (HF's sdpa path; in bf16 closer to the fp32 model
-than HF's eager attention). Both do GQA without copying K/V per query head, and give blocked scores the dtype's
-minimum rather than -inf (a fully blocked row would be uniform, not NaN; the mask rules give every row at least its
-diagonal anyway). Flex keeps scores and softmax in fp32 and blocks with -inf, which no row notices for the same
-reason. Selected by `BDGemmaConfig.attention_impl`.
+Eager and block-sparse (`masked_attention`) use fp32 softmax (float64 in a float64 model): off CPU over scores in the
+activation dtype (HF's eager path), on CPU over fp32 scores within PyTorch's fused SDPA kernel (HF's sdpa path; in
+bf16 closer to the fp32 model than HF's eager attention). Both do GQA without copying K/V per query head, and give
+blocked scores the dtype's minimum rather than -inf (a fully blocked row would be uniform, not NaN; the mask rules
+give every row at least its diagonal anyway). Flex keeps scores and softmax in fp32 and blocks with -inf, which no
+row notices for the same reason. Selected by `BDGemmaConfig.attention_impl`.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron_bdgemma.config import BDGemmaConfig
 from megatron_bdgemma.masks import AttentionMask, to_additive
+from megatron_bdgemma.precision import compute_dtype
 
 __all__ = ["EagerCoreAttention", "BlockSparseCoreAttention", "FlexCoreAttention", "CORE_ATTENTION", "masked_attention"]
 
@@ -72,7 +73,7 @@ def masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     if scale != 1.0:  # Gemma's q/k norms carry the scale: 1.0, and a pass over the scores saved
         scores = scores * scale
     scores = scores.view(b, g, h // g, sq, -1) + bias.unsqueeze(1)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    probs = torch.softmax(scores, dim=-1, dtype=compute_dtype(q.dtype)).to(q.dtype)
     out = torch.matmul(probs.view(b, g, h // g * sq, -1), v)  # [B, g, h/g·Sq, d]
     return out.view(b, h, sq, d).permute(2, 0, 1, 3).reshape(sq, b, h * d)
 

@@ -20,6 +20,8 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher
 
 from megatron_bdgemma.layers.linear import plain_glu_mlp
+from megatron_bdgemma.layers.norm import cast
+from megatron_bdgemma.precision import compute_dtype
 
 
 class BDGemmaRouter(TopKRouter):
@@ -36,7 +38,7 @@ class BDGemmaRouter(TopKRouter):
         self.scale.sequence_parallel = config.sequence_parallel
 
     def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """`rms_normalize(h)` `[S, B, H]` fp32 (the layer normalises h once for this and both pre-FFN norms) →
+        """`rms_normalize(h)` `[S, B, H]` (the layer normalises h once for this and both pre-FFN norms) →
         (probs, routing_map), each `[S*B, E]`; probs is zero off the routing map."""
         top_weights, top_index = self.top_k(input)
         shape = (top_index.shape[0], self.config.num_moe_experts)
@@ -46,9 +48,10 @@ class BDGemmaRouter(TopKRouter):
 
     def top_k(self, input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`rms_normalize(h)` `[S, B, H]` → (weights, expert indices), each `[S*B, k]`, the weights summing to 1."""
-        x = input * self.scale.float() * self.config.hidden_size**-0.5
-        logits = torch.nn.functional.linear(x, self.weight.float()).view(-1, self.config.num_moe_experts)
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        dtype = compute_dtype(input.dtype)  # fp32 as HF's router; float64 in a float64 model
+        x = cast(input, dtype) * cast(self.scale, dtype) * self.config.hidden_size**-0.5
+        logits = torch.nn.functional.linear(x, cast(self.weight, dtype)).view(-1, self.config.num_moe_experts)
+        probs = torch.softmax(logits, dim=-1)
         top_weights, top_index = torch.topk(probs, k=self.topk, dim=-1)
         return top_weights / top_weights.sum(dim=-1, keepdim=True), top_index
 
@@ -106,8 +109,8 @@ class BDGemmaMoELayer(MoELayer):
     def forward(
         self, router_input: torch.Tensor, expert_input: torch.Tensor, dense_input: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs `[S, B, H]`: the router's `rms_normalize(h)` (fp32) and the two pre-normed branch inputs → (dense
-        branch output, weighted expert sum), each `[S, B, H]`."""
+        """Inputs `[S, B, H]`: the router's `rms_normalize(h)` (fp32, or float64 in a float64 model) and the two
+        pre-normed branch inputs → (dense branch output, weighted expert sum), each `[S, B, H]`."""
         dense_output = plain_glu_mlp(self.shared_experts, dense_input)
         if dense_output is None:
             dense_output = self.shared_experts_compute(dense_input)

@@ -1,4 +1,5 @@
-"""Gemma's RMSNorm: `x * (mean(x^2) + eps)^-0.5 * w` computed in fp32, with a plain weight (no `1 + w`)."""
+"""Gemma's RMSNorm: `x * (mean(x^2) + eps)^-0.5 * w` computed in fp32 (float64 in a float64 model:
+`precision.compute_dtype`), with a plain weight (no `1 + w`)."""
 
 from __future__ import annotations
 
@@ -7,25 +8,28 @@ import functools
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_bdgemma.precision import compute_dtype
+
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Scale-free RMS normalisation in fp32: HF's `x * pow(mean(x.pow(2)) + eps, -0.5)` bit for bit.
+    """Scale-free RMS normalisation in `compute_dtype(x.dtype)` (fp32 but for float64 inputs): HF's
+    `x * pow(mean(x.pow(2)) + eps, -0.5)` bit for bit.
 
     ATen computes `pow(2)` as `x * x`, `pow(-0.5)` as rsqrt and `mean` as the sum divided by the count, so those are
     the ops here; `eps + sum / count` is one `addcdiv` (the same two roundings: its factor 1 is exact). The count
-    and eps come as cached fp32 tensors because a Python number costs a scalar-to-tensor conversion per op (with
-    them a small norm takes a third less time).
+    and eps come as cached tensors because a Python number costs a scalar-to-tensor conversion per op (with them a
+    small norm takes a third less time).
     """
-    x = x.float()
-    count, eps = _fp32_constant(float(x.shape[-1]), x.device), _fp32_constant(eps, x.device)
+    x = cast(x, compute_dtype(x.dtype))
+    count, eps = _constant(float(x.shape[-1]), x.dtype, x.device), _constant(eps, x.dtype, x.device)
     return x * torch.addcdiv(eps, (x * x).sum(-1, keepdim=True), count).rsqrt_()
 
 
 @functools.lru_cache(maxsize=None)
-def _fp32_constant(value: float, device: torch.device) -> torch.Tensor:
+def _constant(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     # An ordinary tensor even when first asked for in inference mode: autograd may save it later.
     with torch.inference_mode(False):
-        return torch.tensor(value, dtype=torch.float32, device=device)
+        return torch.tensor(value, dtype=dtype, device=device)
 
 
 class RMSNorm(torch.nn.Module):
@@ -51,9 +55,9 @@ class RMSNorm(torch.nn.Module):
         return self.scale(rms_normalize(x, self.eps), x.dtype)
 
     def scale(self, normalized: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The weight applied (in fp32) to an fp32 `rms_normalize` output, cast to `dtype`: for callers that
+        """The weight applied (in the compute dtype) to an `rms_normalize` output, cast to `dtype`: for callers that
         normalise one tensor once for several norms."""
-        return cast(normalized if self.weight is None else normalized * self.weight.float(), dtype)
+        return cast(normalized if self.weight is None else normalized * cast(self.weight, normalized.dtype), dtype)
 
 
 def cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
