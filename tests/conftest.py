@@ -7,12 +7,25 @@ Multi-rank tests spawn their own ranks with `tests.multiproc.run_in_processes`.
 
 from __future__ import annotations
 
+import getpass
+import os
+import re
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+
+ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+# The suite runs on one machine both with the default instruction sets and restricted ones (e.g. AVX2). TorchInductor
+# (torch 2.14) reused the compiled kernels the default run had cached when `ATEN_CPU_CAPABILITY=avx2` was set, and
+# the compiled decode test (tests/test_generation.py) then died of SIGSEGV; with a cache of its own it passes. So a
+# restricted run compiles into a cache directory named for its settings (spawned ranks inherit it).
+if any(os.environ.get(name) for name in ISA_VARIABLES) and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    isa = "_".join(re.sub(r"\W", "", os.environ.get(name, "")) or "default" for name in ISA_VARIABLES)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}_{isa}")
 
 # Before the project import below, and before pytest collects `tests.*`: spawned children copy this sys.path.
 REPO_ROOT = str(Path(__file__).resolve().parent.parent)
