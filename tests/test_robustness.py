@@ -459,3 +459,18 @@ def test_ep2_from_random_init_matches_one_process(tmp_path, model_parallel):
         # Steps 1-2 run on the starting weights (step 1's lr is 0; tests/tolerances.py). 1e-5 relative (1e-4 of
         # max(1, value) before): worst measured 1.5e-7 with the defaults (AVX-512), 1.9e-7 under AVX2.
         assert_steps_close(rank_values, reference, f"EP=2 rank {rank} vs 1 process", shared_weight_steps=2)
+
+
+def test_a_checkpoint_older_than_an_option_resumes_with_its_default():
+    """A run config stored before an option existed holds no value for it: it compares as the option's default
+    (which is the old behaviour), so the resume goes on, and a value other than the default is still refused."""
+    from megatron_bdgemma.training.config import RunConfig
+    from megatron_bdgemma.training.resume import check_resume
+
+    run = RunConfig()
+    stored = run.to_dict()
+    del stored["objective"]["ar_weight"]
+    assert check_resume(run, stored, step=0) == []
+    run.objective.ar_weight = 0.5
+    with pytest.raises(ValueError, match=r"objective\.ar_weight \(1\.0 → 0\.5\)"):
+        check_resume(run, stored, step=0)

@@ -105,7 +105,8 @@ def check_resume(run: RunConfig, stored: dict[str, Any], step: int) -> list[str]
     Returns one line per changed value (`key: old → new`, saying so where the schedule is rebuilt); raises
     ValueError listing the changes that break exact resume, or naming a `train.steps` the run is already past.
     """
-    old, new = flatten(stored), flatten(run.to_dict())
+    # A key the stored run predates compares as its default: options are added with the old behaviour as default.
+    old, new = flatten(_build(RunConfig, copy.deepcopy(stored), "").to_dict()), flatten(run.to_dict())
     changed = [key for key in sorted(old.keys() | new.keys())
                if not key.startswith(_NOT_COMPARED) and old.get(key) != new.get(key)]
     refused = [key for key in changed if key.startswith(BREAKS_EXACT_RESUME)
