@@ -87,6 +87,11 @@ class BDGemmaConfig(TransformerConfig):
     freeze_router: bool = True
     """Router projection and scale get `requires_grad=False` (DiffusionGemma's SFT recipe; no aux loss)."""
 
+    freeze_self_conditioning: bool = False
+    """The self-conditioning module's parameters (its norm and GeGLU) get `requires_grad=False` and keep their values
+    (Megatron-Bridge's `freeze_self_conditioning`). The signal's gradient still flows through the module to the tied
+    embedding it is formed with."""
+
     pad_token_id: int = 0
     eos_token_ids: tuple[int, ...] = (1,)
     """End-of-sequence ids (DiffusionGemma's generation config uses (1, 106, 50))."""

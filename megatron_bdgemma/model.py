@@ -70,6 +70,13 @@ class TrainingOutput:
     encoder_logits: torch.Tensor | None
 
 
+def canvas_kv(kv: list[KV], stop_gradient: bool) -> list[KV]:
+    """The encoder K/V the training canvas attends to: detached under `stop_gradient` (Google's
+    `stop_gradient_from_denoiser_to_encoder`, `jax.lax.stop_gradient` on the encoder's KV cache), so the diffusion
+    loss reaches the shared weights only through the canvas pass's own activations, not through the encoder pass's."""
+    return [(key.detach(), value.detach()) for key, value in kv] if stop_gradient else kv
+
+
 class BDGemmaModel(GPTModel):
     def __init__(
         self,
@@ -97,6 +104,8 @@ class BDGemmaModel(GPTModel):
         self.rotary_tables = RotaryTables(config)
         if config.self_conditioning and pre_process:
             self.self_conditioning = SelfConditioning(config, get_glu_mlp_submodules(backend))
+            if config.freeze_self_conditioning:
+                self.self_conditioning.freeze()
         if config.vision_config is not None and pre_process:
             # Carried unchanged from import to export; images will enter the encoder here (docs/design.md §9).
             self.vision = VisionWeights(config)
@@ -358,12 +367,17 @@ class BDGemmaModel(GPTModel):
         }
 
     def training_forward(
-        self, batch: DiffusionBatch, noised: NoisedCanvas, *, loss_chunk_size: int | None = None
+        self,
+        batch: DiffusionBatch,
+        noised: NoisedCanvas,
+        *,
+        loss_chunk_size: int | None = None,
+        stop_gradient_to_encoder: bool = False,
     ) -> TrainingOutput:
         """encode (grad) → decode pass 1 (no grad, zero signal) → decode pass 2 (grad, gated pass-1 signal) → losses.
 
         Pass 1 runs every step, whatever the coins say, so every rank issues the same collectives. The canvas
-        loss reaches the encoder through its K/V, which pass 2 attends to.
+        loss reaches the encoder through its K/V, which pass 2 attends to, unless `stop_gradient_to_encoder`.
 
         Args:
             batch, noised: the micro-batch and its corrupted canvas (`noise_batch`).
@@ -371,13 +385,16 @@ class BDGemmaModel(GPTModel):
                 the vocab-parallel path (`megatron_bdgemma.vocab_parallel`): both losses and the self-conditioning
                 signal go from hidden states to sums in chunks of this many tokens, each TP rank holding only its
                 vocabulary shard, and no logits are returned. Same values and gradients.
+            stop_gradient_to_encoder: the canvas attends to detached encoder K/V (`canvas_kv`), so the diffusion
+                loss does not reach the encoder pass; the encoder learns from the AR loss alone.
         """
         encoded = self.encode(batch.input_ids, padding_mask=~batch.encoder_valid)
+        kv = canvas_kv(encoded.kv, stop_gradient_to_encoder)
         attention = self.training_masks(batch, noised)
 
         def decode(signal: torch.Tensor | None = None) -> torch.Tensor:
             return self.decode_hidden(
-                noised.canvas_ids, encoded, canvas_position_ids=noised.position_ids, attention_mask=attention,
+                noised.canvas_ids, kv, canvas_position_ids=noised.position_ids, attention_mask=attention,
                 self_conditioning_signal=signal, self_conditioning_mask=noised.self_conditioning,
             )
 
@@ -439,6 +456,7 @@ class BDGemmaModel(GPTModel):
         first_pass: bool,
         first_pass_hidden: torch.Tensor | None = None,
         loss_chunk_size: int | None = None,
+        stop_gradient_to_encoder: bool = False,
     ) -> torch.Tensor | TrainingOutput:
         """One pipeline stage's share of a training micro-batch: its layers over the encoder stream, then over the
         canvas stream attending to this stage's encoder K/V (docs/design.md, "Pipeline parallelism").
@@ -456,6 +474,8 @@ class BDGemmaModel(GPTModel):
                 the signal is its soft embedding through this stage's copy of the tied embedding (its gradient
                 joins the last stage's in Megatron's embedding-group all-reduce).
             loss_chunk_size: as `training_forward`; also the token chunk of the signal's soft embedding.
+            stop_gradient_to_encoder: as `training_forward`, for this stage's encoder K/V: with every stage detaching
+                its own, the encoder stream's gradient (sent back to the previous stage) is the AR loss's alone.
         """
         encoder_len = batch.seq_len // (self.tp_group.size() if self.config.sequence_parallel else 1)
         if self.pre_process:
@@ -471,6 +491,7 @@ class BDGemmaModel(GPTModel):
         rope_encoder = self.rope(torch.arange(batch.seq_len, device=encoder.device).expand(batch.input_ids.shape), encoder.dtype)
         encoder_mask = {t: masks.EncoderMask(batch.encoder_valid.bool(), self.config.window_of(t)) for t in set(self.config.layer_types)}
         encoder, kv = self.encoder_layers(encoder, rope_encoder, encoder_mask)
+        kv = canvas_kv(kv, stop_gradient_to_encoder)
         canvas = self.canvas_layers(canvas, kv, self.rope(noised.position_ids, canvas.dtype), self.training_masks(batch, noised))
         if not self.post_process:
             return torch.cat([encoder, canvas])

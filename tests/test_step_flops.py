@@ -58,11 +58,12 @@ def _layout(kind: str, vocab: int):
     return batch, noise_batch(batch, sample_indices=[0, 1], step=0, seed=1, vocab_size=vocab)  # one block each
 
 
-@pytest.mark.parametrize("kind,freeze_router,self_conditioning",
-                         [("pretrain", True, True), ("sft", True, True), ("sft", False, False)])
-def test_formula_equals_counted_matmuls(model_parallel, kind, freeze_router, self_conditioning):
+@pytest.mark.parametrize("kind,freeze_router,self_conditioning,freeze_self_conditioning",
+                         [("pretrain", True, True, False), ("sft", True, True, True), ("sft", False, False, False)])
+def test_formula_equals_counted_matmuls(model_parallel, kind, freeze_router, self_conditioning, freeze_self_conditioning):
     config = tiny(num_layers=3, layer_types=[SLIDING, FULL, SLIDING], sliding_window=8, canvas_length=16,
-                  freeze_router=freeze_router, self_conditioning=self_conditioning)
+                  freeze_router=freeze_router, self_conditioning=self_conditioning,
+                  freeze_self_conditioning=freeze_self_conditioning)
     model = BDGemmaModel(config).train()
     batch, noised = _layout(kind, config.vocab_size)
     B, S, R = batch.input_ids.shape[0], batch.seq_len, noised.canvas_ids.shape[1]

@@ -43,6 +43,11 @@ class SelfConditioning(MegatronModule):
         self.pre_norm = RMSNorm(config, config.hidden_size, config.layernorm_epsilon)
         self.mlp = MLP(config, mlp, ffn_hidden_size=config.ffn_hidden_size)
 
+    def freeze(self) -> None:
+        """`freeze_self_conditioning`: no gradient for these parameters. Set before DDP wraps the model, so they get
+        no gradient buffer and no optimizer state; the checkpoint still saves them (the model's state dict)."""
+        self.requires_grad_(False)
+
     def forward(self, embeddings: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
         """embeddings, signal `[R, B, H]` → decoder input `[R, B, H]`."""
         normed = self.pre_norm(signal)

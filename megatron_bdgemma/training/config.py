@@ -114,6 +114,13 @@ class ObjectiveSection:
     """Probability, per example, that the second decode pass gets the first pass's prediction (else a zero signal)."""
     ar_weight: float = 1.0
     """Weight of the AR (next-token) loss on the encoder's logits, added to the diffusion loss."""
+    diffusion_weight: float = 1.0
+    """Weight of the diffusion (canvas) loss: the optimised loss is diffusion_weight · diffusion + ar_weight · ar
+    (Megatron-Bridge's decoder / encoder loss weights); the logged losses are the unweighted terms."""
+    stop_gradient_to_encoder: bool = False
+    """The diffusion loss does not reach the encoder pass: the canvas attends to detached encoder K/V (Google's
+    `stop_gradient_from_denoiser_to_encoder`); the shared weights still learn from both losses, the encoder pass's
+    activations from the AR loss alone."""
     loss_chunk_size: int | None = None
     """Tokens per chunk of the vocab-parallel loss and self-conditioning path (None = full logits; set it for
     large vocabularies: 262K fp32 logits are 1 MiB per token)."""
@@ -265,6 +272,10 @@ class RunConfig:
             problems.append("objective.kind=absorbing needs objective.mask_id")
         if not 0 < self.objective.t_min <= self.objective.t_max <= 1:
             problems.append(f"need 0 < objective.t_min <= objective.t_max <= 1, got {self.objective.t_min}, {self.objective.t_max}")
+        o = self.objective
+        if o.diffusion_weight < 0 or o.ar_weight < 0 or o.diffusion_weight == o.ar_weight == 0:
+            problems.append(f"need objective.diffusion_weight >= 0 and objective.ar_weight >= 0, not both 0, got "
+                            f"{o.diffusion_weight}, {o.ar_weight}")
         if self.optim.warmup_steps >= t.steps >= 1:
             fewer = " or fewer" if t.steps > 1 else ""
             problems.append(f"optim.warmup_steps ({self.optim.warmup_steps}) must be < train.steps ({t.steps}): set "

@@ -102,7 +102,8 @@ def training_step_flops(
     P·V); the tied LM head per position of the encoder (AR logits) and of each canvas pass; with self-conditioning
     the signal GeGLU in both passes and the soft embedding `softmax(pass-1 logits) @ E` in pass 2. Pass 1 runs
     without gradient. Backward costs twice the forward (input and weight gradients) except where one side has
-    none: a frozen router and the soft embedding (its probabilities carry no gradient) cost once.
+    none: a frozen router, a frozen self-conditioning GeGLU (`freeze_self_conditioning`; its input, the signal, still
+    has a gradient) and the soft embedding (its probabilities carry no gradient) cost once.
     """
     h, heads = config.hidden_size, config.num_attention_heads
 
@@ -127,12 +128,13 @@ def training_step_flops(
         return StepFlops(encoder + encoder_router, 0.0, 0.0, 2 * encoder + router_backward * encoder_router)
     canvas, canvas_router = stack(canvas_tokens, canvas_pairs)
     canvas += canvas_tokens * head
-    soft = 0.0
+    soft = frozen = 0.0
     if config.self_conditioning:
         canvas += 6.0 * canvas_tokens * h * config.ffn_hidden_size
         soft = canvas_tokens * head
+        frozen = 6.0 * canvas_tokens * h * config.ffn_hidden_size if config.freeze_self_conditioning else 0.0
     pass1 = canvas + canvas_router if config.self_conditioning else 0.0
-    backward = 2 * (encoder + canvas) + router_backward * (encoder_router + canvas_router) + soft
+    backward = 2 * (encoder + canvas) - frozen + router_backward * (encoder_router + canvas_router) + soft
     return StepFlops(encoder + encoder_router, pass1, canvas + canvas_router + soft, backward)
 
 

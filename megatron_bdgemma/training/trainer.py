@@ -243,19 +243,21 @@ def _global_counts(microbatches: list[MicroBatch], device: torch.device) -> torc
 def _forward_step(state: TrainState, counts: torch.Tensor, rescale: float, data: Iterator[MicroBatch], model) -> tuple:
     mb = next(data)
     device = next(model.parameters()).device
-    batch, noised = mb.batch.to(device), _to(mb.noised, device)
+    batch, noised, o = mb.batch.to(device), _to(mb.noised, device), state.run.objective
+    options = dict(loss_chunk_size=o.loss_chunk_size, stop_gradient_to_encoder=o.stop_gradient_to_encoder)
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         out = model.module.pipeline_stage_forward(batch, noised, first_pass=False, first_pass_hidden=mb.first_pass_hidden,
-                                                  loss_chunk_size=state.run.objective.loss_chunk_size)
+                                                  **options)
     else:
-        out = model.module.training_forward(batch, noised, loss_chunk_size=state.run.objective.loss_chunk_size)
+        out = model.module.training_forward(batch, noised, **options)
 
     def loss_func(out: TrainingOutput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         diffusion = out.diffusion_loss_sum / counts[0].float()
         ar = out.ar_loss_sum / counts[1].float()
-        loss = diffusion + state.run.objective.ar_weight * ar
+        loss = o.diffusion_weight * diffusion + o.ar_weight * ar
         # Already normalised by global counts; the schedule divides by the number of micro-batches and DDP averages
-        # over DP ranks, so pre-multiply by both to keep the global token average exact.
+        # over DP ranks, so pre-multiply by both to keep the global token average exact. The reported (logged,
+        # evaluated) losses are the unweighted terms, comparable across weightings.
         return loss * rescale, {"diffusion": diffusion.detach(), "ar": ar.detach()}
 
     return out, loss_func
