@@ -105,15 +105,18 @@ def _train_in_rank(rank: int, tmp: str, objective: str, overrides: list[str]) ->
         ("sft", ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1"], 4),
         ("pretrain", ["parallel.pp=2", "parallel.vpp=2"], 2),
         ("sft", ["parallel.pp=2", "parallel.vpp=2", "objective.loss_chunk_size=24"], 2),
+        # Each stage detaches its own encoder K/V; the frozen self-conditioning module lives on the first stage.
+        ("sft", ["parallel.pp=2", "objective.stop_gradient_to_encoder=true", "objective.diffusion_weight=0.5",
+                 "model.overrides.freeze_self_conditioning=true"], 2),
     ],
     ids=["sft_pp2", "pretrain_pp2", "sft_pp2_chunked", "pretrain_pp2_tp2_sp_chunked", "sft_pp2_ep2_dp2", "pretrain_vpp2",
-         "sft_vpp2_chunked"],
+         "sft_vpp2_chunked", "sft_pp2_knobs"],
 )
 def test_pipeline_matches_one_process(tmp_path, model_parallel, hf_start, objective, layout, nprocs):
     from megatron_bdgemma.training.trainer import train
 
     start = [f"model.hf={hf_start}", f"train.eval_interval={STEPS}", "train.eval_steps=2"]
-    same_loss_path = [o for o in layout if o.startswith("objective.")]
+    same_loss_path = [o for o in layout if o.startswith(("objective.", "model.overrides."))]
     with _pass1_hidden_recorded() as hidden:
         reference = _metrics(train(_run(tmp_path, objective, *start, *same_loss_path)))
     assert len(reference[-1]) == len(METRICS), reference[-1]  # the last step evaluated
