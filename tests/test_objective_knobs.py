@@ -24,7 +24,10 @@ from tests.tolerances import record
 CONFIGS = Path(__file__).resolve().parent.parent / "examples" / "configs"
 BLOCK = 4
 TOL = 1e-12
-"""Float64 gradients, relative to each tensor's largest magnitude (tests/tolerances.py)."""
+"""Float64 gradients (and loss sums), relative to each tensor's largest magnitude (tests/tolerances.py). Worst
+measured: 0 on the plain path (the same products in the same order), 6.0e-15 with the chunked loss, 3.7e-15 through
+the trainer's schedule with the defaults (AVX-512); 4.6e-15 and 3.6e-15 under AVX2: margins >= 160x. The difference
+the stop makes to a gradient, asserted above 1e-3, measured 1.4 (k_layernorm's, relative)."""
 
 
 def _model(**config) -> BDGemmaModel:
