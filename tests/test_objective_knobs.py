@@ -234,3 +234,21 @@ def test_frozen_self_conditioning_through_training_and_resume(tmp_path, model_pa
         resumed.release_run_directory()
     assert (metrics["diffusion"], metrics["ar"]) == (history[-1]["diffusion"], history[-1]["ar"])
     assert all(torch.equal(p, final[n]) for n, p in model.named_parameters())
+
+
+def test_cli_names_bad_loss_weights():
+    """Through the public CLI: one line naming both keys and the values given, exit code 1, nothing trained."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, str(repo / "examples" / "pretrain_bdgemma.py"), "--config", str(CONFIGS / "tiny_sft.yaml"),
+         "objective.diffusion_weight=-0.5", "checkpoint.save=null"],
+        cwd=repo, env=os.environ | {"PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert done.stderr.splitlines()[-1] == ("error: invalid run configuration: need objective.diffusion_weight >= 0 "
+                                            "and objective.ar_weight >= 0, not both 0, got -0.5, 1.0")
+    assert "step" not in done.stdout
