@@ -374,7 +374,7 @@ HISTORY_RECORDS = [  # (record, number of assistant turns left after the cut at 
     (_chat("1 + 1 ?", "2", "2 + 2 ?", "4", "and 3 + 3 ?", system="you are terse", last="user"), 2),  # ends asking
     (_chat("only a question ?", last="user"), 0),  # AR only
     (_chat("1 + 1 ?", "2", "2 + 2 ?", "4", "3 + 3 ?", LONG + " " + LONG), 3),  # cut inside the final answer
-    (_chat("1 + 1 ?", "2", f"{LONG} {LONG} {LONG} ?", "4"), 1),  # the cut removes the final answer: the first one is left
+    (_chat("1 + 1 ?", "2", f"{LONG} {LONG} {LONG} ?", "4"), 1),  # the cut removes the final answer: the first is left
 ]
 
 
