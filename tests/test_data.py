@@ -4,9 +4,9 @@ Guards: the byte tokenizer's ids and chat format; a locally built HF tokenizer l
 checked; pretraining samples are ``tokens [S]`` int64 with their sample index, splits take disjoint document ranges
 and blends follow their weights; SFT supervises exactly what the chat template's {% generation %} spans mark
 (HF's return_assistant_tokens_mask), every assistant turn of a multi-turn chat (only the final one with
-data.mask_history), refuses a template without those tags,
-trains records without an answer on the AR loss only, truncates on request; bad chat records (invalid JSON or shape,
-too long) raise naming file and line or are skipped and counted; the embedded corpus and SFT set build offline.
+data.mask_history), refuses a template without those tags, trains records without an answer on the AR loss only,
+truncates on request; bad chat records (invalid JSON or shape, too long) raise naming file and line or are skipped
+and counted; the embedded corpus and SFT set build offline.
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ any number of turns in any order. The rules are NeMo Automodel's DiffusionGemma 
   record ending with a user turn) stay in the window, clean and unscored. A single-turn record is unchanged, and so
   is a record without an assistant turn (AR loss only). The run is taken after the cut of ``truncation`` (Automodel
   truncates in the tokenizer first): when the cut removes the final turn, the last turn it leaves is supervised.
-  The AR loss is unchanged (every valid pair, the history included).
+  The AR loss keeps its rule: every valid pair, the history included (only the EOS fill, counted from the window's
+  start, can change length).
 - A record with no supervised token (no assistant turn) trains the AR loss only; :attr:`SFTDataset.ar_only` counts
   them.
 - A record whose laid-out length (prompt + the window rounded up to whole blocks) exceeds ``max_length`` is
