@@ -27,7 +27,8 @@ any number of turns in any order. The rules are NeMo Automodel's DiffusionGemma 
 - A record whose laid-out length (prompt, the history too under ``mask_history``, + the window rounded up to whole
   blocks) exceeds ``max_length`` is refused or skipped (``on_bad``), or with ``truncation=True`` cut at
   ``max_length`` as the reference does (the collate then cuts the EOS fill there too, which can leave a partial last
-  block; :attr:`SFTDataset.truncated` counts them). Refusing is the default: a cut answer is trained without its end, which should be a choice.
+  block; :attr:`SFTDataset.truncated` counts them). Refusing is the default: a cut answer is trained without its
+  end, which should be a choice.
 
 The whole file is tokenised in memory when the dataset is built (on every rank); that suits up to a few hundred
 thousand records.
