@@ -3,9 +3,10 @@
 Guards: the byte tokenizer's ids and chat format; a locally built HF tokenizer loads offline and its pad/EOS are
 checked; pretraining samples are ``tokens [S]`` int64 with their sample index, splits take disjoint document ranges
 and blends follow their weights; SFT supervises exactly what the chat template's {% generation %} spans mark
-(HF's return_assistant_tokens_mask), every assistant turn of a multi-turn chat, refuses a template without those tags,
-trains records without an answer on the AR loss only, truncates on request; bad chat records (invalid JSON or shape,
-too long) raise naming file and line or are skipped and counted; the embedded corpus and SFT set build offline.
+(HF's return_assistant_tokens_mask), every assistant turn of a multi-turn chat (only the final one with
+data.mask_history), refuses a template without those tags, trains records without an answer on the AR loss only,
+truncates on request; bad chat records (invalid JSON or shape, too long) raise naming file and line or are skipped
+and counted; the embedded corpus and SFT set build offline.
 """
 
 from __future__ import annotations
@@ -249,6 +250,51 @@ def test_byte_sft_supervises_answer_bytes_then_eos(tmp_path):
     assert mask == [False] * p + [True] * 2
     ids, mask = data[1]["input_ids"].tolist(), data[1]["loss_mask"].tolist()
     assert [i for i, m in zip(ids, mask) if m] == tok.encode("a") + [tok.eos] + tok.encode("b") + [tok.eos]
+
+
+def test_byte_sft_mask_history_supervises_the_final_turn_only(tmp_path, model_parallel):
+    """`data.mask_history=true` through the run config: of 1-, 2- and 3-turn chats in the byte format only the final
+    answer's bytes and its EOS are supervised, the history joins the prompt (the window starts at the final turn) and
+    every pair of the chat keeps its AR loss; a record without an answer stays AR only. The default supervises every
+    answer. A resume that changes the key is refused; a checkpoint older than it resumes as false."""
+    from megatron_bdgemma.config import tiny
+    from megatron_bdgemma.training.data import build_step_data
+    from megatron_bdgemma.training.resume import check_resume
+
+    tok = ByteTokenizer()
+    records = [chat("q0?", "a"), chat("q1?", "a", "q2?", "bb"), chat("q1?", "a", "q2?", "bb", "q3?", "ccc"),
+               chat("no answer"), chat("q1?", "a", "q2?", system="s")]
+    path = write_jsonl(tmp_path / "turns.jsonl", records)
+    runs = {h: _sft_run(tmp_path, f"data.paths=[{path}]", f"data.mask_history={str(h).lower()}") for h in (False, True)}
+    step_data = {h: build_step_data(run, tiny()) for h, run in runs.items()}
+    full = {h: data.splits["train"].dataset for h, data in step_data.items()}  # the SFTDataset, valid split included
+    for i, record in enumerate(records):
+        ids = full[False][i]["input_ids"].tolist()
+        every, final = full[False][i]["loss_mask"], full[True][i]["loss_mask"]
+        assert full[True][i]["input_ids"].tolist() == ids
+        answers = [m["content"] for m in record["messages"] if m["role"] == "assistant"]
+        assert [t for t, m in zip(ids, every.tolist()) if m] == [x for a in answers for x in tok.encode(a) + [tok.eos]]
+        if not answers:
+            assert not final.any()
+            continue
+        start = len(tok.encode(tok.apply_chat_template(record["messages"][: 1 + max(
+            j for j, m in enumerate(record["messages"]) if m["role"] == "assistant")], add_generation_prompt=False)))
+        start -= len(tok.encode(answers[-1]))  # the final answer's first byte
+        assert final.tolist() == [False] * start + every.tolist()[start:], i
+        assert [t for t, m in zip(ids, final.tolist()) if m] == tok.encode(answers[-1]) + [tok.eos], i
+    batch = {h: step_data[h].collate([full[h][i] for i in range(len(records))])[0] for h in (False, True)}
+    for h, i in [(h, i) for h in (False, True) for i in range(len(records))]:  # every pair of the chat has AR loss
+        n = len(full[h][i]["input_ids"])
+        assert torch.equal(batch[h].input_ids[i, :n], full[h][i]["input_ids"])
+        assert batch[h].ar_loss_mask[i, : n - 1].all()
+    assert batch[True].prefix_lens.tolist()[:3] == [full[True][i]["loss_mask"].tolist().index(True) for i in range(3)]
+    assert (batch[True].prefix_lens[1:3] > batch[False].prefix_lens[1:3]).all()
+
+    stored = runs[False].to_dict()
+    del stored["data"]["mask_history"]  # saved before the key existed
+    assert check_resume(runs[False], stored, step=0) == []
+    with pytest.raises(ValueError, match=r"data\.mask_history \(False → True\)"):
+        check_resume(runs[True], stored, step=0)
 
 
 def test_sft_record_without_answer_is_ar_only(tmp_path):

@@ -46,7 +46,7 @@ def test_print_config_shows_every_resolved_key_and_its_source_without_importing_
     """Every key once, in order, with the value the run uses (read back as overrides onto the defaults alone, the
     printed values give the same run) and its source; the YAML's warmup shortened for a 3-step run says so. The
     path imports neither torch nor megatron (`-X importtime` lists every module imported)."""
-    overrides = ["train.steps=3", "optim.lr=1e-3", "model.overrides.num_layers=2"]
+    overrides = ["train.steps=3", "optim.lr=1e-3", "model.overrides.num_layers=2", "data.mask_history=true"]
     done = _cli("--print-config", "--config", str(SFT), *overrides, python=("-X", "importtime"))
     rows = _printed(done)
     imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in done.stderr.splitlines()
@@ -58,6 +58,7 @@ def test_print_config_shows_every_resolved_key_and_its_source_without_importing_
     assert load_run_config(None, [f"{key}={value}" for key, (value, _) in rows.items()]).to_dict() == resolved.to_dict()
     assert rows["train.steps"] == ("3", "override") and rows["optim.lr"] == ("0.001", "override")
     assert rows["model.overrides.num_layers"] == ("2", "override") and rows["data.mode"] == ("sft", "yaml")
+    assert rows["data.mask_history"] == ("true", "override") and rows["data.truncation"] == ("false", "default")
     assert rows["optim.warmup_steps"] == ("2", "yaml (5), shortened to train.steps - 1")
     assert rows["parallel.tp"] == ("1", "default") and rows["optim.eps"] == ("1.0e-08", "default")
 

@@ -7,6 +7,10 @@ commit 36044ad, summarised in shared/reference/automodel_diffusion_gemma.md). Ea
               ``_first_supervised_index``, ``_block_fill_ends``, ``_compute_target_length``, ``_pad_and_fill``.
 - [dataset]   ``ChatDataset(seq_length=..., truncation=True)`` as configured by
               examples/dllm_sft/diffusion_gemma_sft.yaml: content is cut at ``seq_length``.
+- [history]   nemo_automodel/components/datasets/llm/chat_dataset.py, ``ChatDataset(mask_history=True)`` (that YAML
+              sets it): after ``format_chat_template`` (which tokenises with the template's ``{% generation %}``
+              mask and truncates), ``_keep_last_supervised_run`` keeps the last contiguous run of the loss mask and
+              clears everything before it.
 - [strategy]  nemo_automodel/recipes/dllm/strategy.py, ``BlockDiffusionStrategy.split_prompt_response``.
 - [window]    nemo_automodel/recipes/dllm/train_ft.py, ``DiffusionGemmaSFTRecipe._build_response_window``.
 - [denoms]    same file, ``_compute_loss_denominators``.
@@ -21,7 +25,9 @@ commit 36044ad, summarised in shared/reference/automodel_diffusion_gemma.md). Ea
 One deliberate departure, from docs/design.md §7: the reference's collator refuses a loss mask with more than one supervised
 run (its "single-turn guard"); everything else in its rules already handles several runs (the window starts at the
 first supervised token, unsupervised tokens inside it are gathered clean and never scored), and that is what we
-train on multi-turn chats. The oracle applies the rules without the guard.
+train on multi-turn chats with ``data.mask_history=false`` (the default). The oracle applies the rules without the
+guard there. With ``data.mask_history=true`` ([history]) every loss mask has at most one run, so that comparison runs
+the oracle **with** the guard, as the reference's recipe does, on chat records tokenised by ``transformers`` itself.
 
 Randomness differs by design (the reference seeds per step and micro-batch, we per sample): our draws — which slots
 are noised, their replacement ids, the chosen block, the self-conditioning coins — are injected into the oracle, which
@@ -84,9 +90,27 @@ def _rows() -> list[tuple[list[int], list[bool]]]:
 # ------------------------------------------------------------------------------------------------------- the oracle
 
 
-def ref_collate(rows, block_size: int):
-    """[dataset] + [collate]: → input_ids, loss_mask, attention_mask ``[B, T]``."""
-    rows = [(ids[:SEQ_LENGTH], sup[:SEQ_LENGTH]) for ids, sup in rows]  # [dataset] truncation at seq_length
+def ref_dataset(rows, mask_history: bool):
+    """[dataset] + [history]: content cut at ``seq_length``, then (``mask_history``) the last supervised run only."""
+    out = []
+    for ids, sup in rows:
+        ids, sup = ids[:SEQ_LENGTH], [bool(m) for m in sup[:SEQ_LENGTH]]
+        if mask_history and any(sup):
+            last = max(i for i, m in enumerate(sup) if m)
+            start = next(i for i in range(last, -1, -1) if i == 0 or not sup[i - 1])
+            sup = [m and i >= start for i, m in enumerate(sup)]
+        out.append((ids, sup))
+    return out
+
+
+def ref_collate(rows, block_size: int, *, guard: bool):
+    """[collate] on [dataset]'s rows: → input_ids, loss_mask, attention_mask ``[B, T]``; ``guard``: the single-turn
+    guard (an AssertionError for a loss mask with more than one supervised run)."""
+    if guard:
+        for ids, sup in rows:
+            runs = sum(m and (i == 0 or not sup[i - 1]) for i, m in enumerate(sup))
+            if runs > 1:
+                raise AssertionError(f"loss_mask has {runs} supervised runs (multi-turn)")
     content = torch.tensor([len(ids) for ids, _ in rows])
     # [collate] _first_supervised_index: first truthy loss_mask, else the content length (all prefix).
     prefix = torch.tensor([sup.index(True) if any(sup) else len(ids) for ids, sup in rows])
@@ -229,6 +253,12 @@ def _padded(rows, left: list[bool]):
 @pytest.mark.parametrize("block_size", [2, 3, 4, 8])
 def test_sft_equals_reference_recipe(model_parallel, block_size):
     rows = _rows()
+    compare_with_reference(rows, ref_dataset(rows, mask_history=False), block_size, guard=False)
+
+
+def compare_with_reference(rows, ref_rows, block_size: int, *, guard: bool) -> None:
+    """Our layout, noise, masks and loss of ``rows`` (ids, supervised) equal the oracle's of ``ref_rows`` ([dataset]
+    already applied), which runs the collate ``guard`` or not."""
     B = len(rows)
     align = math.lcm(block_size, PAD_DIVISIBLE)
     ids, sup, valid = _padded(rows, left=[b % 2 == 1 for b in range(B)])
@@ -249,7 +279,7 @@ def test_sft_equals_reference_recipe(model_parallel, block_size):
     full = corrupt("uniform", batch.canvas_targets, batch.canvas_supervised, sample_t(**key), vocab_size=VOCAB, **key)
     assert torch.equal(take_blocks(full.noisy_ids, chosen, block_size), noised.canvas_ids)
 
-    ref_ids, ref_lm, attn = ref_collate(rows, block_size)
+    ref_ids, ref_lm, attn = ref_collate(ref_rows, block_size, guard=guard)
     S = ref_ids.shape[1]
     # Inject our noise at the absolute positions of our canvas; the reference's own rule gates it by its loss mask.
     noise_full = torch.zeros(B, S, dtype=torch.bool)
@@ -323,3 +353,83 @@ def test_sft_equals_reference_recipe(model_parallel, block_size):
           f"reference {float(ref_total):.7f}, |diff| {abs(float(ours_total - ref_total)):.2e}")
     record("total loss", abs(float(ours_total - ref_total)), 1e-12)
     assert abs(float(ours_total - ref_total)) <= 1e-12
+
+
+# ------------------------------------------------------------------------------------------------ data.mask_history
+
+
+def _chat(*turns: str, system: str | None = None, last: str = "assistant") -> dict:
+    """Alternating user/assistant turns ending with ``last``'s turn."""
+    roles = ["user", "assistant"] if (len(turns) % 2 == 0) == (last == "assistant") else ["assistant", "user"]
+    messages = [{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)]
+    return {"messages": ([{"role": "system", "content": system}] if system else []) + messages}
+
+
+LONG = " ".join(["one two three four five"] * 2)
+HISTORY_RECORDS = [  # (record, number of assistant turns left after the cut at SEQ_LENGTH)
+    (_chat("what is 3 + 4 ?", "7"), 1),
+    (_chat("1 + 1 ?", "2", "2 + 2 ?", "4 four"), 2),
+    (_chat("1 + 1 ?", "2", "2 + 2 ?", "4", "3 + 3 ?", "6 six"), 3),
+    (_chat("1 + 1 ?", LONG, "2 + 2 ?", "4"), 2),  # a long first answer, a short final one
+    (_chat("1 + 1 ?", "2", "2 + 2 ?", "4", "and 3 + 3 ?", system="you are terse", last="user"), 2),  # ends asking
+    (_chat("only a question ?", last="user"), 0),  # AR only
+    (_chat("1 + 1 ?", "2", "2 + 2 ?", "4", "3 + 3 ?", LONG + " " + LONG), 3),  # cut inside the final answer
+    (_chat("1 + 1 ?", "2", f"{LONG} {LONG} {LONG} ?", "4"), 1),  # the cut removes the final answer: the first is left
+]
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(tmp_path_factory):
+    from tests.test_data import build_hf_tokenizer
+
+    words = [m["content"] for r, _ in HISTORY_RECORDS for m in r["messages"]]
+    return build_hf_tokenizer(tmp_path_factory.mktemp("tok"), words)
+
+
+@pytest.mark.parametrize("block_size", [2, 3, 4, 8])
+def test_mask_history_equals_reference_recipe(model_parallel, chat_tokenizer, tmp_path, block_size):
+    """``data.mask_history=true`` supervises Automodel's spans on 1-, 2- and 3-turn records (and one ending with a
+    user turn, one without an answer, two cut by truncation), and the whole step equals the oracle's, which now runs
+    the reference collator's single-turn guard. ``data.mask_history=false`` keeps every turn: the spans
+    ``transformers`` marks, bit for bit, which the guard refuses."""
+    from transformers import AutoTokenizer
+
+    from megatron_bdgemma.data.sft import SFTDataset
+    from megatron_bdgemma.data.tokenizer import load_tokenizer
+    from tests.test_data import write_jsonl
+
+    path = write_jsonl(tmp_path / "chat.jsonl", [r for r, _ in HISTORY_RECORDS])
+    hf = AutoTokenizer.from_pretrained(chat_tokenizer, local_files_only=True)
+    assert len(hf) <= VOCAB
+    # The reference's tokenisation ([history]: format_chat_template's call), truncated at seq_length.
+    marked = [hf.apply_chat_template(r["messages"], return_dict=True, return_assistant_tokens_mask=True,
+                                     truncation=True, max_length=SEQ_LENGTH) for r, _ in HISTORY_RECORDS]
+    raw = [(m["input_ids"], [bool(x) for x in m["assistant_masks"]]) for m in marked]
+    ref_rows = ref_dataset(raw, mask_history=True)
+
+    def ours(**kwargs):
+        data = SFTDataset(path, load_tokenizer(chat_tokenizer), max_length=SEQ_LENGTH, block_size=block_size,
+                          truncation=True, **kwargs)
+        assert len(data) == len(HISTORY_RECORDS) and data.bad.total == 0
+        return [(data[i]["input_ids"].tolist(), data[i]["loss_mask"].tolist()) for i in range(len(data))]
+
+    rows = ours(mask_history=True)
+    for b, ((record, turns), (ids, sup), (ref_ids, ref_sup), (_, raw_sup)) in enumerate(
+            zip(HISTORY_RECORDS, rows, ref_rows, raw)):
+        assert ids == ref_ids and sup == ref_sup, f"record {b}: supervised spans differ from the reference's"
+        runs = sum(m and (i == 0 or not raw_sup[i - 1]) for i, m in enumerate(raw_sup))
+        assert runs == turns, f"record {b}: {runs} assistant turns before mask_history, expected {turns}"
+        if turns:  # the kept run is the last assistant turn left, as the template marks it: content, <|end|>, "."
+            answers = [m["content"] for m in record["messages"] if m["role"] == "assistant"]
+            kept = hf.convert_ids_to_tokens([t for t, m in zip(ids, sup) if m])
+            whole = [*answers[turns - 1].split(), "<|end|>", "."]
+            assert kept == whole[: len(kept)] and (kept == whole or len(ids) == SEQ_LENGTH), (b, kept)
+            assert sup.index(True) == max(i for i, m in enumerate(raw_sup) if m and (i == 0 or not raw_sup[i - 1]))
+        else:
+            assert not any(sup), b
+    # The default keeps today's spans, bit for bit, with the argument given or not; the guard refuses them.
+    assert ours(mask_history=False) == ours() == raw
+    with pytest.raises(AssertionError, match="2 supervised runs"):  # record 1 (two turns) is the first
+        ref_collate(ref_dataset(raw, mask_history=False), block_size, guard=True)
+
+    compare_with_reference(rows, ref_rows, block_size, guard=True)

@@ -12,12 +12,23 @@ any number of turns in any order. The rules are NeMo Automodel's DiffusionGemma 
 - The prompt is everything before the first supervised token; the layout
   (:func:`~megatron_bdgemma.diffusion.layout.build_sft_batch`) supervises every assistant turn, keeps the turns
   between them clean and unscored, and adds the EOS block fill after the last valid token.
+- ``mask_history=True`` (``data.mask_history``) is NeMo Automodel's ``ChatDataset(mask_history=True)``, which its
+  DiffusionGemma recipe sets: only the **last contiguous run** of supervised tokens is kept, i.e. the final assistant
+  turn with its end of turn exactly as the template marks it (with Automodel's template, consecutive assistant
+  messages render as one model turn and stay together; the byte format separates them by a header). The earlier
+  assistant turns become clean prompt context, so the response window starts at the final turn; turns after it (a
+  record ending with a user turn) stay in the window, clean and unscored. A single-turn record is unchanged, and so
+  is a record without an assistant turn (AR loss only). The run is taken after the cut of ``truncation`` (Automodel
+  truncates in the tokenizer first): when the cut removes the final turn, the last turn it leaves is supervised.
+  The AR loss keeps its rule: every valid pair, the history included (only the EOS fill, counted from the window's
+  start, can change length).
 - A record with no supervised token (no assistant turn) trains the AR loss only; :attr:`SFTDataset.ar_only` counts
   them.
-- A record whose laid-out length (prompt + the window rounded up to whole blocks) exceeds ``max_length`` is
-  refused or skipped (``on_bad``), or with ``truncation=True`` cut at ``max_length`` as the reference does (the
-  collate then cuts the EOS fill there too, which can leave a partial last block; :attr:`SFTDataset.truncated`
-  counts them). Refusing is the default: a cut answer is trained without its end, which should be a choice.
+- A record whose laid-out length (prompt, the history too under ``mask_history``, + the window rounded up to whole
+  blocks) exceeds ``max_length`` is refused or skipped (``on_bad``), or with ``truncation=True`` cut at
+  ``max_length`` as the reference does (the collate then cuts the EOS fill there too, which can leave a partial last
+  block; :attr:`SFTDataset.truncated` counts them). Refusing is the default: a cut answer is trained without its
+  end, which should be a choice.
 
 The whole file is tokenised in memory when the dataset is built (on every rank); that suits up to a few hundred
 thousand records.
@@ -74,7 +85,7 @@ class ChatRecordError(ValueError):
 
 
 def encode_chat(record: Any, tokenizer: Tokenizer, *, max_length: int, block_size: int,
-                truncation: bool = False) -> ChatExample:
+                truncation: bool = False, mask_history: bool = False) -> ChatExample:
     """Tokenise one chat record (already parsed from JSON) with its supervised mask.
 
     Args:
@@ -83,6 +94,7 @@ def encode_chat(record: Any, tokenizer: Tokenizer, *, max_length: int, block_siz
         max_length: the longest allowed ``prompt + roundup(window, block_size)`` (``data.seq_length``).
         block_size: canvas block length (for the EOS fill in the length budget).
         truncation: cut an over-long record at ``max_length`` instead of refusing it.
+        mask_history: supervise only the final assistant turn (the module docstring).
 
     Returns:
         A :class:`ChatExample`.
@@ -94,14 +106,16 @@ def encode_chat(record: Any, tokenizer: Tokenizer, *, max_length: int, block_siz
     ids, supervised = tokenizer.tokenize_chat(messages)
     if len(ids) != len(supervised):  # a tokenizer contract, not a data problem
         raise ValueError(f"tokenize_chat gave {len(ids)} ids but {len(supervised)} mask entries")
-    first = supervised.index(True) if any(supervised) else None
+    keep = _last_run if mask_history else list
+    kept = keep(supervised)  # the length check lays out what is trained
+    first = kept.index(True) if any(kept) else None
     laid_out = len(ids) if first is None else first + -(-(len(ids) - first) // block_size) * block_size
     truncated = laid_out > max_length
     if truncated and not truncation:
         where = "tokens" if first is None else f"positions with the EOS block fill (block {block_size})"
         raise ChatRecordError("too_long", f"the conversation takes {laid_out} {where}, over max_length {max_length} "
                               "(data.seq_length); data.truncation=true cuts it there instead")
-    ids, supervised = ids[:max_length], supervised[:max_length]
+    ids, supervised = ids[:max_length], keep(supervised[:max_length])  # cut first, then the last run (Automodel)
     return ChatExample(np.asarray(ids, dtype=np.int32), np.asarray(supervised, dtype=bool), truncated)
 
 
@@ -116,6 +130,7 @@ class SFTDataset(torch.utils.data.Dataset):
         on_bad: ``"error"`` raises :class:`~megatron_bdgemma.data.BadDataError` naming ``path:line`` at the first
             bad record; ``"skip"`` drops bad records and counts them in :attr:`bad` (``bad.summary()``).
         truncation: cut over-long records at ``max_length`` (see :func:`encode_chat`).
+        mask_history: supervise only each record's final assistant turn (see :func:`encode_chat`).
 
     Raises:
         BadDataError: a bad record under ``on_bad="error"``.
@@ -123,7 +138,7 @@ class SFTDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, path: str | Path, tokenizer: Tokenizer, *, max_length: int, block_size: int,
-                 on_bad: OnBad = "error", truncation: bool = False) -> None:
+                 on_bad: OnBad = "error", truncation: bool = False, mask_history: bool = False) -> None:
         self.path = Path(path)
         self.bad = BadRecords(on_bad, skip_setting="data.on_bad=skip")
         self.examples: list[ChatExample] = []
@@ -138,7 +153,7 @@ class SFTDataset(torch.utils.data.Dataset):
                     except (json.JSONDecodeError, UnicodeDecodeError) as err:
                         raise ChatRecordError("invalid_json", f"invalid JSON ({err})") from None
                     self.examples.append(encode_chat(record, tokenizer, max_length=max_length, block_size=block_size,
-                                                     truncation=truncation))
+                                                     truncation=truncation, mask_history=mask_history))
                 except ChatRecordError as bad:
                     self.bad.report(bad.reason, location, bad.detail)
         if not self.examples:
@@ -185,6 +200,18 @@ def sft_collate(samples: Sequence[SFTSample], *, block_size: int, eos_id: int, p
     batch = build_sft_batch(ids, loss_mask, valid, block_size=block_size, eos_id=eos_id, pad_id=pad_id,
                             seq_multiple_of=seq_multiple_of, max_len=max_len)
     return batch, torch.tensor([s["sample_index"] for s in samples], dtype=torch.long)
+
+
+def _last_run(supervised: list[bool]) -> list[bool]:
+    """``supervised`` with every token before its last contiguous run of True cleared (Automodel's ``mask_history``:
+    each assistant turn renders as one run)."""
+    end = len(supervised)
+    while end and not supervised[end - 1]:
+        end -= 1
+    start = end
+    while start and supervised[start - 1]:
+        start -= 1
+    return [False] * start + supervised[start:]
 
 
 def _messages(record: Any) -> list[dict[str, str]]:

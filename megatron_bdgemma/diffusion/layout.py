@@ -138,7 +138,8 @@ def build_sft_batch(
     Per example (its valid tokens, cut to ``max_len`` when given):
 
     - the prompt is everything before the **first** supervised token; the response window runs from there to the
-      last valid token. Supervised tokens inside it (every assistant turn of a multi-turn chat) are noised and
+      last valid token. Supervised tokens inside it (every assistant turn of a multi-turn chat, or only the final
+      one under ``data.mask_history``: then the earlier turns are prompt, nothing special here) are noised and
       scored; valid unsupervised ones (a template's newline after the turn, the user turns between assistant
       turns) stay clean, unscored and attended, on the canvas and in the encoder;
     - **EOS block fill**: after the last valid token the window is filled with ``eos_id`` up to a whole number of

@@ -91,6 +91,10 @@ class DataSection:
     truncation: bool = False
     """sft: cut a record longer than seq_length there (NeMo Automodel's rule; a partial last block is possible)
     instead of refusing or skipping it (on_bad)."""
+    mask_history: bool = False
+    """sft: supervise only the final assistant turn (the last run of supervised tokens left after truncation); the
+    earlier turns become clean prompt context (NeMo Automodel's ChatDataset `mask_history`, which its DiffusionGemma
+    recipe sets). False: every assistant turn is supervised. Either way the AR loss covers every token pair."""
     cache_dir: str = "runs/data_cache"
     """Where the embedded default data and megatron-core's index caches of pretraining data are written."""
 

@@ -102,7 +102,7 @@ def build_step_data(run: RunConfig, config: BDGemmaConfig) -> StepData:
         if len(paths) != 1:
             raise ValueError(f"data.paths for sft takes one chat JSONL file, got {paths}")
         full = SFTDataset(paths[0], tokenizer, max_length=d.seq_length, block_size=block, on_bad=d.on_bad,
-                          truncation=d.truncation)
+                          truncation=d.truncation, mask_history=d.mask_history)
         if full.bad.total or full.ar_only or full.truncated:
             print(full.summary(), flush=True)
         if len(full) < 2:
