@@ -24,7 +24,7 @@ own clean block -- and the noised keys of its own canvas block only. Sliding lay
 because at inference a sliding layer's cache ends there and retains ``window - 1`` positions (HF's
 ``DynamicSlidingWindowLayer``).
 
-Packed rows (docs/design.md §14). Both training masks take an optional per-token ``segment_ids`` ``[B, S]``: a row
+Packed rows (docs/design.md §13). Both training masks take an optional per-token ``segment_ids`` ``[B, S]``: a row
 then holds several records, each one contiguous run of equal ids, and attention never leaves a record. The encoder
 is causal inside its record; a canvas block sees only the clean prefix of its own record (from the record's first
 token) and its own block; sliding windows are counted inside the record and never reach into the previous one.
@@ -248,7 +248,7 @@ class BlockDiffusionTrainingMask(AttentionMask):
 
     An invalid slot (padding or an unused block slot) sees only its own canvas diagonal, so no row is empty.
 
-    Packed rows (``segment_ids`` given; docs/design.md §14): each canvas block belongs to one record, and
+    Packed rows (``segment_ids`` given; docs/design.md §13): each canvas block belongs to one record, and
     ``prefix_lens`` / ``response_lens`` are given per canvas block (``[B, C]``): the row index where that record's
     response starts, and that record's response length. The block's clean context ``[p + i·bs)`` then also starts
     at its record's first token (the start of the segment run holding index ``p + i·bs``, which lies inside the

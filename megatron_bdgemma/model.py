@@ -367,7 +367,7 @@ class BDGemmaModel(GPTModel):
     def packed_masks(
         self, batch: PackedBatch, canvas: PackedCanvas
     ) -> tuple[dict[str, masks.AttentionMask], dict[str, masks.AttentionMask]]:
-        """Per layer type, the encoder and canvas masks of packed rows (docs/design.md §14): each record's causal
+        """Per layer type, the encoder and canvas masks of packed rows (docs/design.md §13): each record's causal
         encoder and its decoded blocks' strict block rule and anchored window, never across records. `encode` takes
         the first with `position_ids=batch.position_ids`; `decode` the second with `canvas.noised`."""
         encoder, decoder = {}, {}

@@ -1,7 +1,7 @@
-"""Packed rows (docs/design.md §14, issue #24), at the model level: several records per row, each exactly as alone.
+"""Packed rows (docs/design.md §13, issue #24), at the model level: several records per row, each exactly as alone.
 
 Guards: (a) no attention weight crosses a record boundary, in the encoder and on the canvas, for sliding and full
-layers: the dense grids of the segment-aware masks against a rule written here from §14 (segment equality and
+layers: the dense grids of the segment-aware masks against a rule written here from §13 (segment equality and
 record-relative positions, not the masks' run starts), and the block-sparse key spans cover every allowed key and
 skip the keys before a chunk's record; (b) every packed record's encoder and canvas logits, both losses and every
 gradient equal today's unpacked training forward of the same records with the same noise and coins (SFT single- and

@@ -1,6 +1,6 @@
 """Packed rows: several records (SFT chats or pretraining documents) share one row, each computed exactly as alone.
 
-docs/design.md §14. A packed micro-batch is defined from the **unpacked** one: the records' own
+docs/design.md §13. A packed micro-batch is defined from the **unpacked** one: the records' own
 :class:`~.layout.DiffusionBatch` (one record per row, as ``build_sft_batch`` / ``build_pretrain_batch`` lay it out
 today) plus a placement (which row, which offset). So everything a record has alone it keeps by construction:
 
