@@ -281,7 +281,8 @@ class BDGemmaModel(GPTModel):
                 signal.
             self_conditioning_probs: instead of `self_conditioning_logits`, their fp32 softmax `[B, R, V]`, when the
                 caller has it (generation's sampler does), saving a vocabulary-wide softmax.
-            self_conditioning_mask: `[B]` bool; False gives that example an exactly-zero signal.
+            self_conditioning_mask: `[B]` bool; False gives that example an exactly-zero signal. Or `[B, R]` per slot
+                (packed rows, see `decoder_input`).
             rope: `self.rope(canvas_position_ids, dtype)`, when the caller keeps it across decodes of one canvas.
         """
         if self_conditioning_logits is not None and self_conditioning_probs is not None:

@@ -192,7 +192,7 @@ def pack_canvas(batch: PackedBatch, noised: NoisedCanvas, *, num_canvas_blocks: 
     """Move each record's decoded blocks (``noised``: ``noise_batch`` of ``batch.records``) onto its row's canvas.
 
     A record's blocks that hold at least one response token go, in order, into the next free canvas blocks of its
-    row (a record with no response, AR loss only, takes none). Unused canvas blocks are invalid (block id -1): they
+    row, records in their row's order (a record with no response, AR loss only, takes none). Unused canvas blocks are invalid (block id -1): they
     attend only to themselves and are never scored.
 
     Args:
@@ -210,7 +210,8 @@ def pack_canvas(batch: PackedBatch, noised: NoisedCanvas, *, num_canvas_blocks: 
         )
     block_ids, response_lens = noised.block_ids.cpu(), records.response_lens.cpu()
     placed: list[list[tuple[int, int]]] = [[] for _ in range(batch.batch_size)]  # per row: (record, its canvas block)
-    for i in range(records.batch_size):
+    row_order = sorted(range(records.batch_size), key=lambda i: (int(batch.record_rows[i]), int(batch.record_starts[i])))
+    for i in row_order:
         for c, block in enumerate(block_ids[i].tolist()):
             if 0 <= block and block * bs < response_lens[i]:
                 placed[int(batch.record_rows[i])].append((i, c))
