@@ -283,3 +283,15 @@ def test_first_fit_decreasing_on_log_normal_chats():
               f"the micro-batch's longest (4) {longest:.3f}; padded to seq_length {fixed:.3f}")
     print(report)
     assert min(efficiencies) >= 0.95 and packed >= 2 * longest, report
+
+
+def test_pack_refuses_bad_placements():
+    records = _documents()  # 13, 6, 9, 3 and 17 tokens
+    with pytest.raises(ValueError, match=r"rows must place each of the 5 records exactly once"):
+        pack_batch(records, [[0, 1], [2, 3]], pad_id=0)
+    with pytest.raises(ValueError, match=r"packed rows \[1\] hold \[29\] tokens, more than seq_len 20"):
+        pack_batch(records, [[0, 1], [2, 3, 4]], pad_id=0, seq_len=20)
+    batch = pack_batch(records, [[4, 0, 1], [2, 3]], pad_id=0)
+    noised = noise_batch(records, sample_indices=range(5), step=0, seed=0, vocab_size=VOCAB, score="all_blocks")
+    with pytest.raises(ValueError, match=r"a packed row needs 11 canvas blocks, more than num_canvas_blocks 8"):
+        pack_canvas(batch, noised, num_canvas_blocks=8)
