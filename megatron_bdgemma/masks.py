@@ -24,6 +24,11 @@ own clean block -- and the noised keys of its own canvas block only. Sliding lay
 because at inference a sliding layer's cache ends there and retains ``window - 1`` positions (HF's
 ``DynamicSlidingWindowLayer``).
 
+Packed rows (docs/design.md §13). Both training masks take an optional per-token ``segment_ids`` ``[B, S]``: a row
+then holds several records, each one contiguous run of equal ids, and attention never leaves a record. The encoder
+is causal inside its record; a canvas block sees only the clean prefix of its own record (from the record's first
+token) and its own block; sliding windows are counted inside the record and never reach into the previous one.
+
 Rules are vectorised on their tensors' device. ``allowed_at`` never synchronises with the host; ``key_spans`` of
 the training canvas reads its per-block bounds to the host once per mask.
 """
@@ -153,15 +158,23 @@ class EncoderMask(AttentionMask):
     ``k <= q``, ``q - k < window`` on sliding layers, and ``key_valid[b, k]``. A query that would see nothing (a
     pad query before any valid key, or past the window of all of them) sees only itself.
 
+    With ``segment_ids`` (a packed row), query ``q`` additionally sees only keys of its own segment: ``k`` at or
+    after the first key of the run of equal ids that holds ``q``. Positions restart per record in the caller's
+    ``position_ids``; indices here stay row indices, and inside one record the two differ by a constant, so
+    ``q - k < window`` is the record's own window.
+
     Args:
         key_valid: ``[B, K]`` bool, False on padding (never attended).
         window: sliding window of the layer, or None for a full-attention layer.
         num_queries: ``Q <= K``; None = ``K``.
+        segment_ids: optional ``[B, K]`` int, the record of each key (each record one contiguous run; padding
+            may carry any id, it is never attended). None = one record per row.
     """
 
     key_valid: Tensor
     window: int | None
     num_queries: int | None = None
+    segment_ids: Tensor | None = None
 
     def __post_init__(self) -> None:
         _check_window(self.window)
@@ -172,6 +185,7 @@ class EncoderMask(AttentionMask):
         if not 0 <= self.num_queries <= self.num_keys:
             raise ValueError(f"num_queries {self.num_queries} must be in [0, {self.num_keys}] (the number of keys)")
         self.offset = self.num_keys - self.num_queries
+        self._segment_start = _segment_start(self.segment_ids, self.key_valid.shape, "EncoderMask")
 
     @property
     def device(self) -> torch.device:
@@ -183,21 +197,36 @@ class EncoderMask(AttentionMask):
         counts = torch.nn.functional.pad(self.key_valid.long().cumsum(dim=1), (1, 0))  # [B, K + 1]
         q = torch.arange(self.num_queries, device=self.device) + self.offset
         lo = torch.zeros_like(q) if self.window is None else (q - self.window + 1).clamp(min=0)
-        return counts[:, q + 1] == counts[:, lo]
+        lo = lo.expand(self.batch_size, -1)
+        if self._segment_start is not None:
+            lo = torch.maximum(lo, self._segment_start[:, q])
+        return counts[:, q + 1] == counts.gather(1, lo)
 
     def allowed_at(self, b: Tensor, q: Tensor, k: Tensor) -> Tensor:
         position = q + self.offset
         allowed = (k <= position) & self.key_valid[b, k]
         if self.window is not None:
             allowed = allowed & (position - k < self.window)
+        if self._segment_start is not None:
+            allowed = allowed & (k >= self._segment_start[b, position])
         return allowed | ((k == position) & self._row_empty[b, q])
+
+    @cached_property
+    def _host_segment_start(self) -> Tensor:
+        return self._segment_start.cpu()  # the one host read of a packed encoder mask
 
     def key_spans(self, q_start: int, q_end: int) -> list[Span]:
         start = 0 if self.window is None else max(0, q_start + self.offset - self.window + 1)
+        if self._segment_start is not None and q_end > q_start:
+            # A chunk's first query has the earliest segment start of the chunk (starts never decrease along a
+            # row), so keys before every row's start are skipped: chunks that lie inside one record cost that
+            # record's prefix, not the row's (with one row per micro-batch, Σ record_len² in all).
+            start = max(start, int(self._host_segment_start[:, q_start + self.offset].min()))
         return [(start, q_end + self.offset)]
 
     def select(self, rows: Tensor) -> EncoderMask:
-        return EncoderMask(self.key_valid[rows], self.window, self.num_queries)
+        segments = None if self.segment_ids is None else self.segment_ids[rows]
+        return EncoderMask(self.key_valid[rows], self.window, self.num_queries, segments)
 
 
 @dataclass(eq=False)
@@ -219,15 +248,25 @@ class BlockDiffusionTrainingMask(AttentionMask):
 
     An invalid slot (padding or an unused block slot) sees only its own canvas diagonal, so no row is empty.
 
+    Packed rows (``segment_ids`` given; docs/design.md §13): each canvas block belongs to one record, and
+    ``prefix_lens`` / ``response_lens`` are given per canvas block (``[B, C]``): the row index where that record's
+    response starts, and that record's response length. The block's clean context ``[p + i·bs)`` then also starts
+    at its record's first token (the start of the segment run holding index ``p + i·bs``, which lies inside the
+    record's response), so no canvas block sees another record's encoder keys; canvas keys were per block already.
+
     Args:
-        prefix_lens: ``[B]`` int, prompt length ``p_b``.
-        response_lens: ``[B]`` int, response length ``L_b`` including the EOS fill (``p_b + L_b <= S``).
+        prefix_lens: ``[B]`` int, prompt length ``p_b``; or ``[B, C]``, per canvas block, the row index where its
+            record's response starts.
+        response_lens: ``[B]`` int, response length ``L_b`` including the EOS fill (``p_b + L_b <= S``); or
+            ``[B, C]``, per canvas block, its record's.
         encoder_len: ``S``, number of encoder keys.
         canvas_len: ``R``, number of canvas slots (may exceed every ``L_b``).
         block_size: ``bs``, the block length.
         window: sliding window of the layer, or None for a full-attention layer.
         canvas_block_ids: optional ``[B, ceil(R / bs)]`` int, the response block held by each canvas block;
             negative = unused. None means canvas block ``c`` holds response block ``c``.
+        segment_ids: optional ``[B, S]`` int, the record of each encoder position (a packed row, each record one
+            contiguous run); None = one record per row.
 
     The grid is ``[B, 1, R, S + R]``.
     """
@@ -239,34 +278,53 @@ class BlockDiffusionTrainingMask(AttentionMask):
     block_size: int
     window: int | None
     canvas_block_ids: Tensor | None = None
+    segment_ids: Tensor | None = None
 
     def __post_init__(self) -> None:
         _check_window(self.window)
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         batch = self.prefix_lens.shape[0]
-        if self.response_lens.shape != (batch,):
-            raise ValueError(f"response_lens shape {tuple(self.response_lens.shape)} != prefix_lens shape {(batch,)}")
+        num_canvas_blocks = -(-self.canvas_len // self.block_size)
+        if self.prefix_lens.shape not in ((batch,), (batch, num_canvas_blocks)):
+            raise ValueError(
+                f"prefix_lens shape {tuple(self.prefix_lens.shape)} is neither {(batch,)} nor {(batch, num_canvas_blocks)} "
+                f"(batch, ceil(canvas_len / block_size))"
+            )
+        if self.response_lens.shape != self.prefix_lens.shape:
+            raise ValueError(
+                f"response_lens shape {tuple(self.response_lens.shape)} != prefix_lens shape {tuple(self.prefix_lens.shape)}"
+            )
         device = self.prefix_lens.device
         slot = torch.arange(self.canvas_len, device=device)
         canvas_block = slot // self.block_size  # [R], the canvas block of each slot
         if self.canvas_block_ids is None:
             block = canvas_block.expand(batch, self.canvas_len)
         else:
-            num_canvas_blocks = -(-self.canvas_len // self.block_size)
             if self.canvas_block_ids.shape != (batch, num_canvas_blocks):
                 raise ValueError(
                     f"canvas_block_ids shape {tuple(self.canvas_block_ids.shape)} != {(batch, num_canvas_blocks)} "
                     f"(batch, ceil(canvas_len / block_size))"
                 )
             block = self.canvas_block_ids.to(device).long()[:, canvas_block]  # [B, R], response block of each slot
+        # Per slot, its record's prompt length and response length: per row, or per canvas block (packed rows).
+        prefix, response = (
+            (t.long()[:, None] if t.dim() == 1 else t.long()[:, canvas_block]) for t in (self.prefix_lens, self.response_lens)
+        )
         offset = block * self.block_size + slot % self.block_size  # [B, R], response offset held by each slot
-        slot_valid = (block >= 0) & (offset < self.response_lens.long()[:, None])  # [B, R]
+        slot_valid = (block >= 0) & (offset < response)  # [B, R]
         # Block i's clean context is exactly the encoder prefix [0, p + i·bs): the prompt plus the strictly earlier
         # response blocks (the response keys past it are its own and later blocks, then global pad). This is also
         # where the inference cache ends when block i is decoded, which is why the window is anchored there.
-        context_end = self.prefix_lens.long()[:, None] + block * self.block_size  # [B, R]
-        self._slots = (slot_valid, context_end)
+        context_end = prefix + block * self.block_size  # [B, R]
+        # In a packed row the context starts at the record's first token. A valid slot's context_end lies inside
+        # its record's response, so the segment run holding that index is the slot's record.
+        segment_start = _segment_start(self.segment_ids, (batch, self.encoder_len), "BlockDiffusionTrainingMask")
+        if segment_start is None:
+            context_start = torch.zeros_like(context_end)
+        else:
+            context_start = segment_start.gather(1, context_end.clamp(0, self.encoder_len - 1))
+        self._slots = (slot_valid, context_start, context_end)
         self.batch_size, self.num_queries = batch, self.canvas_len
         self.num_keys = self.encoder_len + self.canvas_len
         self.query_chunk = self.block_size
@@ -276,11 +334,13 @@ class BlockDiffusionTrainingMask(AttentionMask):
         return self.prefix_lens.device
 
     def allowed_at(self, b: Tensor, q: Tensor, k: Tensor) -> Tensor:
-        slot_valid, context_end = self._slots
+        slot_valid, context_start, context_end = self._slots
         S, bs = self.encoder_len, self.block_size
         query_valid, end = slot_valid[b, q], context_end[b, q]
         is_encoder = k < S
         encoder = is_encoder & query_valid & (k < end)
+        if self.segment_ids is not None:
+            encoder = encoder & (k >= context_start[b, q])
         if self.window is not None:
             encoder = encoder & (k >= end - self.window + 1)
         j = (k - S).clamp(min=0)  # the canvas slot of a canvas key (0 for encoder keys, masked off below)
@@ -288,26 +348,29 @@ class BlockDiffusionTrainingMask(AttentionMask):
         return encoder | (~is_encoder & (same_block | (j == q)))
 
     @cached_property
-    def _host_slots(self) -> tuple[Tensor, Tensor]:
-        slot_valid, context_end = self._slots
-        return slot_valid.cpu(), context_end.cpu()  # the one host read of this mask
+    def _host_slots(self) -> tuple[Tensor, Tensor, Tensor]:
+        return tuple(t.cpu() for t in self._slots)  # the one host read of this mask
 
     def key_spans(self, q_start: int, q_end: int) -> list[Span]:
         bs, S = self.block_size, self.encoder_len
         canvas = (S + q_start // bs * bs, S + min(-(-q_end // bs) * bs, self.canvas_len))
-        slot_valid, context_end = (t[:, q_start:q_end] for t in self._host_slots)
+        slot_valid, context_start, context_end = (t[:, q_start:q_end] for t in self._host_slots)
         ends = context_end[slot_valid]
         if ends.numel() == 0:
             return [canvas]
-        start = 0 if self.window is None else max(0, int(ends.min()) - self.window + 1)
-        end = int(ends.max())
+        # Per slot the first visible encoder key: its record's start, or the window's, whichever is later.
+        starts = context_start[slot_valid]
+        if self.window is not None:
+            starts = torch.maximum(starts, ends - self.window + 1)
+        start, end = max(0, int(starts.min())), int(ends.max())
         return [(start, end), canvas] if end > start else [canvas]
 
     def select(self, rows: Tensor) -> BlockDiffusionTrainingMask:
         ids = None if self.canvas_block_ids is None else self.canvas_block_ids[rows]
+        segments = None if self.segment_ids is None else self.segment_ids[rows]
         return BlockDiffusionTrainingMask(
             self.prefix_lens[rows], self.response_lens[rows], self.encoder_len, self.canvas_len, self.block_size,
-            self.window, ids,
+            self.window, ids, segments,
         )
 
 
@@ -394,6 +457,19 @@ def to_additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
 
 # ----------------------------------------------------------------------------------------------------------------
 # internals
+
+
+def _segment_start(segment_ids: Tensor | None, shape: tuple[int, int], owner: str) -> Tensor | None:
+    """``[B, K]`` long: the index of the first key of the run of equal ``segment_ids`` holding each key (None for
+    None). A packed record is one such run, so "same record" is "at or after its run's start"."""
+    if segment_ids is None:
+        return None
+    if tuple(segment_ids.shape) != tuple(shape):
+        raise ValueError(f"{owner}: segment_ids shape {tuple(segment_ids.shape)} != {tuple(shape)}")
+    index = torch.arange(shape[1], device=segment_ids.device).expand(shape)
+    first = torch.ones(shape, dtype=torch.bool, device=segment_ids.device)
+    first[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return torch.where(first, index, 0).cummax(dim=1).values
 
 
 def _check_window(window: int | None) -> None:

@@ -29,6 +29,7 @@ from megatron_bdgemma import masks
 from megatron_bdgemma.config import BDGemmaConfig
 from megatron_bdgemma.diffusion import DiffusionBatch, NoisedCanvas, ar_loss, diffusion_loss
 from megatron_bdgemma.diffusion.loss import scored_weights
+from megatron_bdgemma.diffusion.packing import PackedBatch, PackedCanvas
 from megatron_bdgemma.layers.attention import KV, KVBuffer
 from megatron_bdgemma.layers.linear import plain_forward, runs_plain
 from megatron_bdgemma.layers.norm import cast
@@ -231,7 +232,8 @@ class BDGemmaModel(GPTModel):
             canvas_ids: `[B, R]`.
             self_conditioning_signal: `[R, B, H]` soft embedding (`[R/tp, B, H]` under sequence parallelism);
                 None = the zero signal.
-            self_conditioning_mask: `[B]` bool; False zeroes that example's signal exactly.
+            self_conditioning_mask: `[B]` bool; False zeroes that example's signal exactly. Or `[B, R]`, per canvas
+                slot (packed rows: each record's coin on its own blocks, `diffusion.packing.pack_canvas`).
         """
         embeddings = self.embed(canvas_ids)
         if not self.config.self_conditioning:
@@ -240,8 +242,13 @@ class BDGemmaModel(GPTModel):
             signal = torch.zeros_like(embeddings)
         elif self_conditioning_mask is None:
             signal = self_conditioning_signal
-        else:
+        elif self_conditioning_mask.dim() == 1:
             signal = self_conditioning_signal * self_conditioning_mask.to(self_conditioning_signal.dtype)[None, :, None]
+        else:
+            if self.config.sequence_parallel:
+                raise NotImplementedError("per-slot self-conditioning coins (packed rows) under sequence parallelism: issue #24")
+            gate = self_conditioning_mask.transpose(0, 1).to(self_conditioning_signal.dtype)[:, :, None]  # [R, B, 1]
+            signal = self_conditioning_signal * gate
         return self.self_conditioning(embeddings, signal)
 
     def logits_signal(self, logits: torch.Tensor) -> torch.Tensor:
@@ -283,7 +290,8 @@ class BDGemmaModel(GPTModel):
                 signal.
             self_conditioning_probs: instead of `self_conditioning_logits`, their fp32 softmax `[B, R, V]`, when the
                 caller has it (generation's sampler does), saving a vocabulary-wide softmax.
-            self_conditioning_mask: `[B]` bool; False gives that example an exactly-zero signal.
+            self_conditioning_mask: `[B]` bool; False gives that example an exactly-zero signal. Or `[B, R]` per slot
+                (packed rows, see `decoder_input`).
             rope: `self.rope(canvas_position_ids, dtype)`, when the caller keeps it across decodes of one canvas.
         """
         if self_conditioning_logits is not None and self_conditioning_probs is not None:
@@ -365,6 +373,22 @@ class BDGemmaModel(GPTModel):
             )
             for t in set(self.config.layer_types)
         }
+
+    def packed_masks(
+        self, batch: PackedBatch, canvas: PackedCanvas
+    ) -> tuple[dict[str, masks.AttentionMask], dict[str, masks.AttentionMask]]:
+        """Per layer type, the encoder and canvas masks of packed rows (docs/design.md §13): each record's causal
+        encoder and its decoded blocks' strict block rule and anchored window, never across records. `encode` takes
+        the first with `position_ids=batch.position_ids`; `decode` the second with `canvas.noised`."""
+        encoder, decoder = {}, {}
+        for t in set(self.config.layer_types):
+            window = self.config.window_of(t)
+            encoder[t] = masks.EncoderMask(batch.encoder_valid, window, segment_ids=batch.segment_ids)
+            decoder[t] = masks.BlockDiffusionTrainingMask(
+                canvas.response_starts, canvas.response_lens, batch.seq_len, canvas.noised.canvas_ids.shape[1],
+                batch.block_size, window, canvas_block_ids=canvas.noised.block_ids, segment_ids=batch.segment_ids,
+            )
+        return encoder, decoder
 
     def training_forward(
         self,

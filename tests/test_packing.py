@@ -1,0 +1,297 @@
+"""Packed rows (docs/design.md §13, issue #24), at the model level: several records per row, each exactly as alone.
+
+Guards: (a) no attention weight crosses a record boundary, in the encoder and on the canvas, for sliding and full
+layers: the dense grids of the segment-aware masks against a rule written here from §13 (segment equality and
+record-relative positions, not the masks' run starts), and the block-sparse key spans cover every allowed key and
+skip the keys before a chunk's record; (b) every packed record's encoder and canvas logits, both losses and every
+gradient equal today's unpacked training forward of the same records with the same noise and coins (SFT single- and
+multi-turn with an AR-only record, one and all blocks scored; pretraining documents with partial last blocks), eager
+and block-sparse; (c) the first-fit-decreasing packer: every record once, no row over capacity, deterministic, and
+its efficiency on a log-normal length sample.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+
+import pytest
+import torch
+
+from megatron_bdgemma.config import tiny
+from megatron_bdgemma.diffusion import ar_loss, build_pretrain_batch, build_sft_batch, diffusion_loss, noise_batch
+from megatron_bdgemma.diffusion.packing import (
+    first_fit_decreasing,
+    pack_batch,
+    pack_canvas,
+    packing_efficiency,
+)
+from megatron_bdgemma.masks import BlockDiffusionTrainingMask, EncoderMask
+from megatron_bdgemma.model import BDGemmaModel
+
+BLOCK = 4
+WINDOW = 5  # shorter than the records, so sliding layers cut inside a record and would reach into the previous one
+VOCAB = 512
+ROW = 40
+
+
+def _model(impl: str = "eager") -> BDGemmaModel:
+    torch.manual_seed(0)
+    model = BDGemmaModel(tiny(canvas_length=BLOCK, sliding_window=WINDOW, attention_impl=impl, attention_chunk_size=6))
+    with torch.no_grad():  # random norm weights and layer scalars, so nothing is the identity
+        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+            if name.endswith(("layernorm.weight", "norm.weight", "router.scale", "layer_scalar")):
+                tensor.uniform_(0.5, 1.5)
+    return model
+
+
+def _sft_records():
+    """Five chats: single-turn (prompt 6, answer 9), multi-turn (prompt 3, answer 4, user 3, answer 5), AR-only (7
+    tokens, nothing supervised), short (prompt 2, answer 3), long answer (prompt 1, answer 10); EOS-filled."""
+    turns = [[(0, 6), (6, 15)], [(0, 3), (3, 7), (7, 10), (10, 15)], [(0, 7)], [(0, 2), (2, 5)], [(0, 1), (1, 11)]]
+    supervised = [[1], [1, 3], [], [1], [1]]
+    S = 16
+    ids = torch.randint(2, VOCAB, (len(turns), S), generator=torch.Generator().manual_seed(0))
+    loss_mask = torch.zeros(len(turns), S, dtype=torch.bool)
+    valid = torch.zeros(len(turns), S, dtype=torch.bool)
+    for r, spans in enumerate(turns):
+        valid[r, : spans[-1][1]] = True
+        for t in supervised[r]:
+            loss_mask[r, spans[t][0] : spans[t][1]] = True
+    return build_sft_batch(ids, loss_mask, valid, block_size=BLOCK, eos_id=1, pad_id=0)
+
+
+def _documents():
+    """Five pretraining documents of 13, 6, 9, 3 and 17 tokens (partial last blocks)."""
+    lengths = [13, 6, 9, 3, 17]
+    ids = torch.randint(2, VOCAB, (len(lengths), max(lengths)), generator=torch.Generator().manual_seed(1))
+    valid = torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]
+    return build_pretrain_batch(ids, block_size=BLOCK, valid=valid, pad_id=0)
+
+
+def _packed(records, score: str):
+    """The records packed into rows of `ROW` tokens, noised as they are alone; coins alternate so both gates occur."""
+    lengths = records.encoder_valid.sum(dim=1).tolist()
+    rows = first_fit_decreasing(lengths, ROW)
+    assert len(rows) < records.batch_size, f"nothing was packed: {rows}"
+    noised = noise_batch(records, sample_indices=[10 + i for i in range(records.batch_size)], step=3, seed=1,
+                         vocab_size=VOCAB, score=score)
+    coins = torch.arange(records.batch_size) % 3 == 0  # mixed in every row of both fixtures
+    noised = dataclasses.replace(noised, self_conditioning=coins)
+    batch = pack_batch(records, rows, pad_id=0, seq_len=ROW)
+    return batch, pack_canvas(batch, noised), noised
+
+
+CASES = [("sft", "one_block"), ("sft", "all_blocks"), ("pretrain", "all_blocks")]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (a) brute force: the masks never cross a record
+
+
+def _ref_encoder(batch, window):
+    seg, pos, valid = batch.segment_ids.tolist(), batch.position_ids.tolist(), batch.encoder_valid.tolist()
+    out = []
+    for b in range(batch.batch_size):
+        grid = [[valid[b][k] and seg[b][k] == seg[b][q] and k <= q and (window is None or pos[b][q] - pos[b][k] < window)
+                 for k in range(batch.seq_len)] for q in range(batch.seq_len)]
+        for q in range(batch.seq_len):
+            grid[q][q] = grid[q][q] or not any(grid[q])
+        out.append(grid)
+    return torch.tensor(out)
+
+
+def _ref_canvas(batch, canvas, window):
+    """§5's rule per record, in the record's own positions: its prompt and strictly earlier blocks, the window
+    anchored at the block start, its own canvas block; a key of another record is never visible."""
+    records, S, bs = batch.records, batch.seq_len, batch.block_size
+    R = canvas.noised.canvas_ids.shape[1]
+    seg, pos = batch.segment_ids.tolist(), batch.position_ids.tolist()
+    owners, blocks = canvas.canvas_records.tolist(), canvas.noised.block_ids.tolist()
+
+    def slot(b, j):
+        i, block = owners[b][j // bs], blocks[b][j // bs]
+        return i, block, i >= 0 and block >= 0 and block * bs + j % bs < int(records.response_lens[i])
+
+    out = []
+    for b in range(batch.batch_size):
+        grid = []
+        for j in range(R):
+            i, block, valid = slot(b, j)
+            if not valid:
+                grid.append([key == S + j for key in range(S + R)])
+                continue
+            end = int(records.prefix_lens[i]) + block * bs  # record position where the block's clean context ends
+            row = [seg[b][k] == i and pos[b][k] < end and (window is None or pos[b][k] >= end - window + 1)
+                   for k in range(S)]
+            row += [j2 // bs == j // bs and slot(b, j2)[2] for j2 in range(R)]
+            grid.append(row)
+        out.append(grid)
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("data, score", CASES)
+@pytest.mark.parametrize("window", [None, WINDOW, 2])
+def test_no_attention_crosses_a_record(data, score, window):
+    batch, canvas, _ = _packed(_sft_records() if data == "sft" else _documents(), score)
+    encoder = EncoderMask(batch.encoder_valid, window, segment_ids=batch.segment_ids)
+    decoder = BlockDiffusionTrainingMask(
+        canvas.response_starts, canvas.response_lens, batch.seq_len, canvas.noised.canvas_ids.shape[1], BLOCK, window,
+        canvas_block_ids=canvas.noised.block_ids, segment_ids=batch.segment_ids,
+    )
+    for name, mask, ref in (("encoder", encoder, _ref_encoder(batch, window)),
+                            ("canvas", decoder, _ref_canvas(batch, canvas, window))):
+        dense = mask.dense()[:, 0]
+        assert torch.equal(dense, ref), f"{name} mask differs from the rule at {(dense != ref).nonzero()[:5].tolist()}"
+        # Explicitly: every allowed pair between two real tokens lies inside one record.
+        if name == "encoder":
+            query_seg, key_seg = batch.segment_ids[:, :, None], batch.segment_ids[:, None, :]
+            real = batch.encoder_valid[:, :, None] & batch.encoder_valid[:, None, :]
+        else:
+            canvas_seg = canvas.canvas_records.repeat_interleave(BLOCK, dim=1)
+            query_seg, key_seg = canvas_seg[:, :, None], batch.segment_ids[:, None, :]
+            dense, real = dense[:, :, : batch.seq_len], (canvas_seg[:, :, None] >= 0) & batch.encoder_valid[:, None, :]
+        crossing = dense & real & (query_seg != key_seg)
+        assert not crossing.any(), f"{name}: attention across records at {crossing.nonzero()[:5].tolist()}"
+        # The block-sparse kernel reads only the key spans: they must hold every allowed key.
+        chunk = mask.query_chunk or 6
+        for start in range(0, mask.num_queries, chunk):
+            end = min(start + chunk, mask.num_queries)
+            spanned = torch.zeros(mask.num_keys, dtype=torch.bool)
+            for a, z in mask.key_spans(start, end):
+                spanned[a:z] = True
+            missed = mask.dense()[:, 0, start:end] & ~spanned
+            assert not missed.any(), f"{name}: key spans of queries [{start}, {end}) miss allowed keys"
+
+
+def test_block_sparse_skips_other_records():
+    """On one packed row, an encoder chunk inside a record reads no key before that record: full-attention cost is
+    Σ over chunks of (chunk end - its record start), about Σ record_len² / 2, not row_len² / 2."""
+    lengths, chunk = [300, 120, 60, 20], 10
+    segment = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None, :]
+    mask = EncoderMask(torch.ones_like(segment, dtype=torch.bool), None, segment_ids=segment)
+    starts = torch.tensor([0] + lengths[:-1]).cumsum(0)
+    cost = 0
+    for q in range(0, segment.shape[1], chunk):
+        ((a, z),) = mask.key_spans(q, q + chunk)
+        assert a == int(starts[segment[0, q]]), f"chunk at {q} reads from key {a}, not its record's start"
+        cost += (z - a) * chunk
+    packed_ideal, row = sum(n * n for n in lengths) / 2, sum(lengths) ** 2 / 2
+    assert cost <= 1.1 * packed_ideal, f"block-sparse cost {cost} vs Σ record_len²/2 = {packed_ideal} (row²/2 = {row})"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (b) every packed record equals the record alone
+
+
+def _packed_forward(model, batch, canvas):
+    """encode → decode pass 1 (zero signal, no grad) → pass 2 (gated pass-1 signal) → losses, on packed rows."""
+    encoder_masks, canvas_masks = model.packed_masks(batch, canvas)
+    noised = canvas.noised
+    encoded = model.encode(batch.input_ids, position_ids=batch.position_ids, padding_mask=~batch.encoder_valid,
+                           attention_mask=encoder_masks, return_logits=True)
+    decode = dict(canvas_position_ids=noised.position_ids, attention_mask=canvas_masks)
+    with torch.no_grad():
+        first = model.decode(noised.canvas_ids, encoded, **decode)
+    logits = model.decode(noised.canvas_ids, encoded, self_conditioning_logits=first,
+                          self_conditioning_mask=noised.self_conditioning, **decode)
+    diffusion = diffusion_loss(logits, noised.targets, noised.scored, noised.weights)
+    ar = ar_loss(encoded.logits, batch.ar_labels, batch.ar_loss_mask)
+    return encoded.logits, logits, diffusion, ar
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("impl", ["eager", "block_sparse"])
+@pytest.mark.parametrize("data, score", CASES)
+def test_packed_records_equal_records_alone(model_parallel, data, score, impl):
+    records = _sft_records() if data == "sft" else _documents()
+    batch, canvas, noised = _packed(records, score)
+
+    alone_model = _model(impl)
+    alone = alone_model.training_forward(records, noised)  # today's unpacked path: one record per row
+    (alone.diffusion_loss_sum + alone.ar_loss_sum).backward()
+    packed_model = _model(impl)
+    encoder_logits, canvas_logits, (diff_sum, diff_count), (ar_sum, ar_count) = _packed_forward(packed_model, batch, canvas)
+    (diff_sum + ar_sum).backward()
+
+    lengths = records.encoder_valid.sum(dim=1).tolist()
+    worst = 0.0
+    for i, n in enumerate(lengths):
+        row, start = int(batch.record_rows[i]), int(batch.record_starts[i])
+        diff = (encoder_logits[row, start : start + n] - alone.encoder_logits[i, :n]).abs().max().item()
+        assert diff <= 1e-5, f"record {i}: encoder logits differ by {diff:.2e} packed vs alone"
+        worst = max(worst, diff)
+    placed = 0
+    for b, c in (canvas.canvas_records >= 0).nonzero().tolist():
+        i, block = int(canvas.canvas_records[b, c]), int(canvas.noised.block_ids[b, c])
+        source = noised.block_ids[i].tolist().index(block)
+        valid = min(BLOCK, int(records.response_lens[i]) - block * BLOCK)
+        diff = (canvas_logits[b, c * BLOCK : c * BLOCK + valid]
+                - alone.canvas_logits[i, source * BLOCK : source * BLOCK + valid]).abs().max().item()
+        assert diff <= 1e-5, f"record {i}, block {block}: canvas logits differ by {diff:.2e} packed vs alone"
+        worst, placed = max(worst, diff), placed + 1
+    assert placed >= records.batch_size - 1  # every record with a response has its block(s) on the canvas
+
+    assert (diff_count, ar_count) == (alone.diffusion_tokens, alone.ar_tokens)
+    for name, ours, ref in (("diffusion", diff_sum, alone.diffusion_loss_sum), ("ar", ar_sum, alone.ar_loss_sum)):
+        assert abs(ours.item() - ref.item()) <= 1e-5 * abs(ref.item()), f"{name} loss {ours.item()} vs {ref.item()}"
+    ours, ref = _grads(packed_model), _grads(alone_model)
+    assert ours.keys() == ref.keys()
+    for name in ref:
+        diff, scale = (ours[name] - ref[name]).abs().max().item(), ref[name].abs().max().item()
+        assert diff <= 1e-5 * max(scale, 1e-3), f"{name}: gradient differs by {diff:.2e} (max {scale:.2e})"
+    print(f"{data}/{score}/{impl}: worst logit difference {worst:.1e}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (c) the packer
+
+
+def test_first_fit_decreasing_policy():
+    # Longest first, each into the first row with room: 5, 5 | 4, 3, 3 (hand-computed).
+    assert first_fit_decreasing([3, 5, 4, 5, 3], 10) == [[1, 3], [2, 0, 4]]
+    assert first_fit_decreasing([3, 5, 4, 5, 3], 10, max_records_per_row=2) == [[1, 3], [2, 0], [4]]
+    with pytest.raises(ValueError, match=r"record 1 has 11 tokens: a packed record needs 1 to 10 \(data.seq_length\)"):
+        first_fit_decreasing([3, 11], 10)
+
+
+def test_first_fit_decreasing_on_log_normal_chats():
+    """A step's records (the buffer is the global batch) of log-normal length, median 300, capped at 4096."""
+    capacity, batch, steps = 4096, 256, 8
+    rng = random.Random(0)
+    lengths = [min(capacity, max(1, round(rng.lognormvariate(math.log(300), 1.0)))) for _ in range(batch * steps)]
+    rows_total, padded_longest, placed_total, efficiencies = 0, 0, 0, []
+    for step in range(steps):
+        chunk = lengths[step * batch : (step + 1) * batch]
+        rows = first_fit_decreasing(chunk, capacity)
+        assert rows == first_fit_decreasing(list(chunk), capacity), "not deterministic"
+        assert sorted(i for row in rows for i in row) == list(range(batch)), "a record not placed exactly once"
+        assert max(sum(chunk[i] for i in row) for row in rows) <= capacity
+        efficiencies.append(packing_efficiency(chunk, rows, capacity))
+        rows_total += len(rows)
+        placed_total += sum(chunk)
+        padded_longest += sum(max(chunk[i : i + 4]) * 4 for i in range(0, batch, 4))  # micro-batch 4, padded
+    packed = placed_total / (rows_total * capacity)
+    longest = placed_total / padded_longest
+    fixed = placed_total / (len(lengths) * capacity)
+    report = (f"packing efficiency (valid / row tokens): packed {packed:.3f} in {rows_total} rows (steps "
+              f"{min(efficiencies):.3f} to {max(efficiencies):.3f}); unpacked padded to "
+              f"the micro-batch's longest (4) {longest:.3f}; padded to seq_length {fixed:.3f}")
+    print(report)
+    assert min(efficiencies) >= 0.95 and packed >= 2 * longest, report
+
+
+def test_pack_refuses_bad_placements():
+    records = _documents()  # 13, 6, 9, 3 and 17 tokens
+    with pytest.raises(ValueError, match=r"rows must place each of the 5 records exactly once"):
+        pack_batch(records, [[0, 1], [2, 3]], pad_id=0)
+    with pytest.raises(ValueError, match=r"packed rows \[1\] hold \[29\] tokens, more than seq_len 20"):
+        pack_batch(records, [[0, 1], [2, 3, 4]], pad_id=0, seq_len=20)
+    batch = pack_batch(records, [[4, 0, 1], [2, 3]], pad_id=0)
+    noised = noise_batch(records, sample_indices=range(5), step=0, seed=0, vocab_size=VOCAB, score="all_blocks")
+    with pytest.raises(ValueError, match=r"a packed row needs 11 canvas blocks, more than num_canvas_blocks 8"):
+        pack_canvas(batch, noised, num_canvas_blocks=8)
