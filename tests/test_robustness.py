@@ -150,6 +150,7 @@ def test_cli_load_and_init_from(sft_run, monkeypatch):
 
 @pytest.mark.parametrize("override,key", [("data.mode=pretrain", "data.mode"), ("train.seed=7", "train.seed"),
                                           ("objective.ar_weight=0.5", "objective.ar_weight"),
+                                          ("data.truncation=true", "data.truncation"),
                                           ("model.overrides.canvas_length=32", "model.overrides.canvas_length")])
 def test_load_refuses_changes_that_break_exact_resume(sft_run, override, key):
     from megatron_bdgemma.training.resume import resume_run_config

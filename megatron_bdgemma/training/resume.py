@@ -31,7 +31,7 @@ from megatron_bdgemma.training.run_dir import locate_checkpoint, save_root
 BREAKS_EXACT_RESUME = (
     "data.mode", "data.paths", "data.tokenizer", "data.seq_length", "data.split", "objective.", "train.seed",
     "train.global_batch_size", "model.overrides.", "model.preset", "model.hf",
-    "data.mask_history",  # which tokens are supervised
+    "data.chat_template", "data.truncation", "data.mask_history",  # which tokens each record holds and supervises
 )
 # Keys the LR / weight-decay schedule is built from: a change rebuilds it from the checkpoint's step.
 SCHEDULE = ("optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.decay_style", "optim.weight_decay", "train.steps")
