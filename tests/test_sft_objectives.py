@@ -346,3 +346,8 @@ def test_cli_trains_each_variant_records_it_and_refuses_to_resume_with_another(t
         lines = refused.stderr.strip().splitlines()
         assert refused.returncode != 0 and lines, refused.stdout + refused.stderr
         assert "objective.variant" in lines[-1] and f"resuming {root}" in lines[-1], lines[-1]
+    absorbing = cli("--config", str(SFT_CONFIG), "objective.kind=absorbing", "objective.mask_id=3",
+                    "objective.variant=loo-ce", *CLI)
+    lines = absorbing.stderr.strip().splitlines()
+    assert absorbing.returncode != 0 and lines and "objective.variant" in lines[-1], absorbing.stdout + absorbing.stderr
+    assert "objective.kind=absorbing" in lines[-1] and "Traceback" not in absorbing.stderr, lines[-1]
