@@ -23,10 +23,14 @@ noisy canvas id, K the corruption's vocabulary size.
 
 Bounds: a loss is compared as |ours − oracle| / (w · max(1, CE)) and a gradient as max |ours − oracle| / w, both
 <= 1e-6 (`BOUND`). w·CE is the per-token loss; dividing by w makes the bound independent of the weight (w up to 1e6,
-whose fp32 rounding is itself 6e-8 relative). Worst measured with the defaults (AVX-512) and under AVX2 (same):
-float64 TP = 1 loss 5.8e-8 (w's fp32 rounding), gradient 5.9e-8; fp32 TP = 1 loss 1.6e-7, gradient 2.7e-7;
-TP = 2 (Megatron's fp32 CE) loss 1.1e-7, gradient 1.9e-7: margins >= 3.7x. A bug moves them by O(1) (checked by
-planting: δ on the target instead of x_t, a 1/K on w, δ on the wrong TP shard, δ before the softcap).
+whose fp32 rounding is itself 6e-8 relative). Worst measured with the defaults (AVX-512) / under AVX2: float64
+TP = 1 loss and gradient 4.8e-8 / 4.8e-8 (w's fp32 rounding); fp32 TP = 1 loss 1.3e-7 / 1.3e-7, gradient
+1.3e-7 / 1.9e-7; TP = 2 (Megatron's fp32 CE) loss 2.2e-7 / 2.2e-7, gradient 2.0e-7 / 2.0e-7: margins >= 4.6x.
+A bug moves them by O(1) (checked by planting: δ on the target instead of x_t, a 1/K on w, t and 1 − t swapped in
+δ, δ on the wrong TP shard, δ before the softcap, the model passing the targets as shift ids).
+- Through the CLI, per variant: 20 tiny SFT steps train (the diffusion loss's mean over steps 16-20 over steps 1-5,
+  measured the same on both ISAs: base-sft 0.64, reweighted-ce 0.67, loo-ce 0.61, reweighted-loo-ce 0.71; bound
+  0.8), the checkpoint records the variant and `--load` with another is refused. PP: tests/test_pipeline_parallel.py.
 """
 
 from __future__ import annotations
