@@ -16,10 +16,10 @@ both loss paths add to the logit of each slot's noisy token with :func:`shift_ob
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from typing import Literal, get_args
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
@@ -235,8 +235,8 @@ def diffusion_loss_weights(
         w = time_weight(t_per_position, variant, weight_clip).to(torch.float32)
         return torch.where(scored, w, 0.0)
     if variant != "base-sft" or weight_clip is not None:
-        raise ValueError(f"objective.variant={variant} and objective.weight_clip={weight_clip} are uniform-state "
-                         "options: objective.kind=absorbing takes base-sft and no clip")
+        raise ValueError(f"variant={variant!r} and weight_clip={weight_clip} are uniform-state options: the absorbing "
+                         "objective takes base-sft and no clip")
     hit = scored & noised.to(torch.bool)
     return torch.where(hit, 1.0 / t_per_position.to(torch.float32), 0.0)
 
