@@ -14,7 +14,7 @@ noisy canvas id, K the corruption's vocabulary size.
   (including t = 0.999999, w ≈ 1e6, and t = t_min = 1e-3, the largest δ) and scored masks, with and without the
   clip: through `diffusion_loss` (TP = 1, unchunked and chunked, float64 and fp32 logits) and through
   `vocab_parallel_cross_entropy_sum` at TP = 2 (2 gloo ranks, chunked; each rank adds δ only where x_t is in its
-  vocabulary shard), with and without the final softcap (the shift comes after it).
+  vocabulary shard), without softcap and SP, and with both (the shift comes after the softcap).
 - `noise_batch` puts w(t) into `weights` and δ(t) into `logit_shift` per slot for all four variants (one t per
   example, or per block with score=all_blocks), and draws the same canvas whatever the variant; base-sft's output is
   exactly today's (weights = the scored mask, no shift).
@@ -27,7 +27,8 @@ whose fp32 rounding is itself 6e-8 relative). Worst measured with the defaults (
 TP = 1 loss and gradient 4.8e-8 / 4.8e-8 (w's fp32 rounding); fp32 TP = 1 loss 1.3e-7 / 1.3e-7, gradient
 1.3e-7 / 1.9e-7; TP = 2 (Megatron's fp32 CE) loss 2.2e-7 / 2.2e-7, gradient 2.0e-7 / 2.0e-7: margins >= 4.6x.
 A bug moves them by O(1) (checked by planting: δ on the target instead of x_t, a 1/K on w, t and 1 − t swapped in
-δ, δ on the wrong TP shard, δ before the softcap, the model passing the targets as shift ids).
+δ, δ on the wrong TP shard, δ before the softcap, δ in another token order than the hidden's under SP, the model
+passing the targets as shift ids).
 - Through the CLI, per variant: 20 tiny SFT steps train (the diffusion loss's mean over steps 16-20 over steps 1-5,
   measured the same on both ISAs: base-sft 0.64, reweighted-ce 0.67, loo-ce 0.61, reweighted-loo-ce 0.71; bound
   0.8), the checkpoint records the variant and `--load` with another is refused. PP: tests/test_pipeline_parallel.py.
@@ -173,9 +174,10 @@ def test_oracle_tells_the_variants_and_plausible_bugs_apart():
 
 
 def _check_tp2(rank: int) -> dict[str, float]:
-    """One TP = 2 rank (no SP): the chunked vocab-parallel loss of every variant against the oracle. The LM head is
-    the identity (H = K, each rank's rows of eye(K)), so the hidden states are the pre-softcap logits and the
-    hidden's gradient (summed over ranks by the copy-to-TP region's backward) is the gradient w.r.t. them."""
+    """One TP = 2 rank: the chunked vocab-parallel loss of every variant against the oracle, without softcap and SP,
+    then with both. The LM head is the identity (H = K, each rank's rows of eye(K)), so the hidden states are the
+    pre-softcap logits and the hidden's gradient (summed over ranks by the backward of the copy to the TP region, or
+    reduce-scattered to the sequence shard under SP) is the gradient w.r.t. them."""
     from megatron.core import parallel_state
 
     from megatron_bdgemma.runtime.distributed import init_distributed
@@ -186,26 +188,30 @@ def _check_tp2(rank: int) -> dict[str, float]:
     d = _data()
     embedding = torch.eye(K, dtype=torch.float64)[rank * K // 2 : (rank + 1) * K // 2]
     worst = {}
-    for cap in (None, 8.0):
-        head = dict(cap=cap, chunk_size=5, sequence_parallel=False, tp_group=group)
+    seq = slice(rank * L // 2, (rank + 1) * L // 2)  # this rank's sequence shard under SP
+    for cap, sp in ((None, False), (8.0, True)):
+        head = dict(cap=cap, chunk_size=5, sequence_parallel=sp, tp_group=group)
         # The oracle sees the softcapped logits; its gradient is taken back through the softcap by the chain rule.
         capped = d["f"] if cap is None else cap * torch.tanh(d["f"] / cap)
         dcap = torch.ones_like(d["f"]) if cap is None else 1 - torch.tanh(d["f"] / cap) ** 2
         for variant in VARIANTS:
             for clip in CLIPS:
                 weights, shift = _weights_and_shift(d, variant, clip)
-                ref_loss, ref_grad, w, ce = _oracle(capped, d["x0"], d["xt"], d["t"], d["scored"], variant, clip)
+                expected = _oracle(capped, d["x0"], d["xt"], d["t"], d["scored"], variant, clip)
 
                 def total(mask: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
                     return vocab_parallel_cross_entropy_sum(
                         hidden, embedding, d["x0"], scored_weights(mask, weights), shift_ids=d["xt"], shift=shift, **head
                     )
 
-                hidden = d["f"].transpose(0, 1).clone().requires_grad_()  # [S, B, H = K]
+                rows = seq if sp else slice(None)  # under SP a rank holds (and gets the gradient of) its shard only
+                hidden = d["f"].transpose(0, 1)[rows].clone().requires_grad_()  # [S(/2), B, H = K]
                 total(d["scored"], hidden).backward()
                 loss = _per_token(lambda mask: total(mask, hidden.detach()), d["scored"])
-                grad = hidden.grad.transpose(0, 1) / dcap  # back to the gradient w.r.t. the softcapped logits
-                worst[f"cap={cap} {variant} clip={clip}"] = _errors(loss, grad, (ref_loss, ref_grad, w, ce))
+                grad = hidden.grad.transpose(0, 1) / dcap[:, rows]  # back to the gradient w.r.t. the softcapped logits
+                loss_err = _errors(loss, expected[1], expected)[0]
+                grad_err = _errors(expected[0][:, rows], grad, tuple(x[:, rows] for x in expected))[1]
+                worst[f"cap={cap} sp={sp} {variant} clip={clip}"] = (loss_err, grad_err)
     return worst
 
 
