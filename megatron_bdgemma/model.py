@@ -455,15 +455,21 @@ class BDGemmaModel(GPTModel):
     ) -> TrainingOutput:
         """Final-normed encoder `[S, B, H]` and canvas `[R', B, H]` hidden states (sequence-sharded under SP) → the
         diffusion loss of the scored canvas slots and the AR loss of the encoder's next-token pairs, as sums and
-        counts. `loss_chunk_size` as in `training_forward`."""
+        counts. `loss_chunk_size` as in `training_forward`.
+
+        The loo variants' shift (`noised.logit_shift`) enters only the diffusion CE: the returned canvas logits, the
+        AR loss and the self-conditioning signal (`first_pass_signal`) all see the raw softcapped logits."""
+        shift = dict(shift_ids=noised.canvas_ids, shift=noised.logit_shift)
         if loss_chunk_size is None:
             canvas_logits, encoder_logits = self.logits(canvas_hidden), self.logits(encoder_hidden)
-            diffusion_sum, diffusion_tokens = diffusion_loss(canvas_logits, noised.targets, noised.scored, noised.weights)
+            diffusion_sum, diffusion_tokens = diffusion_loss(
+                canvas_logits, noised.targets, noised.scored, noised.weights, **shift
+            )
             ar_sum, ar_tokens = ar_loss(encoder_logits, batch.ar_labels, batch.ar_loss_mask)
             return TrainingOutput(diffusion_sum, diffusion_tokens, ar_sum, ar_tokens, canvas_logits, encoder_logits)
         weight, head = self.shared_embedding_or_output_weight(), self._vocab_parallel_head(loss_chunk_size)
         diffusion_sum = vocab_parallel_cross_entropy_sum(
-            canvas_hidden, weight, noised.targets, scored_weights(noised.scored, noised.weights), **head
+            canvas_hidden, weight, noised.targets, scored_weights(noised.scored, noised.weights), **head, **shift
         )
         ar_sum = vocab_parallel_cross_entropy_sum(encoder_hidden, weight, batch.ar_labels, batch.ar_loss_mask, **head)
         return TrainingOutput(diffusion_sum, noised.scored.sum(), ar_sum, batch.ar_loss_mask.sum(), None, None)

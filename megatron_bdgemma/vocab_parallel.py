@@ -27,10 +27,12 @@ from megatron.core.tensor_parallel import (
     reduce_scatter_to_sequence_parallel_region,
     vocab_parallel_cross_entropy,
 )
+from megatron.core.tensor_parallel.utils import VocabUtility
 from torch import Tensor
 from torch.distributed import ProcessGroup, ReduceOp, all_reduce
 from torch.utils.checkpoint import checkpoint
 
+from megatron_bdgemma.diffusion.loss import shift_observed_logits
 from megatron_bdgemma.precision import compute_dtype
 
 __all__ = ["softcap", "vocab_parallel_cross_entropy_sum", "vocab_parallel_soft_embedding"]
@@ -59,10 +61,15 @@ def vocab_parallel_cross_entropy_sum(
     chunk_size: int,
     sequence_parallel: bool,
     tp_group: ProcessGroup,
+    shift_ids: Tensor | None = None,
+    shift: Tensor | None = None,
 ) -> Tensor:
-    """`Σ weights · CE(softcap(fp32 logits), targets)` from the LM head's input, never holding `[tokens, V]`.
+    """`Σ weights · CE(softcap(fp32 logits) + shift·onehot(shift_ids), targets)` from the LM head's input, never
+    holding `[tokens, V]`.
 
-    Equals `weighted_cross_entropy_sum(model.logits(hidden), targets, weights)`.
+    Equals `weighted_cross_entropy_sum(model.logits(hidden), targets, weights, shift_ids=..., shift=...)`. The LOO
+    shift is added by the rank whose vocabulary shard holds the slot's noisy id, before Megatron's CE combines the
+    shards.
 
     Args:
         hidden: `[S, B, H]` final-normed stack output (`[S/tp, B, H]` under sequence parallelism), with grad.
@@ -73,6 +80,8 @@ def vocab_parallel_cross_entropy_sum(
         chunk_size: tokens per checkpointed chunk.
         sequence_parallel: whether `hidden` is split over TP ranks along S.
         tp_group: the tensor-parallel group the vocabulary is split over.
+        shift_ids, shift: `[B, S]` the noisy canvas ids and the loo variants' δ (None = no shift), identical on every
+            TP rank.
 
     Returns:
         fp32 scalar (float64 in a float64 model, to fp32 precision under TP > 1), the same on every TP rank.
@@ -87,11 +96,13 @@ def vocab_parallel_cross_entropy_sum(
     rows = flat_weights.nonzero().squeeze(1)  # [n]
     tokens = hidden.reshape(-1, hidden.shape[-1])[rows]  # [n, H]
     targets, flat_weights = targets.t().reshape(-1)[rows], flat_weights[rows]
+    shifted = (None, None) if shift is None else (shift_ids.t().reshape(-1)[rows], shift.t().reshape(-1)[rows])
     recompute = torch.is_grad_enabled() and (tokens.requires_grad or embedding_weight.requires_grad)
     total = tokens.new_zeros((), dtype=dtype)
     for start in range(0, rows.numel(), chunk_size):
         part = slice(start, start + chunk_size)
-        args = (tokens[part], embedding_weight, targets[part], flat_weights[part], cap, tp_group)
+        args = (tokens[part], embedding_weight, targets[part], flat_weights[part], cap, tp_group,
+                *(None if x is None else x[part] for x in shifted))
         # Checkpointing drops the chunk's logits and softmax after the forward; the backward recomputes them.
         total = total + (checkpoint(_cross_entropy_sum, *args, use_reentrant=False) if recompute else _cross_entropy_sum(*args))
     return total
@@ -166,10 +177,15 @@ def _shard_logits(tokens: Tensor, embedding_weight: Tensor, cap: float | None) -
 
 
 def _cross_entropy_sum(
-    tokens: Tensor, embedding_weight: Tensor, targets: Tensor, weights: Tensor, cap: float | None, tp_group: ProcessGroup
+    tokens: Tensor, embedding_weight: Tensor, targets: Tensor, weights: Tensor, cap: float | None, tp_group: ProcessGroup,
+    shift_ids: Tensor | None, shift: Tensor | None,
 ) -> Tensor:
-    """One chunk: `[n, H]` hidden, `[n]` targets and (nonzero) weights → fp32 weighted CE sum."""
+    """One chunk: `[n, H]` hidden, `[n]` targets and (nonzero) weights, optionally the LOO shift → fp32 weighted CE
+    sum."""
     logits = _shard_logits(tokens, embedding_weight, cap)  # [n, V/tp]
+    if shift is not None:
+        start, _ = VocabUtility.vocab_range_from_per_partition_vocab_size(logits.shape[-1], tp_group.rank(), tp_group.size())
+        logits = shift_observed_logits(logits, shift_ids, shift, vocab_start=start)
     if tp_group.size() == 1:  # the shard is the whole vocabulary: the same CE without three size-1 all-reduces
         ce = F.cross_entropy(logits, targets, reduction="none")
     else:

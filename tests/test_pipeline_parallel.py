@@ -105,12 +105,14 @@ def _train_in_rank(rank: int, tmp: str, objective: str, overrides: list[str]) ->
         ("sft", ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1"], 4),
         ("pretrain", ["parallel.pp=2", "parallel.vpp=2"], 2),
         ("sft", ["parallel.pp=2", "parallel.vpp=2", "objective.loss_chunk_size=24"], 2),
-        # Each stage detaches its own encoder K/V; the frozen self-conditioning module lives on the first stage.
-        ("sft", ["parallel.pp=2", "objective.stop_gradient_to_encoder=true", "objective.diffusion_weight=0.5",
+        # The objective's options on the stages: w(t) and the shift δ on the noisy token's logit in the last stage's
+        # loss, each stage detaching its own encoder K/V, the frozen self-conditioning module on the first stage.
+        ("sft", ["parallel.pp=2", "objective.loss_chunk_size=24", "objective.variant=reweighted-loo-ce",
+                 "objective.weight_clip=10", "objective.stop_gradient_to_encoder=true", "objective.diffusion_weight=0.5",
                  "model.overrides.freeze_self_conditioning=true"], 2),
     ],
     ids=["sft_pp2", "pretrain_pp2", "sft_pp2_chunked", "pretrain_pp2_tp2_sp_chunked", "sft_pp2_ep2_dp2", "pretrain_vpp2",
-         "sft_vpp2_chunked", "sft_pp2_knobs"],
+         "sft_vpp2_chunked", "sft_pp2_chunked_objective_options"],
 )
 def test_pipeline_matches_one_process(tmp_path, model_parallel, hf_start, objective, layout, nprocs):
     from megatron_bdgemma.training.trainer import train

@@ -23,7 +23,17 @@ Nothing here imports megatron or the model.
 
 from .layout import DiffusionBatch, block_mask, build_pretrain_batch, build_sft_batch, take_blocks
 from .objective import NoisedCanvas, noise_batch
-from .loss import ar_loss, diffusion_loss, diffusion_loss_weights, normalise, weighted_cross_entropy_sum
+from .loss import (
+    VARIANTS,
+    ar_loss,
+    diffusion_loss,
+    diffusion_loss_weights,
+    loo_shift,
+    normalise,
+    shift_observed_logits,
+    time_weight,
+    weighted_cross_entropy_sum,
+)
 from .noise import (
     T_MIN,
     Corruption,
@@ -65,6 +75,10 @@ __all__ = [
     "NoisedCanvas",
     "noise_batch",
     # loss
+    "VARIANTS",
+    "time_weight",
+    "loo_shift",
+    "shift_observed_logits",
     "weighted_cross_entropy_sum",
     "diffusion_loss",
     "diffusion_loss_weights",

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .layout import DiffusionBatch, take_blocks
-from .loss import diffusion_loss_weights
+from .loss import LOO_VARIANTS, Variant, diffusion_loss_weights, loo_shift
 from .noise import NoiseKind, SampleIndices, choose_blocks, corrupt, expand_t, sample_t, self_conditioning_coins
 
 
@@ -27,6 +27,8 @@ class NoisedCanvas:
     block_ids: `[B, R' / block_size]` response block held by each canvas block (-1 = empty slot).
     scored: `[B, R']` bool, positions that enter the diffusion loss; weights `[B, R']` their CE weights.
     self_conditioning: `[B]` bool coins (True = pass 2 sees pass 1's signal).
+    logit_shift: `[B, R']` float64 δ(t) of the loo variants on scored slots (0 elsewhere), added by the diffusion
+        loss to the logit of each slot's `canvas_ids` token; None for the variants without the shift.
     """
 
     canvas_ids: Tensor
@@ -36,6 +38,7 @@ class NoisedCanvas:
     scored: Tensor
     weights: Tensor
     self_conditioning: Tensor
+    logit_shift: Tensor | None = None
 
 
 def noise_batch(
@@ -51,12 +54,16 @@ def noise_batch(
     t_min: float = 1e-3,
     t_max: float = 1.0,
     self_conditioning_p: float = 0.5,
+    variant: Variant | str = "base-sft",
+    weight_clip: float | None = None,
 ) -> NoisedCanvas:
     """Corrupt the response window of `batch` (docs/design.md §7).
 
     `score="one_block"`: one t per example, one uniformly chosen block scored and decoded.
     `score="all_blocks"` (pretraining): one t per block, every block decoded and scored.
     `kind="absorbing"` replaces with `mask_id` and weights noised positions by 1/t (MDLM / BD3-LM).
+    `variant` (uniform kind only): the time weight w(t) goes into `weights`, the loo variants' shift δ(t) into
+    `logit_shift`, both per slot from its own t (so per block under all_blocks); `vocab_size` is δ's K.
     """
     key = dict(sample_indices=sample_indices, step=step, seed=seed)
     bs, device = batch.block_size, batch.input_ids.device
@@ -81,6 +88,9 @@ def noise_batch(
     else:
         block_ids = torch.arange(batch.num_blocks, device=device).expand(batch.batch_size, -1)
         block_ids = torch.where(block_ids < batch.blocks_per_example.to(device)[:, None], block_ids, -1)
-    weights = diffusion_loss_weights(scored, noised, t_per_position, objective=str(NoiseKind(kind)))
+    weights = diffusion_loss_weights(
+        scored, noised, t_per_position, objective=str(NoiseKind(kind)), variant=variant, weight_clip=weight_clip
+    )
+    shift = torch.where(scored, loo_shift(t_per_position, vocab_size), 0.0) if variant in LOO_VARIANTS else None
     coins = self_conditioning_coins(p=self_conditioning_p, **key).to(device)
-    return NoisedCanvas(noisy, targets, positions, block_ids, scored, weights, coins)
+    return NoisedCanvas(noisy, targets, positions, block_ids, scored, weights, coins, shift)

@@ -116,6 +116,12 @@ class ObjectiveSection:
     """Upper end of the noise level t ~ U(t_min, t_max)."""
     self_conditioning_p: float = 0.5
     """Probability, per example, that the second decode pass gets the first pass's prediction (else a zero signal)."""
+    variant: Literal["base-sft", "reweighted-ce", "loo-ce", "reweighted-loo-ce"] = "base-sft"
+    """SFT objective of Google's reference (kind=uniform only): base-sft is the flat CE; reweighted-ce weights it by
+    w(t) = 1/(1 − t); loo-ce scores softmax(f + δ·onehot(x_t)) with δ = log(1 + K(1 − t)/t) on the noisy token x_t;
+    reweighted-loo-ce does both (docs/design.md §7)."""
+    weight_clip: float | None = None
+    """Upper bound of the variant's time weight w(t) (1/(1 − t) explodes as t → 1); None = no bound."""
     ar_weight: float = 1.0
     """Weight of the AR (next-token) loss on the encoder's logits, added to the diffusion loss."""
     diffusion_weight: float = 1.0
@@ -274,6 +280,12 @@ class RunConfig:
                             "sft: sequence parallelism splits each batch's width, at most data.seq_length, over the TP ranks")
         if self.objective.kind == "absorbing" and self.objective.mask_id is None:
             problems.append("objective.kind=absorbing needs objective.mask_id")
+        if self.objective.kind == "absorbing" and (self.objective.variant != "base-sft" or self.objective.weight_clip is not None):
+            problems.append(f"objective.variant={self.objective.variant} and objective.weight_clip="
+                            f"{self.objective.weight_clip} are uniform-state options: objective.kind=absorbing takes "
+                            "objective.variant=base-sft and no objective.weight_clip")
+        if self.objective.weight_clip is not None and not self.objective.weight_clip > 0:
+            problems.append(f"objective.weight_clip must be > 0 (or null), got {self.objective.weight_clip}")
         if not 0 < self.objective.t_min <= self.objective.t_max <= 1:
             problems.append(f"need 0 < objective.t_min <= objective.t_max <= 1, got {self.objective.t_min}, {self.objective.t_max}")
         o = self.objective

@@ -223,6 +223,7 @@ def _microbatches(state: TrainState, step: int, split: str = "train") -> list[Mi
         noised = noise_batch(
             batch, sample_indices=sample_indices, step=step, seed=state.run.train.seed, vocab_size=vocab, score=score,
             kind=o.kind, mask_id=o.mask_id, t_min=o.t_min, t_max=o.t_max, self_conditioning_p=o.self_conditioning_p,
+            variant=o.variant, weight_clip=o.weight_clip,
         )
         out.append(MicroBatch(batch, noised))
     return out
@@ -307,7 +308,7 @@ def _iterators(state: TrainState, microbatches: list[MicroBatch]) -> Iterator[Mi
 
 
 def _to(noised: NoisedCanvas, device: torch.device) -> NoisedCanvas:
-    return NoisedCanvas(*(getattr(noised, f).to(device) for f in noised.__dataclass_fields__))
+    return NoisedCanvas(*(None if (x := getattr(noised, f)) is None else x.to(device) for f in noised.__dataclass_fields__))
 
 
 def _forward_backward(state: TrainState, microbatches: list[MicroBatch], counts: torch.Tensor, *, forward_only: bool,
