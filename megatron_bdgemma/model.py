@@ -390,10 +390,26 @@ class BDGemmaModel(GPTModel):
             )
         return encoder, decoder
 
+    def training_layout(
+        self, batch: DiffusionBatch | PackedBatch, noised: NoisedCanvas | PackedCanvas
+    ) -> tuple[torch.Tensor, dict[str, masks.AttentionMask], NoisedCanvas, dict[str, masks.AttentionMask]]:
+        """What one training micro-batch gives the passes: encoder positions `[B, S]`, the encoder masks, the canvas
+        and its masks, per layer type. Unpacked rows: positions `0..S-1`, the causal `EncoderMask` of the padding
+        and `training_masks`; packed rows (docs/design.md §13): each record's own positions and `packed_masks`."""
+        if isinstance(batch, PackedBatch) != isinstance(noised, PackedCanvas):
+            raise TypeError(f"a {type(batch).__name__} goes with a {'PackedCanvas' if isinstance(batch, PackedBatch) else 'NoisedCanvas'}, "
+                            f"got a {type(noised).__name__}")
+        if isinstance(batch, PackedBatch):
+            encoder, canvas = self.packed_masks(batch, noised)
+            return batch.position_ids, encoder, noised.noised, canvas
+        positions = torch.arange(batch.seq_len, device=batch.input_ids.device).expand(batch.input_ids.shape)
+        encoder = {t: masks.EncoderMask(batch.encoder_valid.bool(), self.config.window_of(t)) for t in set(self.config.layer_types)}
+        return positions, encoder, noised, self.training_masks(batch, noised)
+
     def training_forward(
         self,
-        batch: DiffusionBatch,
-        noised: NoisedCanvas,
+        batch: DiffusionBatch | PackedBatch,
+        noised: NoisedCanvas | PackedCanvas,
         *,
         loss_chunk_size: int | None = None,
         stop_gradient_to_encoder: bool = False,
@@ -404,7 +420,9 @@ class BDGemmaModel(GPTModel):
         loss reaches the encoder through its K/V, which pass 2 attends to, unless `stop_gradient_to_encoder`.
 
         Args:
-            batch, noised: the micro-batch and its corrupted canvas (`noise_batch`).
+            batch, noised: the micro-batch and its corrupted canvas (`noise_batch`); or packed rows and their canvas
+                (`diffusion.packing.pack_batch` / `pack_canvas`, docs/design.md §13), whose records each compute
+                exactly as alone.
             loss_chunk_size: None computes full-vocabulary logits (kept in the output). A token count switches to
                 the vocab-parallel path (`megatron_bdgemma.vocab_parallel`): both losses and the self-conditioning
                 signal go from hidden states to sums in chunks of this many tokens, each TP rank holding only its
@@ -412,9 +430,10 @@ class BDGemmaModel(GPTModel):
             stop_gradient_to_encoder: the canvas attends to detached encoder K/V (`canvas_kv`), so the diffusion
                 loss does not reach the encoder pass; the encoder learns from the AR loss alone.
         """
-        encoded = self.encode(batch.input_ids, padding_mask=~batch.encoder_valid)
+        positions, encoder_mask, noised, attention = self.training_layout(batch, noised)
+        encoded = self.encode(batch.input_ids, position_ids=positions, padding_mask=~batch.encoder_valid,
+                              attention_mask=encoder_mask)
         kv = canvas_kv(encoded.kv, stop_gradient_to_encoder)
-        attention = self.training_masks(batch, noised)
 
         def decode(signal: torch.Tensor | None = None) -> torch.Tensor:
             return self.decode_hidden(
@@ -449,7 +468,7 @@ class BDGemmaModel(GPTModel):
         self,
         encoder_hidden: torch.Tensor,
         canvas_hidden: torch.Tensor,
-        batch: DiffusionBatch,
+        batch: DiffusionBatch | PackedBatch,
         noised: NoisedCanvas,
         loss_chunk_size: int | None,
     ) -> TrainingOutput:
@@ -480,8 +499,8 @@ class BDGemmaModel(GPTModel):
 
     def pipeline_stage_forward(
         self,
-        batch: DiffusionBatch,
-        noised: NoisedCanvas,
+        batch: DiffusionBatch | PackedBatch,
+        noised: NoisedCanvas | PackedCanvas,
         *,
         first_pass: bool,
         first_pass_hidden: torch.Tensor | None = None,
@@ -496,7 +515,9 @@ class BDGemmaModel(GPTModel):
         schedule sets it).
 
         Args:
-            batch, noised: the micro-batch and its corrupted canvas.
+            batch, noised: the micro-batch and its corrupted canvas, or packed rows and their canvas (as
+                `training_forward`; the trainer refuses packing under pipeline parallelism until its canvas shape is
+                fixed per run, docs/design.md §13).
             first_pass: decode pass 1 (zero self-conditioning signal, run without grad): the last stage returns the
                 final-normed canvas hidden `[R, B, H]` (`[R/tp, B, H]` under SP), which the trainer hands to the first
                 stage. Otherwise pass 2: the last stage returns the losses as `training_forward` does.
@@ -507,6 +528,7 @@ class BDGemmaModel(GPTModel):
             stop_gradient_to_encoder: as `training_forward`, for this stage's encoder K/V: with every stage detaching
                 its own, the encoder stream's gradient (sent back to the previous stage) is the AR loss's alone.
         """
+        positions, encoder_mask, noised, attention = self.training_layout(batch, noised)
         encoder_len = batch.seq_len // (self.tp_group.size() if self.config.sequence_parallel else 1)
         if self.pre_process:
             encoder = self.embed(batch.input_ids)
@@ -518,11 +540,9 @@ class BDGemmaModel(GPTModel):
             canvas = self.decoder_input(noised.canvas_ids, signal, noised.self_conditioning)
         else:
             encoder, canvas = self.decoder.input_tensor.split([encoder_len, self.decoder.input_tensor.shape[0] - encoder_len])
-        rope_encoder = self.rope(torch.arange(batch.seq_len, device=encoder.device).expand(batch.input_ids.shape), encoder.dtype)
-        encoder_mask = {t: masks.EncoderMask(batch.encoder_valid.bool(), self.config.window_of(t)) for t in set(self.config.layer_types)}
-        encoder, kv = self.encoder_layers(encoder, rope_encoder, encoder_mask)
+        encoder, kv = self.encoder_layers(encoder, self.rope(positions, encoder.dtype), encoder_mask)
         kv = canvas_kv(kv, stop_gradient_to_encoder)
-        canvas = self.canvas_layers(canvas, kv, self.rope(noised.position_ids, canvas.dtype), self.training_masks(batch, noised))
+        canvas = self.canvas_layers(canvas, kv, self.rope(noised.position_ids, canvas.dtype), attention)
         if not self.post_process:
             return torch.cat([encoder, canvas])
         canvas = self.decoder.final_layernorm(canvas)

@@ -3,10 +3,10 @@
 Guards: (a) no attention weight crosses a record boundary, in the encoder and on the canvas, for sliding and full
 layers: the dense grids of the segment-aware masks against a rule written here from §13 (segment equality and
 record-relative positions, not the masks' run starts), and the block-sparse key spans cover every allowed key and
-skip the keys before a chunk's record; (b) every packed record's encoder and canvas logits, both losses and every
-gradient equal today's unpacked training forward of the same records with the same noise and coins (SFT single- and
-multi-turn with an AR-only record, one and all blocks scored; pretraining documents with partial last blocks), eager
-and block-sparse; (c) the first-fit-decreasing packer: every record once, no row over capacity, deterministic, and
+skip the keys before a chunk's record; (b) through `training_forward`, every packed record's encoder and canvas
+logits, both losses and every gradient equal the unpacked forward of the same records with the same noise and coins
+(SFT single- and multi-turn with an AR-only record, one and all blocks scored, the loo variant's shift; pretraining
+documents with partial last blocks), eager and block-sparse; (c) the first-fit-decreasing packer: every record once, no row over capacity, deterministic, and
 its efficiency on a log-normal length sample.
 """
 
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from megatron_bdgemma.config import tiny
-from megatron_bdgemma.diffusion import ar_loss, build_pretrain_batch, build_sft_batch, diffusion_loss, noise_batch
+from megatron_bdgemma.diffusion import build_pretrain_batch, build_sft_batch, noise_batch
 from megatron_bdgemma.diffusion.packing import (
     first_fit_decreasing,
     pack_batch,
@@ -70,13 +70,13 @@ def _documents():
     return build_pretrain_batch(ids, block_size=BLOCK, valid=valid, pad_id=0)
 
 
-def _packed(records, score: str):
+def _packed(records, score: str, variant: str = "base-sft"):
     """The records packed into rows of `ROW` tokens, noised as they are alone; coins alternate so both gates occur."""
     lengths = records.encoder_valid.sum(dim=1).tolist()
     rows = first_fit_decreasing(lengths, ROW)
     assert len(rows) < records.batch_size, f"nothing was packed: {rows}"
     noised = noise_batch(records, sample_indices=[10 + i for i in range(records.batch_size)], step=3, seed=1,
-                         vocab_size=VOCAB, score=score)
+                         vocab_size=VOCAB, score=score, variant=variant)
     coins = torch.arange(records.batch_size) % 3 == 0  # mixed in every row of both fixtures
     noised = dataclasses.replace(noised, self_conditioning=coins)
     batch = pack_batch(records, rows, pad_id=0, seq_len=ROW)
@@ -185,37 +185,28 @@ def test_block_sparse_skips_other_records():
 # (b) every packed record equals the record alone
 
 
-def _packed_forward(model, batch, canvas):
-    """encode → decode pass 1 (zero signal, no grad) → pass 2 (gated pass-1 signal) → losses, on packed rows."""
-    encoder_masks, canvas_masks = model.packed_masks(batch, canvas)
-    noised = canvas.noised
-    encoded = model.encode(batch.input_ids, position_ids=batch.position_ids, padding_mask=~batch.encoder_valid,
-                           attention_mask=encoder_masks, return_logits=True)
-    decode = dict(canvas_position_ids=noised.position_ids, attention_mask=canvas_masks)
-    with torch.no_grad():
-        first = model.decode(noised.canvas_ids, encoded, **decode)
-    logits = model.decode(noised.canvas_ids, encoded, self_conditioning_logits=first,
-                          self_conditioning_mask=noised.self_conditioning, **decode)
-    diffusion = diffusion_loss(logits, noised.targets, noised.scored, noised.weights)
-    ar = ar_loss(encoded.logits, batch.ar_labels, batch.ar_loss_mask)
-    return encoded.logits, logits, diffusion, ar
-
-
 def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("impl", ["eager", "block_sparse"])
-@pytest.mark.parametrize("data, score", CASES)
-def test_packed_records_equal_records_alone(model_parallel, data, score, impl):
+@pytest.mark.parametrize("data, score, variant", [case + ("base-sft",) for case in CASES] + [("sft", "one_block", "loo-ce")])
+def test_packed_records_equal_records_alone(model_parallel, data, score, variant, impl):
+    """`training_forward` of the packed rows against `training_forward` of the records one per row (the loo variant
+    also checks that each record's logit shift moves with its block)."""
     records = _sft_records() if data == "sft" else _documents()
-    batch, canvas, noised = _packed(records, score)
+    batch, canvas, noised = _packed(records, score, variant)
+    if variant == "loo-ce":
+        assert canvas.noised.logit_shift is not None and canvas.noised.logit_shift.abs().sum() > 0
 
     alone_model = _model(impl)
     alone = alone_model.training_forward(records, noised)  # today's unpacked path: one record per row
     (alone.diffusion_loss_sum + alone.ar_loss_sum).backward()
     packed_model = _model(impl)
-    encoder_logits, canvas_logits, (diff_sum, diff_count), (ar_sum, ar_count) = _packed_forward(packed_model, batch, canvas)
+    packed = packed_model.training_forward(batch, canvas)
+    encoder_logits, canvas_logits = packed.encoder_logits, packed.canvas_logits
+    diff_sum, diff_count, ar_sum, ar_count = (packed.diffusion_loss_sum, packed.diffusion_tokens, packed.ar_loss_sum,
+                                              packed.ar_tokens)
     (diff_sum + ar_sum).backward()
 
     lengths = records.encoder_valid.sum(dim=1).tolist()
@@ -244,7 +235,25 @@ def test_packed_records_equal_records_alone(model_parallel, data, score, impl):
     for name in ref:
         diff, scale = (ours[name] - ref[name]).abs().max().item(), ref[name].abs().max().item()
         assert diff <= 1e-5 * max(scale, 1e-3), f"{name}: gradient differs by {diff:.2e} (max {scale:.2e})"
-    print(f"{data}/{score}/{impl}: worst logit difference {worst:.1e}")
+    print(f"{data}/{score}/{variant}/{impl}: worst logit difference {worst:.1e}")
+
+
+def test_an_all_padding_micro_batch_adds_nothing(model_parallel):
+    """A DP rank short of packed rows runs all-padding micro-batches (training/data.py): no record, so zero losses and
+    counts and exactly zero gradients, yet the full forward (both decode passes) runs, so its collectives are issued."""
+    records = _sft_records().select([])
+    batch = pack_batch(records, [[], []], pad_id=0, seq_len=3)
+    noised = noise_batch(records, sample_indices=[], step=0, seed=1, vocab_size=VOCAB, variant="loo-ce")
+    canvas = pack_canvas(batch, noised)
+    assert canvas.noised.canvas_ids.shape == (2, BLOCK) and not canvas.noised.scored.any()
+    model = _model()
+    out = model.training_forward(batch, canvas)
+    assert out.canvas_logits.shape == (2, BLOCK, VOCAB) and out.canvas_logits.isfinite().all()
+    assert (out.diffusion_tokens, out.ar_tokens) == (0, 0)
+    (out.diffusion_loss_sum + out.ar_loss_sum).backward()
+    assert out.diffusion_loss_sum.item() == out.ar_loss_sum.item() == 0.0
+    grads = _grads(model)
+    assert grads and all(not g.any() for g in grads.values()), [n for n, g in grads.items() if g.any()]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -272,7 +272,7 @@ def main() -> None:
     batch = sft_batch(args.batch, args.seq_len, bs, vocab, config.eos_token_ids[0], config.pad_token_id, args.seed)
     one = noise_batch(batch, sample_indices=list(range(args.batch)), step=0, seed=args.seed, vocab_size=vocab)
     whole = whole_canvas(batch, one, vocab, args.seed)
-    batch, one, whole = batch.to(device), _to(one, device), _to(whole, device)
+    batch, one, whole = batch.to(device), one.to(device), whole.to(device)
 
     def our_step(noised, loss_chunk_size: int | None = None, model=ours) -> Step:
         def step() -> tuple[float, float]:
@@ -363,10 +363,6 @@ def run(step: Step, models: tuple[torch.nn.Module, ...], device: torch.device) -
     for model in models:
         model.zero_grad(set_to_none=True)
     return measure(step, device)  # `.item()` on the losses waits for the device
-
-
-def _to(noised, device: torch.device):
-    return dataclasses.replace(noised, **{f.name: getattr(noised, f.name).to(device) for f in dataclasses.fields(noised)})
 
 
 if __name__ == "__main__":

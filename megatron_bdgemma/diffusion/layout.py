@@ -113,6 +113,14 @@ class DiffusionBatch:
         """``[B]`` long: blocks holding at least one response token, ``ceil(response_lens / block_size)``."""
         return (self.response_lens + self.block_size - 1) // self.block_size
 
+    def select(self, rows: list[int]) -> DiffusionBatch:
+        """The examples ``rows``, in that order (none: an empty batch of the same widths)."""
+        index = torch.tensor(rows, dtype=torch.long)
+        return DiffusionBatch(**{
+            f.name: (v[index.to(v.device)] if isinstance(v := getattr(self, f.name), Tensor) else v)
+            for f in dataclasses.fields(self)
+        })
+
     def to(self, device: torch.device | str) -> DiffusionBatch:
         """A copy with every tensor moved to ``device``."""
         moved = {
@@ -284,7 +292,7 @@ def take_blocks(x: Tensor, block_index: Tensor, block_size: int) -> Tensor:
     """
     B, R = x.shape[:2]
     idx = block_index.to(x.device)[:, None] * block_size + torch.arange(block_size, device=x.device)[None, :]
-    if int(idx.max()) >= R:
+    if idx.numel() and int(idx.max()) >= R:
         raise ValueError(f"block_index {block_index.tolist()} out of range for canvas length {R}")
     idx = idx.view(B, block_size, *([1] * (x.dim() - 2))).expand(B, block_size, *x.shape[2:])
     return torch.gather(x, 1, idx)

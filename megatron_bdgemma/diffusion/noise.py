@@ -303,7 +303,8 @@ def _corrupt(
 
     # Draw per example, sized by its own valid slots (never by R), in slot order: first the noise coins, then
     # (uniform only) the replacement ids. Boolean indexing is row-major, so concatenation lines up with t_slot.
-    coins, replacements = [], []
+    # Seeded with empty tensors so that a batch without examples (a packed rank's all-padding micro-batch) works.
+    coins, replacements = [torch.empty(0)], [torch.empty(0, dtype=torch.long)]
     for index, n in zip(indices, counts):
         g = sample_generator(seed, index, step, NoisePurpose.CORRUPT)
         coins.append(torch.rand(n, generator=g))

@@ -40,6 +40,10 @@ class NoisedCanvas:
     self_conditioning: Tensor
     logit_shift: Tensor | None = None
 
+    def to(self, device: torch.device | str) -> NoisedCanvas:
+        """A copy with every tensor moved to ``device``."""
+        return NoisedCanvas(*(None if (x := getattr(self, f)) is None else x.to(device) for f in self.__dataclass_fields__))
+
 
 def noise_batch(
     batch: DiffusionBatch,

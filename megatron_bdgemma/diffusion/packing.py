@@ -20,6 +20,7 @@ here imports megatron or the model.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -113,6 +114,10 @@ class PackedBatch:
     def block_size(self) -> int:
         return self.records.block_size
 
+    def to(self, device: torch.device | str) -> PackedBatch:
+        """A copy with every tensor (the records' too) moved to ``device``."""
+        return PackedBatch(**{f.name: _to(getattr(self, f.name), device) for f in dataclasses.fields(self)})
+
 
 @dataclass(frozen=True)
 class PackedCanvas:
@@ -130,6 +135,14 @@ class PackedCanvas:
     """``[B, C]`` long: the canvas block's record's response length (EOS fill included); 0 if unused."""
     canvas_records: Tensor
     """``[B, C]`` long: the record (index into ``PackedBatch.records``) of each canvas block; -1 if unused."""
+
+    def to(self, device: torch.device | str) -> PackedCanvas:
+        """A copy with every tensor moved to ``device``."""
+        return PackedCanvas(**{f.name: _to(getattr(self, f.name), device) for f in dataclasses.fields(self)})
+
+
+def _to(value, device: torch.device | str):
+    return value.to(device) if isinstance(value, (Tensor, DiffusionBatch, NoisedCanvas)) else value
 
 
 def pack_batch(
@@ -228,6 +241,7 @@ def pack_canvas(batch: PackedBatch, noised: NoisedCanvas, *, num_canvas_blocks: 
     scored = torch.zeros(slots, dtype=torch.bool, device=device)
     weights = torch.zeros(slots, dtype=noised.weights.dtype, device=device)
     coins = torch.zeros(slots, dtype=torch.bool, device=device)
+    shift = None if noised.logit_shift is None else torch.zeros(slots, dtype=noised.logit_shift.dtype, device=device)
     out_blocks = torch.full((B, C), -1, dtype=torch.long)
     starts, lens = torch.zeros((B, C), dtype=torch.long), torch.zeros((B, C), dtype=torch.long)
     owners = torch.full((B, C), -1, dtype=torch.long)
@@ -240,8 +254,10 @@ def pack_canvas(batch: PackedBatch, noised: NoisedCanvas, *, num_canvas_blocks: 
             scored[b, dst] = noised.scored[i, src]
             weights[b, dst] = noised.weights[i, src]
             coins[b, dst] = noised.self_conditioning[i]
+            if shift is not None:
+                shift[b, dst] = noised.logit_shift[i, src]
             out_blocks[b, c] = block_ids[i, source]
             starts[b, c] = int(batch.record_starts[i]) + int(records.prefix_lens[i])
             lens[b, c], owners[b, c] = response_lens[i], i
-    rows_noised = NoisedCanvas(canvas_ids, targets, positions, out_blocks.to(device), scored, weights, coins)
+    rows_noised = NoisedCanvas(canvas_ids, targets, positions, out_blocks.to(device), scored, weights, coins, shift)
     return PackedCanvas(rows_noised, starts.to(device), lens.to(device), owners.to(device))
