@@ -23,7 +23,7 @@ from tests.test_robustness import CONFIG, REPO, SMALL
 
 SCRIPT = str(REPO / "examples" / "pretrain_bdgemma.py")
 PLOT = REPO / "tools" / "plot_metrics.py"
-LINE = re.compile(r"^step +(\d+)/\d+ \| diffusion (\S+) \| ar (\S+) \| lr \S+ \| grad norm \S+ \| [\d,]+ tok/s \| "
+LINE = re.compile(r"^step +(\d+)/\d+ \| diffusion (\S+) \| ar (\S+) \| lr \S+ \| grad norm \S+ \| [\d,]+ tok/s, packing [\d.]+% \| "
                   r"([\d,]+) ms/step \| \S+ model TFLOP/s/rank \| peak mem (\S+) GiB( \| ETA (\S+))?$", re.M)
 EVAL = re.compile(r"^eval +(\d+) \| diffusion (\S+) \| ar (\S+)$", re.M)
 FAKE_WANDB = '''"""A stand-in for the wandb package: records each call as a JSON line in $FAKE_WANDB_LOG."""
@@ -117,6 +117,7 @@ def test_cli_run_leaves_metrics_wandb_a_picture_baselines_and_samples(tmp_path):
     train = [r for r in rows if "ar" in r]
     lines = {int(m[0]): m for m in LINE.findall(out)}
     assert sorted(lines) == [1, 2, 4], out
+    assert out.count(" tok/s, packing 100.0% | ") == 3, out
     for r in train:
         step, diffusion, ar, ms, peak, _, eta = lines[r["step"]]
         assert (diffusion, ar) == (f"{r['diffusion']:.4f}", f"{r['ar']:.4f}")
@@ -124,6 +125,7 @@ def test_cli_run_leaves_metrics_wandb_a_picture_baselines_and_samples(tmp_path):
         # Pretraining rows are full: 4 samples x 32 tokens per step, all read.
         assert (r["consumed_samples"], r["consumed_tokens"]) == (4 * r["step"], 128 * r["step"])
         assert r["tokens_per_s"] * r["ms_per_step"] / 1000 == pytest.approx(128, rel=1e-9), r
+        assert r["packing_efficiency"] == 1.0, r  # no padding in a pretraining window
         assert r["model_tflops_per_rank"] * r["ms_per_step"] == pytest.approx(train[0]["model_tflops_per_rank"]
                                                                               * train[0]["ms_per_step"], rel=1e-9)
         assert "mfu" not in r and "device" not in r  # a CPU has no bf16 peak to compare with
@@ -297,7 +299,8 @@ def test_skipped_step_has_a_row_without_its_nonfinite_values_and_mfu_names_the_c
     gpu = load_run_config(CONFIG, [*SMALL, f"checkpoint.save={tmp_path / 'gpu'}"])
     (tmp_path / "gpu").mkdir()
     logger = metrics.MetricsLogger(gpu, flops_per_step=0.4 * 989.4e12 * 0.5)  # 40% of the peak at 0.5 s per step
-    logger.log_step(1, dict(diffusion=1.0, ar=2.0, lr=1e-3, grad_norm=1.0, tokens=128, consumed_tokens=128, seconds=0.5))
+    logger.log_step(1, dict(diffusion=1.0, ar=2.0, lr=1e-3, grad_norm=1.0, tokens=128, row_tokens=128, consumed_tokens=128,
+                         seconds=0.5))
     logger.close()
     (row,) = _rows(tmp_path / "gpu" / "metrics.jsonl")
     assert row["device"] == "NVIDIA H100 80GB HBM3" and row["mfu"] == pytest.approx(0.4, rel=1e-12)

@@ -4,6 +4,11 @@ Step s covers the global sample stream positions `[s·G, (s+1)·G)` (G = global 
 r takes positions `s·G + m·(b·D) + r·b + [0, b)` (b = micro batch, D = DP size). The noise of a sample is keyed by
 its stream position, so the losses of a step do not depend on D or on the micro-batch split, and resuming at step s
 needs nothing but s.
+
+With `data.packing` (docs/design.md §13) each DP rank takes the same records of the step and packs them
+(first-fit decreasing, a pure function of their lengths) into rows of `data.seq_length`; micro-batches hold b rows.
+The ranks agree on the step's micro-batch count (the most any rank needs); a rank short of rows runs all-padding
+micro-batches, which hold no token and so add nothing to the losses, the token counts or the gradients.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from megatron_bdgemma.data import build_pretrain_datasets, embedded_pretrain_pre
 from megatron_bdgemma.data.pretrain import pretrain_collate
 from megatron_bdgemma.data.sft import SFTDataset, sft_collate
 from megatron_bdgemma.diffusion import DiffusionBatch
+from megatron_bdgemma.diffusion.packing import PackedBatch, first_fit_decreasing, pack_batch
 from megatron_bdgemma.training.config import FP8_ALIGNMENT, RunConfig
 
 T = TypeVar("T")
@@ -39,18 +45,61 @@ class StepData:
     micro_batch_size: int
     dp_rank: int
     dp_size: int
+    packing: PackedRows | None = None
+    """`data.packing`: how the rank's records are packed into rows; None = one record per row."""
 
-    def microbatches(self, step: int, split: str = "train") -> list[tuple[DiffusionBatch, list[int]]]:
-        """This rank's micro-batches of `step`: (batch, stream positions that key each example's noise)."""
+    def microbatches(self, step: int, split: str = "train") -> list[tuple[DiffusionBatch | PackedBatch, list[int]]]:
+        """This rank's micro-batches of `step`: (batch, stream positions that key each example's noise; of packed
+        rows, those of `batch.records`)."""
         dataset = self.splits[split]
-        per_round = self.micro_batch_size * self.dp_size
+        b, per_round = self.micro_batch_size, self.micro_batch_size * self.dp_size
+        starts = [step * self.global_batch_size + m * per_round + self.dp_rank * b
+                  for m in range(self.global_batch_size // per_round)]
+        positions = [list(range(start, start + b)) for start in starts]
+        if self.packing is not None:
+            records = [p for micro in positions for p in micro]
+            return self.packing.microbatches(self.collate([dataset[p % len(dataset)] for p in records])[0], records,
+                                             self.micro_batch_size)
+        return [(self.collate([dataset[p % len(dataset)] for p in micro])[0], micro) for micro in positions]
+
+
+@dataclass(frozen=True)
+class PackedRows:
+    """The packing of one rank's records of a step into micro-batches of packed rows (docs/design.md §13)."""
+
+    seq_length: int
+    """Row capacity (`data.seq_length`)."""
+    seq_multiple: int
+    """A row's width is its micro-batch's longest row rounded up to this (`sft_seq_multiple`)."""
+    pad_id: int
+
+    def microbatches(self, records: DiffusionBatch, positions: list[int],
+                     rows_per_microbatch: int) -> list[tuple[PackedBatch, list[int]]]:
+        """`records` (laid out alone, one per row) packed first-fit decreasing, `rows_per_microbatch` rows per
+        micro-batch, then all-padding micro-batches up to the count every data-parallel rank agrees on."""
+        rows = first_fit_decreasing(records.encoder_valid.sum(dim=1).tolist(), self.seq_length)
+        count = agreed_count(-(-len(rows) // rows_per_microbatch))
         out = []
-        for m in range(self.global_batch_size // per_round):
-            start = step * self.global_batch_size + m * per_round + self.dp_rank * self.micro_batch_size
-            positions = list(range(start, start + self.micro_batch_size))
-            batch, _ = self.collate([dataset[p % len(dataset)] for p in positions])
-            out.append((batch, positions))
+        for m in range(count):
+            chunk = rows[m * rows_per_microbatch : (m + 1) * rows_per_microbatch] or [[]]  # [[]]: one padding row
+            members = [i for row in chunk for i in row]
+            local = {i: k for k, i in enumerate(members)}
+            longest = max(int(records.encoder_valid[row].sum()) for row in chunk) if members else 1
+            width = min(-(-longest // self.seq_multiple) * self.seq_multiple, self.seq_length)
+            packed = pack_batch(records.select(members), [[local[i] for i in row] for row in chunk],
+                                pad_id=self.pad_id, seq_len=width)
+            out.append((packed, [positions[i] for i in members]))
         return out
+
+
+def agreed_count(count: int) -> int:
+    """The largest `count` over the data-parallel ranks (every rank of a DP group runs its step's micro-batches in
+    the same collectives)."""
+    if parallel_state.get_data_parallel_world_size() == 1:
+        return count
+    most = torch.tensor([count], dtype=torch.long)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX, group=parallel_state.get_data_parallel_group())
+    return int(most.item())
 
 
 def sft_seq_multiple(config: BDGemmaConfig) -> int:
@@ -118,7 +167,8 @@ def build_step_data(run: RunConfig, config: BDGemmaConfig) -> StepData:
         collate = partial(sft_collate, block_size=block, eos_id=tokenizer.eod, pad_id=tokenizer.pad,
                           max_len=d.seq_length,
                           seq_multiple_of=d.seq_length if run.parallel.pp > 1 else sft_seq_multiple(config))
+    packing = PackedRows(d.seq_length, sft_seq_multiple(config), tokenizer.pad) if d.packing else None
     return StepData(
         datasets, collate, run.train.global_batch_size, run.train.micro_batch_size,
-        parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
+        parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(), packing,
     )

@@ -6,14 +6,16 @@ step 1, every `train.log_interval` steps, the last step and every skipped step, 
 evaluation. Every field is a number, or absent (a non-finite loss or gradient norm of a skipped step, the MFU on a
 CPU or an unknown card), never null; `device`, the GPU's name, is the one string.
 
-    training row:   step, diffusion, ar, lr, grad_norm, tokens_per_s, ms_per_step, consumed_samples,
-                    consumed_tokens, peak_memory_gib, model_tflops_per_rank, mfu, device, skipped (1 when skipped)
+    training row:   step, diffusion, ar, lr, grad_norm, tokens_per_s, packing_efficiency, ms_per_step,
+                    consumed_samples, consumed_tokens, peak_memory_gib, model_tflops_per_rank, mfu, device,
+                    skipped (1 when skipped)
     evaluation row: step, eval_diffusion, eval_ar, consumed_samples, consumed_tokens
 
 Rates (`tokens_per_s`, `ms_per_step`, TFLOP/s, MFU) are over the steps since the previous row or progress line,
 timed around the training step alone (evaluation and checkpoint saves excluded, as Megatron-LM's interval timer
 does). Tokens are the data tokens read (every non-pad position of the samples, all data-parallel ranks); the canvas
-is made from them, and its compute is in the model TFLOP/s. Peak memory is `torch.cuda.max_memory_allocated` on a
+is made from them, and its compute is in the model TFLOP/s. `packing_efficiency` is those tokens over the encoder
+positions computed (rows × row length, padding included): what packing (`data.packing`) raises. Peak memory is `torch.cuda.max_memory_allocated` on a
 GPU and the process's peak resident set size on a CPU, both since the process started.
 
 A resumed run continues the file of the run it resumes: rows after the checkpoint's step, which a run that crashed
@@ -216,7 +218,7 @@ class MetricsLogger:
         self.device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
         self.peak_tflops = bf16_peak_tflops(self.device) if self.device else None
         self.step_times: deque[float] = deque(maxlen=STEP_TIMES_KEPT)
-        self.interval_steps, self.interval_seconds, self.interval_tokens = 0, 0.0, 0
+        self.interval_steps, self.interval_seconds, self.interval_tokens, self.interval_rows = 0, 0.0, 0, 0
         self.consumed_tokens: int | None = None
         self.file = self.tensorboard = self.wandb = None
         if not self.rank0:
@@ -252,6 +254,7 @@ class MetricsLogger:
         self.interval_steps += 1
         self.interval_seconds += metrics["seconds"]
         self.interval_tokens += metrics["tokens"]
+        self.interval_rows += metrics["row_tokens"]
         first = step == self.start_step + 1
         if not first:
             self.step_times.append(metrics["seconds"])
@@ -266,14 +269,15 @@ class MetricsLogger:
         row = _numbers(
             step=step, diffusion=metrics["diffusion"], ar=metrics["ar"], lr=metrics["lr"],
             grad_norm=metrics["grad_norm"],
-            tokens_per_s=self.interval_tokens / self.interval_seconds, ms_per_step=1000 * seconds,
+            tokens_per_s=self.interval_tokens / self.interval_seconds,
+            packing_efficiency=self.interval_tokens / max(self.interval_rows, 1), ms_per_step=1000 * seconds,
             consumed_samples=step * self.run.train.global_batch_size, consumed_tokens=self.consumed_tokens,
             peak_memory_gib=peak_memory_gib(), model_tflops_per_rank=tflops,
             mfu=tflops / self.peak_tflops if self.peak_tflops else None, skipped=1 if skipped else None,
         )
         if self.device:
             row["device"] = self.device
-        self.interval_steps, self.interval_seconds, self.interval_tokens = 0, 0.0, 0
+        self.interval_steps, self.interval_seconds, self.interval_tokens, self.interval_rows = 0, 0.0, 0, 0
         if due or skipped:  # not the first step of a resumed process: an uninterrupted run has no row there
             self._write(row)
         if skipped:
@@ -282,8 +286,8 @@ class MetricsLogger:
         mfu = f" ({row['mfu']:.1%} MFU)" if "mfu" in row else ""
         self.info(
             f"step {step:5d}/{steps} | diffusion {metrics['diffusion']:.4f} | ar {metrics['ar']:.4f} | "
-            f"lr {metrics['lr']:.2e} | grad norm {metrics['grad_norm']:.3f} | {row['tokens_per_s']:,.0f} tok/s | "
-            f"{row['ms_per_step']:,.0f} ms/step | {tflops:.3f} model TFLOP/s/rank{mfu} | "
+            f"lr {metrics['lr']:.2e} | grad norm {metrics['grad_norm']:.3f} | {row['tokens_per_s']:,.0f} tok/s, packing "
+            f"{row['packing_efficiency']:.1%} | {row['ms_per_step']:,.0f} ms/step | {tflops:.3f} model TFLOP/s/rank{mfu} | "
             f"peak mem {row['peak_memory_gib']:.2f} GiB{eta}"
         )
 

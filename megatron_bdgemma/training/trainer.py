@@ -33,6 +33,7 @@ from megatron_bdgemma.config import PRESETS, BDGemmaConfig
 from megatron_bdgemma.conversion.hf_checkpoint import HFCheckpoint, hf_model_config, load_hf_weights
 from megatron_bdgemma.conversion.megatron_checkpoint import model_config_from_dict, model_config_to_dict, read_extra
 from megatron_bdgemma.diffusion import DiffusionBatch, NoisedCanvas, noise_batch
+from megatron_bdgemma.diffusion.packing import PackedBatch, PackedCanvas, pack_canvas
 from megatron_bdgemma.model import BDGemmaModel, TrainingOutput
 from megatron_bdgemma.runtime.distributed import init_distributed
 from megatron_bdgemma.spec import Backend
@@ -47,10 +48,15 @@ from megatron_bdgemma.training.stopping import RunFinished, RunStopped, StopChec
 
 @dataclass
 class MicroBatch:
-    batch: DiffusionBatch
-    noised: NoisedCanvas
+    batch: DiffusionBatch | PackedBatch
+    noised: NoisedCanvas | PackedCanvas
+    """The corrupted canvas; of packed rows (`data.packing`), the records' canvases placed on the rows."""
     first_pass_hidden: torch.Tensor | None = None
     """Under pipeline parallelism, on the first stage: decode pass 1's final-normed canvas hidden (from the last)."""
+
+    @property
+    def canvas(self) -> NoisedCanvas:
+        return self.noised.noised if isinstance(self.noised, PackedCanvas) else self.noised
 
 
 @dataclass
@@ -220,23 +226,27 @@ def _microbatches(state: TrainState, step: int, split: str = "train") -> list[Mi
     score = o.score or ("one_block" if state.run.data.mode == "sft" else "all_blocks")
     out = []
     for batch, sample_indices in state.data.microbatches(step, split):
+        # Packed rows: each record is noised alone, keyed by its own sample index, then placed (docs/design.md §13).
+        packed = isinstance(batch, PackedBatch)
         noised = noise_batch(
-            batch, sample_indices=sample_indices, step=step, seed=state.run.train.seed, vocab_size=vocab, score=score,
-            kind=o.kind, mask_id=o.mask_id, t_min=o.t_min, t_max=o.t_max, self_conditioning_p=o.self_conditioning_p,
-            variant=o.variant, weight_clip=o.weight_clip,
+            batch.records if packed else batch, sample_indices=sample_indices, step=step, seed=state.run.train.seed,
+            vocab_size=vocab, score=score, kind=o.kind, mask_id=o.mask_id, t_min=o.t_min, t_max=o.t_max,
+            self_conditioning_p=o.self_conditioning_p, variant=o.variant, weight_clip=o.weight_clip,
         )
-        out.append(MicroBatch(batch, noised))
+        out.append(MicroBatch(batch, pack_canvas(batch, noised) if packed else noised))
     return out
 
 
 def _global_counts(microbatches: list[MicroBatch], device: torch.device) -> torch.Tensor:
-    """[scored canvas tokens, AR pairs, data tokens] over every micro-batch of every DP rank (known before any
-    forward): the counts `diffusion_loss` / `ar_loss` return, and the non-pad positions read (for the metrics)."""
-    counts = torch.zeros(3, dtype=torch.float64, device=device)
+    """[scored canvas tokens, AR pairs, data tokens, row tokens] over every micro-batch of every DP rank (known
+    before any forward): the counts `diffusion_loss` / `ar_loss` return, and for the metrics the non-pad positions
+    read and all encoder positions computed (their ratio is the packing efficiency)."""
+    counts = torch.zeros(4, dtype=torch.float64, device=device)
     for mb in microbatches:
-        counts[0] += mb.noised.scored.sum().item()
+        counts[0] += mb.canvas.scored.sum().item()
         counts[1] += mb.batch.ar_loss_mask.sum().item()
         counts[2] += mb.batch.encoder_valid.sum().item()
+        counts[3] += mb.batch.input_ids.numel()
     dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
     return counts.clamp(min=1.0)
 
@@ -244,7 +254,7 @@ def _global_counts(microbatches: list[MicroBatch], device: torch.device) -> torc
 def _forward_step(state: TrainState, counts: torch.Tensor, rescale: float, data: Iterator[MicroBatch], model) -> tuple:
     mb = next(data)
     device = next(model.parameters()).device
-    batch, noised, o = mb.batch.to(device), _to(mb.noised, device), state.run.objective
+    batch, noised, o = mb.batch.to(device), mb.noised.to(device), state.run.objective
     options = dict(loss_chunk_size=o.loss_chunk_size, stop_gradient_to_encoder=o.stop_gradient_to_encoder)
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         out = model.module.pipeline_stage_forward(batch, noised, first_pass=False, first_pass_hidden=mb.first_pass_hidden,
@@ -267,7 +277,7 @@ def _forward_step(state: TrainState, counts: torch.Tensor, rescale: float, data:
 def _first_pass_step(state: TrainState, hidden: list[torch.Tensor], data: Iterator[MicroBatch], model) -> tuple:
     mb = next(data)
     device = next(model.parameters()).device
-    out = model.module.pipeline_stage_forward(mb.batch.to(device), _to(mb.noised, device), first_pass=True,
+    out = model.module.pipeline_stage_forward(mb.batch.to(device), mb.noised.to(device), first_pass=True,
                                               loss_chunk_size=state.run.objective.loss_chunk_size)
 
     def keep(final_hidden: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -293,7 +303,7 @@ def _pipeline_first_pass(state: TrainState, microbatches: list[MicroBatch], **sc
     elif parallel_state.is_pipeline_first_stage():
         # Every stage holds the same micro-batches, so the first knows each one's canvas length.
         tp = parallel_state.get_tensor_model_parallel_world_size() if state.config.sequence_parallel else 1
-        shapes = [(mb.noised.canvas_ids.shape[1] // tp, mb.noised.canvas_ids.shape[0], state.config.hidden_size)
+        shapes = [(mb.canvas.canvas_ids.shape[1] // tp, mb.canvas.canvas_ids.shape[0], state.config.hidden_size)
                   for mb in microbatches]
         received = torch.empty(sum(math.prod(s) for s in shapes), dtype=state.config.pipeline_dtype,
                                device=next(state.model[0].parameters()).device)
@@ -307,10 +317,6 @@ def _iterators(state: TrainState, microbatches: list[MicroBatch]) -> Iterator[Mi
     return [iter(microbatches) for _ in state.model] if len(state.model) > 1 else iter(microbatches)
 
 
-def _to(noised: NoisedCanvas, device: torch.device) -> NoisedCanvas:
-    return NoisedCanvas(*(None if (x := getattr(noised, f)) is None else x.to(device) for f in noised.__dataclass_fields__))
-
-
 def _forward_backward(state: TrainState, microbatches: list[MicroBatch], counts: torch.Tensor, *, forward_only: bool,
                       what: str) -> torch.Tensor:
     """The step's forward (and backward unless `forward_only`) of `microbatches` through Megatron's schedule: under
@@ -321,11 +327,11 @@ def _forward_backward(state: TrainState, microbatches: list[MicroBatch], counts:
     dp = parallel_state.get_data_parallel_world_size()
     # Under pipeline parallelism stages pass [encoder hidden ; canvas hidden] of each micro-batch, at one shape.
     pipeline = parallel_state.get_pipeline_model_parallel_world_size() > 1
-    lengths = {(mb.batch.seq_len, mb.noised.canvas_ids.shape[1]) for mb in microbatches}
+    lengths = {(mb.batch.seq_len, mb.canvas.canvas_ids.shape[1]) for mb in microbatches}
     if pipeline and len(lengths) > 1:
         raise ValueError(f"{what}: micro-batches of (encoder, canvas) lengths {sorted(lengths)}; pipeline stages "
                          "exchange one shape, so the data must pad every batch to data.seq_length")
-    seq_length = microbatches[0].batch.seq_len + (microbatches[0].noised.canvas_ids.shape[1] if pipeline else 0)
+    seq_length = microbatches[0].batch.seq_len + (microbatches[0].canvas.canvas_ids.shape[1] if pipeline else 0)
     schedule = dict(num_microbatches=len(microbatches), seq_length=seq_length, micro_batch_size=run.train.micro_batch_size)
     if pipeline and state.config.self_conditioning:
         _pipeline_first_pass(state, microbatches, **schedule)
@@ -381,12 +387,13 @@ def train_step(state: TrainState, stop: StopCheck | None = None) -> tuple[dict[s
         _, grad_norm, _ = state.optimizer.step()
         state.scheduler.step(increment=1)
     state.step += 1
-    tokens = int(counts[2].item())
+    tokens, row_tokens = int(counts[2].item()), int(counts[3].item())
     if state.consumed_tokens is not None:
         state.consumed_tokens += tokens
     # The losses' .item() waits for the device, so the time is the step's own (Megatron-LM's interval timer).
     metrics = dict(diffusion=totals[0].item(), ar=totals[1].item(), grad_norm=float(grad_norm),
-                   lr=state.optimizer.param_groups[0]["lr"], tokens=tokens, consumed_tokens=state.consumed_tokens,
+                   lr=state.optimizer.param_groups[0]["lr"], tokens=tokens, row_tokens=row_tokens,
+                   consumed_tokens=state.consumed_tokens,
                    seconds=time.perf_counter() - started)
     return metrics | ({"skipped": True} if verdict.skipped else {}), verdict
 
