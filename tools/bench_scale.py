@@ -38,7 +38,7 @@ import contextlib
 import statistics
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     noised = noise_batch(batch, sample_indices=list(range(args.batch)), step=0, seed=args.seed,
                          vocab_size=config.vocab_size, score="all_blocks")
     batch = batch.to(device)
-    noised = replace(noised, **{f.name: getattr(noised, f.name).to(device) for f in fields(noised)})
+    noised = noised.to(device)
 
     encoder_pairs, canvas_pairs = attention_pairs(ours, batch, noised)
     shape = dict(tokens=batch.input_ids.numel(), canvas_tokens=noised.canvas_ids.numel(),
