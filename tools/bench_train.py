@@ -75,7 +75,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per side (1: timing robust to load)")
     parser.add_argument("--loss-rtol", type=float, help="allowed relative loss difference (default 1e-4 fp32, 2e-2 "
                         "bf16)")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
+    return args
 
 
 if __name__ == "__main__":
@@ -310,7 +313,8 @@ def main() -> None:
             losses[variant.name] = run(variant.step, models, device)[0]
     for round_index in range(args.repeats):
         for variant in round_order(variants, round_index):
-            variant.times.append(run(variant.step, models, device)[1])
+            losses[variant.name], elapsed = run(variant.step, models, device)
+            variant.times.append(elapsed)
 
     n = active_params_per_token(config)
     encoder_positions = batch.input_ids.numel()
