@@ -200,6 +200,20 @@ def test_small_corpora_train_without_the_splits_they_do_not_use(tmp_path, model_
     assert len(fixed.splits["valid"]) >= 1
 
 
+def test_a_missing_chat_file_is_named_with_its_key(tmp_path, model_parallel):
+    """One line naming data.paths and the file (it was Python's `[Errno 2] No such file or directory`); a missing
+    indexed dataset is named by the blend parser."""
+    from megatron_bdgemma.config import tiny
+    from megatron_bdgemma.training.data import build_step_data
+    from tests.test_robustness import CONFIG, SFT_CONFIG, _run
+
+    with pytest.raises(ValueError, match=rf"^data\.paths: {tmp_path}/chats\.jsonl is not a file \(sft reads one chat "
+                                         r"JSONL file\)$"):
+        build_step_data(_run(tmp_path, f"data.paths=[{tmp_path}/chats.jsonl]", config=SFT_CONFIG), tiny())
+    with pytest.raises(FileNotFoundError, match=rf"^no indexed dataset \(\.bin and \.idx\) at \['{tmp_path}/nope'\]"):
+        build_step_data(_run(tmp_path, f"data.paths=[{tmp_path}/nope]", config=CONFIG), tiny())
+
+
 # ---- checkpoints and the converters ------------------------------------------------------------------------------
 
 

@@ -17,6 +17,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -150,6 +151,8 @@ def build_step_data(run: RunConfig, config: BDGemmaConfig) -> StepData:
         paths = d.paths or [rank_zero_first(lambda: embedded_sft_path(d.cache_dir))]
         if len(paths) != 1:
             raise ValueError(f"data.paths for sft takes one chat JSONL file, got {paths}")
+        if not Path(paths[0]).is_file():
+            raise ValueError(f"data.paths: {paths[0]} is not a file (sft reads one chat JSONL file)")
         full = SFTDataset(paths[0], tokenizer, max_length=d.seq_length, block_size=block, on_bad=d.on_bad,
                           truncation=d.truncation, mask_history=d.mask_history)
         if full.bad.total or full.ar_only or full.truncated:
