@@ -35,6 +35,10 @@ BREAKS_EXACT_RESUME = (
 )
 # Keys the LR / weight-decay schedule is built from: a change rebuilds it from the checkpoint's step.
 SCHEDULE = ("optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.decay_style", "optim.weight_decay", "train.steps")
+# Keys that regroup each step's records (the same records, the same noise) into other micro-batches or packed rows:
+# allowed, like a change of layout, but the sums are then taken in another order, so the losses equal the
+# uninterrupted run's to rounding, not bit for bit (docs/design.md §13).
+REGROUPS = ("data.packing", "train.micro_batch_size")
 # `model.overrides` keys that choose an implementation, not the model: same values and gradients (to rounding).
 IMPLEMENTATION_OVERRIDES = ("attention_impl", "attention_chunk_size")
 # Not part of what a resumed run reproduces: where it comes from and where it writes.
@@ -103,8 +107,9 @@ def resume_run_config(load: str | Path, config_path: str | Path | None = None, o
 def check_resume(run: RunConfig, stored: dict[str, Any], step: int) -> list[str]:
     """Compare `run` with the stored run config of the checkpoint it resumes, saved after `step` steps.
 
-    Returns one line per changed value (`key: old → new`, saying so where the schedule is rebuilt); raises
-    ValueError listing the changes that break exact resume, or naming a `train.steps` the run is already past.
+    Returns one line per changed value (`key: old → new`, saying so where the schedule is rebuilt or the step's
+    records are regrouped); raises ValueError listing the changes that break exact resume, or naming a `train.steps`
+    the run is already past.
     """
     # A key the stored run predates compares as its default: options are added with the old behaviour as default.
     old, new = flatten(_build(RunConfig, copy.deepcopy(stored), "").to_dict()), flatten(run.to_dict())
@@ -112,8 +117,9 @@ def check_resume(run: RunConfig, stored: dict[str, Any], step: int) -> list[str]
                if not key.startswith(_NOT_COMPARED) and old.get(key) != new.get(key)]
     refused = [key for key in changed if key.startswith(BREAKS_EXACT_RESUME)
                and key.removeprefix("model.overrides.") not in IMPLEMENTATION_OVERRIDES]
-    lines = [f"{key}: {old.get(key)!r} → {new.get(key)!r}"
-             + (f" (the schedule is rebuilt from step {step})" if key in SCHEDULE else "") for key in changed]
+    notes = dict.fromkeys(SCHEDULE, f" (the schedule is rebuilt from step {step})") | dict.fromkeys(
+        REGROUPS, " (the same records and noise per step, regrouped: losses equal to rounding, not bit for bit)")
+    lines = [f"{key}: {old.get(key)!r} → {new.get(key)!r}{notes.get(key, '')}" for key in changed]
     if run.train.steps < step:
         raise ValueError(f"resuming {run.checkpoint.load}, saved at step {step}, with train.steps={run.train.steps}: "
                          f"the run is already past it; give train.steps > {step}")

@@ -1,0 +1,67 @@
+"""tools/bench_packing.py runs end to end on CPU at its `--quick` size: the RESULT line is printed and its numbers agree
+with each other and with the table (no timing is asserted: only what the figures must satisfy whatever the load)."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def test_quick_run_prints_consistent_result():
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(TOOLS.parent), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, str(TOOLS / "bench_packing.py"), "--quick"], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[-1].startswith("RESULT "), done.stdout
+    result = {k: float(v) for k, v in (item.split("=") for item in lines[-1].split()[1:])}
+    assert set(result) == {"packed_over_microbatch4", "packed_over_fixed_shape", "control_packed_over_unpacked",
+                           "efficiency_packed", "efficiency_microbatch4", "efficiency_fixed_shape", "valid_tokens",
+                           "records", "seq_length"}
+    assert all(math.isfinite(v) and v > 0 for v in result.values())
+    assert (result["records"], result["seq_length"]) == (12, 256)
+    # Every side trains the same tokens; fixed-shape rows are 4 chats × seq_length per micro-batch of 4.
+    assert result["efficiency_fixed_shape"] == pytest.approx(
+        result["valid_tokens"] / (result["records"] * result["seq_length"]), abs=1e-4)
+    assert 1 >= result["efficiency_packed"] > result["efficiency_microbatch4"] > result["efficiency_fixed_shape"]
+    assert "attention block_sparse" in done.stdout and "loss sums agree" in done.stdout
+
+    # The table: each side's valid tokens / row tokens is its efficiency, and with one round each speed-up is the
+    # ratio of the two sides' tokens per CPU-second (integers in the table, so compared to 1e-2).
+    table = {m["side"]: m for m in (re.match(
+        r"(?P<side>[a-z][a-z0-9 ,-]+?)\s+(?P<mbs>\d+)\s+(?P<rows>\d+)\s+(?P<canvas>\d+)\s+(?P<eff>[\d.]+)\s+"
+        r"(?P<cpu>[\d.]+)\s+\S+\s+(?P<wall>[\d.]+)\s+(?P<tps>\d+)$", line) for line in lines) if m}
+    assert set(table) == {"packed", "micro-batch 4", "fixed shape", "control, packed", "control, micro-batch 4"}
+    for side, key in (("packed", "efficiency_packed"), ("micro-batch 4", "efficiency_microbatch4"),
+                      ("fixed shape", "efficiency_fixed_shape")):
+        assert result["valid_tokens"] / int(table[side]["rows"]) == pytest.approx(result[key], abs=1e-4), side
+    assert len({table[s]["canvas"] for s in ("packed", "micro-batch 4", "fixed shape")}) == 1, "same canvas work"
+    assert table["control, packed"]["eff"] == table["control, micro-batch 4"]["eff"] == "1.000"
+    tps = {side: int(m["tps"]) for side, m in table.items()}
+    assert result["packed_over_microbatch4"] == pytest.approx(tps["packed"] / tps["micro-batch 4"], rel=1e-2)
+    assert result["packed_over_fixed_shape"] == pytest.approx(tps["packed"] / tps["fixed shape"], rel=1e-2)
+    assert result["control_packed_over_unpacked"] == pytest.approx(
+        tps["control, micro-batch 4"] / tps["control, packed"], rel=1e-2)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--records", "10"], "--records must be a positive multiple of 4"),
+    (["--seq-length", "1000"], "--seq-length must be a multiple of 4 · --block"),
+    (["--repeats", "0"], "--repeats must be >= 1"),
+])
+def test_bad_arguments_are_refused_by_name(argv, message, capsys):
+    sys.path.insert(0, str(TOOLS))
+    import bench_packing
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench_packing.parse_args(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
