@@ -414,13 +414,13 @@ def test_mask_history_equals_reference_recipe(model_parallel, chat_tokenizer, tm
         return [(data[i]["input_ids"].tolist(), data[i]["loss_mask"].tolist()) for i in range(len(data))]
 
     rows = ours(mask_history=True)
-    for b, ((record, turns), (ids, sup), (ref_ids, ref_sup), (_, raw_sup)) in enumerate(
+    for b, ((chat, turns), (ids, sup), (ref_ids, ref_sup), (_, raw_sup)) in enumerate(
             zip(HISTORY_RECORDS, rows, ref_rows, raw)):
         assert ids == ref_ids and sup == ref_sup, f"record {b}: supervised spans differ from the reference's"
         runs = sum(m and (i == 0 or not raw_sup[i - 1]) for i, m in enumerate(raw_sup))
         assert runs == turns, f"record {b}: {runs} assistant turns before mask_history, expected {turns}"
         if turns:  # the kept run is the last assistant turn left, as the template marks it: content, <|end|>, "."
-            answers = [m["content"] for m in record["messages"] if m["role"] == "assistant"]
+            answers = [m["content"] for m in chat["messages"] if m["role"] == "assistant"]
             kept = hf.convert_ids_to_tokens([t for t, m in zip(ids, sup) if m])
             whole = [*answers[turns - 1].split(), "<|end|>", "."]
             assert kept == whole[: len(kept)] and (kept == whole or len(ids) == SEQ_LENGTH), (b, kept)
