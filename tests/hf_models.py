@@ -64,6 +64,16 @@ def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+
+@torch.no_grad()
+def randomise_scales(model: torch.nn.Module) -> torch.nn.Module:
+    """Our model's counterpart of `randomise` for tests without an HF twin: every norm weight, router scale and layer
+    scalar drawn from U(0.5, 1.5) with the global generator (seed it first), so none is the identity."""
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if name.endswith(("norm.weight", "router.scale", "layer_scalar")):
+            tensor.uniform_(0.5, 1.5)
+    return model
+
 def _gemma4_text(text_overrides: dict[str, Any] | None) -> dict[str, Any]:
     return BASE_TEXT | dict(
         enable_moe_block=True, attention_k_eq_v=True, hidden_size_per_layer_input=0, num_kv_shared_layers=0,

@@ -17,6 +17,7 @@ from torch.nn.attention.flex_attention import flex_attention
 from megatron_bdgemma.config import tiny
 from megatron_bdgemma.layers.core_attention import EagerCoreAttention, FlexCoreAttention
 from megatron_bdgemma.masks import AttentionMask, BlockDiffusionTrainingMask, DecodeInferenceMask, EncoderMask
+from tests.hf_models import randomise_scales
 
 TOLERANCE = 1e-5  # fp32 max-abs, values and gradients, relative to the largest entry where that exceeds 1
 
@@ -166,10 +167,7 @@ def test_tiny_model_training_forward_flex_equals_eager(model_parallel):
     for impl in ("eager", "flex"):
         torch.manual_seed(0)
         model = BDGemmaModel(tiny(canvas_length=BLOCK, sliding_window=WINDOW, attention_impl=impl))
-        with torch.no_grad():  # random norm weights and layer scalars, as in test_training_forward
-            for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-                if name.endswith(("layernorm.weight", "norm.weight", "router.scale", "layer_scalar")):
-                    tensor.uniform_(0.5, 1.5)
+        randomise_scales(model)  # no norm weight or scalar is the identity
         out = model.training_forward(batch, noised)
         (out.diffusion_loss_sum + out.ar_loss_sum).backward()
         grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}

@@ -31,10 +31,7 @@ def _model(grouped: bool) -> BDGemmaModel:
 def _randomised_pair() -> tuple[BDGemmaModel, BDGemmaModel]:
     """A grouped and a sequential tiny model with the same random weights (norms and router scales included)."""
     grouped, sequential = _model(True), _model(False)
-    with torch.no_grad():
-        for name, tensor in list(grouped.named_parameters()) + list(grouped.named_buffers()):
-            if name.endswith(("norm.weight", "router.scale", "layer_scalar")):
-                tensor.uniform_(0.5, 1.5)
+    hf_models.randomise_scales(grouped)  # no norm weight or scalar is the identity
     sequential.load_state_dict(grouped.state_dict())
     return grouped, sequential
 

@@ -19,6 +19,7 @@ from megatron_bdgemma.config import tiny
 from megatron_bdgemma.diffusion import NoisedCanvas, ar_loss, build_sft_batch, diffusion_loss, noise_batch
 from megatron_bdgemma.model import BDGemmaModel
 from megatron_bdgemma.training.config import load_run_config
+from tests.hf_models import randomise_scales
 from tests.tolerances import record
 
 CONFIGS = Path(__file__).resolve().parent.parent / "examples" / "configs"
@@ -34,10 +35,7 @@ def _model(**config) -> BDGemmaModel:
     torch.manual_seed(0)
     model = BDGemmaModel(tiny(num_layers=2, layer_types=["sliding_attention", "full_attention"], canvas_length=BLOCK,
                               sliding_window=5, **config)).double()
-    with torch.no_grad():  # random norm weights and layer scalars, so nothing is the identity
-        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-            if name.endswith(("layernorm.weight", "norm.weight", "router.scale", "layer_scalar")):
-                tensor.uniform_(0.5, 1.5)
+    randomise_scales(model)  # no norm weight or scalar is the identity
     return model.train()
 
 

@@ -29,6 +29,7 @@ from megatron_bdgemma.diffusion.packing import (
 )
 from megatron_bdgemma.masks import BlockDiffusionTrainingMask, EncoderMask
 from megatron_bdgemma.model import BDGemmaModel
+from tests.hf_models import randomise_scales
 
 BLOCK = 4
 WINDOW = 5  # shorter than the records, so sliding layers cut inside a record and would reach into the previous one
@@ -39,10 +40,7 @@ ROW = 40
 def _model(impl: str = "eager") -> BDGemmaModel:
     torch.manual_seed(0)
     model = BDGemmaModel(tiny(canvas_length=BLOCK, sliding_window=WINDOW, attention_impl=impl, attention_chunk_size=6))
-    with torch.no_grad():  # random norm weights and layer scalars, so nothing is the identity
-        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-            if name.endswith(("layernorm.weight", "norm.weight", "router.scale", "layer_scalar")):
-                tensor.uniform_(0.5, 1.5)
+    randomise_scales(model)  # no norm weight or scalar is the identity
     return model
 
 

@@ -55,6 +55,7 @@ from megatron_bdgemma.diffusion import build_sft_batch, corrupt, noise_batch, sa
 from megatron_bdgemma.diffusion.layout import block_mask
 from megatron_bdgemma.masks import AttentionMask, BlockDiffusionTrainingMask, EncoderMask
 from megatron_bdgemma.model import BDGemmaModel
+from tests.hf_models import randomise_scales
 from tests.tolerances import record
 
 EOS, PAD, VOCAB = 1, 0, 512
@@ -340,10 +341,7 @@ def compare_with_reference(rows, ref_rows, block_size: int, *, guard: bool) -> N
     # float64 1.8e-15 with the defaults (AVX-512), 0 under AVX2: bound 1e-12.
     torch.manual_seed(0)
     model = BDGemmaModel(config).double()
-    with torch.no_grad():  # random norm weights and layer scalars, so nothing is the identity
-        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-            if name.endswith(("layernorm.weight", "norm.weight", "router.scale", "layer_scalar")):
-                tensor.uniform_(0.5, 1.5)
+    randomise_scales(model)  # no norm weight or scalar is the identity
     with torch.no_grad():
         out = model.training_forward(batch, noised)
         ref_total, ref_diff, ref_ar = ref_loss(model, ref_ids, attn, w, ref_masks, noised.self_conditioning)

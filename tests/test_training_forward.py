@@ -11,6 +11,7 @@ import torch
 from megatron_bdgemma.config import tiny
 from megatron_bdgemma.diffusion import NoisedCanvas, block_mask, build_sft_batch, noise_batch
 from megatron_bdgemma.model import BDGemmaModel
+from tests.hf_models import randomise_scales
 
 BLOCK = 4
 WINDOW = 5  # shorter than the prompts and responses below, so the block-anchored window matters
@@ -19,10 +20,7 @@ WINDOW = 5  # shorter than the prompts and responses below, so the block-anchore
 def _model(seed: int = 0) -> BDGemmaModel:
     torch.manual_seed(seed)
     model = BDGemmaModel(tiny(canvas_length=BLOCK, sliding_window=WINDOW))
-    with torch.no_grad():  # random norm weights and layer scalars, so nothing is the identity
-        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-            if name.endswith(("layernorm.weight", "norm.weight", "router.scale", "layer_scalar")):
-                tensor.uniform_(0.5, 1.5)
+    randomise_scales(model)  # no norm weight or scalar is the identity
     return model
 
 
