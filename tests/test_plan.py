@@ -305,3 +305,16 @@ def test_activation_bytes_equal_closed_form_counts(fake_world_results):
                  pipeline=5 * 2 * boundary + microbatches * r * b * H * FP32)),
         (3, dict(layers=3 * layer, logits=3 * (s + r) * b * VOCAB * FP32, pipeline=3 * 2 * boundary)),
     ]
+
+
+def test_packed_rows_are_planned_at_their_canvas_bound():
+    """A packed SFT row decodes one block per record with a response, and each such record lays out at least one block
+    of the row, so the plan's canvas is ⌊S / block⌋ blocks (tiny SFT: S = 96, block 16 → R = 96, not 16) and says
+    that this and the micro-batch count are bounds; the bound's activations exceed the unpacked plan's."""
+    unpacked, text = _plan(SFT_CONFIG, 2)
+    packed, packed_text = _plan(SFT_CONFIG, 2, "data.packing=true")
+    assert "micro-batch: 4 x (encoder S=96 + canvas R=16) tokens\n" in text
+    assert ("micro-batch: 4 x (encoder S=96 + canvas R=96) tokens (packed rows: R is the bound of one block per "
+            "record; a step's rows, and so its micro-batches, are at most its records)\n") in packed_text
+    assert packed["params_total"] == unpacked["params_total"]
+    assert packed["peak_gib_per_rank"] > unpacked["peak_gib_per_rank"], (packed, unpacked)

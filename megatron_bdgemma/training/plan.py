@@ -21,8 +21,9 @@ Bytes per rank (Megatron DDP with `grad_reduce_in_fp32`, Adam):
   with the distributed optimizer divided by the data-parallel size that reduces the parameter (dense: DP =
   world / (TP × PP), experts: expert-DP = world / (EP × ETP × PP)).
 Activations (an estimate, elements per token per layer times bytes, /TP under SP), per micro-batch in flight:
-- encoder stream S = data.seq_length tokens (with grad), canvas stream R = canvas_length (SFT, one scored block) or
-  S (pretraining, all blocks) tokens (pass 2, with grad); pass 1 runs under no_grad and keeps only its signal;
+- encoder stream S = data.seq_length tokens (with grad), canvas stream R = canvas_length (SFT, one scored block;
+  packed rows: up to one block per record, bounded by S) or S (pretraining, all blocks) tokens (pass 2, with grad);
+  pass 1 runs under no_grad and keeps only its signal;
 - without recompute a layer keeps ≈ 4H + 2·q + 2·kv (attention: norm, qkv, core out, proj) + 3H + 3I (dense GeGLU)
   + 6H + k·(2H + 3I_e) (router, norms, k dispatched copies through the expert GeGLU) elements per token, plus the
   attention probabilities: heads × keys per query in fp32 for `eager`, one query chunk's only for `block_sparse` /
@@ -116,6 +117,8 @@ class Plan:
     params_total: int
     params_active_per_token: int
     distributed_optimizer: bool
+    packing: bool = False
+    """`data.packing`: `canvas_tokens` and `microbatches` are upper bounds."""
 
     def peak_stage(self, distributed_optimizer: bool | None = None) -> StagePlan:
         dist_opt = self.distributed_optimizer if distributed_optimizer is None else distributed_optimizer
@@ -205,6 +208,15 @@ def _activation_bytes(run: RunConfig, config, tokens_s: int, tokens_r: int, *, c
     return dict(layers=layers_bytes, logits=3 * logit_rows * config.vocab_size // tp * 4, pipeline=pipeline)
 
 
+def canvas_tokens(run: RunConfig, block: int, tokens_s: int, score: str) -> int:
+    """The canvas rows R of one micro-batch row: one block for SFT, the whole sequence for pretraining. A packed SFT
+    row (`data.packing`) decodes one block per record with a response, and each such record lays out at least one
+    block of the row's S tokens, so R ≤ ⌊S / block⌋ · block: the plan takes that bound."""
+    if score != "one_block":
+        return tokens_s
+    return tokens_s // block * block if run.data.packing else block
+
+
 def _in_flight(microbatches: int, config) -> int:
     """Micro-batches (model-chunk micro-batches under VPP) the 1F1B schedule of this rank holds at once: its warmup
     forwards plus the one before the first backward (all of them when the warmup covers every micro-batch).
@@ -265,7 +277,7 @@ def plan_run(run: RunConfig, gpus: int) -> Plan:
                          + counts.expert * p.ep * etp - (counts.embedding * p.tp if last and not first else 0))
         experts_total += counts.expert * p.ep * etp
         trainable_dense = counts.dense + counts.embedding - counts.frozen
-        tokens_r = config.canvas_length if score == "one_block" else tokens_s
+        tokens_r = canvas_tokens(run, config.canvas_length, tokens_s, score)
         in_flight = _in_flight(microbatches, config)
         stages.append(StagePlan(
             stage=stage, layers=[[layer.layer_number for layer in chunk.decoder.layers] for chunk in chunks],
@@ -289,7 +301,7 @@ def plan_run(run: RunConfig, gpus: int) -> Plan:
         recompute=run.train.recompute, loss_chunk=run.objective.loss_chunk_size, attention_impl=config.attention_impl,
         micro_batch=run.train.micro_batch_size, microbatches=microbatches, encoder_tokens=tokens_s,
         canvas_tokens=tokens_r, stages=stages, params_total=params_total, params_active_per_token=active,
-        distributed_optimizer=run.optim.distributed_optimizer,
+        distributed_optimizer=run.optim.distributed_optimizer, packing=run.data.packing,
     )
 
 
@@ -311,7 +323,9 @@ def format_plan(plan: Plan, gpu_gib: float) -> str:
         f"layout: {plan.gpus} GPUs = {layout}; experts: EP {plan.ep} x ETP {plan.etp}, "
         f"expert-DP {plan.expert_dp}; {'bf16' if plan.bf16 else 'fp32'} weights; recompute {plan.recompute or 'none'}; "
         f"loss chunk {plan.loss_chunk or 'off (full logits)'}; attention {plan.attention_impl}",
-        f"micro-batch: {plan.micro_batch} x (encoder S={plan.encoder_tokens} + canvas R={plan.canvas_tokens}) tokens",
+        f"micro-batch: {plan.micro_batch} x (encoder S={plan.encoder_tokens} + canvas R={plan.canvas_tokens}) tokens"
+        + (" (packed rows: R is the bound of one block per record; a step's rows, and so its micro-batches, are at "
+           "most its records)" if plan.packing else ""),
         "",
     ]
     peak = plan.peak_stage()
