@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["DiffusionBatch", "build_sft_batch", "build_pretrain_batch", "block_mask", "take_blocks"]
+__all__ = ["DiffusionBatch", "moved_to", "build_sft_batch", "build_pretrain_batch", "block_mask", "take_blocks"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,11 +123,15 @@ class DiffusionBatch:
 
     def to(self, device: torch.device | str) -> DiffusionBatch:
         """A copy with every tensor moved to ``device``."""
-        moved = {
-            f.name: (v.to(device) if isinstance(v := getattr(self, f.name), Tensor) else v)
-            for f in dataclasses.fields(self)
-        }
-        return DiffusionBatch(**moved)
+        return moved_to(self, device)
+
+
+def moved_to(batch, device: torch.device | str):
+    """A copy of the dataclass ``batch`` (DiffusionBatch, NoisedCanvas, the packed ones) with every field that moves
+    on ``device``: tensors, and batches nested in it; None, ints and the like as they are."""
+    return dataclasses.replace(batch, **{
+        f.name: value.to(device) for f in dataclasses.fields(batch) if hasattr(value := getattr(batch, f.name), "to")
+    })
 
 
 def build_sft_batch(

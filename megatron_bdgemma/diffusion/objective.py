@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .layout import DiffusionBatch, take_blocks
+from .layout import DiffusionBatch, moved_to, take_blocks
 from .loss import LOO_VARIANTS, Variant, diffusion_loss_weights, loo_shift
 from .noise import NoiseKind, SampleIndices, choose_blocks, corrupt, expand_t, sample_t, self_conditioning_coins
 
@@ -42,7 +42,7 @@ class NoisedCanvas:
 
     def to(self, device: torch.device | str) -> NoisedCanvas:
         """A copy with every tensor moved to ``device``."""
-        return NoisedCanvas(*(None if (x := getattr(self, f)) is None else x.to(device) for f in self.__dataclass_fields__))
+        return moved_to(self, device)
 
 
 def noise_batch(

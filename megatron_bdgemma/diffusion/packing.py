@@ -20,14 +20,13 @@ here imports megatron or the model.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .layout import DiffusionBatch
+from .layout import DiffusionBatch, moved_to
 from .objective import NoisedCanvas
 
 __all__ = ["first_fit_decreasing", "packing_efficiency", "PackedBatch", "PackedCanvas", "pack_batch", "pack_canvas"]
@@ -116,7 +115,7 @@ class PackedBatch:
 
     def to(self, device: torch.device | str) -> PackedBatch:
         """A copy with every tensor (the records' too) moved to ``device``."""
-        return PackedBatch(**{f.name: _to(getattr(self, f.name), device) for f in dataclasses.fields(self)})
+        return moved_to(self, device)
 
 
 @dataclass(frozen=True)
@@ -138,11 +137,7 @@ class PackedCanvas:
 
     def to(self, device: torch.device | str) -> PackedCanvas:
         """A copy with every tensor moved to ``device``."""
-        return PackedCanvas(**{f.name: _to(getattr(self, f.name), device) for f in dataclasses.fields(self)})
-
-
-def _to(value, device: torch.device | str):
-    return value.to(device) if isinstance(value, (Tensor, DiffusionBatch, NoisedCanvas)) else value
+        return moved_to(self, device)
 
 
 def pack_batch(
