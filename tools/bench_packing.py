@@ -138,18 +138,19 @@ def chats(count: int, seq_length: int, median: float, sigma: float, vocab: int, 
     return out
 
 
-def build_side(name: str, records: list[dict], *, micro_batch: int, packing, seq_multiple: int, seq_length: int,
+def build_side(name: str, records: list[dict], *, micro_batch: int, packing: bool, seq_multiple: int, seq_length: int,
                block: int, vocab: int, seed: int) -> Side:
     """The trainer's micro-batches of step 0 over `records` (`StepData.microbatches`), noised as `_microbatches`
     noises them (SFT: one scored block per record, self-conditioning coin p = 0.5)."""
     from megatron_bdgemma.data.sft import sft_collate
     from megatron_bdgemma.diffusion import noise_batch
     from megatron_bdgemma.diffusion.packing import PackedBatch, pack_canvas
-    from megatron_bdgemma.training.data import StepData
+    from megatron_bdgemma.training.data import PackedRows, StepData, chats_as_records
 
     collate = partial(sft_collate, block_size=block, eos_id=EOS, pad_id=PAD, max_len=seq_length,
                       seq_multiple_of=seq_multiple)
-    data = StepData({"train": records}, collate, len(records), micro_batch, 0, 1, packing)
+    rows = PackedRows(seq_length, seq_multiple, PAD, partial(chats_as_records, collate)) if packing else None
+    data = StepData({"train": records}, collate, len(records), micro_batch, 0, 1, rows)
     out = []
     for batch, positions in data.microbatches(0):
         packed = isinstance(batch, PackedBatch)
@@ -210,7 +211,6 @@ def main() -> None:
     args = parse_args()
     from megatron_bdgemma.diffusion.packing import PackedBatch
     from megatron_bdgemma.runtime.distributed import init_distributed
-    from megatron_bdgemma.training.data import PackedRows
 
     init_distributed(seed=args.seed)
     device = torch.device("cpu")
@@ -219,13 +219,12 @@ def main() -> None:
     records = chats(args.records, S, args.median, args.sigma, vocab, args.seed)
     control_records = chats(max(4, args.records // 4), S, args.median, args.sigma, vocab, args.seed + 1, length=S // 4)
     common = dict(seq_length=S, block=args.block, vocab=vocab, seed=args.seed)
-    packed_rows = PackedRows(S, 1, PAD)
-    packed = build_side("packed", records, micro_batch=args.packed_rows, packing=packed_rows, seq_multiple=1, **common)
-    longest = build_side("micro-batch 4", records, micro_batch=4, packing=None, seq_multiple=1, **common)
-    fixed = build_side("fixed shape", records, micro_batch=4, packing=None, seq_multiple=S, **common)
-    control_packed = build_side("control, packed", control_records, micro_batch=1, packing=packed_rows,
+    packed = build_side("packed", records, micro_batch=args.packed_rows, packing=True, seq_multiple=1, **common)
+    longest = build_side("micro-batch 4", records, micro_batch=4, packing=False, seq_multiple=1, **common)
+    fixed = build_side("fixed shape", records, micro_batch=4, packing=False, seq_multiple=S, **common)
+    control_packed = build_side("control, packed", control_records, micro_batch=1, packing=True,
                                 seq_multiple=1, **common)
-    control_unpacked = build_side("control, micro-batch 4", control_records, micro_batch=4, packing=None,
+    control_unpacked = build_side("control, micro-batch 4", control_records, micro_batch=4, packing=False,
                                   seq_multiple=1, **common)
     sides = [longest, packed, fixed, control_packed, control_unpacked]  # the compared pairs side by side
     assert all(isinstance(b, PackedBatch) for side in (packed, control_packed) for b, _ in side.microbatches)

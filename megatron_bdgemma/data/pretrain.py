@@ -41,6 +41,7 @@ __all__ = [
     "PretrainSplits",
     "build_pretrain_datasets",
     "pretrain_collate",
+    "document_records",
 ]
 
 TOKEN_DTYPE = np.int32
@@ -327,6 +328,42 @@ def pretrain_collate(
     tokens = torch.stack([s["tokens"] for s in samples]).long()
     indices = torch.tensor([s["sample_index"] for s in samples], dtype=torch.long)
     return build_pretrain_batch(tokens, block_size=block_size, pad_id=pad_id), indices
+
+
+def document_records(
+    samples: Sequence[PretrainSample], stream_positions: Sequence[int], *, block_size: int, pad_id: int, eod_id: int
+) -> tuple[DiffusionBatch, list[int], list[list[int]]]:
+    """Split each window after every EOD into documents and lay each out alone (``data.reset_document_masks``).
+
+    The EOD ends its document, as in Megatron's ``reset_attention_mask`` (so the pair "EOD → next document's first
+    token" is no AR pair: a record's last token has no successor inside it); a window's first piece, the tail of a
+    document cut by the previous window, is a document of its own there too.
+
+    Args:
+        samples: windows with ``tokens [S]``.
+        stream_positions: each window's position in the sample stream, the key of its noise (docs/design.md §7).
+
+    Returns:
+        ``(documents, keys, windows)``: the documents laid out alone as :func:`build_pretrain_batch` lays out a row
+        (prefix 0, every block scored, a partial last block possible); each one's noise key, ``s · (S + 1) + j`` for
+        document ``j`` of the window at stream position ``s`` (distinct: a window has at most ``S`` documents); and
+        each window's documents in order, indices into ``documents``.
+    """
+    pieces, keys, windows = [], [], []
+    for sample, position in zip(samples, stream_positions, strict=True):
+        tokens = sample["tokens"].long()
+        S = len(tokens)
+        bounds = sorted({0, S, *((tokens == eod_id).nonzero().flatten() + 1).tolist()})
+        windows.append(list(range(len(pieces), len(pieces) + len(bounds) - 1)))
+        for j, (start, end) in enumerate(zip(bounds, bounds[1:])):
+            pieces.append(tokens[start:end])
+            keys.append(position * (S + 1) + j)
+    width = max(len(piece) for piece in pieces)
+    ids = torch.full((len(pieces), width), pad_id, dtype=torch.long)
+    valid = torch.zeros((len(pieces), width), dtype=torch.bool)
+    for i, piece in enumerate(pieces):
+        ids[i, : len(piece)], valid[i, : len(piece)] = piece, True
+    return build_pretrain_batch(ids, block_size=block_size, valid=valid, pad_id=pad_id), keys, windows
 
 
 def _parse_blend(blend: Blend) -> tuple[list[str], list[float] | None]:

@@ -96,10 +96,17 @@ class DataSection:
     earlier turns become clean prompt context (NeMo Automodel's ChatDataset `mask_history`, which its DiffusionGemma
     recipe sets). False: every assistant turn is supervised. Either way the AR loss covers every token pair."""
     packing: bool = False
-    """sft: several chat records per row of seq_length tokens, each computed exactly as alone (its own attention
-    scope, positions, noise and canvas blocks; docs/design.md §13). train.global_batch_size still counts records and
-    train.micro_batch_size counts rows, so the number of micro-batches varies from step to step. For now sft only,
-    without pipeline or sequence parallelism."""
+    """Several records per row of seq_length tokens, each computed exactly as alone (its own attention scope,
+    positions, noise and canvas blocks; docs/design.md §13). sft: chat records packed first-fit decreasing;
+    train.global_batch_size still counts records and train.micro_batch_size counts rows, so the number of
+    micro-batches varies from step to step. pretrain (needs reset_document_masks): each window holds its own
+    documents, as Megatron's --reset-attention-mask. For now without pipeline or sequence parallelism."""
+    reset_document_masks: bool = False
+    """pretrain: split each window after every EOD into documents, each computed as alone: attention never crosses
+    an EOD, positions restart at 0 and every block of each document is scored (Megatron's --reset-attention-mask
+    --reset-position-ids). With packing=true the documents stay in their window (one row per window); with
+    packing=false each document gets a row of its own (the unpacked layout: as many micro-batches of
+    train.micro_batch_size documents as needed, padding included)."""
     cache_dir: str = "runs/data_cache"
     """Where the embedded default data and megatron-core's index caches of pretraining data are written."""
 
@@ -276,13 +283,16 @@ class RunConfig:
         etp = p.etp or p.tp
         if world_size % (etp * p.ep * p.pp):
             problems.append(f"world size {world_size} is not divisible by etp × ep × pp = {etp} × {p.ep} × {p.pp}")
-        if self.data.packing and self.data.mode != "sft":
-            problems.append("data.packing needs data.mode=sft: pretraining windows are not split at documents yet "
-                            "(data.reset_document_masks, issue #24)")
-        if self.data.packing and p.pp > 1:
+        if self.data.packing and self.data.mode == "pretrain" and not self.data.reset_document_masks:
+            problems.append("data.packing with data.mode=pretrain needs data.reset_document_masks=true: a window is "
+                            "one full row already; packing keeps its documents apart")
+        if self.data.reset_document_masks and self.data.mode != "pretrain":
+            problems.append("data.reset_document_masks is a pretrain option: sft records are separate rows (or, "
+                            "with data.packing, separate segments) already")
+        if (self.data.packing or self.data.reset_document_masks) and p.pp > 1:
             problems.append("data.packing with parallel.pp > 1 is not supported yet: pipeline stages exchange one "
                             "canvas shape, which packed rows do not fix yet (issue #24)")
-        if self.data.packing and (p.tp > 1 or p.sequence_parallel):
+        if (self.data.packing or self.data.reset_document_masks) and (p.tp > 1 or p.sequence_parallel):
             problems.append("data.packing with parallel.tp > 1 (sequence parallelism) is not supported yet: packed "
                             "rows' per-record self-conditioning coins are not split over the sequence (issue #24)")
         if p.vpp is not None and (p.pp == 1 or p.vpp < 1):

@@ -7,8 +7,10 @@ needs nothing but s.
 
 With `data.packing` (docs/design.md §13) each DP rank takes the same records of the step and packs them
 (first-fit decreasing, a pure function of their lengths) into rows of `data.seq_length`; micro-batches hold b rows.
-The ranks agree on the step's micro-batch count (the most any rank needs); a rank short of rows runs all-padding
-micro-batches, which hold no token and so add nothing to the losses, the token counts or the gradients.
+With `data.reset_document_masks` (pretraining) the records are the documents of the step's windows: packed, each
+window is a row of its own documents; unpacked, each document has a row. Either way the ranks agree on the step's
+micro-batch count (the most any rank needs); a rank short of rows runs all-padding micro-batches, which hold no
+token and so add nothing to the losses, the token counts or the gradients.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from megatron.core import parallel_state
 
 from megatron_bdgemma.config import BDGemmaConfig
 from megatron_bdgemma.data import build_pretrain_datasets, embedded_pretrain_prefix, embedded_sft_path, load_tokenizer
-from megatron_bdgemma.data.pretrain import pretrain_collate
+from megatron_bdgemma.data.pretrain import document_records, pretrain_collate
 from megatron_bdgemma.data.sft import SFTDataset, sft_collate
 from megatron_bdgemma.diffusion import DiffusionBatch
 from megatron_bdgemma.diffusion.packing import PackedBatch, first_fit_decreasing, pack_batch
@@ -47,49 +49,70 @@ class StepData:
     dp_rank: int
     dp_size: int
     packing: PackedRows | None = None
-    """`data.packing`: how the rank's records are packed into rows; None = one record per row."""
+    """`data.packing` / `data.reset_document_masks`: how the rank's records become rows; None = a sample per row."""
 
     def microbatches(self, step: int, split: str = "train") -> list[tuple[DiffusionBatch | PackedBatch, list[int]]]:
-        """This rank's micro-batches of `step`: (batch, stream positions that key each example's noise; of packed
-        rows, those of `batch.records`)."""
+        """This rank's micro-batches of `step`: (batch, the keys of each example's noise: the stream positions, or
+        for records (`self.packing`), those of `batch.records` or of the unpacked records)."""
         dataset = self.splits[split]
         b, per_round = self.micro_batch_size, self.micro_batch_size * self.dp_size
         starts = [step * self.global_batch_size + m * per_round + self.dp_rank * b
                   for m in range(self.global_batch_size // per_round)]
         positions = [list(range(start, start + b)) for start in starts]
         if self.packing is not None:
-            records = [p for micro in positions for p in micro]
-            return self.packing.microbatches(self.collate([dataset[p % len(dataset)] for p in records])[0], records,
-                                             self.micro_batch_size)
+            stream = [p for micro in positions for p in micro]
+            return self.packing.microbatches([dataset[p % len(dataset)] for p in stream], stream, b)
         return [(self.collate([dataset[p % len(dataset)] for p in micro])[0], micro) for micro in positions]
+
+
+Records = Callable[[Sequence[Any], list[int]], tuple[DiffusionBatch, list[int], list[list[int]] | None]]
+"""The step's samples and their stream positions → the records laid out alone, each record's noise key, and the
+records that share a row whatever the packer does (a pretraining window's documents; None: the packer decides)."""
+
+
+def chats_as_records(collate: Callable[[Sequence[Any]], tuple[DiffusionBatch, Any]], samples: Sequence[Any],
+                     positions: list[int]) -> tuple[DiffusionBatch, list[int], None]:
+    """SFT: each chat is a record, keyed by its stream position."""
+    return collate(samples)[0], positions, None
 
 
 @dataclass(frozen=True)
 class PackedRows:
-    """The packing of one rank's records of a step into micro-batches of packed rows (docs/design.md §13)."""
+    """The rows of one rank's records of a step, in micro-batches (docs/design.md §13)."""
 
     seq_length: int
     """Row capacity (`data.seq_length`)."""
     seq_multiple: int
     """A row's width is its micro-batch's longest row rounded up to this (`sft_seq_multiple`)."""
     pad_id: int
+    records: Records
+    pack: bool = True
+    """False: each record alone in its row, unpacked (`data.reset_document_masks` without `data.packing`)."""
 
-    def microbatches(self, records: DiffusionBatch, positions: list[int],
-                     rows_per_microbatch: int) -> list[tuple[PackedBatch, list[int]]]:
-        """`records` (laid out alone, one per row) packed first-fit decreasing, `rows_per_microbatch` rows per
-        micro-batch, then all-padding micro-batches up to the count every data-parallel rank agrees on."""
-        rows = first_fit_decreasing(records.encoder_valid.sum(dim=1).tolist(), self.seq_length)
+    def microbatches(self, samples: Sequence[Any], positions: list[int],
+                     rows_per_microbatch: int) -> list[tuple[DiffusionBatch | PackedBatch, list[int]]]:
+        """The records of `samples` in rows (their groups, else first-fit decreasing; or one per row),
+        `rows_per_microbatch` rows per micro-batch, then all-padding micro-batches up to the count every
+        data-parallel rank agrees on."""
+        records, keys, groups = self.records(samples, positions)
+        if not self.pack:
+            rows = [[i] for i in range(records.batch_size)]
+        else:
+            rows = groups or first_fit_decreasing(records.encoder_valid.sum(dim=1).tolist(), self.seq_length)
         count = agreed_count(-(-len(rows) // rows_per_microbatch))
         out = []
         for m in range(count):
             chunk = rows[m * rows_per_microbatch : (m + 1) * rows_per_microbatch] or [[]]  # [[]]: one padding row
             members = [i for row in chunk for i in row]
+            if members and not self.pack:  # the unpacked layout itself, not packed rows of one record
+                out.append((records.select(members), [keys[i] for i in members]))
+                continue
             local = {i: k for k, i in enumerate(members)}
             longest = max(int(records.encoder_valid[row].sum()) for row in chunk) if members else 1
             width = min(-(-longest // self.seq_multiple) * self.seq_multiple, self.seq_length)
             packed = pack_batch(records.select(members), [[local[i] for i in row] for row in chunk],
                                 pad_id=self.pad_id, seq_len=width)
-            out.append((packed, [positions[i] for i in members]))
+            out.append((packed, [keys[i] for i in members]))
         return out
 
 
@@ -170,7 +193,11 @@ def build_step_data(run: RunConfig, config: BDGemmaConfig) -> StepData:
         collate = partial(sft_collate, block_size=block, eos_id=tokenizer.eod, pad_id=tokenizer.pad,
                           max_len=d.seq_length,
                           seq_multiple_of=d.seq_length if run.parallel.pp > 1 else sft_seq_multiple(config))
-    packing = PackedRows(d.seq_length, sft_seq_multiple(config), tokenizer.pad) if d.packing else None
+    packing = None
+    if d.packing or d.reset_document_masks:
+        records = (partial(document_records, block_size=block, pad_id=tokenizer.pad, eod_id=tokenizer.eod)
+                   if d.mode == "pretrain" else partial(chats_as_records, collate))
+        packing = PackedRows(d.seq_length, sft_seq_multiple(config), tokenizer.pad, records, pack=d.packing)
     return StepData(
         datasets, collate, run.train.global_batch_size, run.train.micro_batch_size,
         parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(), packing,

@@ -32,6 +32,7 @@ BREAKS_EXACT_RESUME = (
     "data.mode", "data.paths", "data.tokenizer", "data.seq_length", "data.split", "objective.", "train.seed",
     "train.global_batch_size", "model.overrides.", "model.preset", "model.hf",
     "data.chat_template", "data.truncation", "data.mask_history",  # which tokens each record holds and supervises
+    "data.reset_document_masks",  # which records a step holds (windows or their documents) and their noise keys
 )
 # Keys the LR / weight-decay schedule is built from: a change rebuilds it from the checkpoint's step.
 SCHEDULE = ("optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.decay_style", "optim.weight_decay", "train.steps")
