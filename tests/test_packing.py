@@ -6,7 +6,8 @@ record-relative positions, not the masks' run starts), and the block-sparse key 
 skip the keys before a chunk's record; (b) through `training_forward`, every packed record's encoder and canvas
 logits, both losses and every gradient equal the unpacked forward of the same records with the same noise and coins
 (SFT single- and multi-turn with an AR-only record, one and all blocks scored, the loo variant's shift; pretraining
-documents with partial last blocks), eager and block-sparse; (c) the first-fit-decreasing packer: every record once, no row over capacity, deterministic, and
+documents with partial last blocks), under eager, block-sparse and flex attention (FlexAttention's CPU reference:
+the packed masks as its `mask_mod`); (c) the first-fit-decreasing packer: every record once, no row over capacity, deterministic, and
 its efficiency on a log-normal length sample.
 """
 
@@ -187,7 +188,7 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("impl", ["eager", "block_sparse"])
+@pytest.mark.parametrize("impl", ["eager", "block_sparse", "flex"])
 @pytest.mark.parametrize("data, score, variant", [case + ("base-sft",) for case in CASES] + [("sft", "one_block", "loo-ce")])
 def test_packed_records_equal_records_alone(model_parallel, data, score, variant, impl):
     """`training_forward` of the packed rows against `training_forward` of the records one per row (the loo variant
