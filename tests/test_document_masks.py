@@ -95,6 +95,7 @@ def test_document_masks_packed_equal_unpacked(tmp_path, model_parallel):
                        _metrics([h for h in unpacked if "eval_diffusion" in h], ("eval_diffusion", "eval_ar")),
                        "document masks: held-out losses, packed vs unpacked", shared_weight_steps=0)
     assert [h["tokens"] for h in packed] == [h["tokens"] for h in unpacked] == [4 * 32] * STEPS
+    assert [h["flops"] for h in packed] == [h["flops"] for h in unpacked]  # the records' work, padding excluded
     assert [h["row_tokens"] for h in packed] == [4 * 32] * STEPS
     assert all(h["row_tokens"] > 4 * 32 for h in unpacked)  # a document per row pads to the micro-batch's longest
     # Whole windows score one canvas per window, documents one per document (partial last blocks): the losses differ.

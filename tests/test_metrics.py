@@ -298,9 +298,9 @@ def test_skipped_step_has_a_row_without_its_nonfinite_values_and_mfu_names_the_c
     monkeypatch.setattr(metrics.torch.cuda, "max_memory_allocated", lambda device=None: 5 * 2**30)
     gpu = load_run_config(CONFIG, [*SMALL, f"checkpoint.save={tmp_path / 'gpu'}"])
     (tmp_path / "gpu").mkdir()
-    logger = metrics.MetricsLogger(gpu, flops_per_step=0.4 * 989.4e12 * 0.5)  # 40% of the peak at 0.5 s per step
+    logger = metrics.MetricsLogger(gpu)
     logger.log_step(1, dict(diffusion=1.0, ar=2.0, lr=1e-3, grad_norm=1.0, tokens=128, row_tokens=128, consumed_tokens=128,
-                         seconds=0.5))
+                            flops=0.4 * 989.4e12 * 0.5, seconds=0.5))  # 40% of the peak at 0.5 s per step
     logger.close()
     (row,) = _rows(tmp_path / "gpu" / "metrics.jsonl")
     assert row["device"] == "NVIDIA H100 80GB HBM3" and row["mfu"] == pytest.approx(0.4, rel=1e-12)

@@ -102,23 +102,47 @@ def test_visible_pairs_are_the_masks_allowed_entries(model_parallel):
     assert 0 < canvas[SLIDING] < canvas[FULL]
 
 
-def test_progress_line_flops_are_the_formula_over_full_rows(model_parallel):
-    """The trainer's TFLOP/s counts one full-length row per example with the pairs its masks allow (the same
-    `training_step_flops`, not a second formula)."""
+@pytest.mark.parametrize("kind", ["sft", "pretrain"])
+def test_progress_line_flops_are_each_record_alone(model_parallel, kind):
+    """The trainer's TFLOP/s counts each record at its own length (`records_flops`): the same `training_step_flops`
+    (not a second formula) of the pairs its masks allow with the record alone in a batch, whatever padding the
+    records' batch has. SFT: records of different lengths (padded to the longest), one of them AR-only; pretraining:
+    documents of whole blocks, every block decoded, and a later scored block (t differs per block) of a partial record."""
     import sys
     from pathlib import Path
 
-    from megatron_bdgemma.training.config import load_run_config
-    from megatron_bdgemma.training.metrics import model_flops_per_step
+    from megatron_bdgemma.training.metrics import records_flops
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
     from bench_scale import attention_pairs
 
     config = tiny(num_layers=2, layer_types=[SLIDING, FULL], sliding_window=8, canvas_length=16)
-    run = load_run_config(Path(__file__).resolve().parents[1] / "examples/configs/tiny_pretrain.yaml",
-                          ["data.seq_length=48", "train.global_batch_size=6"])
-    batch, noised = _layout("pretrain", config.vocab_size)  # 2 full rows of 48, every block decoded
-    encoder, canvas = attention_pairs(BDGemmaModel(config), batch, noised)
-    two_rows = training_step_flops(config, tokens=2 * 48, canvas_tokens=2 * 48, encoder_pairs=encoder,
-                                   canvas_pairs=canvas)
-    assert model_flops_per_step(config, run) == pytest.approx(two_rows.total * 3, rel=1e-12)
+    model, vocab = BDGemmaModel(config), config.vocab_size
+    ids = torch.randint(2, vocab, (3, 48), generator=torch.Generator().manual_seed(0))
+    valid = torch.zeros(3, 48, dtype=torch.bool)
+    if kind == "sft":
+        loss_mask = torch.zeros(3, 48, dtype=torch.bool)
+        valid[0, :30], loss_mask[0, 10:30] = True, True  # prompt 10, response padded to 32 by the EOS fill
+        valid[1, :14], loss_mask[1, 9:14] = True, True
+        valid[2, :7] = True  # no answer: AR loss only, no block
+        build = lambda rows, n=48: build_sft_batch(ids[rows, :n], loss_mask[rows, :n], valid[rows, :n], block_size=16,
+                                                   eos_id=1, pad_id=0)
+        score = "one_block"
+    else:
+        valid[0, :48], valid[1, :16], valid[2, :32] = True, True, True
+        build = lambda rows, n=48: build_pretrain_batch(ids[rows, :n], valid=valid[rows, :n], block_size=16, pad_id=0)
+        score = "all_blocks"
+    records = build([0, 1, 2])
+    noised = noise_batch(records, sample_indices=[0, 1, 2], step=0, seed=1, vocab_size=vocab, score=score)
+    assert records.encoder_valid.sum() < records.encoder_valid.numel()  # padding, which counts for nothing
+
+    expected = 0.0
+    for i in range(3):
+        alone = build([i], int(valid[i].sum()))
+        alone_noised = noise_batch(alone, sample_indices=[i], step=0, seed=1, vocab_size=vocab, score=score)
+        assert alone.encoder_valid.all()  # no padding alone (the SFT layout's EOS fill is data)
+        encoder, canvas = attention_pairs(model, alone, alone_noised)
+        decoded = int((alone_noised.block_ids >= 0).sum()) * 16 if int(alone.response_lens[0]) else 0
+        expected += training_step_flops(config, tokens=alone.seq_len, canvas_tokens=decoded, encoder_pairs=encoder,
+                                        canvas_pairs=canvas if decoded else {t: 0 for t in canvas}).total
+    assert records_flops(config, records, noised.block_ids) == pytest.approx(expected, rel=1e-12)

@@ -14,7 +14,9 @@ CPU or an unknown card), never null; `device`, the GPU's name, is the one string
 Rates (`tokens_per_s`, `ms_per_step`, TFLOP/s, MFU) are over the steps since the previous row or progress line,
 timed around the training step alone (evaluation and checkpoint saves excluded, as Megatron-LM's interval timer
 does). Tokens are the data tokens read (every non-pad position of the samples, all data-parallel ranks); the canvas
-is made from them, and its compute is in the model TFLOP/s. `packing_efficiency` is those tokens over the encoder
+is made from them, and its compute is in the model TFLOP/s: the model FLOPs of the step's records each at its own
+length, padding excluded (`records_flops`), so packed and unpacked runs of the same records count the same work.
+`packing_efficiency` is those tokens over the encoder
 positions computed (rows × row length, padding included): what packing (`data.packing`) raises. Peak memory is `torch.cuda.max_memory_allocated` on a
 GPU and the process's peak resident set size on a CPU, both since the process started.
 
@@ -38,8 +40,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from megatron_bdgemma.config import FULL, BDGemmaConfig
+from megatron_bdgemma.diffusion import DiffusionBatch
 from megatron_bdgemma.training.config import RunConfig
 from megatron_bdgemma.training.run_dir import METRICS, STAGING, save_root
 
@@ -140,24 +144,34 @@ def training_step_flops(
     return StepFlops(encoder + encoder_router, pass1, canvas + canvas_router + soft, backward)
 
 
-def model_flops_per_step(config: BDGemmaConfig, run: RunConfig) -> float:
-    """Model FLOPs of one global batch for the progress line: `training_step_flops` of full-length rows.
+def records_flops(config: BDGemmaConfig, records: DiffusionBatch, block_ids: Tensor) -> float:
+    """Model FLOPs of training `records`, each at its own length: `training_step_flops` of their tokens and decoded
+    canvas blocks with the pairs each one's masks allow it alone. Padding is no model work, so a step's count is the
+    same packed or unpacked (and `packing_efficiency` says how much more the rows computed).
 
-    The attention pairs are those of a row without padding: causal (windowed on sliding layers) over the encoder;
-    each decoded canvas block sees the clean keys before it (the window anchored at its start) and its own block.
-    SFT decodes one block, counted at the end of the row (the most keys it can see); pretraining decodes every block.
+    Args:
+        records: the records laid out alone, one per row (`PackedBatch.records`, or an unpacked micro-batch).
+        block_ids: `[N, nb]` each record's decoded blocks (`NoisedCanvas.block_ids` of `records`; -1 = none).
+
+    Encoder: causal pairs, windowed on sliding layers. A decoded block at record position `a` (its first response
+    token `p + i·B`) sees the clean keys before it (at most `window − 1` of them on sliding layers) and its own valid
+    slots (`w`, fewer than the block in a pretraining record's partial last block).
     """
-    s, block = run.data.seq_length, config.canvas_length
-    one_block = (run.objective.score or ("one_block" if run.data.mode == "sft" else "all_blocks")) == "one_block"
-    blocks = [(max(s - block, 0), min(block, s))] if one_block else [(a, min(block, s - a)) for a in range(0, s, block)]
+    B = config.canvas_length
+    lengths = records.encoder_valid.sum(dim=1).tolist()
+    blocks = [(int(p) + b * B, min(B, int(L) - b * B))
+              for p, L, row in zip(records.prefix_lens.tolist(), records.response_lens.tolist(), block_ids.tolist())
+              for b in row if 0 <= b and b * B < L]
     encoder_pairs, canvas_pairs = {}, {}
     for layer_type in set(config.layer_types):
-        window = config.window_of(layer_type) or s + 1
-        encoder_pairs[layer_type] = sum(min(q + 1, window) for q in range(s))
-        canvas_pairs[layer_type] = sum(width * (min(start, window - 1) + width) for start, width in blocks)
-    per_row = training_step_flops(config, tokens=s, canvas_tokens=sum(width for _, width in blocks),
-                                  encoder_pairs=encoder_pairs, canvas_pairs=canvas_pairs)
-    return per_row.total * run.train.global_batch_size
+        window = config.window_of(layer_type)
+        # Σ_{q < n} min(q + 1, W): n(n + 1)/2 up to the window, then W per further query.
+        encoder_pairs[layer_type] = sum(
+            n * (n + 1) // 2 if window is None or n <= window else window * (window + 1) // 2 + (n - window) * window
+            for n in lengths)
+        canvas_pairs[layer_type] = sum(w * ((a if window is None else min(a, window - 1)) + w) for a, w in blocks)
+    return training_step_flops(config, tokens=sum(lengths), canvas_tokens=sum(w for _, w in blocks),
+                               encoder_pairs=encoder_pairs, canvas_pairs=canvas_pairs).total
 
 
 def bf16_peak_tflops(device_name: str) -> float | None:
@@ -206,19 +220,19 @@ class MetricsLogger:
 
     Args:
         run: the run config.
-        flops_per_step: model FLOPs of one global batch (`model_flops_per_step`).
         start_step: the step the run starts after (0, or the resumed checkpoint's).
         run_id: the run directory's id (`training/run_dir.py`): a resumed run continues the same W&B run.
     """
 
-    def __init__(self, run: RunConfig, flops_per_step: float, start_step: int = 0, run_id: str | None = None) -> None:
-        self.run, self.flops_per_step, self.start_step = run, flops_per_step, start_step
+    def __init__(self, run: RunConfig, start_step: int = 0, run_id: str | None = None) -> None:
+        self.run, self.start_step = run, start_step
         self.rank0 = not dist.is_initialized() or dist.get_rank() == 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
         self.peak_tflops = bf16_peak_tflops(self.device) if self.device else None
         self.step_times: deque[float] = deque(maxlen=STEP_TIMES_KEPT)
         self.interval_steps, self.interval_seconds, self.interval_tokens, self.interval_rows = 0, 0.0, 0, 0
+        self.interval_flops = 0.0
         self.consumed_tokens: int | None = None
         self.file = self.tensorboard = self.wandb = None
         if not self.rank0:
@@ -249,9 +263,11 @@ class MetricsLogger:
             print(message, flush=True)
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
-        """Account for `step` (`train_step`'s metrics: losses, lr, grad_norm, tokens, seconds, consumed_tokens,
-        skipped); print the progress line and write the row when it is due."""
+        """Account for `step` (`train_step`'s metrics: losses, lr, grad_norm, tokens, row_tokens, flops (model FLOPs
+        of the global batch, `records_flops`), seconds, consumed_tokens, skipped); print the progress line and write
+        the row when it is due."""
         self.interval_steps += 1
+        self.interval_flops += metrics["flops"]
         self.interval_seconds += metrics["seconds"]
         self.interval_tokens += metrics["tokens"]
         self.interval_rows += metrics["row_tokens"]
@@ -265,7 +281,7 @@ class MetricsLogger:
         if not (due or skipped or first):
             return
         seconds = self.interval_seconds / self.interval_steps
-        tflops = self.flops_per_step / seconds / self.world / 1e12
+        tflops = self.interval_flops / self.interval_seconds / self.world / 1e12
         row = _numbers(
             step=step, diffusion=metrics["diffusion"], ar=metrics["ar"], lr=metrics["lr"],
             grad_norm=metrics["grad_norm"],
@@ -278,6 +294,7 @@ class MetricsLogger:
         if self.device:
             row["device"] = self.device
         self.interval_steps, self.interval_seconds, self.interval_tokens, self.interval_rows = 0, 0.0, 0, 0
+        self.interval_flops = 0.0
         if due or skipped:  # not the first step of a resumed process: an uninterrupted run has no row there
             self._write(row)
         if skipped:

@@ -40,7 +40,7 @@ from megatron_bdgemma.spec import Backend
 from megatron_bdgemma.training.checkpointing import load_checkpoint, save_checkpoint
 from megatron_bdgemma.training.config import ModelSection, RunConfig
 from megatron_bdgemma.training.data import StepData, build_step_data
-from megatron_bdgemma.training.metrics import MetricsLogger, model_flops_per_step, require_logging_backends
+from megatron_bdgemma.training.metrics import MetricsLogger, records_flops, require_logging_backends
 from megatron_bdgemma.training.resume import check_resume, read_checkpoint_extra, read_training_extra
 from megatron_bdgemma.training.run_dir import RunDirectory, claim_run_directory
 from megatron_bdgemma.training.stopping import RunFinished, RunStopped, StopCheck, Verdict
@@ -53,6 +53,8 @@ class MicroBatch:
     """The corrupted canvas; of packed rows (`data.packing`), the records' canvases placed on the rows."""
     first_pass_hidden: torch.Tensor | None = None
     """Under pipeline parallelism, on the first stage: decode pass 1's final-normed canvas hidden (from the last)."""
+    flops: float = 0.0
+    """Model FLOPs of training its records (`records_flops`)."""
 
     @property
     def canvas(self) -> NoisedCanvas:
@@ -233,20 +235,23 @@ def _microbatches(state: TrainState, step: int, split: str = "train") -> list[Mi
             vocab_size=vocab, score=score, kind=o.kind, mask_id=o.mask_id, t_min=o.t_min, t_max=o.t_max,
             self_conditioning_p=o.self_conditioning_p, variant=o.variant, weight_clip=o.weight_clip,
         )
-        out.append(MicroBatch(batch, pack_canvas(batch, noised) if packed else noised))
+        records = batch.records if packed else batch
+        out.append(MicroBatch(batch, pack_canvas(batch, noised) if packed else noised,
+                              flops=records_flops(state.config, records, noised.block_ids)))
     return out
 
 
 def _global_counts(microbatches: list[MicroBatch], device: torch.device) -> torch.Tensor:
-    """[scored canvas tokens, AR pairs, data tokens, row tokens] over every micro-batch of every DP rank (known
-    before any forward): the counts `diffusion_loss` / `ar_loss` return, and for the metrics the non-pad positions
-    read and all encoder positions computed (their ratio is the packing efficiency)."""
-    counts = torch.zeros(4, dtype=torch.float64, device=device)
+    """[scored canvas tokens, AR pairs, data tokens, row tokens, model FLOPs] over every micro-batch of every DP rank
+    (known before any forward): the counts `diffusion_loss` / `ar_loss` return, and for the metrics the non-pad
+    positions read, all encoder positions computed (their ratio is the packing efficiency) and the model FLOPs."""
+    counts = torch.zeros(5, dtype=torch.float64, device=device)
     for mb in microbatches:
         counts[0] += mb.canvas.scored.sum().item()
         counts[1] += mb.batch.ar_loss_mask.sum().item()
         counts[2] += mb.batch.encoder_valid.sum().item()
         counts[3] += mb.batch.input_ids.numel()
+        counts[4] += mb.flops
     dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
     return counts.clamp(min=1.0)
 
@@ -392,7 +397,7 @@ def train_step(state: TrainState, stop: StopCheck | None = None) -> tuple[dict[s
         state.consumed_tokens += tokens
     # The losses' .item() waits for the device, so the time is the step's own (Megatron-LM's interval timer).
     metrics = dict(diffusion=totals[0].item(), ar=totals[1].item(), grad_norm=float(grad_norm),
-                   lr=state.optimizer.param_groups[0]["lr"], tokens=tokens, row_tokens=row_tokens,
+                   lr=state.optimizer.param_groups[0]["lr"], tokens=tokens, row_tokens=row_tokens, flops=counts[4].item(),
                    consumed_tokens=state.consumed_tokens,
                    seconds=time.perf_counter() - started)
     return metrics | ({"skipped": True} if verdict.skipped else {}), verdict
@@ -433,8 +438,7 @@ def train(run: RunConfig) -> list[dict[str, float]]:
 
 def _train(state: TrainState) -> list[dict[str, float]]:
     run = state.run
-    logger = MetricsLogger(run, model_flops_per_step(state.config, run), state.step,
-                           state.run_dir.run_id if state.run_dir else None)
+    logger = MetricsLogger(run, state.step, state.run_dir.run_id if state.run_dir else None)
     history = []
     for chunk in state.model:
         chunk.train()
