@@ -99,7 +99,7 @@ class DataSection:
     """sft: several chat records per row of seq_length tokens, each computed exactly as alone (its own attention
     scope, positions, noise and canvas blocks; docs/design.md §13). train.global_batch_size still counts records and
     train.micro_batch_size counts rows, so the number of micro-batches varies from step to step. For now sft only,
-    without pipeline or sequence parallelism."""
+    without pipeline parallelism."""
     cache_dir: str = "runs/data_cache"
     """Where the embedded default data and megatron-core's index caches of pretraining data are written."""
 
@@ -282,9 +282,6 @@ class RunConfig:
         if self.data.packing and p.pp > 1:
             problems.append("data.packing with parallel.pp > 1 is not supported yet: pipeline stages exchange one "
                             "canvas shape, which packed rows do not fix yet (issue #24)")
-        if self.data.packing and (p.tp > 1 or p.sequence_parallel):
-            problems.append("data.packing with parallel.tp > 1 (sequence parallelism) is not supported yet: packed "
-                            "rows' per-record self-conditioning coins are not split over the sequence (issue #24)")
         if p.vpp is not None and (p.pp == 1 or p.vpp < 1):
             problems.append(f"parallel.vpp={p.vpp} needs parallel.pp > 1 and vpp >= 1 (or vpp: null)")
         if p.tp > 1 and p.sequence_parallel is False:
