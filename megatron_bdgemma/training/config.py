@@ -64,7 +64,8 @@ class ParallelSection:
     sequence_parallel: bool | None = None
     """Default: on whenever tp > 1 (Megatron requires it for MoE training with TP)."""
     dispatcher: Literal["allgather", "alltoall"] | None = None
-    """MoE token dispatcher; default alltoall on GPU, allgather on CPU."""
+    """MoE token dispatcher; default alltoall on GPU, allgather on CPU, except alltoall where expert-parallel ranks'
+    micro-batches differ in shape (`RunConfig.batch_shapes_vary`), which the allgather dispatcher cannot take."""
 
 
 @dataclass
@@ -260,6 +261,13 @@ class RunConfig:
     def num_microbatches(self, world_size: int) -> int:
         return self.train.global_batch_size // (self.train.micro_batch_size * self.data_parallel_size(world_size))
 
+    def batch_shapes_vary(self) -> bool:
+        """Whether a micro-batch's shape depends on its records, so differs from rank to rank: an SFT batch is as wide
+        as its longest record, a packed row's canvas as long as its records need. Under pipeline parallelism stages
+        exchange one shape, so each batch is padded to it. Megatron's allgather MoE dispatcher gathers the tokens of
+        the expert-parallel ranks as equal shares, so it cannot take varying shapes; the alltoall dispatcher can."""
+        return self.parallel.pp == 1 and (self.data.mode == "sft" or self.data.packing)
+
     def validate(self, world_size: int) -> None:
         """Raise one ValueError naming every conflict between sizes (one line for one, a list for several)."""
         p, t, problems = self.parallel, self.train, []
@@ -282,6 +290,11 @@ class RunConfig:
         if self.data.packing and p.pp > 1:
             problems.append("data.packing with parallel.pp > 1 is not supported yet: pipeline stages exchange one "
                             "canvas shape, which packed rows do not fix yet (issue #24)")
+        if p.ep > 1 and p.dispatcher == "allgather" and self.batch_shapes_vary():
+            problems.append(f"parallel.dispatcher=allgather with parallel.ep={p.ep} needs micro-batches of one shape "
+                            f"on every expert-parallel rank, but at parallel.pp=1 "
+                            f"{'packed rows' if self.data.packing else 'SFT batches'} take their records' shapes: use "
+                            "parallel.dispatcher=alltoall")
         if p.vpp is not None and (p.pp == 1 or p.vpp < 1):
             problems.append(f"parallel.vpp={p.vpp} needs parallel.pp > 1 and vpp >= 1 (or vpp: null)")
         if p.tp > 1 and p.sequence_parallel is False:
