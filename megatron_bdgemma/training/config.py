@@ -64,8 +64,8 @@ class ParallelSection:
     sequence_parallel: bool | None = None
     """Default: on whenever tp > 1 (Megatron requires it for MoE training with TP)."""
     dispatcher: Literal["allgather", "alltoall"] | None = None
-    """MoE token dispatcher; default alltoall on GPU, allgather on CPU, except alltoall where expert-parallel ranks'
-    micro-batches differ in shape (`RunConfig.batch_shapes_vary`), which the allgather dispatcher cannot take."""
+    """MoE token dispatcher; default alltoall on GPU, allgather on CPU, but alltoall with ep > 1 for SFT or packed
+    rows at pp = 1: their micro-batches differ in shape from rank to rank, which allgather cannot take (refused)."""
 
 
 @dataclass
