@@ -23,7 +23,10 @@ from tests.tolerances import assert_steps_close
 LAYOUTS = {
     # DP=1: the unpacked run's 4 micro-batches of 2 records against micro-batches of 2 packed rows (the second row
     # padded to the first's width, a multiple of TP). The tiny preset's one global KV head cannot be split over 2.
-    "tp2_sp_chunked": (["parallel.tp=2", "objective.loss_chunk_size=24", "model.overrides.num_global_query_groups=2"], 2),
+    # Block-sparse attention in 16-query chunks: its key spans come from the packed rows' segments (whole rows: the
+    # attention gathers the sequence).
+    "tp2_sp_chunked": (["parallel.tp=2", "objective.loss_chunk_size=24", "model.overrides.num_global_query_groups=2",
+                        "model.overrides.attention_impl=block_sparse", "model.overrides.attention_chunk_size=16"], 2),
     # DP=2: each rank packs its 4 records of a step, one row per micro-batch, and the ranks agree on the count. The
     # ranks' micro-batches differ in shape, so the MoE dispatcher is alltoall (test_moe_dispatcher_...).
     "ep2_distopt": (["parallel.ep=2", "optim.distributed_optimizer=true"], 1),
@@ -80,8 +83,8 @@ def test_packed_equals_unpacked_under_tp_sp_and_ep(tmp_path):
     relative on every step (also after updates, as tests/test_packed_training.py does), the data tokens read exactly,
     and the held-out losses after the last step at 1e-5 relative.
 
-    Worst measured, both layouts and ranks: 4.2e-7 with the defaults (AVX-512; EP=2, step 3's grad norm) and 2.5e-7
-    under AVX2 (TP=2, step 3's grad norm); held-out losses 8.6e-8 and 1.7e-7. Margins >= 23x. A planted bug (every
+    Worst measured, both layouts and ranks: 4.2e-7 with the defaults (AVX-512; EP=2, step 3's grad norm) and 1.6e-7
+    under AVX2; held-out losses 8.6e-8 and 1.7e-7. Margins >= 23x. A planted bug (every
     TP rank gating its share of the signal with the first R'/2 slots' coins) fails at step 1: diffusion loss 8.8e-5,
     grad norm 3.5e-3.
     """
