@@ -233,7 +233,8 @@ class BDGemmaModel(GPTModel):
             self_conditioning_signal: `[R, B, H]` soft embedding (`[R/tp, B, H]` under sequence parallelism);
                 None = the zero signal.
             self_conditioning_mask: `[B]` bool; False zeroes that example's signal exactly. Or `[B, R]`, per canvas
-                slot (packed rows: each record's coin on its own blocks, `diffusion.packing.pack_canvas`).
+                slot (packed rows: each record's coin on its own blocks, `diffusion.packing.pack_canvas`), all `R`
+                slots also under sequence parallelism (each rank applies those of its share of the signal).
         """
         embeddings = self.embed(canvas_ids)
         if not self.config.self_conditioning:
@@ -245,9 +246,11 @@ class BDGemmaModel(GPTModel):
         elif self_conditioning_mask.dim() == 1:
             signal = self_conditioning_signal * self_conditioning_mask.to(self_conditioning_signal.dtype)[None, :, None]
         else:
-            if self.config.sequence_parallel:
-                raise NotImplementedError("per-slot self-conditioning coins (packed rows) under sequence parallelism: issue #24")
             gate = self_conditioning_mask.transpose(0, 1).to(self_conditioning_signal.dtype)[:, :, None]  # [R, B, 1]
+            if self.config.sequence_parallel:
+                # The signal comes split along R (`probs_signal`'s scatter, `vocab_parallel_soft_embedding`'s
+                # reduce-scatter: rank r holds the r-th R/tp slots); the same split gives each rank exactly their gates.
+                gate = scatter_to_sequence_parallel_region(gate, group=self.tp_group)
             signal = self_conditioning_signal * gate
         return self.self_conditioning(embeddings, signal)
 

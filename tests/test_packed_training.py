@@ -113,7 +113,6 @@ def test_packed_training_equals_unpacked(tmp_path, model_parallel):
 
 @pytest.mark.parametrize("overrides,message", [
     (["parallel.pp=2"], "data.packing with parallel.pp > 1 is not supported yet"),
-    (["parallel.tp=2"], r"data.packing with parallel.tp > 1 \(sequence parallelism\) is not supported yet"),
 ])
 def test_packing_refuses_what_it_does_not_support_yet(tmp_path, overrides, message):
     run = load_run_config(CONFIG, ["data.packing=true", *overrides])

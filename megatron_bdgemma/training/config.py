@@ -64,7 +64,8 @@ class ParallelSection:
     sequence_parallel: bool | None = None
     """Default: on whenever tp > 1 (Megatron requires it for MoE training with TP)."""
     dispatcher: Literal["allgather", "alltoall"] | None = None
-    """MoE token dispatcher; default alltoall on GPU, allgather on CPU."""
+    """MoE token dispatcher; default alltoall on GPU, allgather on CPU, but alltoall with ep > 1 for SFT or packed
+    rows at pp = 1: their micro-batches differ in shape from rank to rank, which allgather cannot take (refused)."""
 
 
 @dataclass
@@ -100,7 +101,7 @@ class DataSection:
     positions, noise and canvas blocks; docs/design.md §13). sft: chat records packed first-fit decreasing;
     train.global_batch_size still counts records and train.micro_batch_size counts rows, so the number of
     micro-batches varies from step to step. pretrain (needs reset_document_masks): each window holds its own
-    documents, as Megatron's --reset-attention-mask. For now without pipeline or sequence parallelism."""
+    documents, as Megatron's --reset-attention-mask. For now without pipeline parallelism."""
     reset_document_masks: bool = False
     """pretrain: split each window after every EOD into documents, each computed as alone: attention never crosses
     an EOD, positions restart at 0 and every block of each document is scored (Megatron's --reset-attention-mask
@@ -267,6 +268,13 @@ class RunConfig:
     def num_microbatches(self, world_size: int) -> int:
         return self.train.global_batch_size // (self.train.micro_batch_size * self.data_parallel_size(world_size))
 
+    def batch_shapes_vary(self) -> bool:
+        """Whether a micro-batch's shape depends on its records, so differs from rank to rank: an SFT batch is as wide
+        as its longest record, a packed row's canvas (or a window's documents') as long as its records need. Under pipeline parallelism stages
+        exchange one shape, so each batch is padded to it. Megatron's allgather MoE dispatcher gathers the tokens of
+        the expert-parallel ranks as equal shares, so it cannot take varying shapes; the alltoall dispatcher can."""
+        return self.parallel.pp == 1 and (self.data.mode == "sft" or self.data.packing or self.data.reset_document_masks)
+
     def validate(self, world_size: int) -> None:
         """Raise one ValueError naming every conflict between sizes (one line for one, a list for several)."""
         p, t, problems = self.parallel, self.train, []
@@ -292,16 +300,20 @@ class RunConfig:
         if (self.data.packing or self.data.reset_document_masks) and p.pp > 1:
             problems.append("data.packing with parallel.pp > 1 is not supported yet: pipeline stages exchange one "
                             "canvas shape, which packed rows do not fix yet (issue #24)")
-        if (self.data.packing or self.data.reset_document_masks) and (p.tp > 1 or p.sequence_parallel):
-            problems.append("data.packing with parallel.tp > 1 (sequence parallelism) is not supported yet: packed "
-                            "rows' per-record self-conditioning coins are not split over the sequence (issue #24)")
+        if p.ep > 1 and p.dispatcher == "allgather" and self.batch_shapes_vary():
+            rows = ("packed rows" if self.data.packing else
+                    "document rows" if self.data.reset_document_masks else "SFT batches")
+            problems.append(f"parallel.dispatcher=allgather with parallel.ep={p.ep} needs micro-batches of one shape "
+                            f"on every expert-parallel rank, but at parallel.pp=1 {rows} take their records' shapes: "
+                            "use parallel.dispatcher=alltoall")
         if p.vpp is not None and (p.pp == 1 or p.vpp < 1):
             problems.append(f"parallel.vpp={p.vpp} needs parallel.pp > 1 and vpp >= 1 (or vpp: null)")
         if p.tp > 1 and p.sequence_parallel is False:
             problems.append("parallel.sequence_parallel=false with tp > 1: Megatron's MoE layers need SP when training with TP")
-        if p.tp > 1 and self.data.mode == "sft" and self.data.seq_length % p.tp:
+        if p.tp > 1 and (self.data.mode == "sft" or self.data.reset_document_masks) and self.data.seq_length % p.tp:
             problems.append(f"data.seq_length ({self.data.seq_length}) must be a multiple of parallel.tp ({p.tp}) for "
-                            "sft: sequence parallelism splits each batch's width, at most data.seq_length, over the TP ranks")
+                            f"{'sft' if self.data.mode == 'sft' else 'data.reset_document_masks'}: sequence parallelism "
+                            "splits each batch's width, at most data.seq_length, over the TP ranks")
         if self.objective.kind == "absorbing" and self.objective.mask_id is None:
             problems.append("objective.kind=absorbing needs objective.mask_id")
         if self.objective.kind == "absorbing" and (self.objective.variant != "base-sft" or self.objective.weight_clip is not None):

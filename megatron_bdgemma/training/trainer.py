@@ -93,7 +93,8 @@ def build_model_config(run: RunConfig) -> BDGemmaConfig:
         expert_model_parallel_size=p.ep,
         expert_tensor_parallel_size=p.etp or p.tp,
         sequence_parallel=p.tp > 1 if p.sequence_parallel is None else p.sequence_parallel,
-        moe_token_dispatcher_type=p.dispatcher or ("alltoall" if on_gpu else "allgather"),
+        moe_token_dispatcher_type=p.dispatcher or (
+            "alltoall" if on_gpu or (p.ep > 1 and run.batch_shapes_vary()) else "allgather"),
         bf16=run.train.bf16,
         params_dtype=torch.bfloat16 if run.train.bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if run.train.bf16 else torch.float32,
