@@ -29,7 +29,10 @@ from torch import Tensor
 from .layout import DiffusionBatch, moved_to
 from .objective import NoisedCanvas
 
-__all__ = ["first_fit_decreasing", "packing_efficiency", "PackedBatch", "PackedCanvas", "pack_batch", "pack_canvas"]
+__all__ = [
+    "canvas_blocks_bound", "first_fit_decreasing", "packing_efficiency", "PackedBatch", "PackedCanvas", "pack_batch",
+    "pack_canvas",
+]
 
 
 def first_fit_decreasing(
@@ -64,6 +67,23 @@ def first_fit_decreasing(
             rows.append([i])
             room.append(capacity - lengths[i])
     return rows
+
+
+def canvas_blocks_bound(
+    seq_length: int, block_size: int, *, all_blocks: bool, max_records_per_row: int | None = None
+) -> int:
+    """The most canvas blocks a packed SFT row of ``seq_length`` tokens can need: the fixed canvas of every row under
+    pipeline parallelism (``pack_canvas(num_canvas_blocks=...)``) and the planner's bound.
+
+    A record's response window is whole blocks (its EOS fill) unless it is cut at ``seq_length``, and a record cut
+    there fills its row alone. So a row of several records lays out at least ``block_size`` tokens per canvas block
+    it needs, at most ``⌊S / B⌋`` blocks, and a row of one record needs at most ``⌈S / B⌉`` (``all_blocks``) or one.
+    With one scored block per record (SFT's default) a row also needs no more than it has records.
+    """
+    if all_blocks:
+        return -(-seq_length // block_size)
+    bound = max(seq_length // block_size, 1)
+    return bound if max_records_per_row is None else min(bound, max_records_per_row)
 
 
 def packing_efficiency(lengths: Sequence[int], rows: Sequence[Sequence[int]], row_len: int) -> float:

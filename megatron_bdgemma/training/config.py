@@ -99,7 +99,12 @@ class DataSection:
     """sft: several chat records per row of seq_length tokens, each computed exactly as alone (its own attention
     scope, positions, noise and canvas blocks; docs/design.md §13). train.global_batch_size still counts records and
     train.micro_batch_size counts rows, so the number of micro-batches varies from step to step. For now sft only,
-    without pipeline or sequence parallelism."""
+    without sequence parallelism; under pipeline parallelism it needs max_records_per_row."""
+    max_records_per_row: int | None = None
+    """With packing: at most this many records per packed row (null = as many as fit). Required when
+    parallel.pp > 1: pipeline stages exchange one shape, so every row's canvas is fixed at this many blocks (one per
+    record with a response) and every row is seq_length wide; each row pays for them full or not (docs/design.md §13:
+    8 is a good start for chats far shorter than seq_length)."""
     cache_dir: str = "runs/data_cache"
     """Where the embedded default data and megatron-core's index caches of pretraining data are written."""
 
@@ -257,6 +262,10 @@ class RunConfig:
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // (self.parallel.tp * self.parallel.pp)
 
+    def score(self) -> Literal["one_block", "all_blocks"]:
+        """`objective.score`, or its default for `data.mode`."""
+        return self.objective.score or ("one_block" if self.data.mode == "sft" else "all_blocks")
+
     def num_microbatches(self, world_size: int) -> int:
         return self.train.global_batch_size // (self.train.micro_batch_size * self.data_parallel_size(world_size))
 
@@ -279,9 +288,12 @@ class RunConfig:
         if self.data.packing and self.data.mode != "sft":
             problems.append("data.packing needs data.mode=sft: pretraining windows are not split at documents yet "
                             "(data.reset_document_masks, issue #24)")
-        if self.data.packing and p.pp > 1:
-            problems.append("data.packing with parallel.pp > 1 is not supported yet: pipeline stages exchange one "
-                            "canvas shape, which packed rows do not fix yet (issue #24)")
+        if self.data.packing and p.pp > 1 and self.data.max_records_per_row is None:
+            problems.append("data.packing with parallel.pp > 1 needs data.max_records_per_row (e.g. 8): pipeline "
+                            "stages exchange one shape, so a packed row's canvas is fixed at that many blocks")
+        if self.data.max_records_per_row is not None and (not self.data.packing or self.data.max_records_per_row < 1):
+            problems.append(f"data.max_records_per_row={self.data.max_records_per_row} needs data.packing=true and a "
+                            "value >= 1 (or null)")
         if self.data.packing and (p.tp > 1 or p.sequence_parallel):
             problems.append("data.packing with parallel.tp > 1 (sequence parallelism) is not supported yet: packed "
                             "rows' per-record self-conditioning coins are not split over the sequence (issue #24)")

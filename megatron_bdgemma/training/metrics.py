@@ -148,7 +148,7 @@ def model_flops_per_step(config: BDGemmaConfig, run: RunConfig) -> float:
     SFT decodes one block, counted at the end of the row (the most keys it can see); pretraining decodes every block.
     """
     s, block = run.data.seq_length, config.canvas_length
-    one_block = (run.objective.score or ("one_block" if run.data.mode == "sft" else "all_blocks")) == "one_block"
+    one_block = run.score() == "one_block"
     blocks = [(max(s - block, 0), min(block, s))] if one_block else [(a, min(block, s - a)) for a in range(0, s, block)]
     encoder_pairs, canvas_pairs = {}, {}
     for layer_type in set(config.layer_types):

@@ -249,7 +249,7 @@ def plan_run(run: RunConfig, gpus: int) -> Plan:
     dp, expert_dp = run.data_parallel_size(gpus), gpus // (p.ep * etp * p.pp)
     microbatches = run.num_microbatches(gpus)
     tokens_s = run.data.seq_length
-    score = run.objective.score or ("one_block" if run.data.mode == "sft" else "all_blocks")
+    score = run.score()
     weight_b, optimizer_b = 2 if run.train.bf16 else 4, 8 + (4 if run.train.bf16 else 0)
     stages, params_total, experts_total = [], 0, 0
     for stage in range(p.pp):
