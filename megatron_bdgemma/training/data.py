@@ -8,7 +8,8 @@ needs nothing but s.
 With `data.packing` (docs/design.md §13) each DP rank takes the same records of the step and packs them
 (first-fit decreasing, a pure function of their lengths) into rows of `data.seq_length`; micro-batches hold b rows.
 The ranks agree on the step's micro-batch count (the most any rank needs); a rank short of rows runs all-padding
-micro-batches, which hold no token and so add nothing to the losses, the token counts or the gradients.
+micro-batches, which hold no token and so add nothing to the losses, the token counts or the gradients. Under
+pipeline parallelism every micro-batch has one shape: b rows of `data.seq_length`, each with the same canvas blocks.
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ class PackedRows:
     def microbatches(self, records: DiffusionBatch, positions: list[int],
                      rows_per_microbatch: int) -> list[tuple[PackedBatch, list[int]]]:
         """`records` (laid out alone, one per row) packed first-fit decreasing, `rows_per_microbatch` rows per
-        micro-batch, then all-padding micro-batches up to the count every data-parallel rank agrees on."""
+        micro-batch, then all-padding micro-batches up to the count every data-parallel rank agrees on (a multiple
+        of `microbatch_multiple`)."""
         rows = first_fit_decreasing(records.encoder_valid.sum(dim=1).tolist(), self.seq_length,
                                     max_records_per_row=self.max_records_per_row)
         needed = -(-len(rows) // rows_per_microbatch)
