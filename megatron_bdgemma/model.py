@@ -519,8 +519,8 @@ class BDGemmaModel(GPTModel):
 
         Args:
             batch, noised: the micro-batch and its corrupted canvas, or packed rows and their canvas (as
-                `training_forward`; the trainer refuses packing under pipeline parallelism until its canvas shape is
-                fixed per run, docs/design.md §13).
+                `training_forward`; under pipeline parallelism the data fixes the rows' width and canvas blocks for
+                the run, `data.max_records_per_row`, docs/design.md §13).
             first_pass: decode pass 1 (zero self-conditioning signal, run without grad): the last stage returns the
                 final-normed canvas hidden `[R, B, H]` (`[R/tp, B, H]` under SP), which the trainer hands to the first
                 stage. Otherwise pass 2: the last stage returns the losses as `training_forward` does.

@@ -29,7 +29,10 @@ from torch import Tensor
 from .layout import DiffusionBatch, moved_to
 from .objective import NoisedCanvas
 
-__all__ = ["first_fit_decreasing", "packing_efficiency", "PackedBatch", "PackedCanvas", "pack_batch", "pack_canvas"]
+__all__ = [
+    "canvas_blocks_bound", "first_fit_decreasing", "packing_efficiency", "PackedBatch", "PackedCanvas", "pack_batch",
+    "pack_canvas",
+]
 
 
 def first_fit_decreasing(
@@ -64,6 +67,30 @@ def first_fit_decreasing(
             rows.append([i])
             room.append(capacity - lengths[i])
     return rows
+
+
+def canvas_blocks_bound(
+    seq_length: int, block_size: int, *, all_blocks: bool, max_records_per_row: int | None = None,
+    documents: bool = False,
+) -> int:
+    """The most canvas blocks a packed row of ``seq_length`` tokens can need: the fixed canvas of every row under
+    pipeline parallelism (``pack_canvas(num_canvas_blocks=...)``) and the planner's bound.
+
+    SFT: a record's response window is whole blocks (its EOS fill) unless it is cut at ``seq_length``, and a record
+    cut there fills its row alone. So a row of several records lays out at least ``block_size`` tokens per canvas
+    block it needs, at most ``⌊S / B⌋`` blocks, and a row of one record needs at most ``⌈S / B⌉`` (``all_blocks``)
+    or one. With one scored block per record (SFT's default) a row also needs no more than it has records.
+
+    Pretraining ``documents`` (``data.reset_document_masks``, every block scored) end in a partial block each, so
+    ``k`` documents of ``n_j`` tokens need ``Σ ⌈n_j / B⌉ ≤ ⌈S / B⌉ + k − 1`` blocks (reached: ``k − 1`` one-token
+    documents beside one of ``S − k + 1``); ``k`` is at most ``max_records_per_row``, else at most ``S``.
+    """
+    if documents:
+        return -(-seq_length // block_size) + (max_records_per_row or seq_length) - 1
+    if all_blocks:
+        return -(-seq_length // block_size)
+    bound = max(seq_length // block_size, 1)
+    return bound if max_records_per_row is None else min(bound, max_records_per_row)
 
 
 def packing_efficiency(lengths: Sequence[int], rows: Sequence[Sequence[int]], row_len: int) -> float:

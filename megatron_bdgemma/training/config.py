@@ -101,13 +101,18 @@ class DataSection:
     positions, noise and canvas blocks; docs/design.md §13). sft: chat records packed first-fit decreasing;
     train.global_batch_size still counts records and train.micro_batch_size counts rows, so the number of
     micro-batches varies from step to step. pretrain (needs reset_document_masks): each window holds its own
-    documents, as Megatron's --reset-attention-mask. For now without pipeline parallelism."""
+    documents, as Megatron's --reset-attention-mask. Under pipeline parallelism it needs max_records_per_row."""
     reset_document_masks: bool = False
     """pretrain: split each window after every EOD into documents, each computed as alone: attention never crosses
     an EOD, positions restart at 0 and every block of each document is scored (Megatron's --reset-attention-mask
     --reset-position-ids). With packing=true the documents stay in their window (one row per window); with
     packing=false each document gets a row of its own (the unpacked layout: as many micro-batches of
     train.micro_batch_size documents as needed, padding included)."""
+    max_records_per_row: int | None = None
+    """With packing: at most this many records per packed row (null = as many as fit; a pretraining window with more
+    documents is split into rows of this many). Required when parallel.pp > 1: pipeline stages exchange one shape, so
+    every row's canvas is fixed at the blocks this many records can need and every row is seq_length wide; each row
+    pays for them full or not (docs/design.md §13: 8 is a good start for chats far shorter than seq_length)."""
     cache_dir: str = "runs/data_cache"
     """Where the embedded default data and megatron-core's index caches of pretraining data are written."""
 
@@ -265,6 +270,10 @@ class RunConfig:
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // (self.parallel.tp * self.parallel.pp)
 
+    def score(self) -> Literal["one_block", "all_blocks"]:
+        """`objective.score`, or its default for `data.mode`."""
+        return self.objective.score or ("one_block" if self.data.mode == "sft" else "all_blocks")
+
     def num_microbatches(self, world_size: int) -> int:
         return self.train.global_batch_size // (self.train.micro_batch_size * self.data_parallel_size(world_size))
 
@@ -297,9 +306,16 @@ class RunConfig:
         if self.data.reset_document_masks and self.data.mode != "pretrain":
             problems.append("data.reset_document_masks is a pretrain option: sft records are separate rows (or, "
                             "with data.packing, separate segments) already")
-        if (self.data.packing or self.data.reset_document_masks) and p.pp > 1:
-            problems.append("data.packing with parallel.pp > 1 is not supported yet: pipeline stages exchange one "
-                            "canvas shape, which packed rows do not fix yet (issue #24)")
+        if self.data.reset_document_masks and not self.data.packing and p.pp > 1:
+            problems.append("data.reset_document_masks with parallel.pp > 1 needs data.packing=true: pipeline stages "
+                            "exchange one shape, which rows of one document each would pad to a whole window")
+        if self.data.packing and p.pp > 1 and self.data.max_records_per_row is None:
+            problems.append("data.packing with parallel.pp > 1 needs data.max_records_per_row (e.g. 8): pipeline "
+                            "stages exchange one shape, so a packed row's canvas is fixed at the blocks that many "
+                            "records can need")
+        if self.data.max_records_per_row is not None and (not self.data.packing or self.data.max_records_per_row < 1):
+            problems.append(f"data.max_records_per_row={self.data.max_records_per_row} needs data.packing=true and a "
+                            "value >= 1 (or null)")
         if p.ep > 1 and p.dispatcher == "allgather" and self.batch_shapes_vary():
             rows = ("packed rows" if self.data.packing else
                     "document rows" if self.data.reset_document_masks else "SFT batches")

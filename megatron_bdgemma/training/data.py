@@ -11,6 +11,8 @@ With `data.reset_document_masks` (pretraining) the records are the documents of 
 window is a row of its own documents; unpacked, each document has a row. Either way the ranks agree on the step's
 micro-batch count (the most any rank needs); a rank short of rows runs all-padding micro-batches, which hold no
 token and so add nothing to the losses, the token counts or the gradients.
+Under pipeline parallelism every micro-batch has one shape: b rows of `data.seq_length`, each with the same canvas
+blocks.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from megatron_bdgemma.data import build_pretrain_datasets, embedded_pretrain_pre
 from megatron_bdgemma.data.pretrain import document_records, pretrain_collate
 from megatron_bdgemma.data.sft import SFTDataset, sft_collate
 from megatron_bdgemma.diffusion import DiffusionBatch
-from megatron_bdgemma.diffusion.packing import PackedBatch, first_fit_decreasing, pack_batch
+from megatron_bdgemma.diffusion.packing import PackedBatch, canvas_blocks_bound, first_fit_decreasing, pack_batch
 from megatron_bdgemma.training.config import FP8_ALIGNMENT, RunConfig
 
 T = TypeVar("T")
@@ -83,26 +85,44 @@ class PackedRows:
     seq_length: int
     """Row capacity (`data.seq_length`)."""
     seq_multiple: int
-    """A row's width is its micro-batch's longest row rounded up to this (`sft_seq_multiple`)."""
+    """A row's width is its micro-batch's longest row rounded up to this (`sft_seq_multiple`; `seq_length` under
+    pipeline parallelism: every row is `seq_length` wide)."""
     pad_id: int
     records: Records
     pack: bool = True
     """False: each record alone in its row, unpacked (`data.reset_document_masks` without `data.packing`)."""
+    max_records_per_row: int | None = None
+    """`data.max_records_per_row`: the packer's bound on records per row (a longer group is split)."""
+    canvas_blocks: int | None = None
+    """Pipeline parallelism: stages exchange `[S + R', b, H]` at one shape, so every row has this many canvas blocks
+    (`pack_canvas(num_canvas_blocks=...)`, `canvas_blocks_bound`) and every micro-batch `b` rows (empty rows fill a
+    short one). None: each micro-batch as it comes."""
+    microbatch_multiple: int = 1
+    """The interleaved pipeline schedule (`parallel.vpp`) runs micro-batches in groups of `parallel.pp` and refuses
+    a count that is not a multiple of it: all-padding micro-batches round the count up."""
 
     def microbatches(self, samples: Sequence[Any], positions: list[int],
                      rows_per_microbatch: int) -> list[tuple[DiffusionBatch | PackedBatch, list[int]]]:
-        """The records of `samples` in rows (their groups, else first-fit decreasing; or one per row),
-        `rows_per_microbatch` rows per micro-batch, then all-padding micro-batches up to the count every
-        data-parallel rank agrees on."""
+        """The records of `samples` in rows (their groups, at most `max_records_per_row` to a row, else first-fit
+        decreasing; or one per row), `rows_per_microbatch` rows per micro-batch, then all-padding micro-batches up
+        to the count every data-parallel rank agrees on (a multiple of `microbatch_multiple`)."""
         records, keys, groups = self.records(samples, positions)
+        cap = self.max_records_per_row
         if not self.pack:
             rows = [[i] for i in range(records.batch_size)]
+        elif groups is not None:  # a window's documents share its row, at most `cap` to a row
+            size = cap or max(map(len, groups))
+            rows = [group[k : k + size] for group in groups for k in range(0, len(group), size)]
         else:
-            rows = groups or first_fit_decreasing(records.encoder_valid.sum(dim=1).tolist(), self.seq_length)
-        count = agreed_count(-(-len(rows) // rows_per_microbatch))
+            rows = first_fit_decreasing(records.encoder_valid.sum(dim=1).tolist(), self.seq_length,
+                                        max_records_per_row=cap)
+        needed = -(-len(rows) // rows_per_microbatch)
+        count = agreed_count(-(-needed // self.microbatch_multiple) * self.microbatch_multiple)
+        least = 1 if self.canvas_blocks is None else rows_per_microbatch
         out = []
         for m in range(count):
-            chunk = rows[m * rows_per_microbatch : (m + 1) * rows_per_microbatch] or [[]]  # [[]]: one padding row
+            chunk = rows[m * rows_per_microbatch : (m + 1) * rows_per_microbatch]
+            chunk += [[]] * (least - len(chunk))  # empty rows: an all-padding micro-batch, or a fixed shape's filler
             members = [i for row in chunk for i in row]
             if members and not self.pack:  # the unpacked layout itself, not packed rows of one record
                 out.append((records.select(members), [keys[i] for i in members]))
@@ -118,7 +138,11 @@ class PackedRows:
 
 def agreed_count(count: int) -> int:
     """The largest `count` over the data-parallel ranks (every rank of a DP group runs its step's micro-batches in
-    the same collectives)."""
+    the same collectives).
+
+    The pipeline stages agree by construction: each stage reads the step's records itself, the same ones on every
+    stage of a DP rank (`StepData.microbatches` depends on the DP rank only), packs them alike (a pure function of
+    their lengths), and each stage's DP group then takes the maximum of the same counts."""
     if parallel_state.get_data_parallel_world_size() == 1:
         return count
     most = torch.tensor([count], dtype=torch.long)
@@ -197,7 +221,13 @@ def build_step_data(run: RunConfig, config: BDGemmaConfig) -> StepData:
     if d.packing or d.reset_document_masks:
         records = (partial(document_records, block_size=block, pad_id=tokenizer.pad, eod_id=tokenizer.eod)
                    if d.mode == "pretrain" else partial(chats_as_records, collate))
-        packing = PackedRows(d.seq_length, sft_seq_multiple(config), tokenizer.pad, records, pack=d.packing)
+        pipeline = run.parallel.pp > 1
+        canvas = (canvas_blocks_bound(d.seq_length, block, all_blocks=run.score() == "all_blocks",
+                                      max_records_per_row=d.max_records_per_row,
+                                      documents=d.reset_document_masks) if pipeline else None)
+        packing = PackedRows(d.seq_length, d.seq_length if pipeline else sft_seq_multiple(config), tokenizer.pad,
+                             records, d.packing, d.max_records_per_row, canvas,
+                             run.parallel.pp if run.parallel.vpp else 1)
     return StepData(
         datasets, collate, run.train.global_batch_size, run.train.micro_batch_size,
         parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(), packing,

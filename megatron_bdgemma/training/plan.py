@@ -22,7 +22,8 @@ Bytes per rank (Megatron DDP with `grad_reduce_in_fp32`, Adam):
   world / (TP × PP), experts: expert-DP = world / (EP × ETP × PP)).
 Activations (an estimate, elements per token per layer times bytes, /TP under SP), per micro-batch in flight:
 - encoder stream S = data.seq_length tokens (with grad), canvas stream R = canvas_length (SFT, one scored block;
-  packed rows: up to one block per record, bounded by S) or S (pretraining, all blocks) tokens (pass 2, with grad);
+  packed rows: one block per record, bounded by S and data.max_records_per_row, every row's under PP) or S
+  (pretraining, all blocks) tokens (pass 2, with grad);
   pass 1 runs under no_grad and keeps only its signal;
 - without recompute a layer keeps ≈ 4H + 2·q + 2·kv (attention: norm, qkv, core out, proj) + 3H + 3I (dense GeGLU)
   + 6H + k·(2H + 3I_e) (router, norms, k dispatched copies through the expert GeGLU) elements per token, plus the
@@ -52,6 +53,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_bdgemma.diffusion.packing import canvas_blocks_bound
 from megatron_bdgemma.training.config import RunConfig
 from megatron_bdgemma.vision import is_carried
 
@@ -210,11 +212,13 @@ def _activation_bytes(run: RunConfig, config, tokens_s: int, tokens_r: int, *, c
 
 def canvas_tokens(run: RunConfig, block: int, tokens_s: int, score: str) -> int:
     """The canvas rows R of one micro-batch row: one block for SFT, the whole sequence for pretraining. A packed SFT
-    row (`data.packing`) decodes one block per record with a response, and each such record lays out at least one
-    block of the row's S tokens, so R ≤ ⌊S / block⌋ · block: the plan takes that bound."""
-    if score != "one_block":
-        return tokens_s
-    return tokens_s // block * block if run.data.packing else block
+    row (`data.packing`) decodes one block per record with a response, each such record laying out at least one
+    block of the row's S tokens, and at most `data.max_records_per_row` records: R is `canvas_blocks_bound` blocks,
+    the most a row can need at PP = 1 and every row's fixed canvas under pipeline parallelism."""
+    if run.data.packing:
+        return block * canvas_blocks_bound(tokens_s, block, all_blocks=score == "all_blocks",
+                                           max_records_per_row=run.data.max_records_per_row)
+    return block if score == "one_block" else tokens_s
 
 
 def _in_flight(microbatches: int, config) -> int:
@@ -249,7 +253,7 @@ def plan_run(run: RunConfig, gpus: int) -> Plan:
     dp, expert_dp = run.data_parallel_size(gpus), gpus // (p.ep * etp * p.pp)
     microbatches = run.num_microbatches(gpus)
     tokens_s = run.data.seq_length
-    score = run.objective.score or ("one_block" if run.data.mode == "sft" else "all_blocks")
+    score = run.score()
     weight_b, optimizer_b = 2 if run.train.bf16 else 4, 8 + (4 if run.train.bf16 else 0)
     stages, params_total, experts_total = [], 0, 0
     for stage in range(p.pp):
@@ -324,8 +328,9 @@ def format_plan(plan: Plan, gpu_gib: float) -> str:
         f"expert-DP {plan.expert_dp}; {'bf16' if plan.bf16 else 'fp32'} weights; recompute {plan.recompute or 'none'}; "
         f"loss chunk {plan.loss_chunk or 'off (full logits)'}; attention {plan.attention_impl}",
         f"micro-batch: {plan.micro_batch} x (encoder S={plan.encoder_tokens} + canvas R={plan.canvas_tokens}) tokens"
-        + (" (packed rows: R is the bound of one block per record; a step's rows, and so its micro-batches, are at "
-           "most its records)" if plan.packing else ""),
+        + ((" (packed rows: R is fixed at one block per record of data.max_records_per_row" if plan.pp > 1 else
+            " (packed rows: R is the bound of one block per record") + "; a step's rows, and so its micro-batches, "
+           "are at most its records)" if plan.packing else ""),
         "",
     ]
     peak = plan.peak_stage()

@@ -39,7 +39,7 @@ SCHEDULE = ("optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.decay_style
 # Keys that regroup each step's records (the same records, the same noise) into other micro-batches or packed rows:
 # allowed, like a change of layout, but the sums are then taken in another order, so the losses equal the
 # uninterrupted run's to rounding, not bit for bit (docs/design.md §13).
-REGROUPS = ("data.packing", "train.micro_batch_size")
+REGROUPS = ("data.packing", "data.max_records_per_row", "train.micro_batch_size")
 # `model.overrides` keys that choose an implementation, not the model: same values and gradients (to rounding).
 IMPLEMENTATION_OVERRIDES = ("attention_impl", "attention_chunk_size")
 # Not part of what a resumed run reproduces: where it comes from and where it writes.

@@ -104,6 +104,14 @@ def build_model_config(run: RunConfig) -> BDGemmaConfig:
         recompute_num_layers=1 if run.train.recompute == "full" else None,
         recompute_modules=run.train.recompute_modules if run.train.recompute == "selective" else None,
     )
+    if p.vpp:
+        # Upstream NVIDIA/Megatron-LM#1450 (open; #750): with the default batched p2p, a PP = 2 stage's steady-state
+        # forward and backward sends go to one peer in an order the peer does not post its receives in, so the
+        # interleaved schedule swaps activations and gradients of the same shape silently (any step with more
+        # micro-batches than pp). Overlapped unbatched p2p, Megatron-LM's default for interleaved runs, keeps the two
+        # directions on different groups. tests/test_packed_pipeline.py runs VPP = 2 at 4 micro-batches against one
+        # process, and checks that the batched default still differs.
+        megatron |= dict(overlap_p2p_comm=True, batch_p2p_comm=False)
     if run.train.fp8:  # megatron-core rejects any fp8 field without Transformer Engine, so set them only when asked
         megatron |= dict(fp8=run.train.fp8, fp8_recipe=run.train.fp8_recipe, fp8_param=run.train.fp8_param)
     source = run.checkpoint.load or run.checkpoint.init_from
@@ -226,7 +234,7 @@ def _build(run: RunConfig) -> TrainState:
 
 def _microbatches(state: TrainState, step: int, split: str = "train") -> list[MicroBatch]:
     o, vocab = state.run.objective, state.config.vocab_size
-    score = o.score or ("one_block" if state.run.data.mode == "sft" else "all_blocks")
+    score = state.run.score()
     out = []
     for batch, sample_indices in state.data.microbatches(step, split):
         # Packed rows: each record is noised alone, keyed by its own sample index, then placed (docs/design.md §13).
@@ -237,8 +245,8 @@ def _microbatches(state: TrainState, step: int, split: str = "train") -> list[Mi
             self_conditioning_p=o.self_conditioning_p, variant=o.variant, weight_clip=o.weight_clip,
         )
         records = batch.records if packed else batch
-        out.append(MicroBatch(batch, pack_canvas(batch, noised) if packed else noised,
-                              flops=records_flops(state.config, records, noised.block_ids)))
+        canvas = pack_canvas(batch, noised, num_canvas_blocks=state.data.packing.canvas_blocks) if packed else noised
+        out.append(MicroBatch(batch, canvas, flops=records_flops(state.config, records, noised.block_ids)))
     return out
 
 
