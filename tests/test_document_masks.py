@@ -45,6 +45,34 @@ def test_document_records_split_after_each_eod():
     assert batch.ar_loss_mask.sum(dim=1).tolist() == [len(p) - 1 for p in pieces]
 
 
+def test_canvas_blocks_bound_of_documents():
+    """`canvas_blocks_bound(documents=True)` against the canvas blocks rows of documents really need (`pack_canvas`
+    of every block scored), by brute force over 300 random windows (S = 44, block 8: EODs at random, rows of at most
+    1 to 4 documents): never exceeded, and reached for every cap (by the extreme windows it names)."""
+    import random
+
+    from megatron_bdgemma.diffusion import noise_batch
+    from megatron_bdgemma.diffusion.packing import canvas_blocks_bound, pack_batch, pack_canvas
+
+    rng, S, block, reached = random.Random(0), 44, 8, set()
+    for trial in range(300):
+        tokens = torch.tensor([EOD if rng.random() < rng.choice([0.05, 0.3]) else 7 for _ in range(S)])
+        cap = rng.randint(1, 4)
+        if trial < 8:  # the extreme case: cap − 1 one-token documents, then one of S − cap + 1 tokens
+            cap = trial % 4 + 1
+            tokens = torch.tensor([EOD] * (cap - 1) + [7] * (S - cap + 1))
+        documents, keys, (window,) = document_records([{"tokens": tokens, "sample_index": 0}], [trial], block_size=block,
+                                                      pad_id=PAD, eod_id=EOD)
+        rows = [window[k : k + cap] for k in range(0, len(window), cap)]
+        packed = pack_batch(documents, rows, pad_id=PAD, seq_len=S)
+        noised = noise_batch(documents, sample_indices=keys, step=0, seed=0, vocab_size=50, score="all_blocks")
+        needed = int((pack_canvas(packed, noised).noised.block_ids >= 0).sum(dim=1).max())
+        bound = canvas_blocks_bound(S, block, all_blocks=True, max_records_per_row=cap, documents=True)
+        assert needed <= bound, (tokens.tolist(), cap, needed, bound)
+        reached.add((cap, needed == bound))
+    assert {(cap, True) for cap in range(1, 5)} <= reached, reached
+
+
 def _write_corpus(prefix: Path) -> str:
     """120 documents of 2 to 29 random byte ids (10..200) and an EOD: a window of 32 holds several, the first one a
     document's tail."""

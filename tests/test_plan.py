@@ -311,15 +311,22 @@ def test_packed_rows_are_planned_at_their_canvas_bound():
     """A packed SFT row decodes one block per record with a response, and each such record lays out at least one block
     of the row, so the plan's canvas is ⌊S / block⌋ blocks (tiny SFT: S = 96, block 16 → R = 96, not 16) and says
     that this and the micro-batch count are bounds; the bound's activations exceed the unpacked plan's. Under
-    pipeline parallelism the canvas is data.max_records_per_row blocks (the cap: tests/test_packed_pipeline.py)."""
+    pipeline parallelism the canvas is data.max_records_per_row blocks (the cap: tests/test_packed_pipeline.py).
+    Pretraining documents: ⌈S / block⌉ + max_records_per_row − 1 blocks (canvas_blocks_bound, documents=True)."""
     unpacked, text = _plan(SFT_CONFIG, 2)
     packed, packed_text = _plan(SFT_CONFIG, 2, "data.packing=true")
     assert "micro-batch: 4 x (encoder S=96 + canvas R=16) tokens\n" in text
-    assert ("micro-batch: 4 x (encoder S=96 + canvas R=96) tokens (packed rows: R is the bound of one block per "
-            "record; a step's rows, and so its micro-batches, are at most its records)\n") in packed_text
+    assert ("micro-batch: 4 x (encoder S=96 + canvas R=96) tokens (packed rows: R is the most canvas a row can need; "
+            "a step's rows, and so its micro-batches, are at most its records)\n") in packed_text
     assert packed["params_total"] == unpacked["params_total"]
     assert packed["peak_gib_per_rank"] > unpacked["peak_gib_per_rank"], (packed, unpacked)
     # Under pipeline parallelism every row's canvas is data.max_records_per_row blocks.
     _, pipelined_text = _plan(SFT_CONFIG, 2, "data.packing=true", "parallel.pp=2", "data.max_records_per_row=2")
-    assert ("micro-batch: 4 x (encoder S=96 + canvas R=32) tokens (packed rows: R is fixed at one block per record of "
-            "data.max_records_per_row; a step's rows, and so its micro-batches, are at most its records)\n") in pipelined_text
+    assert ("micro-batch: 4 x (encoder S=96 + canvas R=32) tokens (packed rows: R is every row's fixed canvas; a "
+            "step's rows, and so its micro-batches, are at most its records)\n") in pipelined_text
+    # Pretraining documents (tiny: S = 64, block 16) end in partial blocks: 3 per row need up to ⌈64/16⌉ + 2 blocks.
+    _, documents_text = _plan(PRETRAIN_CONFIG, 2, "data.reset_document_masks=true", "data.packing=true",
+                              "data.max_records_per_row=3")
+    assert ("micro-batch: 4 x (encoder S=64 + canvas R=96) tokens (document rows: R is the most canvas a row can "
+            "need, with at most 3 document(s) per row; a window of more takes more rows, so the micro-batch count "
+            "varies)\n") in documents_text

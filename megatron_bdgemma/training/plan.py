@@ -119,8 +119,8 @@ class Plan:
     params_total: int
     params_active_per_token: int
     distributed_optimizer: bool
-    packing: bool = False
-    """`data.packing`: `canvas_tokens` and `microbatches` are upper bounds."""
+    canvas_note: str = ""
+    """Of packed rows (`canvas_note`): what `canvas_tokens` and `microbatches` are."""
 
     def peak_stage(self, distributed_optimizer: bool | None = None) -> StagePlan:
         dist_opt = self.distributed_optimizer if distributed_optimizer is None else distributed_optimizer
@@ -212,13 +212,37 @@ def _activation_bytes(run: RunConfig, config, tokens_s: int, tokens_r: int, *, c
 
 def canvas_tokens(run: RunConfig, block: int, tokens_s: int, score: str) -> int:
     """The canvas rows R of one micro-batch row: one block for SFT, the whole sequence for pretraining. A packed SFT
-    row (`data.packing`) decodes one block per record with a response, each such record laying out at least one
-    block of the row's S tokens, and at most `data.max_records_per_row` records: R is `canvas_blocks_bound` blocks,
-    the most a row can need at PP = 1 and every row's fixed canvas under pipeline parallelism."""
-    if run.data.packing:
+    row (`data.packing`) decodes one block per record with a response (every block under `all_blocks`), each such
+    record laying out at least one block of the row's S tokens, and at most `data.max_records_per_row` records: R is
+    `canvas_blocks_bound` blocks, the most a row can need at PP = 1 and every row's fixed canvas under pipeline
+    parallelism. A row of pretraining documents (`data.reset_document_masks`) needs up to one block more per document
+    after its first (partial last blocks): bounded by the documents per row (1 unpacked, else
+    `data.max_records_per_row`); without that cap the plan takes R = S, as without document masks (`canvas_note`)."""
+    d = run.data
+    if d.reset_document_masks:
+        cap = d.max_records_per_row if d.packing else 1
+        if cap is None:
+            return tokens_s
+        return block * canvas_blocks_bound(tokens_s, block, all_blocks=True, max_records_per_row=cap, documents=True)
+    if d.packing:
         return block * canvas_blocks_bound(tokens_s, block, all_blocks=score == "all_blocks",
-                                           max_records_per_row=run.data.max_records_per_row)
+                                           max_records_per_row=d.max_records_per_row)
     return block if score == "one_block" else tokens_s
+
+
+def canvas_note(run: RunConfig) -> str:
+    """What the micro-batch line says about R and the micro-batch count of packed rows (empty when unpacked)."""
+    d, fixed = run.data, run.parallel.pp > 1
+    bound = "every row's fixed canvas" if fixed else "the most canvas a row can need"
+    if d.reset_document_masks and d.packing and d.max_records_per_row is None:
+        return (" (document rows: planned as whole windows, R = S; each document after a window's first may add a "
+                "block, data.max_records_per_row bounds it)")
+    if d.reset_document_masks:
+        return (f" (document rows: R is {bound}, with at most {d.max_records_per_row or 1} document(s) per row; a "
+                "window of more takes more rows, so the micro-batch count varies)")
+    if d.packing:
+        return (f" (packed rows: R is {bound}; a step's rows, and so its micro-batches, are at most its records)")
+    return ""
 
 
 def _in_flight(microbatches: int, config) -> int:
@@ -305,7 +329,7 @@ def plan_run(run: RunConfig, gpus: int) -> Plan:
         recompute=run.train.recompute, loss_chunk=run.objective.loss_chunk_size, attention_impl=config.attention_impl,
         micro_batch=run.train.micro_batch_size, microbatches=microbatches, encoder_tokens=tokens_s,
         canvas_tokens=tokens_r, stages=stages, params_total=params_total, params_active_per_token=active,
-        distributed_optimizer=run.optim.distributed_optimizer, packing=run.data.packing,
+        distributed_optimizer=run.optim.distributed_optimizer, canvas_note=canvas_note(run),
     )
 
 
@@ -328,9 +352,7 @@ def format_plan(plan: Plan, gpu_gib: float) -> str:
         f"expert-DP {plan.expert_dp}; {'bf16' if plan.bf16 else 'fp32'} weights; recompute {plan.recompute or 'none'}; "
         f"loss chunk {plan.loss_chunk or 'off (full logits)'}; attention {plan.attention_impl}",
         f"micro-batch: {plan.micro_batch} x (encoder S={plan.encoder_tokens} + canvas R={plan.canvas_tokens}) tokens"
-        + ((" (packed rows: R is fixed at one block per record of data.max_records_per_row" if plan.pp > 1 else
-            " (packed rows: R is the bound of one block per record") + "; a step's rows, and so its micro-batches, "
-           "are at most its records)" if plan.packing else ""),
+        + plan.canvas_note,
         "",
     ]
     peak = plan.peak_stage()
