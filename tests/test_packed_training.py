@@ -111,15 +111,6 @@ def test_packed_training_equals_unpacked(tmp_path, model_parallel):
         assert [h["row_tokens"] for h in got["history"]] == [240 + 137] * STEPS
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["parallel.pp=2"], "data.packing with parallel.pp > 1 is not supported yet"),
-])
-def test_packing_refuses_what_it_does_not_support_yet(tmp_path, overrides, message):
-    run = load_run_config(CONFIG, ["data.packing=true", *overrides])
-    with pytest.raises(ValueError, match=rf"^invalid run configuration: {message}"):
-        run.validate(2)
-
-
 def test_packed_cli_run_resumes_exactly(tmp_path):
     """A packed SFT run through examples/pretrain_bdgemma.py: 4 steps saving at 2 and 4, a metrics row every step.
     Put back on step 2 (step 4's checkpoint moved aside, as if the run had died after step 4's row), `--load` runs
