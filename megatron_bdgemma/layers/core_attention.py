@@ -107,16 +107,19 @@ class BlockSparseCoreAttention(_CoreAttention):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
         """query `[Sq, B, h, d]`, key/value `[Sk, B, g, d]` → `[Sq, B, h*d]`."""
         chunk = mask.query_chunk or self.config.attention_chunk_size
-        # Recompute in backward only when a graph is being built and there is more than one chunk: a no-grad pass
-        # frees each chunk as it goes, and a single chunk holds no more than its own recomputation would.
-        recompute = (
-            query.shape[0] > chunk and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-        )
         groups: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
         for start in range(0, query.shape[0], chunk):
             end = min(start + chunk, query.shape[0])
             keys = torch.cat([torch.arange(a, b) for a, b in mask.key_spans(start, end)])
             groups.setdefault((end - start, len(keys)), []).append((start, keys))
+        # Recompute in backward only when a graph is being built and the calls together would keep more than one
+        # chunk over all keys does (their mask tiles and K/V copies): a no-grad pass frees each call as it goes,
+        # and the canvas blocks of a packed row, one per record (SFT), read at most that much: their contexts are
+        # disjoint.
+        reads = sum(length * num_keys * len(members) for (length, num_keys), members in groups.items())
+        recompute = (
+            reads > chunk * mask.num_keys and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+        )
         outputs: dict[int, torch.Tensor] = {}
         for (length, num_keys), members in groups.items():
             per_call = max(1, mask.num_keys // max(num_keys, 1))  # the bias and K/V of a call stay ≤ one full chunk's
