@@ -2,12 +2,12 @@
 
 - `EagerCoreAttention`: the reference. One dense `[B, 1, Sq, Sk]` mask (and off CPU one `[B, h, Sq, Sk]` score
   tensor); memory grows with Sq·Sk, which at a 16K-token prompt is gigabytes per layer.
-- `BlockSparseCoreAttention`: the same math, one chunk of queries at a time (a canvas block, or
+- `BlockSparseCoreAttention`: the same math, by chunks of queries (a canvas block, or
   `attention_chunk_size` encoder positions) over only the key spans the mask says that chunk can see, with the
   mask tile built from the rule on the spot; chunks that read as many keys go through one call as one batch. In
-  training each call is recomputed in backward rather than keeping its probabilities, so nothing of size Sq·Sk is
-  ever held: memory grows with S·chunk. Sliding layers touch only their window; canvas blocks only their encoder
-  prefix and their own block.
+  training the calls are recomputed in backward rather than keeping their tiles (unless together those are no
+  larger than one chunk's over all keys), so nothing of size Sq·Sk is ever held: memory grows with S·chunk.
+  Sliding layers touch only their window; canvas blocks only their encoder prefix and their own block.
 - `FlexCoreAttention`: `torch.nn.attention.flex_attention` under the rule's own `allowed_at` as `mask_mod`
   (`AttentionMask.block_mask`, built once per mask). The GPU fast path: on CUDA a compiled, fused kernel that skips
   fully blocked key tiles and never materialises scores. On CPU it is a correctness reference only: the
@@ -96,13 +96,13 @@ class EagerCoreAttention(_CoreAttention):
 
 
 class BlockSparseCoreAttention(_CoreAttention):
-    """Attention one query chunk at a time over the key spans the mask allows; memory ∝ S·chunk.
+    """Attention by query chunks over the key spans the mask allows; memory ∝ S·chunk.
 
     Chunks that read as many keys are batched into one call (stacked along the batch), as many at a time as read
-    no more keys together than one chunk over all keys would: a packed row is many short chunks (one per block of
-    each record's causal prefix) where unpadded rows of the same records are a few chunks of a larger batch, and
-    per call the mask tile, the K/V slices and their gradients, and the recomputation each cost more than the
-    arithmetic of a small chunk (docs/performance.md "Packed sequences")."""
+    no more keys together than one chunk over all keys would: a packed row of short records is many chunks of batch
+    1 where unpadded rows of the same records are a few chunks of a larger batch, and per call the mask tile, the
+    K/V copies and their gradients, and the recomputation each cost more than the arithmetic of a small chunk
+    (docs/performance.md "Packed sequences")."""
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
         """query `[Sq, B, h, d]`, key/value `[Sk, B, g, d]` → `[Sq, B, h*d]`."""
@@ -113,7 +113,7 @@ class BlockSparseCoreAttention(_CoreAttention):
             keys = torch.cat([torch.arange(a, b) for a, b in mask.key_spans(start, end)])
             groups.setdefault((end - start, len(keys)), []).append((start, keys))
         # Recompute in backward only when a graph is being built and the calls together would keep more than one
-        # chunk over all keys does (their mask tiles and K/V copies): a no-grad pass frees each call as it goes,
+        # chunk over all keys would (their mask tiles and K/V copies): a no-grad pass frees each call as it goes,
         # and the canvas blocks of a packed row, one per record (SFT), read at most that much: their contexts are
         # disjoint.
         reads = sum(length * num_keys * len(members) for (length, num_keys), members in groups.items())
@@ -122,7 +122,7 @@ class BlockSparseCoreAttention(_CoreAttention):
         )
         outputs: dict[int, torch.Tensor] = {}
         for (length, num_keys), members in groups.items():
-            per_call = max(1, mask.num_keys // max(num_keys, 1))  # the bias and K/V of a call stay ≤ one full chunk's
+            per_call = max(1, mask.num_keys // num_keys)  # the bias and K/V of a call stay ≤ one full chunk's
             for i in range(0, len(members), per_call):
                 starts, keys = zip(*members[i : i + per_call])
                 queries = torch.stack([torch.arange(a, a + length) for a in starts]).to(query.device)  # [n, Q']
