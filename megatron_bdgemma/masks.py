@@ -96,9 +96,10 @@ class AttentionMask:
         raise NotImplementedError
 
     def tile(self, queries: Tensor, keys: Tensor) -> Tensor:
-        """The rows ``queries`` ``[Q']`` over the keys ``keys`` ``[K']`` → ``[B, 1, Q', K']`` bool."""
+        """The rows ``queries`` ``[*, Q']`` over the keys ``keys`` ``[*, K']`` → ``[*, B, 1, Q', K']`` bool (leading
+        dimensions, equal in both, for several chunks at once)."""
         b = torch.arange(self.batch_size, device=self.device)[:, None, None]
-        return self.allowed_at(b, queries[None, :, None], keys[None, None, :]).unsqueeze(1)
+        return self.allowed_at(b, queries[..., None, :, None], keys[..., None, None, :]).unsqueeze(-3)
 
     @cached_property
     def _dense(self) -> Tensor:
@@ -192,24 +193,27 @@ class EncoderMask(AttentionMask):
         return self.key_valid.device
 
     @cached_property
-    def _row_empty(self) -> Tensor:
-        """``[B, Q]``: the query sees no valid key in its causal window (counted with a prefix sum, O(B·K))."""
-        counts = torch.nn.functional.pad(self.key_valid.long().cumsum(dim=1), (1, 0))  # [B, K + 1]
+    def _first_key(self) -> Tensor:
+        """``[B, Q]`` long: the first key query ``q`` may see, so that the rule is ``first ≤ k ≤ q`` on valid keys.
+
+        It is the latest of 0, the window's start and the query's record start. A query that sees no valid key
+        there (counted with a prefix sum, O(B·K)) gets itself: its first key is ``q``, and validity is waived for
+        it. Two comparisons per key against per-query bounds are what the block-sparse tiles cost, which at a
+        chunk of one packed row is most of the mask's work (docs/performance.md "Packed sequences")."""
         q = torch.arange(self.num_queries, device=self.device) + self.offset
-        lo = torch.zeros_like(q) if self.window is None else (q - self.window + 1).clamp(min=0)
-        lo = lo.expand(self.batch_size, -1)
+        first = torch.zeros_like(q) if self.window is None else (q - self.window + 1).clamp(min=0)
+        first = first.expand(self.batch_size, -1)
         if self._segment_start is not None:
-            lo = torch.maximum(lo, self._segment_start[:, q])
-        return counts[:, q + 1] == counts.gather(1, lo)
+            first = torch.maximum(first, self._segment_start[:, q])
+        counts = torch.nn.functional.pad(self.key_valid.long().cumsum(dim=1), (1, 0))  # [B, K + 1]
+        empty = counts[:, q + 1] == counts.gather(1, first)
+        return torch.where(empty, q, first)
 
     def allowed_at(self, b: Tensor, q: Tensor, k: Tensor) -> Tensor:
         position = q + self.offset
-        allowed = (k <= position) & self.key_valid[b, k]
-        if self.window is not None:
-            allowed = allowed & (position - k < self.window)
-        if self._segment_start is not None:
-            allowed = allowed & (k >= self._segment_start[b, position])
-        return allowed | ((k == position) & self._row_empty[b, q])
+        first = self._first_key[b, q]
+        # `first == position` also holds for a query whose only valid key is itself: validity is its own then.
+        return (k >= first) & (k <= position) & (self.key_valid[b, k] | (first == position))
 
     @cached_property
     def _host_segment_start(self) -> Tensor:
@@ -324,7 +328,23 @@ class BlockDiffusionTrainingMask(AttentionMask):
             context_start = torch.zeros_like(context_end)
         else:
             context_start = segment_start.gather(1, context_end.clamp(0, self.encoder_len - 1))
-        self._slots = (slot_valid, context_start, context_end)
+        if self.window is not None:
+            context_start = torch.maximum(context_start, context_end - self.window + 1)
+        # The rule as two key intervals per slot, so a tile costs a few comparisons per key (the block-sparse
+        # attention builds one per chunk): encoder keys [context_start, context_end), empty for an invalid slot;
+        # canvas keys its block's valid slots, which are a prefix of the block (a slot is valid iff its offset in
+        # the block is below what is left of its record's response), or for an invalid slot itself alone.
+        first_slot = canvas_block * self.block_size  # [R]
+        valid_in_block = torch.zeros(batch, num_canvas_blocks, dtype=torch.long, device=device).scatter_add_(
+            1, canvas_block.expand(batch, -1), slot_valid.long()
+        )[:, canvas_block]  # [B, R]
+        S = self.encoder_len
+        self._intervals = (
+            torch.where(slot_valid, context_start, 0),
+            torch.where(slot_valid, context_end, 0),
+            torch.where(slot_valid, S + first_slot, S + slot),
+            torch.where(slot_valid, S + first_slot + valid_in_block, S + slot + 1),
+        )  # each [B, R]: encoder keys [first, end), canvas keys [first, end)
         self.batch_size, self.num_queries = batch, self.canvas_len
         self.num_keys = self.encoder_len + self.canvas_len
         self.query_chunk = self.block_size
@@ -334,36 +354,21 @@ class BlockDiffusionTrainingMask(AttentionMask):
         return self.prefix_lens.device
 
     def allowed_at(self, b: Tensor, q: Tensor, k: Tensor) -> Tensor:
-        slot_valid, context_start, context_end = self._slots
-        S, bs = self.encoder_len, self.block_size
-        query_valid, end = slot_valid[b, q], context_end[b, q]
-        is_encoder = k < S
-        encoder = is_encoder & query_valid & (k < end)
-        if self.segment_ids is not None:
-            encoder = encoder & (k >= context_start[b, q])
-        if self.window is not None:
-            encoder = encoder & (k >= end - self.window + 1)
-        j = (k - S).clamp(min=0)  # the canvas slot of a canvas key (0 for encoder keys, masked off below)
-        same_block = (j // bs == q // bs) & query_valid & slot_valid[b, j]
-        return encoder | (~is_encoder & (same_block | (j == q)))
+        encoder_first, encoder_end, canvas_first, canvas_end = (t[b, q] for t in self._intervals)
+        return ((k >= encoder_first) & (k < encoder_end)) | ((k >= canvas_first) & (k < canvas_end))
 
     @cached_property
-    def _host_slots(self) -> tuple[Tensor, Tensor, Tensor]:
-        return tuple(t.cpu() for t in self._slots)  # the one host read of this mask
+    def _host_intervals(self) -> tuple[Tensor, ...]:
+        return tuple(t.cpu() for t in self._intervals[:2])  # the one host read of this mask
 
     def key_spans(self, q_start: int, q_end: int) -> list[Span]:
         bs, S = self.block_size, self.encoder_len
         canvas = (S + q_start // bs * bs, S + min(-(-q_end // bs) * bs, self.canvas_len))
-        slot_valid, context_start, context_end = (t[:, q_start:q_end] for t in self._host_slots)
-        ends = context_end[slot_valid]
-        if ends.numel() == 0:
+        first, end = (t[:, q_start:q_end] for t in self._host_intervals)
+        seen = end > first
+        if not seen.any():
             return [canvas]
-        # Per slot the first visible encoder key: its record's start, or the window's, whichever is later.
-        starts = context_start[slot_valid]
-        if self.window is not None:
-            starts = torch.maximum(starts, ends - self.window + 1)
-        start, end = max(0, int(starts.min())), int(ends.max())
-        return [(start, end), canvas] if end > start else [canvas]
+        return [(int(first[seen].min()), int(end[seen].max())), canvas]
 
     def select(self, rows: Tensor) -> BlockDiffusionTrainingMask:
         ids = None if self.canvas_block_ids is None else self.canvas_block_ids[rows]
@@ -451,8 +456,8 @@ def to_additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
     """
     if not dtype.is_floating_point:
         raise ValueError(f"additive masks need a floating dtype, got {dtype}")
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    return bias.masked_fill(~allowed, torch.finfo(dtype).min)
+    attend, blocked = (torch.tensor(x, dtype=dtype, device=allowed.device) for x in (0, torch.finfo(dtype).min))
+    return torch.where(allowed, attend, blocked)  # one pass over the grid (the block-sparse tiles build one per chunk)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ TOOLS = Path(__file__).resolve().parents[1] / "tools"
 def test_quick_run_prints_consistent_result():
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(TOOLS.parent), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, str(TOOLS / "bench_packing.py"), "--quick"], capture_output=True,
+    done = subprocess.run([sys.executable, str(TOOLS / "bench_packing.py"), "--quick", "--breakdown"], capture_output=True,
                           text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
@@ -40,12 +40,20 @@ def test_quick_run_prints_consistent_result():
     table = {m["side"]: m for m in (re.match(
         r"(?P<side>[a-z][a-z0-9 ,-]+?)\s+(?P<mbs>\d+)\s+(?P<rows>\d+)\s+(?P<canvas>\d+)\s+(?P<eff>[\d.]+)\s+"
         r"(?P<cpu>[\d.]+)\s+\S+\s+(?P<wall>[\d.]+)\s+(?P<tps>\d+)$", line) for line in lines) if m}
-    assert set(table) == {"packed", "micro-batch 4", "fixed shape", "control, packed", "control, micro-batch 4"}
+    assert set(table) == {"packed", "micro-batch 4", "fixed shape", "control, packed", "control, micro-batch 4",
+                          "packed, encoder", "micro-batch 4, encoder"}
     for side, key in (("packed", "efficiency_packed"), ("micro-batch 4", "efficiency_microbatch4"),
                       ("fixed shape", "efficiency_fixed_shape")):
         assert result["valid_tokens"] / int(table[side]["rows"]) == pytest.approx(result[key], abs=1e-4), side
     assert len({table[s]["canvas"] for s in ("packed", "micro-batch 4", "fixed shape")}) == 1, "same canvas work"
     assert table["control, packed"]["eff"] == table["control, micro-batch 4"]["eff"] == "1.000"
+    # --breakdown: each step is its encoder-only row plus the canvas, the encoder rows decode no canvas.
+    for side in ("packed", "micro-batch 4"):
+        line = next(line for line in lines if line.startswith(f"breakdown {side} "))
+        step_s, encoder_s, canvas_s = (float(x) for x in re.findall(r"([\d.]+) (?:CPU s|\+|\()", line)[:3])
+        assert step_s == float(table[side]["cpu"]) and encoder_s == float(table[f"{side}, encoder"]["cpu"]), line
+        assert canvas_s == pytest.approx(step_s - encoder_s, abs=0.011), line
+        assert f"{table[side]['canvas']} canvas positions" in line and table[f"{side}, encoder"]["canvas"] == "0"
     tps = {side: int(m["tps"]) for side, m in table.items()}
     assert result["packed_over_microbatch4"] == pytest.approx(tps["packed"] / tps["micro-batch 4"], rel=1e-2)
     assert result["packed_over_fixed_shape"] == pytest.approx(tps["packed"] / tps["fixed shape"], rel=1e-2)

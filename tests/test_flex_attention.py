@@ -62,7 +62,7 @@ def _compare(config, mask: AttentionMask, heads: int, groups: int, head_dim: int
     )
     grad_out = torch.randn(Q, B, heads * head_dim, generator=generator)
     results = []
-    # Flex first: the rule's lazily cached helpers (e.g. EncoderMask._row_empty) are then first evaluated under
+    # Flex first: the rule's lazily cached helpers (e.g. EncoderMask._first_key) are then first evaluated under
     # FlexAttention's vmap, and the eager grid built afterwards from them.
     for module in (FlexCoreAttention(config, softmax_scale=0.7), EagerCoreAttention(config, softmax_scale=0.7)):
         q, k, v = (t.detach().clone().requires_grad_() for t in inputs)

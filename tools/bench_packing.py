@@ -24,6 +24,10 @@ skip the chunks that lie across records, docs/design.md §13; eager would build 
   (`seq_length / 4`, answers of whole blocks), packed four to a row against unpacked at micro-batch 4 (four full
   rows of that length). Packing may not make such a step cost more: its ratio should be about 1.
 
+`--breakdown` also times, in the same rounds, the packed and micro-batch-4 sides' encoder alone (encode, AR loss,
+backward: the step without pass 1, pass 2 and the diffusion loss) and prints the step split into encoder and canvas
+(step minus encoder): packing shrinks the encoder's positions, the canvas is one block per record on every side.
+
 Timing conventions are tools/bench_train.py's: every side single-threaded (`--threads`), `--warmup` untimed runs of
 each side's first micro-batch, then `--repeats` rounds each timing every side once, the order reversed every other
 round; a side is timed by the **process CPU time** its step used (waiting for a core does not count), wall time
@@ -68,6 +72,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1: timing robust to load)")
     parser.add_argument("--loss-rtol", type=float, default=1e-4, help="allowed relative loss-sum difference")
+    parser.add_argument("--breakdown", action="store_true", help="also time the packed and micro-batch-4 sides' "
+                        "encoder alone (encode + AR loss + backward), to split each step into encoder and canvas")
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run: 12 chats, seq_length 256, "
                         "block 16, window 64, no warm-up, 1 round")
     args = parser.parse_args(argv)
@@ -101,6 +107,7 @@ class Side:
 
     name: str
     microbatches: list  # [(DiffusionBatch | PackedBatch, NoisedCanvas | PackedCanvas)]
+    encoder_only: bool = False  # time the encoder alone: encode + AR loss + backward (`--breakdown`)
     times: list[Measurement] = dataclasses.field(default_factory=list)
     losses: tuple[float, float] = (math.nan, math.nan)
 
@@ -116,7 +123,7 @@ class Side:
     @property
     def canvas_tokens(self) -> int:
         """Canvas positions decoded (each in pass 1 and pass 2): one block per record with a response, either way."""
-        return sum(getattr(noised, "noised", noised).canvas_ids.numel() for _, noised in self.microbatches)
+        return 0 if self.encoder_only else sum(getattr(noised, "noised", noised).canvas_ids.numel() for _, noised in self.microbatches)
 
 
 def chats(count: int, seq_length: int, median: float, sigma: float, vocab: int, seed: int,
@@ -161,10 +168,21 @@ def build_side(name: str, records: list[dict], *, micro_batch: int, packing: boo
 
 
 def step(model: torch.nn.Module, side: Side) -> tuple[float, float]:
-    """Forward + backward of every micro-batch of `side` (gradients accumulate, as over a step) → loss sums."""
+    """Forward + backward of every micro-batch of `side` (gradients accumulate, as over a step) → loss sums (the
+    diffusion one NaN for an encoder-only side)."""
+    from megatron_bdgemma.diffusion import ar_loss
+
     model.zero_grad(set_to_none=True)
     diffusion = ar = 0.0
     for batch, noised in side.microbatches:
+        if side.encoder_only:  # training_forward's encode and AR loss, without the canvas passes
+            positions, encoder_mask, _, _ = model.training_layout(batch, noised)
+            encoded = model.encode(batch.input_ids, position_ids=positions, padding_mask=~batch.encoder_valid,
+                                   attention_mask=encoder_mask)
+            ar_sum, _ = ar_loss(model.logits(encoded.hidden), batch.ar_labels, batch.ar_loss_mask)
+            ar_sum.backward()
+            diffusion, ar = math.nan, ar + ar_sum.item()
+            continue
         out = model.training_forward(batch, noised)
         (out.diffusion_loss_sum + out.ar_loss_sum).backward()
         diffusion, ar = diffusion + out.diffusion_loss_sum.item(), ar + out.ar_loss_sum.item()
@@ -186,7 +204,8 @@ def time_sides(model: torch.nn.Module, sides: list[Side], warmup: int, repeats: 
 def check_losses(reference: Side, others: Sequence[Side], rtol: float) -> float:
     """The largest relative difference of any side's loss sums from `reference`'s; exits if above `rtol` (the
     sides would not be training the same thing)."""
-    worst = max(abs(o.losses[i] - reference.losses[i]) / abs(reference.losses[i]) for o in others for i in (0, 1))
+    worst = max(abs(o.losses[i] - reference.losses[i]) / abs(reference.losses[i]) for o in others for i in (0, 1)
+                if not math.isnan(reference.losses[i]))
     if not worst <= rtol:
         raise SystemExit(f"loss mismatch: a side's loss sums differ from {reference.name!r}'s by {worst:.1e} "
                          f"relative (> {rtol:.0e}); the timings would compare different computations")
@@ -227,6 +246,9 @@ def main() -> None:
     control_unpacked = build_side("control, micro-batch 4", control_records, micro_batch=4, packing=False,
                                   seq_multiple=1, **common)
     sides = [longest, packed, fixed, control_packed, control_unpacked]  # the compared pairs side by side
+    encoders = [dataclasses.replace(side, name=f"{side.name}, encoder", encoder_only=True, times=[])
+                for side in (longest, packed)] if args.breakdown else []
+    sides += encoders
     assert all(isinstance(b, PackedBatch) for side in (packed, control_packed) for b, _ in side.microbatches)
     assert len({side.valid_tokens for side in (packed, longest, fixed)}) == 1, "the sides train different tokens"
     assert control_packed.valid_tokens == control_unpacked.valid_tokens == control_unpacked.row_tokens
@@ -236,7 +258,8 @@ def main() -> None:
     time_sides(model, sides, args.warmup, args.repeats, device)
     load_after = os.getloadavg()
     worst = max(check_losses(packed, [longest, fixed], args.loss_rtol),
-                check_losses(control_unpacked, [control_packed], args.loss_rtol))
+                check_losses(control_unpacked, [control_packed], args.loss_rtol),
+                *([check_losses(encoders[1], encoders[:1], args.loss_rtol)] if encoders else []))
 
     lengths = [int(b.encoder_valid[i].sum()) for b, _ in longest.microbatches for i in range(b.batch_size)]
     config = model.config
@@ -268,6 +291,20 @@ def main() -> None:
                                        ("packed / fixed shape, tokens per CPU-s", over_fixed),
                                        ("control: packed / unpacked step CPU time", control)):
         print(f"ratio {label:42s} median {middle:.3f}, per round {low:.3f}..{high:.3f}")
+    if encoders:
+        # Per side, the canvas is the step minus its encoder, round by round (both timed in the same round).
+        canvas = {side.name: [a.cpu - b.cpu for a, b in zip(side.times, encoder.times, strict=True)]
+                  for side, encoder in zip((longest, packed), encoders)}
+        for side, encoder in zip((longest, packed), encoders):
+            step_s, canvas_s = statistics.median(t.cpu for t in side.times), statistics.median(canvas[side.name])
+            print(f"breakdown {side.name:14s} step {step_s:6.2f} CPU s = encoder + AR loss "
+                  f"{statistics.median(t.cpu for t in encoder.times):6.2f} + canvas (passes 1 and 2, diffusion loss) "
+                  f"{canvas_s:6.2f} ({canvas_s / step_s:.0%} of the step); {side.row_tokens} encoder positions, "
+                  f"{side.canvas_tokens} canvas positions")
+        encoder_ratio = ratio_over_rounds(encoders[0].times, encoders[1].times, device)
+        canvas_ratio = statistics.median(a / b for a, b in zip(canvas[longest.name], canvas[packed.name]))
+        print(f"breakdown micro-batch 4 / packed: encoder {encoder_ratio[0]:.3f} (per round {encoder_ratio[1]:.3f}.."
+              f"{encoder_ratio[2]:.3f}), canvas {canvas_ratio:.3f}")
     print(f"RESULT packed_over_microbatch4={over_longest[0]:.3f} packed_over_fixed_shape={over_fixed[0]:.3f} "
           f"control_packed_over_unpacked={control[0]:.3f} "
           f"efficiency_packed={packed.valid_tokens / packed.row_tokens:.4f} "

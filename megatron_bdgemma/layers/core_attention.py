@@ -2,11 +2,12 @@
 
 - `EagerCoreAttention`: the reference. One dense `[B, 1, Sq, Sk]` mask (and off CPU one `[B, h, Sq, Sk]` score
   tensor); memory grows with Sq·Sk, which at a 16K-token prompt is gigabytes per layer.
-- `BlockSparseCoreAttention`: the same math, one chunk of queries at a time (a canvas block, or
+- `BlockSparseCoreAttention`: the same math, by chunks of queries (a canvas block, or
   `attention_chunk_size` encoder positions) over only the key spans the mask says that chunk can see, with the
-  mask tile built from the rule on the spot. In training each chunk is recomputed in backward rather than keeping
-  its probabilities, so nothing of size Sq·Sk is ever held: memory grows with S·chunk. Sliding layers touch only
-  their window; canvas blocks only their encoder prefix and their own block.
+  mask tile built from the rule on the spot; chunks that read as many keys go through one call as one batch. In
+  training the calls are recomputed in backward rather than keeping their tiles (unless together those are no
+  larger than one chunk's over all keys), so nothing of size Sq·Sk is ever held: memory grows with S·chunk.
+  Sliding layers touch only their window; canvas blocks only their encoder prefix and their own block.
 - `FlexCoreAttention`: `torch.nn.attention.flex_attention` under the rule's own `allowed_at` as `mask_mod`
   (`AttentionMask.block_mask`, built once per mask). The GPU fast path: on CUDA a compiled, fused kernel that skips
   fully blocked key tiles and never materialises scores. On CPU it is a correctness reference only: the
@@ -95,39 +96,55 @@ class EagerCoreAttention(_CoreAttention):
 
 
 class BlockSparseCoreAttention(_CoreAttention):
-    """Attention one query chunk at a time over the key spans the mask allows; memory ∝ S·chunk."""
+    """Attention by query chunks over the key spans the mask allows; memory ∝ S·chunk.
+
+    Chunks that read as many keys are batched into one call (stacked along the batch), as many at a time as read
+    no more keys together than one chunk over all keys would: a packed row of short records is many chunks of batch
+    1 where unpadded rows of the same records are a few chunks of a larger batch, and per call the mask tile, the
+    K/V copies and their gradients, and the recomputation each cost more than the arithmetic of a small chunk
+    (docs/performance.md "Packed sequences")."""
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
         """query `[Sq, B, h, d]`, key/value `[Sk, B, g, d]` → `[Sq, B, h*d]`."""
         chunk = mask.query_chunk or self.config.attention_chunk_size
-        # Recompute in backward only when a graph is being built and there is more than one chunk: a no-grad pass
-        # frees each chunk as it goes, and a single chunk holds no more than its own recomputation would.
-        recompute = (
-            query.shape[0] > chunk and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-        )
-        outputs = []
+        groups: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
         for start in range(0, query.shape[0], chunk):
             end = min(start + chunk, query.shape[0])
-            args = (query[start:end], key, value, mask, start, end, self.softmax_scale)
-            outputs.append(checkpoint(_attend_chunk, *args, use_reentrant=False) if recompute else _attend_chunk(*args))
-        return torch.cat(outputs, dim=0)
+            keys = torch.cat([torch.arange(a, b) for a, b in mask.key_spans(start, end)])
+            groups.setdefault((end - start, len(keys)), []).append((start, keys))
+        # Recompute in backward only when a graph is being built and the calls together would keep more than one
+        # chunk over all keys would (their mask tiles and K/V copies): a no-grad pass frees each call as it goes,
+        # and the canvas blocks of a packed row, one per record (SFT), read at most that much: their contexts are
+        # disjoint.
+        reads = sum(length * num_keys * len(members) for (length, num_keys), members in groups.items())
+        recompute = (
+            reads > chunk * mask.num_keys and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+        )
+        outputs: dict[int, torch.Tensor] = {}
+        for (length, num_keys), members in groups.items():
+            per_call = max(1, mask.num_keys // num_keys)  # the bias and K/V of a call stay ≤ one full chunk's
+            for i in range(0, len(members), per_call):
+                starts, keys = zip(*members[i : i + per_call])
+                queries = torch.stack([torch.arange(a, a + length) for a in starts]).to(query.device)  # [n, Q']
+                keys = torch.stack(keys).to(query.device)  # [n, K']
+                args = (query, key, value, mask, queries, keys, self.softmax_scale)
+                out = checkpoint(_attend_chunks, *args, use_reentrant=False) if recompute else _attend_chunks(*args)
+                outputs.update(zip(starts, out.unbind(1)))
+        return torch.cat([outputs[start] for start in sorted(outputs)], dim=0)
 
 
-def _attend_chunk(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: AttentionMask, start: int, end: int, scale: float
+def _attend_chunks(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: AttentionMask, queries: torch.Tensor,
+    keys: torch.Tensor, scale: float,
 ) -> torch.Tensor:
-    """Queries `[start, end)` over the mask's key spans for them; slices of K/V are views when there is one span."""
-    spans = mask.key_spans(start, end)
-    device = query.device
-    keys = torch.cat([torch.arange(a, b, device=device) for a, b in spans])
-    if len(spans) == 1:
-        (a, b), = spans
-        key, value = key[a:b], value[a:b]
-    else:
-        key = torch.cat([key[a:b] for a, b in spans])
-        value = torch.cat([value[a:b] for a, b in spans])
-    allowed = mask.tile(torch.arange(start, end, device=device), keys)
-    return masked_attention(query, key, value, to_additive(allowed, query.dtype), scale)
+    """`n` chunks at once, each its queries `queries[i]` over its keys `keys[i]` (`[n, Q']`, `[n, K']`), as one
+    attention over a batch of `n·B` → `[Q', n, B, h*d]`."""
+    n, length = queries.shape
+    b = query.shape[1]
+    # Indexing with the transposed index puts the chunk next to the batch: `[Q', n, B, ...]`, a batch of n·B as a view.
+    q, k, v = (t[index.T].flatten(1, 2) for t, index in ((query, queries), (key, keys), (value, keys)))
+    allowed = mask.tile(queries, keys).flatten(0, 1)  # [n·B, 1, Q', K']
+    return masked_attention(q, k, v, to_additive(allowed, query.dtype), scale).view(length, n, b, -1)
 
 
 class FlexCoreAttention(_CoreAttention):
