@@ -50,6 +50,7 @@ __all__ = [
     "EncoderMask",
     "BlockDiffusionTrainingMask",
     "DecodeInferenceMask",
+    "QueryShardMask",
     "to_megatron",
     "to_sdpa",
     "to_additive",
@@ -90,6 +91,11 @@ class AttentionMask:
     def key_spans(self, q_start: int, q_end: int) -> list[Span]:
         """Disjoint, increasing key ranges holding every key any query in ``[q_start, q_end)`` may see (of any row)."""
         return [(0, self.num_keys)]
+
+    def query_chunks(self, chunk: int) -> list[Span]:
+        """The query ranges of at most ``chunk`` queries the block-sparse attention runs one by one: consecutive
+        here; a :class:`QueryShardMask` never lets one straddle two of its pieces."""
+        return [(start, min(start + chunk, self.num_queries)) for start in range(0, self.num_queries, chunk)]
 
     def select(self, rows: Tensor) -> AttentionMask:
         """The same rule for the chosen batch rows only (``rows``: ``[B]`` bool or ``[B']`` indices)."""
@@ -437,6 +443,79 @@ class DecodeInferenceMask(AttentionMask):
 
     def select(self, rows: Tensor) -> DecodeInferenceMask:
         return DecodeInferenceMask(self.encoder_valid[rows], self.canvas_valid[rows], self.window)
+
+
+@dataclass(eq=False)
+class QueryShardMask(AttentionMask):
+    """The rule of ``base`` for some of its queries only: a context-parallel rank's shard (docs/design.md §14).
+
+    The rank's queries are the global query indices ``ranges`` (disjoint, increasing ``[start, end)`` pieces: the
+    load-balanced split's two chunks, ``layers.context_parallel.shard_ranges``), numbered ``0 … Q' - 1`` here in
+    that order; keys keep their global indices (the K/V are gathered in global order). So local query ``q`` may
+    see key ``k`` iff global query ``index[q]`` may under ``base``: every rule (causal, window, block-diffusion,
+    packed segments) is the unsplit one, exactly.
+
+    ``key_spans`` asks ``base`` for each piece a query range covers, and ``query_chunks`` cuts each piece at the
+    global multiples of the chunk, so the block-sparse attention reads the keys the unsplit run reads for the same
+    queries (a canvas chunk stays one block): a rank's work is its queries' share of the whole.
+    """
+
+    base: AttentionMask
+    ranges: list[Span]
+
+    def __post_init__(self) -> None:
+        previous = 0
+        for start, end in self.ranges:
+            if not previous <= start <= end <= self.base.num_queries:
+                raise ValueError(f"query ranges {self.ranges} must be increasing, disjoint and within "
+                                 f"[0, {self.base.num_queries}] (the base mask's queries)")
+            previous = end
+        self.batch_size, self.num_keys = self.base.batch_size, self.base.num_keys
+        self.num_queries = sum(end - start for start, end in self.ranges)
+        self.query_chunk = self.base.query_chunk
+        self._offsets = [0]
+        for start, end in self.ranges:
+            self._offsets.append(self._offsets[-1] + end - start)
+        self._index = torch.cat(
+            [torch.arange(start, end, device=self.device) for start, end in self.ranges]
+            or [torch.zeros(0, dtype=torch.long, device=self.device)]
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.device
+
+    def allowed_at(self, b: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        return self.base.allowed_at(b, self._index[q], k)
+
+    def _global_pieces(self, q_start: int, q_end: int) -> list[Span]:
+        """The global query ranges the local range ``[q_start, q_end)`` covers."""
+        pieces = []
+        for (start, end), offset in zip(self.ranges, self._offsets):
+            lo, hi = max(q_start, offset), min(q_end, offset + end - start)
+            if lo < hi:
+                pieces.append((start + lo - offset, start + hi - offset))
+        return pieces
+
+    def key_spans(self, q_start: int, q_end: int) -> list[Span]:
+        spans = sorted(span for lo, hi in self._global_pieces(q_start, q_end) for span in self.base.key_spans(lo, hi))
+        merged: list[Span] = []
+        for start, end in spans:
+            if merged and start <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+            elif start < end:
+                merged.append((start, end))
+        return merged
+
+    def query_chunks(self, chunk: int) -> list[Span]:
+        chunks = []
+        for (start, end), offset in zip(self.ranges, self._offsets):
+            cuts = [start, *range((start // chunk + 1) * chunk, end, chunk), end]
+            chunks += [(offset + a - start, offset + b - start) for a, b in zip(cuts, cuts[1:]) if a < b]
+        return chunks
+
+    def select(self, rows: Tensor) -> QueryShardMask:
+        return QueryShardMask(self.base.select(rows), self.ranges)
 
 
 def to_megatron(allowed: Tensor) -> Tensor:

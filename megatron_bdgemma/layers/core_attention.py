@@ -108,8 +108,7 @@ class BlockSparseCoreAttention(_CoreAttention):
         """query `[Sq, B, h, d]`, key/value `[Sk, B, g, d]` → `[Sq, B, h*d]`."""
         chunk = mask.query_chunk or self.config.attention_chunk_size
         groups: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
-        for start in range(0, query.shape[0], chunk):
-            end = min(start + chunk, query.shape[0])
+        for start, end in mask.query_chunks(chunk):
             keys = torch.cat([torch.arange(a, b) for a, b in mask.key_spans(start, end)])
             groups.setdefault((end - start, len(keys)), []).append((start, keys))
         # Recompute in backward only when a graph is being built and the calls together would keep more than one

@@ -39,14 +39,17 @@ def _init_process_group(backend: str | None) -> None:
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
 
 
-def _check_sizes(world: int, tp: int, pp: int, ep: int, etp: int, vpp: int | None) -> None:
-    for name, size in dict(tp=tp, pp=pp, ep=ep, etp=etp).items():
+def _check_sizes(world: int, tp: int, pp: int, ep: int, etp: int, vpp: int | None, cp: int = 1) -> None:
+    for name, size in dict(tp=tp, pp=pp, ep=ep, etp=etp, cp=cp).items():
         if size < 1:
             raise ValueError(f"{name} must be a positive integer, got {size}")
     # A plain `python script.py` is a world of one process; model parallelism needs one process per rank.
     launch = " (start one process per rank: torchrun --nproc-per-node N ...)" if world == 1 else ""
     if world % (tp * pp):
         raise ValueError(f"world size {world} is not divisible by tp * pp = {tp} * {pp}; "
+                         f"the data-parallel size would not be an integer{launch}")
+    if world % (tp * pp * cp):
+        raise ValueError(f"world size {world} is not divisible by tp * pp * cp = {tp} * {pp} * {cp}; "
                          f"the data-parallel size would not be an integer{launch}")
     if world % (etp * ep * pp):
         raise ValueError(f"world size {world} is not divisible by etp * ep * pp = {etp} * {ep} * {pp}; "
@@ -55,23 +58,25 @@ def _check_sizes(world: int, tp: int, pp: int, ep: int, etp: int, vpp: int | Non
         raise ValueError(f"vpp (virtual pipeline stages per rank) needs pp > 1 and vpp >= 1, got pp={pp}, vpp={vpp}")
 
 
-def _current_sizes() -> tuple[int, int, int, int, int | None] | None:
+def _current_sizes() -> tuple[int, int, int, int, int | None, int] | None:
     from megatron.core import parallel_state as ps
 
     if not ps.model_parallel_is_initialized():
         return None
     return (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
             ps.get_expert_model_parallel_world_size(), ps.get_expert_tensor_parallel_world_size(),
-            ps.get_virtual_pipeline_model_parallel_world_size())
+            ps.get_virtual_pipeline_model_parallel_world_size(), ps.get_context_parallel_world_size())
 
 
 def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None, vpp: int | None = None,
-                     seed: int = DEFAULT_SEED, backend: str | None = None) -> None:
+                     seed: int = DEFAULT_SEED, backend: str | None = None, cp: int = 1) -> None:
     """Set up torch.distributed (if needed), megatron's model-parallel groups and its RNG tracker.
 
     Args:
         tp, pp, ep: tensor-, pipeline- and expert-parallel sizes; data parallelism takes the remaining ranks.
         etp: expert tensor-parallel size (defaults to `tp`, megatron's default).
+        cp: context-parallel size (docs/design.md §14): ranks that split each sequence; their group is
+            `parallel_state.get_context_parallel_group()`, and data parallelism takes `world / (tp·pp·cp)` ranks.
         vpp: virtual pipeline stages per rank (interleaved schedule), or None.
         seed: passed to `model_parallel_cuda_manual_seed` (which also reseeds torch's default generator on CPU).
         backend: process-group backend when this call creates the group; default nccl with CUDA, else gloo.
@@ -87,15 +92,15 @@ def init_distributed(tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = No
     etp = tp if etp is None else etp
     if not dist.is_initialized():
         _init_process_group(backend)
-    _check_sizes(dist.get_world_size(), tp, pp, ep, etp, vpp)
+    _check_sizes(dist.get_world_size(), tp, pp, ep, etp, vpp, cp)
     current = _current_sizes()
-    if current != (tp, pp, ep, etp, vpp):
+    if current != (tp, pp, ep, etp, vpp, cp):
         if current is not None:
             parallel_state.destroy_model_parallel()
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
             virtual_pipeline_model_parallel_size=vpp, expert_model_parallel_size=ep,
-            expert_tensor_parallel_size=etp)
+            expert_tensor_parallel_size=etp, context_parallel_size=cp)
     model_parallel_cuda_manual_seed(seed)
 
 
