@@ -29,6 +29,10 @@ then holds several records, each one contiguous run of equal ids, and attention 
 is causal inside its record; a canvas block sees only the clean prefix of its own record (from the record's first
 token) and its own block; sliding windows are counted inside the record and never reach into the previous one.
 
+Context parallelism (docs/design.md §14): a rank runs its own queries against keys gathered in global order;
+:class:`QueryShardMask` is any rule above restricted to the rank's global query ranges, numbered from 0, so the
+rank's rows are the unsplit grid's rows and its key spans the unsplit run's spans for the same queries.
+
 Rules are vectorised on their tensors' device. ``allowed_at`` never synchronises with the host; ``key_spans`` of
 the training canvas reads its per-block bounds to the host once per mask.
 """
