@@ -1,8 +1,9 @@
 """Context parallelism at the attention level (`layers/context_parallel.py`, `masks.QueryShardMask`; docs/design.md
 §14): the load-balanced split and its inverse are exact, and on 2 gloo ranks, each running its query shard against
 K/V all-gathered over the CP group, the attention outputs and dQ/dK/dV (dK/dV reduce-scattered) equal one
-process's full attention in float64 under every training mask, eager and block-sparse, while a rank's block-sparse
-attention reads its share of the query-key pairs."""
+process's full attention in float64 under every training mask, with every core attention (eager, block-sparse,
+and flex through FlexAttention's CPU reference), while a rank's block-sparse attention reads its share of the
+query-key pairs."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from megatron_bdgemma.layers import core_attention
 from megatron_bdgemma.layers.context_parallel import (
     gather_sequence, merge_shards, shard_index, shard_ranges, split_sequence,
 )
-from megatron_bdgemma.layers.core_attention import BlockSparseCoreAttention, EagerCoreAttention
+from megatron_bdgemma.layers.core_attention import CORE_ATTENTION
 from megatron_bdgemma.masks import BlockDiffusionTrainingMask, EncoderMask, QueryShardMask
 from tests.multiproc import run_in_processes
 
@@ -57,7 +58,7 @@ def _tensors(mask, encoder_len):
 
 def _backends():
     config = tiny(attention_chunk_size=CHUNK)
-    return {"eager": EagerCoreAttention(config, softmax_scale=0.7), "block_sparse": BlockSparseCoreAttention(config, softmax_scale=0.7)}
+    return {name: backend(config, softmax_scale=0.7) for name, backend in CORE_ATTENTION.items()}
 
 
 class _CountReads:
@@ -165,9 +166,38 @@ def test_query_shard_mask_is_the_base_rule():
                 assert not (shard.dense()[:, :, start:end] & ~covered).any(), (name, rank, start)
 
 
+def _span_reads(mask, chunk: int) -> int:
+    """Query-key pairs the block-sparse attention reads per row: its chunks times their key spans (what
+    `_CountReads` counts on the kernel, equal by `test_cp2_attention_equals_one_process`)."""
+    return sum((end - start) * sum(b - a for a, b in mask.key_spans(start, end))
+               for start, end in mask.query_chunks(mask.query_chunk or chunk))
+
+
+def test_rank_reads_at_length():
+    """At a longer row (L = 8192, W = 1024, chunks and blocks of 256) a rank's block-sparse reads are exactly 1/N of
+    the whole under the causal masks, and at most 1/(N·(1 − W/2L)) under windows: every chunk then reads W keys per
+    query except the first, whose W/2 fewer go to the rank holding chunk 0 (1.004/N at L = 128K)."""
+    length, window, chunk = 8192, 1024, 256
+    row = torch.ones(1, length, dtype=torch.bool)
+    whole_response = (torch.tensor([0]), torch.tensor([length]), length, length, chunk)  # a pretraining row
+    masks = {"encoder causal": EncoderMask(row, None), "encoder sliding": EncoderMask(row, window),
+             "canvas full": BlockDiffusionTrainingMask(*whole_response, None),
+             "canvas sliding": BlockDiffusionTrainingMask(*whole_response, window)}
+    for name, mask in masks.items():
+        full = _span_reads(mask, chunk)
+        for size in (2, 4):
+            shares = [_span_reads(QueryShardMask(mask, shard_ranges(length, r, size)), chunk) / full
+                      for r in range(size)]
+            assert sum(shares) == pytest.approx(1.0, abs=1e-12), (name, size)
+            if mask.window is None:
+                assert all(share == 1 / size for share in shares), (name, size, shares)
+            else:
+                assert max(shares) <= 1 / (size * (1 - window / (2 * length))) + 1e-9, (name, size, shares)
+
+
 def test_cp2_attention_equals_one_process():
     """CP = 2 (each rank its query shard, K/V all-gathered, dK/dV reduce-scattered) against one process's full
-    attention, float64, eager and block-sparse: outputs and dQ/dK/dV within 1e-12; a rank's block-sparse reads are
+    attention, float64, eager, block-sparse and flex: outputs and dQ/dK/dV within 1e-12; a rank's block-sparse reads are
     half the full run's (exactly for the causal encoder, at most 0.6 at this short length), and the two ranks together read
     exactly what one process reads (the same chunks, the same key spans)."""
     ranks = run_in_processes(_cp_rank, CP)
