@@ -43,7 +43,7 @@ def _cases():
                                                                   8, 6, canvas_block_ids=ids), S
 
 
-def _tensors(mask, encoder_len):
+def _tensors(mask):
     """q, k, v (keys in global order: [encoder ; canvas] for a canvas mask) and the output gradient, float64."""
     generator = torch.Generator().manual_seed(0)
     queries = mask.num_queries
@@ -53,7 +53,7 @@ def _tensors(mask, encoder_len):
 
     q = draw(queries, BATCH, HEADS, DIM)
     k, v = draw(mask.num_keys, BATCH, GROUPS, DIM), draw(mask.num_keys, BATCH, GROUPS, DIM)
-    return q, k, v, draw(queries, BATCH, HEADS * DIM), encoder_len
+    return q, k, v, draw(queries, BATCH, HEADS * DIM)
 
 
 def _backends():
@@ -113,7 +113,7 @@ def _cp_rank(rank: int) -> dict:
     cp_rank = parallel_state.get_context_parallel_rank()
     results = {}
     for name, mask, encoder_len in _cases():
-        q, k, v, grad_out, _ = _tensors(mask, encoder_len)
+        q, k, v, grad_out = _tensors(mask)
         shard = QueryShardMask(mask, shard_ranges(mask.num_queries, cp_rank, CP))
         for backend_name, backend in _backends().items():
             q_local = split_sequence(q, cp_rank, CP).requires_grad_()
@@ -148,6 +148,15 @@ def test_split_and_merge_are_exact():
         assert sorted(torch.cat([shard_index(24, r, size) for r in range(size)]).tolist()) == list(range(24))
     with pytest.raises(ValueError, match=r"sequence length 10 is not divisible by 2 \* cp = 4"):
         shard_ranges(10, 0, 2)
+
+
+def test_init_distributed_rejects_a_cp_size_the_world_cannot_hold(model_parallel):
+    from megatron_bdgemma.runtime.distributed import init_distributed
+
+    with pytest.raises(ValueError, match=r"world size 1 is not divisible by tp \* pp \* cp = 1 \* 1 \* 2.*torchrun"):
+        init_distributed(cp=2)
+    with pytest.raises(ValueError, match=r"cp must be a positive integer, got 0"):
+        init_distributed(cp=0)
 
 
 def test_query_shard_mask_is_the_base_rule():
@@ -203,7 +212,7 @@ def test_cp2_attention_equals_one_process():
     ranks = run_in_processes(_cp_rank, CP)
     worst = 0.0
     for name, mask, encoder_len in _cases():
-        q, k, v, grad_out, _ = _tensors(mask, encoder_len)
+        q, k, v, grad_out = _tensors(mask)
         for backend_name, backend in _backends().items():
             q_full, k_full, v_full = (t.clone().requires_grad_() for t in (q, k, v))
             with _CountReads() as reads:
