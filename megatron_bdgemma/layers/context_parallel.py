@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["shard_ranges", "shard_index", "split_sequence", "merge_shards", "gather_sequence"]
+from megatron_bdgemma.masks import Span
 
-Span = tuple[int, int]
+__all__ = ["shard_ranges", "shard_index", "split_sequence", "merge_shards", "gather_sequence"]
 
 
 def _chunk_length(length: int, size: int) -> int:

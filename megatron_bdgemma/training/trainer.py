@@ -239,12 +239,12 @@ def _microbatches(state: TrainState, step: int, split: str = "train") -> list[Mi
     for batch, sample_indices in state.data.microbatches(step, split):
         # Packed rows: each record is noised alone, keyed by its own sample index, then placed (docs/design.md §13).
         packed = isinstance(batch, PackedBatch)
+        records = batch.records if packed else batch
         noised = noise_batch(
-            batch.records if packed else batch, sample_indices=sample_indices, step=step, seed=state.run.train.seed,
+            records, sample_indices=sample_indices, step=step, seed=state.run.train.seed,
             vocab_size=vocab, score=score, kind=o.kind, mask_id=o.mask_id, t_min=o.t_min, t_max=o.t_max,
             self_conditioning_p=o.self_conditioning_p, variant=o.variant, weight_clip=o.weight_clip,
         )
-        records = batch.records if packed else batch
         canvas = pack_canvas(batch, noised, num_canvas_blocks=state.data.packing.canvas_blocks) if packed else noised
         out.append(MicroBatch(batch, canvas, flops=records_flops(state.config, records, noised.block_ids)))
     return out
