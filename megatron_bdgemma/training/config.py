@@ -61,6 +61,9 @@ class ParallelSection:
     """Virtual pipeline stages per rank (Megatron's interleaved 1F1B schedule); needs pp > 1."""
     etp: int | None = None
     """Expert tensor-parallel size (default: tp)."""
+    cp: int = 1
+    """Context-parallel size: each sequence (encoder and canvas) is split over this many ranks with causal load
+    balancing, K/V all-gathered per layer (docs/design.md §14); data parallelism takes world / (tp·pp·cp)."""
     sequence_parallel: bool | None = None
     """Default: on whenever tp > 1 (Megatron requires it for MoE training with TP)."""
     dispatcher: Literal["allgather", "alltoall"] | None = None
@@ -268,7 +271,7 @@ class RunConfig:
     logging: LoggingSection = field(default_factory=LoggingSection)
 
     def data_parallel_size(self, world_size: int) -> int:
-        return world_size // (self.parallel.tp * self.parallel.pp)
+        return world_size // (self.parallel.tp * self.parallel.pp * self.parallel.cp)
 
     def score(self) -> Literal["one_block", "all_blocks"]:
         """`objective.score`, or its default for `data.mode`."""
@@ -287,8 +290,11 @@ class RunConfig:
     def validate(self, world_size: int) -> None:
         """Raise one ValueError naming every conflict between sizes (one line for one, a list for several)."""
         p, t, problems = self.parallel, self.train, []
-        if world_size % (p.tp * p.pp):
-            problems.append(f"world size {world_size} is not divisible by parallel.tp × parallel.pp = {p.tp} × {p.pp}")
+        if p.cp < 1:
+            problems.append(f"parallel.cp must be >= 1, got {p.cp}")
+        elif world_size % (p.tp * p.pp * p.cp):
+            problems.append(f"world size {world_size} is not divisible by parallel.tp × parallel.pp × parallel.cp = "
+                            f"{p.tp} × {p.pp} × {p.cp}")
         else:
             dp = self.data_parallel_size(world_size)
             per_step = t.micro_batch_size * dp

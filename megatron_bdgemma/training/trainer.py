@@ -92,6 +92,7 @@ def build_model_config(run: RunConfig) -> BDGemmaConfig:
         virtual_pipeline_model_parallel_size=p.vpp,
         expert_model_parallel_size=p.ep,
         expert_tensor_parallel_size=p.etp or p.tp,
+        context_parallel_size=p.cp,
         sequence_parallel=p.tp > 1 if p.sequence_parallel is None else p.sequence_parallel,
         moe_token_dispatcher_type=p.dispatcher or (
             "alltoall" if on_gpu or (p.ep > 1 and run.batch_shapes_vary()) else "allgather"),
@@ -154,7 +155,7 @@ def setup(run: RunConfig) -> TrainState:
     """Distributed groups, the run directory (claimed: see `run_dir.py`), model (from a preset or HF weights), DDP,
     optimizer, schedule, data; resume if asked."""
     p = run.parallel
-    init_distributed(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, vpp=p.vpp, seed=run.train.seed)
+    init_distributed(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, vpp=p.vpp, cp=p.cp, seed=run.train.seed)
     run.validate(dist.get_world_size())
     require_logging_backends(run)
     if run.checkpoint.load:
