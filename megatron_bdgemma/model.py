@@ -15,7 +15,7 @@ Public tensors are batch-first; inside the stack Megatron's `[s, b, h]` layout i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from megatron.core import parallel_state
@@ -31,6 +31,7 @@ from megatron_bdgemma.diffusion import DiffusionBatch, NoisedCanvas, ar_loss, di
 from megatron_bdgemma.diffusion.loss import scored_weights
 from megatron_bdgemma.diffusion.packing import PackedBatch, PackedCanvas
 from megatron_bdgemma.layers.attention import KV, KVBuffer
+from megatron_bdgemma.layers.context_parallel import shard_ranges, split_sequence
 from megatron_bdgemma.layers.linear import plain_forward, runs_plain
 from megatron_bdgemma.layers.norm import cast
 from megatron_bdgemma.layers.rope import RotaryTables
@@ -69,6 +70,51 @@ class TrainingOutput:
     ar_tokens: torch.Tensor
     canvas_logits: torch.Tensor | None
     encoder_logits: torch.Tensor | None
+
+
+@dataclass
+class StepInputs:
+    """One training micro-batch as the passes read it (`BDGemmaModel.training_layout`): the encoder's ids, positions
+    `[B, S]`, AR labels and loss mask, its masks per layer type; the corrupted canvas `[B, R]` and its masks.
+
+    Under context parallelism (docs/design.md §14) every `[B, L]` tensor is this rank's shard (`shard`): the
+    masks then cover the rank's queries of the whole row (`masks.QueryShardMask`), over the whole row's keys, which
+    the attention gathers; the rope lengths are the whole row's largest position + 1, which length-dependent RoPE
+    types read (`RotaryTables`)."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    ar_labels: torch.Tensor
+    ar_loss_mask: torch.Tensor
+    encoder_mask: dict[str, masks.AttentionMask]
+    canvas: NoisedCanvas
+    canvas_mask: dict[str, masks.AttentionMask]
+    encoder_rope_length: int | None = None
+    canvas_rope_length: int | None = None
+
+    def shard(self, rank: int, size: int) -> StepInputs:
+        """Context-parallel rank `rank`'s share of the whole row: the load-balanced split of every sequence (encoder
+        and canvas), and masks of the same queries over all keys."""
+        if size == 1:
+            return self
+
+        def split(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else split_sequence(x, rank, size, dim=1)
+
+        def queries(mask: dict[str, masks.AttentionMask], length: int) -> dict[str, masks.AttentionMask]:
+            return {t: masks.QueryShardMask(m, shard_ranges(length, rank, size)) for t, m in mask.items()}
+
+        canvas, (seq, canvas_len) = self.canvas, (self.input_ids.shape[1], self.canvas.canvas_ids.shape[1])
+        coins = canvas.self_conditioning  # [B] per example stays whole; [B, R] per slot (packed rows) is split
+        return StepInputs(
+            split(self.input_ids), split(self.positions), split(self.ar_labels), split(self.ar_loss_mask),
+            queries(self.encoder_mask, seq),
+            replace(canvas, canvas_ids=split(canvas.canvas_ids), targets=split(canvas.targets),
+                    position_ids=split(canvas.position_ids), scored=split(canvas.scored), weights=split(canvas.weights),
+                    logit_shift=split(canvas.logit_shift), self_conditioning=coins if coins.dim() == 1 else split(coins)),
+            queries(self.canvas_mask, canvas_len),
+            encoder_rope_length=int(self.positions.max()) + 1, canvas_rope_length=int(canvas.position_ids.max()) + 1,
+        )
 
 
 def canvas_kv(kv: list[KV], stop_gradient: bool) -> list[KV]:
@@ -121,9 +167,12 @@ class BDGemmaModel(GPTModel):
         weight = self.embedding.word_embeddings.weight
         return embeddings * torch.tensor(self.config.embedding_scale, dtype=weight.dtype)
 
-    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """cos/sin `[S, B, 1, D]` per layer type for positions `[B, S]`."""
-        return self.rotary_tables(position_ids, dtype)
+    def rope(
+        self, position_ids: torch.Tensor, dtype: torch.dtype, length: int | None = None
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """cos/sin `[S, B, 1, D]` per layer type for positions `[B, S]`; `length`: the largest position + 1 of the
+        whole sequence when the positions are a context-parallel shard of it (`RotaryTables`)."""
+        return self.rotary_tables(position_ids, dtype, length)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden `[S, B, H]` → full-vocabulary `[B, S, V]` fp32 logits (float64 in a float64 model),
@@ -172,6 +221,7 @@ class BDGemmaModel(GPTModel):
         return_logits: bool = False,
         kv_prefix: list[KV] | None = None,
         attention_mask: dict[str, masks.AttentionMask] | None = None,
+        rope: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> EncoderOutput:
         """Causal pass over the clean sequence.
 
@@ -184,13 +234,16 @@ class BDGemmaModel(GPTModel):
                 returned `.kv` holds only the new positions'. Needs `attention_mask`.
             attention_mask: per layer type, the mask rule over S queries × `P + S` keys; default the causal
                 `masks.EncoderMask` of `padding_mask`.
+            rope: `self.rope(position_ids, dtype)`, when the caller has it (a context-parallel shard's, whose
+                length-dependent types read the whole row's length).
         """
         batch, seq = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)
         valid = torch.ones_like(input_ids, dtype=torch.bool) if padding_mask is None else ~padding_mask.bool()
         hidden = self.embed(input_ids)
-        rope = self.rope(position_ids, hidden.dtype)
+        if rope is None:
+            rope = self.rope(position_ids, hidden.dtype)
         if attention_mask is None:
             if kv_prefix is not None:
                 raise ValueError("encode(kv_prefix=...) needs the attention_mask over [prefix ; new] keys")
@@ -393,21 +446,23 @@ class BDGemmaModel(GPTModel):
             )
         return encoder, decoder
 
-    def training_layout(
-        self, batch: DiffusionBatch | PackedBatch, noised: NoisedCanvas | PackedCanvas
-    ) -> tuple[torch.Tensor, dict[str, masks.AttentionMask], NoisedCanvas, dict[str, masks.AttentionMask]]:
-        """What one training micro-batch gives the passes: encoder positions `[B, S]`, the encoder masks, the canvas
-        and its masks, per layer type. Unpacked rows: positions `0..S-1`, the causal `EncoderMask` of the padding
-        and `training_masks`; packed rows (docs/design.md §13): each record's own positions and `packed_masks`."""
+    def training_layout(self, batch: DiffusionBatch | PackedBatch, noised: NoisedCanvas | PackedCanvas) -> StepInputs:
+        """What one training micro-batch gives the passes (`StepInputs`). Unpacked rows: positions `0..S-1`, the
+        causal `EncoderMask` of the padding and `training_masks`; packed rows (docs/design.md §13): each record's own
+        positions and `packed_masks`. Under context parallelism, this rank's shard of it (docs/design.md §14): the
+        masks are built for the whole row, then restricted to the rank's queries."""
         if isinstance(batch, PackedBatch) != isinstance(noised, PackedCanvas):
             raise TypeError(f"a {type(batch).__name__} goes with a {'PackedCanvas' if isinstance(batch, PackedBatch) else 'NoisedCanvas'}, "
                             f"got a {type(noised).__name__}")
         if isinstance(batch, PackedBatch):
-            encoder, canvas = self.packed_masks(batch, noised)
-            return batch.position_ids, encoder, noised.noised, canvas
-        positions = torch.arange(batch.seq_len, device=batch.input_ids.device).expand(batch.input_ids.shape)
-        encoder = {t: masks.EncoderMask(batch.encoder_valid.bool(), self.config.window_of(t)) for t in set(self.config.layer_types)}
-        return positions, encoder, noised, self.training_masks(batch, noised)
+            (encoder, canvas_mask), positions, canvas = self.packed_masks(batch, noised), batch.position_ids, noised.noised
+        else:
+            positions = torch.arange(batch.seq_len, device=batch.input_ids.device).expand(batch.input_ids.shape)
+            encoder = {t: masks.EncoderMask(batch.encoder_valid.bool(), self.config.window_of(t))
+                       for t in set(self.config.layer_types)}
+            canvas, canvas_mask = noised, self.training_masks(batch, noised)
+        whole = StepInputs(batch.input_ids, positions, batch.ar_labels, batch.ar_loss_mask, encoder, canvas, canvas_mask)
+        return whole.shard(self.cp_group.rank(), self.cp_group.size())
 
     def training_forward(
         self,
@@ -433,15 +488,17 @@ class BDGemmaModel(GPTModel):
             stop_gradient_to_encoder: the canvas attends to detached encoder K/V (`canvas_kv`), so the diffusion
                 loss does not reach the encoder pass; the encoder learns from the AR loss alone.
         """
-        positions, encoder_mask, noised, attention = self.training_layout(batch, noised)
-        encoded = self.encode(batch.input_ids, position_ids=positions, padding_mask=~batch.encoder_valid,
-                              attention_mask=encoder_mask)
+        inputs = self.training_layout(batch, noised)
+        canvas, dtype = inputs.canvas, self.embedding.word_embeddings.weight.dtype
+        encoded = self.encode(inputs.input_ids, position_ids=inputs.positions, attention_mask=inputs.encoder_mask,
+                              rope=self.rope(inputs.positions, dtype, inputs.encoder_rope_length))
         kv = canvas_kv(encoded.kv, stop_gradient_to_encoder)
+        rope = self.rope(canvas.position_ids, dtype, inputs.canvas_rope_length)
 
         def decode(signal: torch.Tensor | None = None) -> torch.Tensor:
             return self.decode_hidden(
-                noised.canvas_ids, kv, canvas_position_ids=noised.position_ids, attention_mask=attention,
-                self_conditioning_signal=signal, self_conditioning_mask=noised.self_conditioning,
+                canvas.canvas_ids, kv, canvas_position_ids=canvas.position_ids, attention_mask=inputs.canvas_mask,
+                self_conditioning_signal=signal, self_conditioning_mask=canvas.self_conditioning, rope=rope,
             )
 
         signal = None
@@ -449,7 +506,7 @@ class BDGemmaModel(GPTModel):
             with torch.no_grad():
                 first = decode()
             signal = self.first_pass_signal(first, loss_chunk_size)
-        return self.losses(encoded.hidden, decode(signal), batch, noised, loss_chunk_size)
+        return self.losses(encoded.hidden, decode(signal), inputs, loss_chunk_size)
 
     def first_pass_signal(self, first_pass_hidden: torch.Tensor, loss_chunk_size: int | None) -> torch.Tensor:
         """Pass 1's final-normed canvas hidden (computed without grad) → pass 2's self-conditioning signal: the soft
@@ -471,30 +528,31 @@ class BDGemmaModel(GPTModel):
         self,
         encoder_hidden: torch.Tensor,
         canvas_hidden: torch.Tensor,
-        batch: DiffusionBatch | PackedBatch,
-        noised: NoisedCanvas,
+        inputs: StepInputs,
         loss_chunk_size: int | None,
     ) -> TrainingOutput:
         """Final-normed encoder `[S, B, H]` and canvas `[R', B, H]` hidden states (sequence-sharded under SP) → the
         diffusion loss of the scored canvas slots and the AR loss of the encoder's next-token pairs, as sums and
-        counts. `loss_chunk_size` as in `training_forward`.
+        counts (of this rank's shard under context parallelism: the trainer sums them over the CP ranks).
+        `loss_chunk_size` as in `training_forward`.
 
         The loo variants' shift (`noised.logit_shift`) enters only the diffusion CE: the returned canvas logits, the
         AR loss and the self-conditioning signal (`first_pass_signal`) all see the raw softcapped logits."""
+        noised, labels, label_mask = inputs.canvas, inputs.ar_labels, inputs.ar_loss_mask
         shift = dict(shift_ids=noised.canvas_ids, shift=noised.logit_shift)
         if loss_chunk_size is None:
             canvas_logits, encoder_logits = self.logits(canvas_hidden), self.logits(encoder_hidden)
             diffusion_sum, diffusion_tokens = diffusion_loss(
                 canvas_logits, noised.targets, noised.scored, noised.weights, **shift
             )
-            ar_sum, ar_tokens = ar_loss(encoder_logits, batch.ar_labels, batch.ar_loss_mask)
+            ar_sum, ar_tokens = ar_loss(encoder_logits, labels, label_mask)
             return TrainingOutput(diffusion_sum, diffusion_tokens, ar_sum, ar_tokens, canvas_logits, encoder_logits)
         weight, head = self.shared_embedding_or_output_weight(), self._vocab_parallel_head(loss_chunk_size)
         diffusion_sum = vocab_parallel_cross_entropy_sum(
             canvas_hidden, weight, noised.targets, scored_weights(noised.scored, noised.weights), **head, **shift
         )
-        ar_sum = vocab_parallel_cross_entropy_sum(encoder_hidden, weight, batch.ar_labels, batch.ar_loss_mask, **head)
-        return TrainingOutput(diffusion_sum, noised.scored.sum(), ar_sum, batch.ar_loss_mask.sum(), None, None)
+        ar_sum = vocab_parallel_cross_entropy_sum(encoder_hidden, weight, labels, label_mask, **head)
+        return TrainingOutput(diffusion_sum, noised.scored.sum(), ar_sum, label_mask.sum(), None, None)
 
     def _vocab_parallel_head(self, chunk_size: int) -> dict:
         return dict(cap=self.config.final_logit_softcapping, chunk_size=chunk_size,
@@ -531,27 +589,30 @@ class BDGemmaModel(GPTModel):
             stop_gradient_to_encoder: as `training_forward`, for this stage's encoder K/V: with every stage detaching
                 its own, the encoder stream's gradient (sent back to the previous stage) is the AR loss's alone.
         """
-        positions, encoder_mask, noised, attention = self.training_layout(batch, noised)
-        encoder_len = batch.seq_len // (self.tp_group.size() if self.config.sequence_parallel else 1)
+        inputs = self.training_layout(batch, noised)
+        canvas_inputs = inputs.canvas
+        encoder_len = inputs.input_ids.shape[1] // (self.tp_group.size() if self.config.sequence_parallel else 1)
         if self.pre_process:
-            encoder = self.embed(batch.input_ids)
+            encoder = self.embed(inputs.input_ids)
             signal = None
             if self.config.self_conditioning and not first_pass:
                 # A first stage without the LM head forms the logits chunk by chunk (all tokens in one by default).
                 tokens = first_pass_hidden.shape[0] * first_pass_hidden.shape[1]
                 signal = self.first_pass_signal(first_pass_hidden, loss_chunk_size or tokens)
-            canvas = self.decoder_input(noised.canvas_ids, signal, noised.self_conditioning)
+            canvas = self.decoder_input(canvas_inputs.canvas_ids, signal, canvas_inputs.self_conditioning)
         else:
             encoder, canvas = self.decoder.input_tensor.split([encoder_len, self.decoder.input_tensor.shape[0] - encoder_len])
-        encoder, kv = self.encoder_layers(encoder, self.rope(positions, encoder.dtype), encoder_mask)
+        rope = self.rope(inputs.positions, encoder.dtype, inputs.encoder_rope_length)
+        encoder, kv = self.encoder_layers(encoder, rope, inputs.encoder_mask)
         kv = canvas_kv(kv, stop_gradient_to_encoder)
-        canvas = self.canvas_layers(canvas, kv, self.rope(noised.position_ids, canvas.dtype), attention)
+        rope = self.rope(canvas_inputs.position_ids, canvas.dtype, inputs.canvas_rope_length)
+        canvas = self.canvas_layers(canvas, kv, rope, inputs.canvas_mask)
         if not self.post_process:
             return torch.cat([encoder, canvas])
         canvas = self.decoder.final_layernorm(canvas)
         if first_pass:
             return canvas.detach()
-        return self.losses(self.decoder.final_layernorm(encoder), canvas, batch, noised, loss_chunk_size)
+        return self.losses(self.decoder.final_layernorm(encoder), canvas, inputs, loss_chunk_size)
 
     def freeze_router(self) -> None:
         """Freeze every layer's router projection and scale (DiffusionGemma's recipe; no aux loss)."""

@@ -21,10 +21,11 @@ from megatron.core.transformer.attention import Attention
 from megatron.core.transformer.enums import AttnMaskType
 
 from megatron_bdgemma.config import BDGemmaConfig
+from megatron_bdgemma.layers.context_parallel import gather_sequence
 from megatron_bdgemma.layers.core_attention import masked_attention
 from megatron_bdgemma.layers.norm import cast, rms_normalize
 from megatron_bdgemma.layers.rope import apply_rope
-from megatron_bdgemma.masks import AttentionMask
+from megatron_bdgemma.masks import AttentionMask, QueryShardMask
 
 KV = tuple[torch.Tensor, torch.Tensor]
 """(K, V), each `[S, B, kv_heads_local, head_dim]`: K after k_norm + RoPE, V after v_norm."""
@@ -152,15 +153,23 @@ class BDGemmaAttention(Attention):
         Args:
             hidden_states: `[S, B, H]` (sequence-parallel shard when SP is on).
             rope: cos/sin `[S_full, B, 1, d]` for this layer type at the tokens' absolute positions.
-            attention_mask: the rule over `S_full` queries × `P + S_full` keys (P = prefix length).
+            attention_mask: the rule over `S_full` queries × `P + S_full` keys (P = prefix length); a
+                `QueryShardMask` says the queries are a context-parallel shard: the own K/V are then gathered over the
+                CP group first, and `kv_prefix` must be whole (the encoder's gathered K/V).
             kv_prefix: the encoder's (K, V) of this layer, `[P, B, g_local, d]`, or a `KVBuffer` holding them (own
                 K/V written into it, attended by `KVBuffer.attend` instead of the configured core attention), or
                 None.
 
         Returns:
-            output `[S, B, H]` and this call's own (K, V) `[S_full, B, g_local, d]`.
+            output `[S, B, H]` and this call's own (K, V) `[S_full, B, g_local, d]` (the whole sequence's under
+            context parallelism).
         """
         query, (key, value) = self.get_query_key_value_tensors(hidden_states, rope)
+        if isinstance(attention_mask, QueryShardMask):
+            # Context parallelism (docs/design.md §14): the queries are this rank's shard of the sequence and the mask
+            # covers the whole sequence's keys, which every rank gathers in global order (the backward reduce-scatters
+            # dK/dV). The encoder returns them gathered: the canvas passes attend to them without another collective.
+            key, value = (gather_sequence(t, self.pg_collection.cp) for t in (key, value))
         own_kv = (key, value)
         if isinstance(kv_prefix, KVBuffer):
             context = kv_prefix.attend(query, key, value, attention_mask, self.core_attention.softmax_scale)

@@ -207,13 +207,17 @@ class RotaryTables(torch.nn.Module):
             inv_freq, self.scale[layer_type] = rope_frequencies(params, head_dim, self.max_position_embeddings)
             self.register_buffer(f"inv_freq_{layer_type}", inv_freq, persistent=False)
 
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """cos/sin `[S, B, 1, D]` per layer type for positions `[B, S]`."""
+    def forward(
+        self, position_ids: torch.Tensor, dtype: torch.dtype, length: int | None = None
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """cos/sin `[S, B, 1, D]` per layer type for positions `[B, S]`. `length`: the call's largest position + 1
+        when `position_ids` are only part of the call (a context-parallel shard, docs/design.md §14: every rank must
+        scale as the whole row does); default read from `position_ids`."""
         tables = {}
         for layer_type, (params, head_dim) in self.layers.items():
             inv_freq, scale = getattr(self, f"inv_freq_{layer_type}"), self.scale[layer_type]
             if params.get("rope_type") in LENGTH_DEPENDENT:
-                seq_len = int(position_ids.max()) + 1
+                seq_len = int(position_ids.max()) + 1 if length is None else length
                 inv_freq, scale = rope_frequencies(params, head_dim, self.max_position_embeddings, seq_len)
             tables[layer_type] = rope_tables(position_ids, inv_freq, dtype, scale)
         return tables

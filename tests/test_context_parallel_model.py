@@ -1,0 +1,116 @@
+"""Context parallelism through the whole training forward (docs/design.md §14): on 2 gloo ranks of one CP group,
+each running `BDGemmaModel.training_forward` on its load-balanced shard of the encoder and the canvas (K/V gathered
+per layer, dK/dV reduce-scattered), the loss sums and token counts summed over the ranks and every gradient summed
+over them (what Megatron's DDP reduces over DP × CP) equal one process's on the whole rows, in float64: SFT (one
+decoded block per row, split inside the block), pretraining (every block decoded) and packed SFT rows, both
+self-conditioning coins, eager and block-sparse attention, the full-vocabulary and the chunked loss."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import megatron_bdgemma
+from megatron_bdgemma.diffusion import build_pretrain_batch, build_sft_batch, noise_batch
+from megatron_bdgemma.diffusion.packing import pack_batch, pack_canvas
+from tests import hf_models
+from tests.multiproc import run_in_processes
+from tests.tolerances import record
+
+CP = 2
+DTYPE = torch.float64
+TOL = 1e-12
+"""Loss sums relative, gradients relative to each tensor's largest magnitude. In float64 the split changes only the
+grouping of sums (the keys of a rank's chunk, the CP all-reduce of per-rank sums), ~1e-15."""
+BLOCK = 4  # the HF model's canvas length; a CP chunk of a one-block canvas is BLOCK / (2·CP) = 1 slot
+# Sliding window 5 on sliding layers, shorter than the rows: the window crosses the CP chunk boundaries.
+TEXT = dict(sliding_window=5)
+
+
+def _sft_records():
+    """Three chats of 16 tokens: prompts 6, 3 and 2 tokens, answers 9, 5 and 10 (EOS-filled to whole blocks)."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 96, (3, 16), generator=generator)
+    loss_mask, valid = torch.zeros(3, 16, dtype=torch.bool), torch.zeros(3, 16, dtype=torch.bool)
+    for row, (prompt, end) in enumerate([(6, 15), (3, 8), (2, 12)]):
+        loss_mask[row, prompt:end], valid[row, :end] = True, True
+    # Rows padded to a multiple of 2·CP (the trainer pads to 2·cp·tp): 20 tokens.
+    return build_sft_batch(ids, loss_mask, valid, block_size=BLOCK, eos_id=1, pad_id=0, seq_multiple_of=2 * CP)
+
+
+def _case(kind: str):
+    """(batch, noised canvas) of one micro-batch; coins True, False, True so both self-conditioning paths run."""
+    noise = dict(sample_indices=[0, 1, 2], step=3, seed=5, vocab_size=96)
+    if kind == "pretrain":
+        ids = torch.randint(2, 96, (2, 16), generator=torch.Generator().manual_seed(1))
+        valid = torch.ones(2, 16, dtype=torch.bool)
+        valid[1, 13:] = False  # a short last document: its last block is partial
+        batch = build_pretrain_batch(ids, block_size=BLOCK, valid=valid, pad_id=0)
+        noised = noise_batch(batch, **(noise | dict(sample_indices=[0, 1])), score="all_blocks")
+        return batch, dataclasses.replace(noised, self_conditioning=torch.tensor([True, False]))
+    records = _sft_records()
+    noised = noise_batch(records, **noise)
+    noised = dataclasses.replace(noised, self_conditioning=torch.tensor([True, False, True]))
+    if kind == "sft":
+        return records, noised
+    # Packed: chats 1 and 2 share a row (11 + 14 tokens with their EOS fill, 3 pads), chat 0 (18) is alone.
+    batch = pack_batch(records, [[1, 2], [0]], pad_id=0, seq_len=28)
+    return batch, pack_canvas(batch, noised)
+
+
+def _run(model, batch, noised, loss_chunk_size):
+    model.train()
+    out = model.training_forward(batch, noised, loss_chunk_size=loss_chunk_size)
+    (out.diffusion_loss_sum + out.ar_loss_sum).backward()
+    sums = torch.stack([out.diffusion_loss_sum.detach(), out.ar_loss_sum.detach(),
+                        out.diffusion_tokens.to(DTYPE), out.ar_tokens.to(DTYPE)])
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    return sums, grads
+
+
+def _model(path: str, attention: str):
+    return megatron_bdgemma.from_hf(path, dtype=DTYPE, attention_impl=attention, attention_chunk_size=BLOCK)
+
+
+def _check(rank: int, path: str, kind: str, attention: str, loss_chunk_size: int | None, reference) -> dict:
+    from megatron.core import parallel_state
+
+    from megatron_bdgemma.runtime.distributed import init_distributed
+
+    init_distributed(cp=CP)
+    group = parallel_state.get_context_parallel_group()
+    assert group.size() == CP and parallel_state.get_data_parallel_world_size() == 1
+    sums, grads = _run(_model(path, attention), *_case(kind), loss_chunk_size)
+    torch.distributed.all_reduce(sums, group=group)
+    ref_sums, ref_grads = reference
+    diffs = {"losses": ((sums[:2] - ref_sums[:2]).abs() / ref_sums[:2].abs()).max().item(),
+             "counts_equal": bool(torch.equal(sums[2:], ref_sums[2:])), "grads": 0.0}
+    assert grads.keys() == ref_grads.keys(), sorted(set(grads) ^ set(ref_grads))
+    for name, grad in grads.items():
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad, group=group)  # DDP's sum over the CP ranks
+        err = ((grad - ref_grads[name]).abs().max() / ref_grads[name].abs().max()).item()
+        if err > diffs["grads"]:
+            diffs["grads"], diffs["worst"] = err, name
+    return diffs
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return str(hf_models.save(hf_models.diffusion_gemma(TEXT, canvas_length=BLOCK), tmp_path_factory.mktemp("dg") / "hf"))
+
+
+CASES = [("sft", "eager", None), ("sft", "block_sparse", None), ("pretrain", "eager", None),
+         ("pretrain", "block_sparse", 7), ("packed", "block_sparse", None)]
+
+
+@pytest.mark.parametrize("kind,attention,loss_chunk_size", CASES, ids=[f"{k}-{a}-{c or 'logits'}" for k, a, c in CASES])
+def test_cp2_training_forward_equals_one_process(checkpoint, model_parallel, kind, attention, loss_chunk_size):
+    reference = _run(_model(checkpoint, "eager"), *_case(kind), loss_chunk_size)  # one process, whole rows
+    for rank, diffs in enumerate(run_in_processes(_check, CP, checkpoint, kind, attention, loss_chunk_size, reference)):
+        assert diffs["counts_equal"], (rank, "token counts summed over the CP ranks differ from one process's")
+        for name in ("losses", "grads"):
+            record(f"cp2 {kind} {attention} rank {rank} {name}", diffs[name], TOL)
+            assert diffs[name] <= TOL, (rank, name, diffs)
