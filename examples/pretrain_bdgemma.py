@@ -158,9 +158,9 @@ def print_sample(run: RunConfig, prompt: str | None) -> None:
     """Samples from the saved checkpoint (rank 0 prints): an SFT run's greedy block-diffusion answer; a pretraining
     run's continuations by block diffusion (`entropy_bound`) and by the AR head, seeded with `train.seed`.
 
-    Generation needs the whole stack on each rank: under pipeline parallelism the model-parallel groups are made
-    again with PP = 1 (TP and EP kept, the pipeline ranks joining data parallelism), and the checkpoint, which
-    reshards, is loaded at that layout."""
+    Generation needs the whole stack and the whole sequence on each rank: under pipeline or context parallelism the
+    model-parallel groups are made again with PP = 1 and CP = 1 (TP and EP kept, the pipeline and CP ranks joining
+    data parallelism), and the checkpoint, which reshards, is loaded at that layout."""
     import torch
 
     from megatron_bdgemma.checkpointing import load_model
@@ -169,8 +169,8 @@ def print_sample(run: RunConfig, prompt: str | None) -> None:
     from megatron_bdgemma.runtime.distributed import init_distributed
 
     p = run.parallel
-    if p.pp > 1:
-        init_distributed(tp=p.tp, pp=1, ep=p.ep, etp=p.etp, seed=run.train.seed)
+    if p.pp > 1 or p.cp > 1:
+        init_distributed(tp=p.tp, pp=1, ep=p.ep, etp=p.etp, cp=1, seed=run.train.seed)
     tokenizer = ByteTokenizer()
     messages = sample_messages(run, prompt)
     if messages == []:

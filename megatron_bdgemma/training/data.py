@@ -151,11 +151,18 @@ def agreed_count(count: int) -> int:
 
 
 def sft_seq_multiple(config: BDGemmaConfig) -> int:
-    """What an SFT batch width is padded to a multiple of: sequence parallelism splits the sequence over the TP
-    ranks, FP8 GEMMs need dimensions in multiples of 16. The run config makes `data.seq_length` (the cap on the
-    width) a multiple of both, so a capped width is one too."""
-    tp = config.tensor_model_parallel_size if config.sequence_parallel else 1
-    return math.lcm(tp, FP8_ALIGNMENT if config.fp8 else 1)
+    """What an SFT batch width is padded to a multiple of: context parallelism cuts the sequence into 2·cp chunks
+    (docs/design.md §14), sequence parallelism splits each rank's share over the TP ranks, FP8 GEMMs need dimensions
+    in multiples of 16. The run config makes `data.seq_length` (the cap on the width) a multiple of all three, so a
+    capped width is one too."""
+    return math.lcm(sequence_split(config), FP8_ALIGNMENT if config.fp8 else 1)
+
+
+def sequence_split(config: BDGemmaConfig) -> int:
+    """Into how many equal pieces a sequence (encoder or canvas) is cut over the ranks: 2·cp chunks under context
+    parallelism, each split over the TP ranks under sequence parallelism."""
+    cp = config.context_parallel_size
+    return (2 * cp if cp > 1 else 1) * (config.tensor_model_parallel_size if config.sequence_parallel else 1)
 
 
 def rank_zero_first(write: Callable[[], T]) -> T:
@@ -182,6 +189,10 @@ def build_step_data(run: RunConfig, config: BDGemmaConfig) -> StepData:
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"data.tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is {config.vocab_size}")
     block = config.canvas_length
+    if block % sequence_split(config):
+        raise ValueError(f"the model's canvas_length ({block}, model.overrides.canvas_length) must be a multiple of "
+                         f"{sequence_split(config)} (2 × parallel.cp, × tp under sequence parallelism): every canvas "
+                         "is split over the ranks like the sequence")
     if d.mode == "pretrain":
         blend = d.paths or [rank_zero_first(lambda: embedded_pretrain_prefix(d.cache_dir))]
         g = run.train.global_batch_size

@@ -254,7 +254,8 @@ def _microbatches(state: TrainState, step: int, split: str = "train") -> list[Mi
 def _global_counts(microbatches: list[MicroBatch], device: torch.device) -> torch.Tensor:
     """[scored canvas tokens, AR pairs, data tokens, row tokens, model FLOPs] over every micro-batch of every DP rank
     (known before any forward): the counts `diffusion_loss` / `ar_loss` return, and for the metrics the non-pad
-    positions read, all encoder positions computed (their ratio is the packing efficiency) and the model FLOPs."""
+    positions read, all encoder positions computed (their ratio is the packing efficiency) and the model FLOPs. The
+    CP ranks of a DP rank hold the same whole micro-batches (the model takes each rank's shard), so DP sums them."""
     counts = torch.zeros(5, dtype=torch.float64, device=device)
     for mb in microbatches:
         counts[0] += mb.canvas.scored.sum().item()
@@ -316,9 +317,11 @@ def _pipeline_first_pass(state: TrainState, microbatches: list[MicroBatch], **sc
     if parallel_state.is_pipeline_last_stage():
         dist.send(torch.cat([h.flatten() for h in hidden]).to(state.config.pipeline_dtype), dst=first, group=group)
     elif parallel_state.is_pipeline_first_stage():
-        # Every stage holds the same micro-batches, so the first knows each one's canvas length.
+        # Every stage holds the same micro-batches, so the first knows each one's canvas length (its shard of it:
+        # split over CP, then over TP under sequence parallelism).
         tp = parallel_state.get_tensor_model_parallel_world_size() if state.config.sequence_parallel else 1
-        shapes = [(mb.canvas.canvas_ids.shape[1] // tp, mb.canvas.canvas_ids.shape[0], state.config.hidden_size)
+        split = tp * parallel_state.get_context_parallel_world_size()
+        shapes = [(mb.canvas.canvas_ids.shape[1] // split, mb.canvas.canvas_ids.shape[0], state.config.hidden_size)
                   for mb in microbatches]
         received = torch.empty(sum(math.prod(s) for s in shapes), dtype=state.config.pipeline_dtype,
                                device=next(state.model[0].parameters()).device)
@@ -361,9 +364,10 @@ def _forward_backward(state: TrainState, microbatches: list[MicroBatch], counts:
 
 def _over_ranks(losses: torch.Tensor) -> torch.Tensor:
     """The step's [diffusion, ar] losses on every rank from each rank's own (`_forward_backward`): summed over the DP
-    ranks, and sent from the last pipeline stage, where the losses live."""
+    ranks and the CP ranks (each holds its shard's part), and sent from the last pipeline stage, where the losses
+    live."""
     totals = losses.clone()
-    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         dist.broadcast(totals, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                        group=parallel_state.get_pipeline_model_parallel_group())

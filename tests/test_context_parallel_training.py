@@ -1,0 +1,125 @@
+"""Context parallelism through the trainer (`parallel.cp`, docs/design.md §14, issue #25): 2 gloo processes of one
+CP group train the same steps as one process, per step the diffusion and AR losses and the global grad norm within
+1e-5 relative (tests/tolerances.py), self-conditioning on: SFT (one decoded block, split inside the block) and
+pretraining (every block decoded), eager and block-sparse attention. The CP ranks read the same records; each trains
+its shard of every row, the losses sum over DP × CP and Megatron's DDP reduces the gradients over DP × CP.
+
+The oracle is one process training the whole rows (the trainer without CP)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from megatron_bdgemma.training.config import load_run_config
+from tests.multiproc import run_in_processes
+from tests.test_packed_training import _write_chats
+from tests.tolerances import assert_steps_close
+
+CONFIGS = Path(__file__).resolve().parent.parent / "examples" / "configs"
+STEPS = 4
+"""Step 1 runs at learning rate 0 (warmup), so steps 1 and 2 share the starting weights (tests/tolerances.py)."""
+
+
+def _run(mode: str, tmp: str, attention: str, *overrides: str):
+    extra = ([f"data.paths=[{Path(tmp) / 'chats.jsonl'}]", "data.seq_length=80"] if mode == "sft"
+             else ["data.seq_length=64"])
+    return load_run_config(CONFIGS / f"tiny_{mode}.yaml", [
+        f"model.hf={Path(tmp) / 'hf'}", f"data.cache_dir={Path(tmp) / 'data'}", f"train.steps={STEPS}",
+        "train.global_batch_size=4", "train.micro_batch_size=2", "train.eval_interval=0", "optim.warmup_steps=1",
+        "checkpoint.save=null", f"model.overrides={{attention_impl: {attention}, attention_chunk_size: 8}}",
+        *extra, *overrides,
+    ])
+
+
+def _start(tmp: Path) -> None:
+    """The weights every layout starts from (random init would differ per pipeline stage): a tiny DiffusionGemma,
+    2 layers (sliding window 12, full), byte vocabulary, 2 KV heads on both layer types so TP = 2 splits whole
+    groups, canvas (block) 8; and the SFT chats."""
+    from tests import hf_models
+
+    model = hf_models.diffusion_gemma(dict(vocab_size=320, num_hidden_layers=2, num_global_key_value_heads=2,
+                                           layer_types=["sliding_attention", "full_attention"], sliding_window=12),
+                                      canvas_length=8)
+    hf_models.save(model, tmp / "hf")
+    _write_chats(tmp / "chats.jsonl")
+
+
+def _metrics(history) -> list[tuple[float, float, float]]:
+    return [(h["diffusion"], h["ar"], h["grad_norm"]) for h in history]
+
+
+def _train_in_rank(rank: int, mode: str, tmp: str, attention: str, overrides: tuple[str, ...]) -> list:
+    from megatron.core import parallel_state
+
+    from megatron_bdgemma.training.trainer import train
+
+    history = _metrics(train(_run(mode, tmp, attention, *overrides)))
+    sizes = parallel_state.get_context_parallel_world_size(), parallel_state.get_data_parallel_world_size()
+    return dict(history=history, sizes=sizes)
+
+
+LAYOUTS = [
+    # (mode, attention, overrides after parallel.cp=2, processes, data-parallel size)
+    ("sft", "eager", (), 2, 1),
+    ("pretrain", "block_sparse", (), 2, 1),
+    ("sft", "block_sparse", ("parallel.tp=2",), 4, 1),  # + sequence parallelism: rows cut into 2·cp·tp = 8 pieces
+    ("pretrain", "eager", ("parallel.ep=2",), 4, 2),  # EP = 2 over the DP × CP ranks, the alltoall dispatcher
+    ("sft", "eager", ("parallel.pp=2",), 4, 1),  # stages exchange [(S + R)/cp, B, H]; pass 1's hidden goes first
+    ("pretrain", "block_sparse", ("parallel.pp=2",), 4, 1),
+]
+
+
+@pytest.mark.parametrize("mode,attention,overrides,processes,dp", LAYOUTS,
+                         ids=[f"{m}-{a}-cp2{''.join('-' + o.split('.')[1] for o in extra)}" for m, a, extra, _, _ in LAYOUTS])
+def test_cp2_trains_as_one_process(tmp_path, model_parallel, mode, attention, overrides, processes, dp):
+    from megatron_bdgemma.training.trainer import train
+
+    _start(tmp_path)
+    reference = _metrics(train(_run(mode, str(tmp_path), attention)))
+    ranks = run_in_processes(_train_in_rank, processes, mode, str(tmp_path), attention, ("parallel.cp=2", *overrides),
+                             timeout_s=300)
+    for rank, got in enumerate(ranks):
+        assert got["sizes"] == (2, dp), f"rank {rank}: (cp, dp) = {got['sizes']}, not the layout meant"
+        assert_steps_close(got["history"], reference, f"cp=2 {' '.join(overrides)} {mode} {attention} rank {rank} "
+                           "vs one process", shared_weight_steps=2)
+
+
+def test_cp2_cli_run_equals_one_process_resumes_and_reshards(tmp_path):
+    """Through examples/pretrain_bdgemma.py (SMALL: 2 layers, seq 32, self-conditioning on): 4 steps saving at 2 and
+    4 in one process and under `torchrun --nproc-per-node 2 ... parallel.cp=2`; the CP run prints its sample last and
+    exits 0, and its metrics.jsonl rows equal the one process's (1e-5, the grad norm on shared weights). Its step-2
+    checkpoint resumes at CP = 2 bit for bit, continues in one process (`parallel.cp=1`: the checkpoint reshards) as
+    at CP = 2, and the one process's step-2 checkpoint continues at CP = 2 as in one process."""
+    from tests.test_errors import _cli
+    from tests.test_metrics import DETERMINISTIC, _rows
+    from tests.test_robustness import SMALL
+
+    def run(name: str, *args: str, nproc: int = 0, sample: bool = False) -> list[dict]:
+        done = _cli("examples/pretrain_bdgemma.py", *([] if sample else ["--sample", ""]), *args,
+                    f"checkpoint.save={tmp_path / name}", nproc=nproc)
+        assert done.returncode == 0, (name, done.stdout[-3000:], done.stderr[-3000:])
+        if sample:  # the block-diffusion and AR samples are the last two lines
+            assert [line.split(" (")[0] for line in done.stdout.strip().splitlines()[-2:]] == ["sample"] * 2, done.stdout
+        return _rows(tmp_path / name / "metrics.jsonl")
+
+    def losses(rows: list[dict]) -> list[tuple[float, float, float]]:
+        return [(r["diffusion"], r["ar"], r["grad_norm"]) for r in rows]
+
+    start = ["--config", str(CONFIGS / "tiny_pretrain.yaml"), *SMALL, f"data.cache_dir={tmp_path / 'data'}",
+             f"train.steps={STEPS}", "train.log_interval=1", "checkpoint.interval=2"]
+    one = run("one", *start)
+    cp2 = run("cp2", *start, "parallel.cp=2", nproc=2, sample=True)
+    assert [r["step"] for r in cp2] == list(range(1, STEPS + 1))
+    assert_steps_close(losses(cp2), losses(one), "CLI cp=2 vs one process", shared_weight_steps=2)
+
+    again = run("cp2_again", "--load", str(tmp_path / "cp2" / "iter_0000002"), nproc=2)
+    assert [{k: r[k] for k in DETERMINISTIC if k in r} for r in again if r["step"] > 2] == \
+        [{k: r[k] for k in DETERMINISTIC if k in r} for r in cp2[2:]], "a CP = 2 resume is not bit for bit"
+    to_one = run("to_one", "--load", str(tmp_path / "cp2" / "iter_0000002"), "parallel.cp=1")
+    assert_steps_close(losses([r for r in to_one if r["step"] > 2]), losses(cp2[2:]), "CP = 2 step 2 continued at CP = 1",
+                       shared_weight_steps=1, first_step=3)
+    to_cp2 = run("to_cp2", "--load", str(tmp_path / "one" / "iter_0000002"), "parallel.cp=2", nproc=2)
+    assert_steps_close(losses([r for r in to_cp2 if r["step"] > 2]), losses(one[2:]), "CP = 1 step 2 continued at CP = 2",
+                       shared_weight_steps=1, first_step=3)
