@@ -46,8 +46,16 @@ def _start(tmp: Path) -> None:
     _write_chats(tmp / "chats.jsonl")
 
 
-def _metrics(history) -> list[tuple[float, float, float]]:
-    return [(h["diffusion"], h["ar"], h["grad_norm"]) for h in history]
+METRICS = ("diffusion", "ar", "grad_norm", "eval_diffusion", "eval_ar")
+"""Per step; the held-out losses on the steps that evaluate."""
+
+
+def _names(history) -> tuple[str, ...]:
+    return tuple(name for name in METRICS if any(name in h for h in history))
+
+
+def _metrics(history) -> list[tuple[float, ...]]:
+    return [tuple(h[name] for name in METRICS if name in h) for h in history]
 
 
 def _train_in_rank(rank: int, mode: str, tmp: str, attention: str, overrides: tuple[str, ...]) -> list:
@@ -61,29 +69,36 @@ def _train_in_rank(rank: int, mode: str, tmp: str, attention: str, overrides: tu
 
 
 LAYOUTS = [
-    # (mode, attention, overrides after parallel.cp=2, processes, data-parallel size)
-    ("sft", "eager", (), 2, 1),
-    ("pretrain", "block_sparse", (), 2, 1),
-    ("sft", "block_sparse", ("parallel.tp=2",), 4, 1),  # + sequence parallelism: rows cut into 2·cp·tp = 8 pieces
-    ("pretrain", "eager", ("parallel.ep=2",), 4, 2),  # EP = 2 over the DP × CP ranks, the alltoall dispatcher
-    ("sft", "eager", ("parallel.pp=2",), 4, 1),  # stages exchange [(S + R)/cp, B, H]; pass 1's hidden goes first
-    ("pretrain", "block_sparse", ("parallel.pp=2",), 4, 1),
+    # (mode, attention, overrides of both runs, layout after parallel.cp=2, processes, data-parallel size)
+    # + sequence parallelism (rows cut into 2·cp·tp = 8 pieces), the chunked vocab-parallel loss, selective recompute
+    ("sft", "block_sparse", ("objective.loss_chunk_size=24", "train.recompute=selective"), ("parallel.tp=2",), 4, 1),
+    ("pretrain", "eager", (), ("parallel.ep=2",), 4, 2),  # EP = 2 over the DP × CP ranks, the alltoall dispatcher
+    # stages exchange [(S + R)/cp, B, H], pass 1's hidden goes to the first; held-out losses through the same split
+    ("sft", "eager", ("train.eval_interval=2",), ("parallel.pp=2",), 4, 1),
+    ("pretrain", "block_sparse", (), ("parallel.pp=2",), 4, 1),
+    ("sft", "block_sparse", ("data.packing=true",), (), 2, 1),  # packed rows: every record's segments and coins
+    # document masks; full recompute reruns the gathers in backward
+    ("pretrain", "block_sparse", ("data.reset_document_masks=true", "data.packing=true", "train.recompute=full"), (), 2, 1),
 ]
 
 
-@pytest.mark.parametrize("mode,attention,overrides,processes,dp", LAYOUTS,
-                         ids=[f"{m}-{a}-cp2{''.join('-' + o.split('.')[1] for o in extra)}" for m, a, extra, _, _ in LAYOUTS])
-def test_cp2_trains_as_one_process(tmp_path, model_parallel, mode, attention, overrides, processes, dp):
+def _id(mode: str, attention: str, both: tuple[str, ...], layout: tuple[str, ...]) -> str:
+    return "-".join([mode, attention, "cp2", *(o.split(".")[1] for o in (*layout, *both))])
+
+
+@pytest.mark.parametrize("mode,attention,both,layout,processes,dp", LAYOUTS, ids=[_id(*case[:4]) for case in LAYOUTS])
+def test_cp2_trains_as_one_process(tmp_path, model_parallel, mode, attention, both, layout, processes, dp):
     from megatron_bdgemma.training.trainer import train
 
     _start(tmp_path)
-    reference = _metrics(train(_run(mode, str(tmp_path), attention)))
-    ranks = run_in_processes(_train_in_rank, processes, mode, str(tmp_path), attention, ("parallel.cp=2", *overrides),
+    history = train(_run(mode, str(tmp_path), attention, *both))
+    reference = _metrics(history)
+    ranks = run_in_processes(_train_in_rank, processes, mode, str(tmp_path), attention, (*both, "parallel.cp=2", *layout),
                              timeout_s=300)
     for rank, got in enumerate(ranks):
         assert got["sizes"] == (2, dp), f"rank {rank}: (cp, dp) = {got['sizes']}, not the layout meant"
-        assert_steps_close(got["history"], reference, f"cp=2 {' '.join(overrides)} {mode} {attention} rank {rank} "
-                           "vs one process", shared_weight_steps=2)
+        assert_steps_close(got["history"], reference, f"cp=2 {' '.join(layout + both)} {mode} {attention} rank {rank} "
+                           "vs one process", shared_weight_steps=2, names=_names(history))
 
 
 def test_cp2_cli_run_equals_one_process_resumes_and_reshards(tmp_path):
