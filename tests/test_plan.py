@@ -365,7 +365,8 @@ def test_context_parallel_plan_equals_closed_form_counts(fake_world_results):
     assert details[3]["gathered"] == [gathered]
     # Against the unsplit plan: the per-token part of the layers and the logits are exactly half.
     unsplit = got[0][0][1]
-    assert 2 * LAYERS * tokens * KEPT_PER_TOKEN["none"] * FP32 == unsplit["layers"] - LAYERS * _eager_probabilities(b, s, r)
+    unsplit_per_token = unsplit["layers"] - LAYERS * _eager_probabilities(b, s, r)
+    assert 2 * LAYERS * tokens * KEPT_PER_TOKEN["none"] * FP32 == unsplit_per_token
     assert 2 * head == unsplit["logits"]
 
     # Full recompute: each layer keeps its input [S/2 + R/2, B, H] and the encoder's gathered K/V [S, B, 2·g·d];
@@ -415,8 +416,8 @@ def test_context_parallel_bytes_by_hand():
         "full_attention": dict(all_gather=(64 + 16 + 16) * 2048 // 2, reduce_scatter=(64 + 16) * 2048 // 2,
                                gathered=(64 + 16) * 2048),
     }
-    # Without self-conditioning (one canvas pass), N = 4, TP 1, fp32: 2·8·256·4 = 16384 and 2·2·512·4 = 8192 bytes per
-    # position, 3/4 of them received.
+    # Without self-conditioning (one canvas pass), N = 4, TP 1, fp32: 2·8·256·4 = 16384 and 2·2·512·4 = 8192 bytes
+    # per position, 3/4 of them received.
     plain = PRESETS["diffusiongemma-26b-a4b"](self_conditioning=False)
     assert context_parallel_bytes(plain, 64, 16, cp=4, tp=1, dtype_bytes=4) == {
         "sliding_attention": dict(all_gather=3 * (64 + 16) * 16384 // 4, reduce_scatter=3 * (64 + 16) * 16384 // 4,
@@ -445,8 +446,8 @@ def test_sequence_length_must_split_into_2_cp_chunks(mode):
     config = SFT_CONFIG if mode == "sft" else PRETRAIN_CONFIG
     cases = [
         (["parallel.cp=2", "data.seq_length=94"], 2,
-         "data.seq_length (94) must be a multiple of 2 × parallel.cp (2) = 4: context parallelism splits each sequence "
-         "into 2·cp equal chunks"),
+         "data.seq_length (94) must be a multiple of 2 × parallel.cp (2) = 4: context parallelism splits each "
+         "sequence into 2·cp equal chunks"),
         (["parallel.cp=2", "parallel.tp=2", "data.seq_length=100"], 4,
          "data.seq_length (100) must be a multiple of 2 × parallel.cp (2) × parallel.tp (2) = 8: context parallelism "
          "splits each sequence into 2·cp equal chunks, each split over the TP ranks by sequence parallelism"),

@@ -63,7 +63,8 @@ class ParallelSection:
     """Expert tensor-parallel size (default: tp)."""
     cp: int = 1
     """Context-parallel size: each sequence (encoder and canvas) is split over this many ranks with causal load
-    balancing, K/V all-gathered per layer (docs/design.md §14); data parallelism takes world / (tp·pp·cp)."""
+    balancing, K/V all-gathered per layer (docs/design.md §14); data parallelism takes world / (tp·pp·cp).
+    data.seq_length must be a multiple of 2·cp (2·cp·tp under TP)."""
     sequence_parallel: bool | None = None
     """Default: on whenever tp > 1 (Megatron requires it for MoE training with TP)."""
     dispatcher: Literal["allgather", "alltoall"] | None = None

@@ -421,12 +421,12 @@ def plan_run(run: RunConfig, gpus: int) -> Plan:
     }
     return Plan(
         gpus=gpus, tp=p.tp, pp=p.pp, vpp=p.vpp, ep=p.ep, etp=etp, cp=p.cp, dp=dp, dp_cp=dp_cp, expert_dp=expert_dp,
-        bf16=run.train.bf16,
-        recompute=run.train.recompute, loss_chunk=run.objective.loss_chunk_size, attention_impl=config.attention_impl,
-        micro_batch=run.train.micro_batch_size, microbatches=microbatches, encoder_tokens=tokens_s,
-        canvas_tokens=tokens_r, stages=stages, params_total=params_total, params_active_per_token=active,
-        distributed_optimizer=run.optim.distributed_optimizer, canvas_note=canvas_note(run),
-        context_parallel=context_parallel, layer_counts={t: config.layer_types.count(t) for t in dict.fromkeys(config.layer_types)},
+        bf16=run.train.bf16, recompute=run.train.recompute, loss_chunk=run.objective.loss_chunk_size,
+        attention_impl=config.attention_impl, micro_batch=run.train.micro_batch_size, microbatches=microbatches,
+        encoder_tokens=tokens_s, canvas_tokens=tokens_r, stages=stages, params_total=params_total,
+        params_active_per_token=active, distributed_optimizer=run.optim.distributed_optimizer,
+        canvas_note=canvas_note(run), context_parallel=context_parallel,
+        layer_counts={t: config.layer_types.count(t) for t in dict.fromkeys(config.layer_types)},
     )
 
 
