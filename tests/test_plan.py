@@ -14,6 +14,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 SFT_26B = ROOT / "examples" / "configs" / "diffusiongemma_26b_sft.yaml"
 PRETRAIN_26B = ROOT / "examples" / "configs" / "diffusiongemma_26b_pretrain.yaml"
+LONGCONTEXT_26B = ROOT / "examples" / "configs" / "diffusiongemma_26b_longcontext.yaml"
 
 # google/diffusiongemma-26B-A4B-it's text config as recorded in /work/shared/reference/automodel_diffusion_gemma.md
 # §1.1 (its checkpoint's config.json, not transformers' defaults).
@@ -240,10 +241,11 @@ KEPT_PER_TOKEN = {  # elements a layer keeps per token: attention + dense GeGLU 
 assert KEPT_PER_TOKEN == {"none": 1984, "selective": 1344}
 
 
-def _eager_probabilities(batch: int, s: int, r: int) -> int:
+def _eager_probabilities(batch: int, s: int, r: int, cp: int = 1) -> int:
     """Eager attention's fp32 probabilities and their dropout-free copy (x 2) per layer: the encoder's S x S
-    scores, and the canvas' R queries over S + R keys."""
-    return batch * HEADS * (s * s + r * (s + r)) * FP32 * 2
+    scores, and the canvas' R queries over S + R keys; under context parallelism a rank's S/cp and R/cp queries
+    over all keys."""
+    return batch * HEADS * (s // cp * s + r // cp * (s + r)) * FP32 * 2
 
 
 def _in_fake_worlds(rank: int, schedule_cases: list, plan_cases: list[tuple[Path, int, list[str]]]) -> dict[str, list]:
@@ -253,18 +255,26 @@ def _in_fake_worlds(rank: int, schedule_cases: list, plan_cases: list[tuple[Path
     from megatron_bdgemma.training.plan import plan_run
 
     schedules = _schedules_in_flight(rank, schedule_cases)  # it leaves no world behind; plan_run makes its own
-    plans = [[(stage.in_flight, stage.activation_bytes) for stage in plan_run(load_run_config(config, overrides),
-                                                                              gpus).stages]
-             for config, gpus, overrides in plan_cases]
-    return dict(schedules=schedules, plans=plans)
+    plans, details = [], []
+    for config, gpus, overrides in plan_cases:
+        plan = plan_run(load_run_config(config, overrides), gpus)
+        plans.append([(stage.in_flight, stage.activation_bytes) for stage in plan.stages])
+        details.append(dict(dp=plan.dp, dp_cp=plan.dp_cp, expert_dp=plan.expert_dp,
+                            optimizer=[stage.optimizer_bytes_distributed for stage in plan.stages],
+                            gathered=[stage.gathered_kv_bytes for stage in plan.stages]))
+    return dict(schedules=schedules, plans=plans, details=details)
 
 
 SFT_CONFIG = ROOT / "examples" / "configs" / "tiny_sft.yaml"
 PRETRAIN_CONFIG = ROOT / "examples" / "configs" / "tiny_pretrain.yaml"
 SELECTIVE = ["train.recompute=selective", "train.recompute_modules=[core_attn, moe, shared_experts]"]
 VPP = ["parallel.pp=2", "parallel.vpp=2", "data.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=8"]
-PLAN_CASES = [(SFT_CONFIG, 1, []), (SFT_CONFIG, 1, SELECTIVE), (PRETRAIN_CONFIG, 2, VPP)]
-"""(config, GPUs, overrides) planned by test_activation_bytes_equal_closed_form_counts."""
+CP2 = ["parallel.cp=2"]
+PLAN_CASES = [(SFT_CONFIG, 1, []), (SFT_CONFIG, 1, SELECTIVE), (PRETRAIN_CONFIG, 2, VPP),
+              (SFT_CONFIG, 2, CP2), (SFT_CONFIG, 2, [*CP2, "train.recompute=full"]), (PRETRAIN_CONFIG, 4, [*VPP, *CP2]),
+              (SFT_CONFIG, 2, [])]
+"""(config, GPUs, overrides) planned by test_activation_bytes_equal_closed_form_counts (the first three) and
+test_context_parallel_plan_equals_closed_form_counts (the rest)."""
 
 
 @pytest.fixture(scope="module")
@@ -330,3 +340,154 @@ def test_packed_rows_are_planned_at_their_canvas_bound():
     assert ("micro-batch: 4 x (encoder S=64 + canvas R=96) tokens (document rows: R is the most canvas a row can "
             "need, with at most 3 document(s) per row; a window of more takes more rows, so the micro-batch count "
             "varies)\n") in documents_text
+
+
+# K and V elements per position of one tiny layer at TP 1: sliding 2 groups x 16, full 1 group x 32 (2·g·d).
+KV_WIDTH = {"sliding": 2 * 2 * 16, "full": 2 * 1 * 32}
+TINY_KV = 3 * KV_WIDTH["sliding"] + KV_WIDTH["full"]  # the 4 layers' widths summed
+
+
+def test_context_parallel_plan_equals_closed_form_counts(fake_world_results):
+    """`parallel.cp=2` in the planner, against counts written out here (docs/design.md §14): a rank holds S/2 encoder
+    and R/2 canvas tokens, so every per-token term halves (layers, logits, the pipeline tensors and pass 1's hidden
+    states), eager attention keeps (S/2 queries x S keys) + (R/2 x (S + R)) probabilities; each layer adds the whole
+    sequence's gathered K/V, (S + R)·2·g·d, kept until backward (full recompute: the encoder's, S·2·g·d, per layer
+    and one layer's S + R), which CP does not divide. The distributed optimizer shards dense state over DP x CP:
+    at 2 GPUs, CP 2 (DP 1) shards it as DP 2 does."""
+    got, details = fake_world_results["plans"], fake_world_results["details"]
+
+    s, r, b = 96, CANVAS, 4  # tiny SFT, as in test_activation_bytes_equal_closed_form_counts, over 2 CP ranks
+    tokens = (s + r) // 2 * b  # the rank's half
+    gathered = b * (s + r) * TINY_KV * FP32  # the 4 layers' gathered K/V, every position of the row
+    layer = tokens * KEPT_PER_TOKEN["none"] * FP32 + _eager_probabilities(b, s, r, cp=2)
+    head = 3 * (tokens + r // 2 * b) * VOCAB * FP32
+    assert got[3] == [(1, dict(layers=LAYERS * layer + gathered, logits=head, pipeline=0))]
+    assert details[3]["gathered"] == [gathered]
+    # Against the unsplit plan: the per-token part of the layers and the logits are exactly half.
+    unsplit = got[0][0][1]
+    unsplit_per_token = unsplit["layers"] - LAYERS * _eager_probabilities(b, s, r)
+    assert 2 * LAYERS * tokens * KEPT_PER_TOKEN["none"] * FP32 == unsplit_per_token
+    assert 2 * head == unsplit["logits"]
+
+    # Full recompute: each layer keeps its input [S/2 + R/2, B, H] and the encoder's gathered K/V [S, B, 2·g·d];
+    # one layer's working set, with its gathered K/V, is live in backward (the widest: all tiny layers are 64 wide).
+    encoder_kv = b * s * TINY_KV * FP32
+    one_gathered = b * (s + r) * KV_WIDTH["sliding"] * FP32
+    assert got[4] == [(1, dict(layers=LAYERS * tokens * H * FP32 + encoder_kv + layer + one_gathered, logits=head,
+                               pipeline=0))]
+    assert details[4]["gathered"] == [encoder_kv + one_gathered]
+
+    # Pretraining at PP 2 x VPP 2 x CP 2 (S = R = 32 over 2 ranks, micro-batch 2, 4 micro-batches), one layer per
+    # model chunk: as in the unsplit case with half the tokens, plus each held layer's gathered K/V (64 wide).
+    s = r = 32
+    b, microbatches = 2, 4
+    layer = (s + r) // 2 * b * KEPT_PER_TOKEN["none"] * FP32 + _eager_probabilities(b, s, r, cp=2)
+    layer_gathered = b * (s + r) * 64 * FP32
+    boundary = (s + r) // 2 * b * H * FP32  # one [(S + R)/2, B, H] pipeline tensor
+    assert got[5] == [
+        (5, dict(layers=5 * (layer + layer_gathered), logits=3 * r // 2 * b * VOCAB * FP32,
+                 pipeline=5 * 2 * boundary + microbatches * r // 2 * b * H * FP32)),
+        (3, dict(layers=3 * (layer + layer_gathered), logits=3 * (s + r) // 2 * b * VOCAB * FP32,
+                 pipeline=3 * 2 * boundary)),
+    ]
+
+    # Megatron's optimizer groups: CP 2 x DP 1 shards the dense state over 2 ranks, as DP 2 does; experts over
+    # expert-DP = world / (EP x ETP x PP) = 2 either way.
+    assert [(d["dp"], d["dp_cp"], d["expert_dp"]) for d in (details[3], details[6])] == [(1, 2, 2), (2, 2, 2)]
+    assert details[3]["optimizer"] == details[6]["optimizer"] and details[6]["gathered"] == [0]
+
+
+def test_context_parallel_bytes_by_hand():
+    """The CP collectives' bytes per layer type and the gathered K/V, from the design's formula (docs/design.md §14)
+    worked out here for the 26B-A4B's two layer types: sliding layers have 8 KV heads of 256, full layers 2 of 512
+    with K = V, whose V is still a tensor of its own (gathered too). Per layer and sequence a rank receives
+    (N − 1)/N of every gathered stream: the encoder's S once, the canvas R per pass (pass 1 with self-conditioning,
+    pass 2), and sends as many in the backward reduce-scatters of the encoder's and pass 2's dK/dV."""
+    from megatron_bdgemma.config import PRESETS
+    from megatron_bdgemma.training.plan import context_parallel_bytes
+
+    config = PRESETS["diffusiongemma-26b-a4b"]()
+    assert config.self_conditioning and config.global_k_eq_v
+    # TP 2, bf16: sliding K and V are 2·(8/2)·256 = 2048 elements, 4096 bytes per position; full 2·(2/2)·512 = 1024
+    # elements, 2048 bytes. S = 64, R = 16, N = 2: a rank receives half of each stream.
+    assert context_parallel_bytes(config, 64, 16, cp=2, tp=2, dtype_bytes=2) == {
+        "sliding_attention": dict(all_gather=(64 + 16 + 16) * 4096 // 2, reduce_scatter=(64 + 16) * 4096 // 2,
+                                  gathered=(64 + 16) * 4096),
+        "full_attention": dict(all_gather=(64 + 16 + 16) * 2048 // 2, reduce_scatter=(64 + 16) * 2048 // 2,
+                               gathered=(64 + 16) * 2048),
+    }
+    # Without self-conditioning (one canvas pass), N = 4, TP 1, fp32: 2·8·256·4 = 16384 and 2·2·512·4 = 8192 bytes
+    # per position, 3/4 of them received.
+    plain = PRESETS["diffusiongemma-26b-a4b"](self_conditioning=False)
+    assert context_parallel_bytes(plain, 64, 16, cp=4, tp=1, dtype_bytes=4) == {
+        "sliding_attention": dict(all_gather=3 * (64 + 16) * 16384 // 4, reduce_scatter=3 * (64 + 16) * 16384 // 4,
+                                  gathered=(64 + 16) * 16384),
+        "full_attention": dict(all_gather=3 * (64 + 16) * 8192 // 4, reduce_scatter=3 * (64 + 16) * 8192 // 4,
+                               gathered=(64 + 16) * 8192),
+    }
+    zero = dict(all_gather=0, reduce_scatter=0, gathered=0)
+    assert context_parallel_bytes(config, 64, 16, cp=1, tp=1, dtype_bytes=2) == {
+        "sliding_attention": zero, "full_attention": zero}
+    # The design's own figures at L = 128K, N = 2, bf16, TP 1 (encoder only): 512 MiB per sliding layer and 256 MiB
+    # per full one each way, and the gathered K/V kept over the 30 layers, 27.5 GiB.
+    encoder = context_parallel_bytes(config, 131072, 0, cp=2, tp=1, dtype_bytes=2)
+    assert (encoder["sliding_attention"]["reduce_scatter"], encoder["full_attention"]["reduce_scatter"]) == (
+        512 * 2**20, 256 * 2**20)
+    kept = sum(encoder[t]["gathered"] for t in config.layer_types)
+    assert kept == 27.5 * 2**30
+
+
+@pytest.mark.parametrize("mode", ["sft", "pretrain"])
+def test_sequence_length_must_split_into_2_cp_chunks(mode):
+    """data.seq_length under CP: 2·cp equal chunks, each split over TP by sequence parallelism; one line naming both
+    keys (and parallel.tp when it counts), in both modes; the lengths that split pass."""
+    from megatron_bdgemma.training.config import load_run_config
+
+    config = SFT_CONFIG if mode == "sft" else PRETRAIN_CONFIG
+    cases = [
+        (["parallel.cp=2", "data.seq_length=94"], 2,
+         "data.seq_length (94) must be a multiple of 2 × parallel.cp (2) = 4: context parallelism splits each "
+         "sequence into 2·cp equal chunks"),
+        (["parallel.cp=2", "parallel.tp=2", "data.seq_length=100"], 4,
+         "data.seq_length (100) must be a multiple of 2 × parallel.cp (2) × parallel.tp (2) = 8: context parallelism "
+         "splits each sequence into 2·cp equal chunks, each split over the TP ranks by sequence parallelism"),
+    ]
+    for overrides, world, message in cases:
+        run = load_run_config(config, [*overrides, "train.global_batch_size=4"])
+        with pytest.raises(ValueError) as raised:
+            run.validate(world)
+        assert str(raised.value) == f"invalid run configuration: {message}"
+    for overrides, world in ((["parallel.cp=2", "data.seq_length=96"], 2),
+                             (["parallel.cp=2", "parallel.tp=2", "data.seq_length=96"], 4)):
+        load_run_config(config, [*overrides, "train.global_batch_size=4"]).validate(world)
+
+
+def test_longcontext_recipe_fits_80gb_and_the_readme_shows_its_plan():
+    """The 128K-token recipe (CP 8 x TP 2 on 16 GPUs) fits 80 GB by the planner, the README shows the planner's
+    output exactly, and its CP rows and gathered K/V are the design's formula at S = R = 131072, N = 8, TP 2, bf16
+    (sliding K/V 2·4·256·2 = 4096 bytes per position, full 2·1·512·2 = 2048); a length that does not split is
+    refused through the CLI with one line naming the keys."""
+    result, table = _plan(LONGCONTEXT_26B, 16, "model.hf=null", "model.preset=diffusiongemma-26b-a4b")
+    assert result["peak_gib_per_rank"] <= 80 * 0.9, table
+    assert f"```\n{table}```" in (ROOT / "README.md").read_text(), table
+    assert "layout: 16 GPUs = TP 2 x CP 8 x DP 1 (PP 1); experts: EP 8 x ETP 1, expert-DP 2;" in table
+    assert "the distributed optimizer shards dense state over DP x CP = 8\n" in table
+    length, mib = 131072, 2**20
+    for layer_type, count, width in (("sliding_attention", 25, 4096), ("full_attention", 5, 2048)):
+        received = 7 * (length + 2 * length) * width // 8  # encoder + both canvas passes, 7/8 from the other ranks
+        sent = 7 * (length + length) * width // 8
+        row = (f"| {layer_type} | {count} | {received / mib:,.2f} | {sent / mib:,.2f} | "
+               f"{2 * length * width / mib:,.2f} |")
+        assert row in table, row
+    # Full recompute keeps each layer's gathered encoder K/V (13.75 GiB) and one sliding layer's S + R (1 GiB).
+    kept = length * (25 * 4096 + 5 * 2048) + 2 * length * 4096
+    assert f"(of which gathered K/V {kept / 2**30:.2f} GiB)" in table
+    refused = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "plan.py"), "--config", str(LONGCONTEXT_26B), "--gpus", "16",
+         "model.hf=null", "model.preset=diffusiongemma-26b-a4b", "data.seq_length=131056"],
+        capture_output=True, text=True, timeout=300, env=os.environ | {"PYTHONPATH": str(ROOT)},
+    )
+    assert (refused.returncode, refused.stdout, refused.stderr) == (1, "", (
+        "error: invalid run configuration: data.seq_length (131056) must be a multiple of 2 × parallel.cp (8) × "
+        "parallel.tp (2) = 32: context parallelism splits each sequence into 2·cp equal chunks, each split over the "
+        "TP ranks by sequence parallelism\n"))

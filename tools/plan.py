@@ -3,12 +3,13 @@
     python tools/plan.py --config examples/configs/diffusiongemma_26b_sft.yaml --gpus 8 --gpu-gib 80 \
         model.hf=null model.preset=diffusiongemma-26b-a4b
 
-Builds one rank's model per pipeline stage at the configured TP / PP (VPP) / EP layout on the meta device (no
+Builds one rank's model per pipeline stage at the configured TP / CP / PP (VPP) / EP layout on the meta device (no
 memory, any size) inside a fake world of `--gpus` ranks, and prints per rank: parameters (dense, expert,
 embedding), weight, gradient and optimizer bytes with and without the distributed optimizer, an activation estimate
 (the micro-batches the pipeline schedule holds in flight, and the tensors passed between stages), and whether the
-peak fits `--gpu-gib`; under PP a table of every stage, the details of the worst. The last line is machine-readable
-(peak: the worst stage):
+peak fits `--gpu-gib`; under PP a table of every stage, the details of the worst; under CP (`parallel.cp`) each
+rank's share of the sequence, the K/V each layer gathers and keeps, and the CP collectives' bytes per layer type.
+The last line is machine-readable (peak: the worst stage):
 
     RESULT params_total=N params_active_per_token=M peak_gib_per_rank=X
 

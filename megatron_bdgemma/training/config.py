@@ -63,7 +63,8 @@ class ParallelSection:
     """Expert tensor-parallel size (default: tp)."""
     cp: int = 1
     """Context-parallel size: each sequence (encoder and canvas) is split over this many ranks with causal load
-    balancing, K/V all-gathered per layer (docs/design.md §14); data parallelism takes world / (tp·pp·cp)."""
+    balancing, K/V all-gathered per layer (docs/design.md §14); data parallelism takes world / (tp·pp·cp).
+    data.seq_length must be a multiple of 2·cp (2·cp·tp under TP)."""
     sequence_parallel: bool | None = None
     """Default: on whenever tp > 1 (Megatron requires it for MoE training with TP)."""
     dispatcher: Literal["allgather", "alltoall"] | None = None
@@ -332,7 +333,15 @@ class RunConfig:
             problems.append(f"parallel.vpp={p.vpp} needs parallel.pp > 1 and vpp >= 1 (or vpp: null)")
         if p.tp > 1 and p.sequence_parallel is False:
             problems.append("parallel.sequence_parallel=false with tp > 1: Megatron's MoE layers need SP when training with TP")
-        if p.tp > 1 and (self.data.mode == "sft" or self.data.reset_document_masks) and self.data.seq_length % p.tp:
+        # Under CP each sequence is cut into 2·cp equal chunks (causal load balancing, docs/design.md §14), each
+        # scattered over the TP ranks by sequence parallelism (on whenever tp > 1).
+        cp_multiple = 2 * p.cp * p.tp
+        if p.cp > 1 and self.data.seq_length % cp_multiple:
+            tp = f" × parallel.tp ({p.tp})" if p.tp > 1 else ""
+            problems.append(f"data.seq_length ({self.data.seq_length}) must be a multiple of 2 × parallel.cp ({p.cp})"
+                            f"{tp} = {cp_multiple}: context parallelism splits each sequence into 2·cp equal chunks"
+                            + (", each split over the TP ranks by sequence parallelism" if tp else ""))
+        elif p.tp > 1 and (self.data.mode == "sft" or self.data.reset_document_masks) and self.data.seq_length % p.tp:
             problems.append(f"data.seq_length ({self.data.seq_length}) must be a multiple of parallel.tp ({p.tp}) for "
                             f"{'sft' if self.data.mode == 'sft' else 'data.reset_document_masks'}: sequence parallelism "
                             "splits each batch's width, at most data.seq_length, over the TP ranks")
