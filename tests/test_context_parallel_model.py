@@ -114,3 +114,64 @@ def test_cp2_training_forward_equals_one_process(checkpoint, model_parallel, kin
         for name in ("losses", "grads"):
             record(f"cp2 {kind} {attention} rank {rank} {name}", diffs[name], TOL)
             assert diffs[name] <= TOL, (rank, name, diffs)
+
+
+def _count_collective_bytes(rank: int, path: str) -> dict:
+    """Bytes this rank's CP collectives moved in one training step (forward + backward) of each case, per K/V shape
+    `(g, d)`: received by the all-gathers, sent by the reduce-scatters (what `context_parallel` calls, counted at the
+    call, not from any formula); and the layer types of each shape and the micro-batch's (B, S, R)."""
+    from types import SimpleNamespace
+
+    import megatron_bdgemma.layers.context_parallel as context_parallel
+    from megatron_bdgemma.runtime.distributed import init_distributed
+
+    init_distributed(cp=CP)
+    model = megatron_bdgemma.from_hf(path, dtype=torch.float32, attention_impl="block_sparse", attention_chunk_size=BLOCK)
+    counted: dict[tuple, int] = {}
+
+    def add(op: str, tensor: torch.Tensor, elements: int) -> None:
+        key = (op, tuple(tensor.shape[2:]))
+        counted[key] = counted.get(key, 0) + elements * tensor.element_size()
+
+    def all_gather_into_tensor(output, input, group=None):
+        add("all_gather", input, output.numel() - input.numel())  # what this rank receives
+        return torch.distributed.all_gather_into_tensor(output, input, group=group)
+
+    def reduce_scatter_tensor(output, input, group=None):
+        add("reduce_scatter", input, input.numel() - output.numel())  # what this rank sends
+        return torch.distributed.reduce_scatter_tensor(output, input, group=group)
+
+    context_parallel.dist = SimpleNamespace(all_gather_into_tensor=all_gather_into_tensor,
+                                            reduce_scatter_tensor=reduce_scatter_tensor)
+    shapes = {}
+    for layer in model.decoder.layers:
+        attention = layer.self_attention
+        shape = (attention.num_query_groups_per_partition, attention.hidden_size_per_attention_head)
+        shapes.setdefault(shape, []).append(layer.layer_type)
+    out = {}
+    for kind in ("sft", "pretrain"):
+        counted.clear()
+        batch, noised = _case(kind)
+        _run(model, batch, noised, None)
+        model.zero_grad()
+        out[kind] = dict(counted=dict(counted), rows=(batch.input_ids.shape[0], batch.input_ids.shape[1],
+                                                      noised.canvas_ids.shape[1]))
+    return dict(cases=out, shapes=shapes, config=model.config)
+
+
+def test_cp_collective_bytes_equal_the_planners_formula(checkpoint, model_parallel):
+    """The bytes each rank's K/V all-gathers receive and its dK/dV reduce-scatters send in one step, counted at the
+    collectives, equal `training.plan.context_parallel_bytes` (what tools/plan.py prints and plans with) per layer
+    type times the rows, exactly: SFT (S 20, one 4-slot block) and pretraining (S = R = 16), self-conditioning on
+    (pass 1 gathers its canvas K/V without a backward)."""
+    from megatron_bdgemma.training.plan import context_parallel_bytes
+
+    for rank, got in enumerate(run_in_processes(_count_collective_bytes, CP, checkpoint)):
+        config = got["config"]
+        assert config.self_conditioning
+        for kind, case in got["cases"].items():
+            rows, seq, canvas = case["rows"]
+            formula = context_parallel_bytes(config, seq, canvas, cp=CP, tp=1, dtype_bytes=4)
+            expected = {(op, shape): rows * sum(formula[t][op] for t in types)
+                        for shape, types in got["shapes"].items() for op in ("all_gather", "reduce_scatter")}
+            assert case["counted"] == expected, (rank, kind, case["counted"], expected)
