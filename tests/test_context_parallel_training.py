@@ -29,7 +29,7 @@ def _run(mode: str, tmp: str, attention: str, *overrides: str):
         f"model.hf={Path(tmp) / 'hf'}", f"data.cache_dir={Path(tmp) / 'data'}", f"train.steps={STEPS}",
         "train.global_batch_size=4", "train.micro_batch_size=2", "train.eval_interval=0", "optim.warmup_steps=1",
         "checkpoint.save=null", f"model.overrides={{attention_impl: {attention}, attention_chunk_size: 8}}",
-        *extra, *overrides,
+        *extra, *(o.format(tmp=tmp) for o in overrides),
     ])
 
 
@@ -39,10 +39,11 @@ def _start(tmp: Path) -> None:
     groups, canvas (block) 8; and the SFT chats."""
     from tests import hf_models
 
-    model = hf_models.diffusion_gemma(dict(vocab_size=320, num_hidden_layers=2, num_global_key_value_heads=2,
-                                           layer_types=["sliding_attention", "full_attention"], sliding_window=12),
-                                      canvas_length=8)
-    hf_models.save(model, tmp / "hf")
+    for name, layers in (("hf", 2), ("hf4", 4)):  # 4 layers: one per virtual stage at PP = 2 × VPP = 2
+        model = hf_models.diffusion_gemma(dict(vocab_size=320, num_hidden_layers=layers, num_global_key_value_heads=2,
+                                               layer_types=["sliding_attention", "full_attention"] * (layers // 2),
+                                               sliding_window=12), canvas_length=8)
+        hf_models.save(model, tmp / name)
     _write_chats(tmp / "chats.jsonl")
 
 
@@ -75,7 +76,7 @@ LAYOUTS = [
     ("pretrain", "eager", (), ("parallel.ep=2",), 4, 2),  # EP = 2 over the DP × CP ranks, the alltoall dispatcher
     # stages exchange [(S + R)/cp, B, H], pass 1's hidden goes to the first; held-out losses through the same split
     ("sft", "eager", ("train.eval_interval=2",), ("parallel.pp=2",), 4, 1),
-    ("pretrain", "block_sparse", (), ("parallel.pp=2",), 4, 1),
+    ("pretrain", "block_sparse", ("model.hf={tmp}/hf4",), ("parallel.pp=2", "parallel.vpp=2"), 4, 1),
     ("sft", "block_sparse", ("data.packing=true",), (), 2, 1),  # packed rows: every record's segments and coins
     # document masks; full recompute reruns the gathers in backward
     ("pretrain", "block_sparse", ("data.reset_document_masks=true", "data.packing=true", "train.recompute=full"), (), 2, 1),
@@ -83,7 +84,7 @@ LAYOUTS = [
 
 
 def _id(mode: str, attention: str, both: tuple[str, ...], layout: tuple[str, ...]) -> str:
-    return "-".join([mode, attention, "cp2", *(o.split(".")[1] for o in (*layout, *both))])
+    return "-".join([mode, attention, "cp2", *(o.split(".")[1].split("/")[0] for o in (*layout, *both))])
 
 
 @pytest.mark.parametrize("mode,attention,both,layout,processes,dp", LAYOUTS, ids=[_id(*case[:4]) for case in LAYOUTS])
