@@ -176,10 +176,9 @@ def step(model: torch.nn.Module, side: Side) -> tuple[float, float]:
     diffusion = ar = 0.0
     for batch, noised in side.microbatches:
         if side.encoder_only:  # training_forward's encode and AR loss, without the canvas passes
-            positions, encoder_mask, _, _ = model.training_layout(batch, noised)
-            encoded = model.encode(batch.input_ids, position_ids=positions, padding_mask=~batch.encoder_valid,
-                                   attention_mask=encoder_mask)
-            ar_sum, _ = ar_loss(model.logits(encoded.hidden), batch.ar_labels, batch.ar_loss_mask)
+            inputs = model.training_layout(batch, noised)
+            encoded = model.encode(inputs.input_ids, position_ids=inputs.positions, attention_mask=inputs.encoder_mask)
+            ar_sum, _ = ar_loss(model.logits(encoded.hidden), inputs.ar_labels, inputs.ar_loss_mask)
             ar_sum.backward()
             diffusion, ar = math.nan, ar + ar_sum.item()
             continue
