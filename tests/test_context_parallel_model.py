@@ -23,7 +23,8 @@ CP = 2
 DTYPE = torch.float64
 TOL = 1e-12
 """Loss sums relative, gradients relative to each tensor's largest magnitude. In float64 the split changes only the
-grouping of sums (the keys of a rank's chunk, the CP all-reduce of per-rank sums), ~1e-15."""
+grouping of sums (the keys of a rank's chunk, the CP all-reduce of per-rank sums): worst measured losses 3.5e-16,
+gradients 1.4e-14, with the defaults (AVX-512) and under AVX2: margins >= 70x."""
 BLOCK = 4  # the HF model's canvas length; a CP chunk of a one-block canvas is BLOCK / (2·CP) = 1 slot
 # Sliding window 5 on sliding layers, shorter than the rows: the window crosses the CP chunk boundaries.
 TEXT = dict(sliding_window=5)

@@ -4,7 +4,10 @@ CP group train the same steps as one process, per step the diffusion and AR loss
 pretraining (every block decoded), eager and block-sparse attention. The CP ranks read the same records; each trains
 its shard of every row, the losses sum over DP × CP and Megatron's DDP reduces the gradients over DP × CP.
 
-The oracle is one process training the whole rows (the trainer without CP)."""
+The oracle is one process training the whole rows (the trainer without CP). Losses on every step, the grad norm on
+the shared-weight steps 1-2 (tests/tolerances.py), held-out losses where evaluated: worst measured 3.0e-7 with the
+defaults (AVX-512; PP = 2 SFT), 2.6e-7 under AVX2 (packed SFT): margins >= 33x. The grad norm after updates, not
+compared, reached 3.0e-6 (TP = 2 step 4)."""
 
 from __future__ import annotations
 
