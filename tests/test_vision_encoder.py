@@ -1,0 +1,214 @@
+"""Contract: images in the encoder equal `DiffusionGemmaForBlockDiffusion`'s (fp32, ≤ 1e-4 relative).
+
+Oracle: transformers' DiffusionGemma with a one-layer vision tower (`TINY_VISION`), every tensor random, image
+placeholder id inside the tiny vocabulary and `use_bidirectional_attention="vision"`; images given as HF's
+processor gives them (patches `[N, max_patches, 3·16²]`, (x, y) per patch, (-1, -1) on padding patches), built
+here. Covered:
+- the encoder's AR logits and the canvas logits with `pixel_values`: one image, two images (one of them with
+  padding patches) in one prompt, a batch mixing rows with and without images (left-padded), images longer than
+  the sliding window (4); eager and block-sparse attention (chunks of 3 queries that cut through the images);
+- the vision-group mask rule equals transformers' masks (`create_masks_for_generate` with the block-sequence ids),
+  brute force over every (row, query, key), sliding and full layers, with padding and several groups; its
+  block-sparse key spans hold every key the rule allows; the group helper equals HF's;
+- the tower and embedder are transformers' modules under the checkpoint names, frozen by default and trained with
+  `train_vision`; images without a tower or with the wrong number of placeholders are refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+import megatron_bdgemma
+from megatron_bdgemma import masks
+from tests import hf_models
+
+TOL = 1e-4
+IMAGE, BOI, EOI = 90, 91, 92  # inside the tiny vocabulary (96)
+PATCH = 16  # TINY_VISION's patch size (the default); pooling 3×3 patches into one soft token
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    hf = hf_models.diffusion_gemma(dict(use_bidirectional_attention="vision"), canvas_length=4,
+                                   image_token_id=IMAGE, boi_token_id=BOI, eoi_token_id=EOI)
+    return hf, hf_models.save(hf, tmp_path_factory.mktemp("dg_vision") / "hf")
+
+
+def _image(width: int, height: int, max_patches: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image of `width × height` patches as HF's processor lays it out: patches row by row, then padding."""
+    xy = torch.stack(torch.meshgrid(torch.arange(width), torch.arange(height), indexing="xy"), -1).reshape(-1, 2)
+    pad = max_patches - len(xy)
+    pixels = torch.cat([torch.rand(len(xy), 3 * PATCH**2, generator=generator), torch.zeros(pad, 3 * PATCH**2)])
+    return pixels, torch.cat([xy, torch.full((pad, 2), -1)])
+
+
+# Rows of the cases: text ids, and `I<n>` an image of n soft tokens between BOI and EOI. Images of 8 soft tokens
+# (12 × 6 patches) are longer than the window; a 4-token image (6 × 6) is padded to the batch's 72 patches.
+SIZES = {8: (12, 6), 4: (6, 6)}
+CASES = {
+    "one_image": [[5, 6, "I8", 7, 8, 9]],
+    "two_images": [[5, "I8", 6, 7, "I4", 8, 9, 10]],
+    "with_and_without": [[5, "I4", 6, 7, 8, "I8", 9], [11, 12, 13, 14, 15], [16, "I8", 17]],
+}
+
+
+def _batch(case: str):
+    """(ids, padding mask, mm_token_type_ids, pixel_values, image_position_ids) of a case, rows left-padded."""
+    generator = torch.Generator().manual_seed(len(case))
+    rows, types, images = [], [], []
+    for spec in CASES[case]:
+        ids, kinds = [], []
+        for item in spec:
+            if isinstance(item, str):
+                tokens = int(item[1:])
+                ids += [BOI] + [IMAGE] * tokens + [EOI]
+                kinds += [0] + [1] * tokens + [0]
+                images.append(_image(*SIZES[tokens], 72, generator))
+            else:
+                ids.append(item)
+                kinds.append(0)
+        rows.append(ids)
+        types.append(kinds)
+    length = max(map(len, rows))
+    pad = [length - len(r) for r in rows]
+    ids = torch.tensor([[0] * p + r for p, r in zip(pad, rows)])
+    types = torch.tensor([[0] * p + t for p, t in zip(pad, types)])
+    padding = torch.tensor([[True] * p + [False] * len(r) for p, r in zip(pad, rows)])
+    pixels, positions = (torch.stack(t) for t in zip(*images))
+    return ids, padding, types, pixels, positions
+
+
+def _relative(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got - expected).abs().max() / expected.abs().max()).item()
+
+
+@pytest.mark.parametrize("attention_impl", ["eager", "block_sparse"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_encoder_and_canvas_logits_with_images_match_hf(models, model_parallel, case, attention_impl):
+    hf, path = models
+    ours = megatron_bdgemma.from_hf(path, attention_impl=attention_impl, attention_chunk_size=3)
+    ids, padding, types, pixels, positions = _batch(case)
+    batch, seq = ids.shape
+    canvas = torch.randint(0, 96, (batch, 4), generator=torch.Generator().manual_seed(1))
+    canvas_positions = seq + torch.arange(4).expand(batch, 4)
+    images = dict(pixel_values=pixels, image_position_ids=positions, mm_token_type_ids=types)
+    valid = ~padding
+    with torch.no_grad():
+        out = hf(input_ids=ids, attention_mask=valid.long(), decoder_input_ids=canvas,
+                 decoder_position_ids=canvas_positions,
+                 decoder_attention_mask=torch.cat([valid, torch.ones(batch, 4, dtype=torch.bool)], 1).long(), **images)
+        hf_encoder = hf.lm_head(out.encoder_last_hidden_state)
+        cap = hf.config.text_config.final_logit_softcapping
+        hf_encoder = cap * torch.tanh(hf_encoder / cap)
+        encoded = ours.encode(ids, padding_mask=padding, return_logits=True, **images)
+        canvas_logits = ours.decode(canvas, encoded, canvas_position_ids=canvas_positions, encoder_padding_mask=padding)
+        text_only = ours.encode(ids, padding_mask=padding, return_logits=True)  # the placeholders' embeddings
+    encoder_rel = _relative(encoded.logits[valid], hf_encoder[valid])
+    canvas_rel = _relative(canvas_logits, out.logits)
+    print(f"{case} {attention_impl}: encoder {encoder_rel:.1e}, canvas {canvas_rel:.1e} (max-abs relative to max |HF|)")
+    assert encoder_rel <= TOL and canvas_rel <= TOL
+    # The images matter: without them the logits are far from HF's.
+    assert _relative(text_only.logits[valid], hf_encoder[valid]) > 1e-2
+
+
+def test_causal_over_images_when_the_config_says_so(models, model_parallel):
+    """With `vision_bidirectional` off (HF `use_bidirectional_attention=None`) the encoder stays causal over images:
+    the token types change nothing; with it on they do (the image tokens see each other both ways)."""
+    _, path = models
+    ours = megatron_bdgemma.from_hf(path)
+    assert ours.config.vision_bidirectional
+    ids, padding, types, pixels, positions = _batch("two_images")
+    images = dict(pixel_values=pixels, image_position_ids=positions)
+    with torch.no_grad():
+        causal = ours.encode(ids, return_logits=True, **images).logits
+        for bidirectional in (False, True):
+            ours.config.vision_bidirectional = bidirectional
+            logits = ours.encode(ids, return_logits=True, mm_token_type_ids=types, **images).logits
+            assert torch.equal(logits, causal) != bidirectional
+
+
+def _hf_masks(config, types: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+    from transformers.models.diffusion_gemma.modeling_diffusion_gemma import DiffusionGemmaEncoderModel
+
+    config = config.get_text_config()
+    config._attn_implementation = "sdpa"  # boolean masks, True = attend
+    embeds = torch.zeros(*types.shape, 1)
+    return DiffusionGemmaEncoderModel.create_masks_for_generate(
+        config, embeds, valid.long(), None, torch.arange(types.shape[1])[None], mm_token_type_ids=types)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_vision_group_mask_equals_hf_brute_force(models, seed):
+    """Every (row, query, key) of the encoder mask with image groups, sliding (window 4) and full layers, equals
+    transformers' mask on valid queries (a padded query sees only itself here, nothing in HF); the group ids equal
+    HF's; every key a chunk's query may see lies in the chunk's key spans (what block-sparse attention reads)."""
+    from transformers.models.diffusion_gemma.modeling_diffusion_gemma import get_block_sequence_ids_for_mask
+
+    hf, _ = models
+    generator = torch.Generator().manual_seed(seed)
+    batch, seq = 3, 40
+    # Random runs of text / image / video tokens, and left padding of 0..9 positions.
+    types = torch.zeros(batch, seq, dtype=torch.long)
+    for row in range(batch):
+        k = 0
+        while k < seq:
+            run = int(torch.randint(1, 10, (1,), generator=generator))
+            types[row, k:k + run] = int(torch.randint(0, 3, (1,), generator=generator))
+            k += run
+    valid = torch.arange(seq)[None] >= torch.randint(0, 10, (batch, 1), generator=generator)
+    types[~valid] = 0
+    groups = masks.vision_groups(types)
+    assert torch.equal(groups, get_block_sequence_ids_for_mask(types, types.device))
+    expected = _hf_masks(hf.config, types, valid)
+    for layer_type, window in (("sliding_attention", 4), ("full_attention", None)):
+        mask = masks.EncoderMask(valid, window, vision_groups=groups)
+        got, want = mask.dense()[:, 0], expected[layer_type][:, 0]
+        assert torch.equal(got[valid], want[valid]), layer_type
+        assert torch.equal(got[~valid], torch.eye(seq, dtype=torch.bool).expand(batch, -1, -1)[~valid]), layer_type
+        assert want[valid].any(-1).all() and (want & ~torch.tril(torch.ones(seq, seq, dtype=torch.bool))).any()
+        for start in range(0, seq, 3):
+            spans = torch.zeros(seq, dtype=torch.bool)
+            for a, b in mask.key_spans(start, min(start + 3, seq)):
+                spans[a:b] = True
+            assert not (got[:, start:start + 3] & ~spans).any(), (layer_type, start)
+    # Rows selected keep their groups.
+    assert torch.equal(mask.select(torch.tensor([2, 0])).dense(), mask.dense()[[2, 0]])
+
+
+def test_vision_modules_are_transformers_frozen_unless_trained(models, model_parallel):
+    from transformers.models.diffusion_gemma.modeling_diffusion_gemma import DiffusionGemmaMultimodalEmbedder
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4VisionModel
+
+    hf, path = models
+    ids, padding, types, pixels, positions = _batch("one_image")
+    images = dict(pixel_values=pixels, image_position_ids=positions, mm_token_type_ids=types)
+    for train in (False, True):
+        ours = megatron_bdgemma.from_hf(path, train_vision=train)
+        assert isinstance(ours.vision.vision_tower, Gemma4VisionModel)
+        assert isinstance(ours.vision.embed_vision, DiffusionGemmaMultimodalEmbedder)
+        hf_vision = {k.removeprefix("model.encoder."): v for k, v in hf.state_dict().items()
+                     if k.startswith(("model.encoder.vision_tower.", "model.encoder.embed_vision."))}
+        held = {k.removeprefix("vision."): v for k, v in ours.state_dict().items() if k.startswith("vision.")}
+        assert sorted(held) == sorted(hf_vision) and all(torch.equal(held[k], hf_vision[k]) for k in held)
+        vision_params = list(ours.vision.parameters())
+        assert all(p.requires_grad == train for p in vision_params)
+        ours.encode(ids, padding_mask=padding, return_logits=True, **images).logits.sum().backward()
+        grads = [p.grad for p in vision_params]
+        assert all(g is not None and g.abs().sum() > 0 for g in grads) if train else all(g is None for g in grads)
+        assert ours.embedding.word_embeddings.weight.grad.abs().sum() > 0
+
+
+def test_bad_image_inputs_are_named(models, model_parallel):
+    _, path = models
+    ours = megatron_bdgemma.from_hf(path)
+    ids, _, _, pixels, positions = _batch("one_image")
+    with pytest.raises(ValueError, match=r"input_ids hold 8 image_token_id \(90\) placeholders, the images give 16"):
+        ours.encode(ids, pixel_values=torch.cat([pixels, pixels]), image_position_ids=torch.cat([positions, positions]))
+    with pytest.raises(ValueError, match="pixel_values needs image_position_ids"):
+        ours.encode(ids, pixel_values=pixels)
+    del ours.vision  # a text-only model
+    with pytest.raises(ValueError, match="no vision tower"):
+        ours.encode(ids, pixel_values=pixels, image_position_ids=positions)
