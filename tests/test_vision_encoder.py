@@ -11,7 +11,9 @@ here. Covered:
   brute force over every (row, query, key), sliding and full layers, with padding and several groups; its
   block-sparse key spans hold every key the rule allows; the group helper equals HF's;
 - the tower and embedder are transformers' modules under the checkpoint names, frozen by default and trained with
-  `train_vision`; images without a tower or with the wrong number of placeholders are refused.
+  `train_vision`; at TP = 2 with sequence parallelism (2 gloo ranks) the logits and the trained tower's gradients
+  equal one process's (≤ 1e-5 relative); images without a tower or with the wrong number of placeholders are
+  refused.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 import megatron_bdgemma
 from megatron_bdgemma import masks
 from tests import hf_models
+from tests.multiproc import run_in_processes
 
 TOL = 1e-4
 IMAGE, BOI, EOI = 90, 91, 92  # inside the tiny vocabulary (96)
@@ -32,8 +35,9 @@ PATCH = 16  # TINY_VISION's patch size (the default); pooling 3×3 patches into 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    hf = hf_models.diffusion_gemma(dict(use_bidirectional_attention="vision"), canvas_length=4,
-                                   image_token_id=IMAGE, boi_token_id=BOI, eoi_token_id=EOI)
+    # 2 KV heads on full layers too, so TP = 2 splits whole groups.
+    text = dict(use_bidirectional_attention="vision", num_global_key_value_heads=2)
+    hf = hf_models.diffusion_gemma(text, canvas_length=4, image_token_id=IMAGE, boi_token_id=BOI, eoi_token_id=EOI)
     return hf, hf_models.save(hf, tmp_path_factory.mktemp("dg_vision") / "hf")
 
 
@@ -55,8 +59,9 @@ CASES = {
 }
 
 
-def _batch(case: str):
-    """(ids, padding mask, mm_token_type_ids, pixel_values, image_position_ids) of a case, rows left-padded."""
+def _batch(case: str, multiple: int = 1):
+    """(ids, padding mask, mm_token_type_ids, pixel_values, image_position_ids) of a case, rows left-padded to a
+    multiple of `multiple` positions."""
     generator = torch.Generator().manual_seed(len(case))
     rows, types, images = [], [], []
     for spec in CASES[case]:
@@ -72,7 +77,7 @@ def _batch(case: str):
                 kinds.append(0)
         rows.append(ids)
         types.append(kinds)
-    length = max(map(len, rows))
+    length = -(-max(map(len, rows)) // multiple) * multiple
     pad = [length - len(r) for r in rows]
     ids = torch.tensor([[0] * p + r for p, r in zip(pad, rows)])
     types = torch.tensor([[0] * p + t for p, t in zip(pad, types)])
@@ -112,6 +117,38 @@ def test_encoder_and_canvas_logits_with_images_match_hf(models, model_parallel, 
     assert encoder_rel <= TOL and canvas_rel <= TOL
     # The images matter: without them the logits are far from HF's.
     assert _relative(text_only.logits[valid], hf_encoder[valid]) > 1e-2
+
+
+def _encode_and_grads(model, case: str) -> dict[str, torch.Tensor]:
+    """Encoder logits with images and, for a fixed random weighting of them, the vision parameters' gradients."""
+    ids, padding, types, pixels, positions = _batch(case, multiple=2)
+    logits = model.encode(ids, padding_mask=padding, return_logits=True, pixel_values=pixels,
+                          image_position_ids=positions, mm_token_type_ids=types).logits
+    weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(5))
+    (logits * weights)[~padding].sum().backward()
+    return dict(logits=logits.detach()[~padding],
+                **{name: p.grad for name, p in model.named_parameters() if name.startswith("vision.")})
+
+
+def _tp2_sequence_parallel(rank: int, path: str, reference: dict[str, torch.Tensor]) -> dict[str, float]:
+    from megatron_bdgemma.runtime.distributed import init_distributed
+
+    init_distributed(tp=2)
+    model = megatron_bdgemma.from_hf(path, sequence_parallel=True, train_vision=True)
+    ours = _encode_and_grads(model, "with_and_without")
+    assert sorted(ours) == sorted(reference)
+    return {name: _relative(ours[name], reference[name]) for name in reference}
+
+
+def test_tp2_sequence_parallel_equals_one_process(models, model_parallel):
+    """At TP = 2 with sequence parallelism every rank runs the whole tower and keeps its share of the merged
+    embeddings: the encoder logits, and a trained tower's gradients without any TP reduction, equal one process's."""
+    _, path = models
+    reference = _encode_and_grads(megatron_bdgemma.from_hf(path, train_vision=True), "with_and_without")
+    for rank, diffs in enumerate(run_in_processes(_tp2_sequence_parallel, 2, str(path), reference)):
+        worst = max(diffs, key=diffs.get)
+        print(f"rank {rank}: logits {diffs['logits']:.1e}, worst of {len(diffs)} {worst} {diffs[worst]:.1e}")
+        assert all(value <= 1e-5 for value in diffs.values()), (rank, diffs)
 
 
 def test_causal_over_images_when_the_config_says_so(models, model_parallel):
