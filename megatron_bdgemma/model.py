@@ -39,7 +39,7 @@ from megatron_bdgemma.layers.rope import RotaryTables
 from megatron_bdgemma.layers.self_conditioning import SelfConditioning, soft_embedding
 from megatron_bdgemma.precision import compute_dtype
 from megatron_bdgemma.spec import Backend, get_bdgemma_block_spec, get_glu_mlp_submodules
-from megatron_bdgemma.vision import Vision
+from megatron_bdgemma.vision import Images, Vision
 from megatron_bdgemma.vocab_parallel import softcap, vocab_parallel_cross_entropy_sum, vocab_parallel_soft_embedding
 
 
@@ -481,34 +481,43 @@ class BDGemmaModel(GPTModel):
         }
 
     def packed_masks(
-        self, batch: PackedBatch, canvas: PackedCanvas
+        self, batch: PackedBatch, canvas: PackedCanvas, vision_groups: torch.Tensor | None = None
     ) -> tuple[dict[str, masks.AttentionMask], dict[str, masks.AttentionMask]]:
         """Per layer type, the encoder and canvas masks of packed rows (docs/design.md §13): each record's causal
-        encoder and its decoded blocks' strict block rule and anchored window, never across records. `encode` takes
-        the first with `position_ids=batch.position_ids`; `decode` the second with `canvas.noised`."""
+        encoder (its images' tokens bidirectional with `vision_groups`, `self.vision_groups`) and its decoded blocks'
+        strict block rule and anchored window, never across records. `encode` takes the first with
+        `position_ids=batch.position_ids`; `decode` the second with `canvas.noised`."""
         encoder, decoder = {}, {}
         for t in set(self.config.layer_types):
             window = self.config.window_of(t)
-            encoder[t] = masks.EncoderMask(batch.encoder_valid, window, segment_ids=batch.segment_ids)
+            encoder[t] = masks.EncoderMask(batch.encoder_valid, window, segment_ids=batch.segment_ids,
+                                           vision_groups=vision_groups)
             decoder[t] = masks.BlockDiffusionTrainingMask(
                 canvas.response_starts, canvas.response_lens, batch.seq_len, canvas.noised.canvas_ids.shape[1],
                 batch.block_size, window, canvas_block_ids=canvas.noised.block_ids, segment_ids=batch.segment_ids,
             )
         return encoder, decoder
 
-    def training_layout(self, batch: DiffusionBatch | PackedBatch, noised: NoisedCanvas | PackedCanvas) -> StepInputs:
+    def training_layout(
+        self, batch: DiffusionBatch | PackedBatch, noised: NoisedCanvas | PackedCanvas, images: Images | None = None
+    ) -> StepInputs:
         """What one training micro-batch gives the passes (`StepInputs`). Unpacked rows: positions `0..S-1`, the
         causal `EncoderMask` of the padding and `training_masks`; packed rows (docs/design.md §13): each record's own
-        positions and `packed_masks`. Under context parallelism, this rank's shard of it (docs/design.md §14): the
-        masks are built for the whole row, then restricted to the rank's queries."""
+        positions and `packed_masks`; with `images`, each image's tokens attend to each other both ways
+        (`vision_groups`). Under context parallelism, this rank's shard of it (docs/design.md §14): the masks are
+        built for the whole row, then restricted to the rank's queries."""
         if isinstance(batch, PackedBatch) != isinstance(noised, PackedCanvas):
             raise TypeError(f"a {type(batch).__name__} goes with a {'PackedCanvas' if isinstance(batch, PackedBatch) else 'NoisedCanvas'}, "
                             f"got a {type(noised).__name__}")
+        if images is not None and self.cp_group.size() > 1:
+            # The placeholders of a rank's shard would need the features of the whole row's images.
+            raise ValueError("images under context parallelism (parallel.cp > 1) are not supported yet")
+        groups = None if images is None else self.vision_groups(images.mm_token_type_ids)
         if isinstance(batch, PackedBatch):
-            (encoder, canvas_mask), positions, canvas = self.packed_masks(batch, noised), batch.position_ids, noised.noised
+            (encoder, canvas_mask), positions, canvas = self.packed_masks(batch, noised, groups), batch.position_ids, noised.noised
         else:
             positions = torch.arange(batch.seq_len, device=batch.input_ids.device).expand(batch.input_ids.shape)
-            encoder = {t: masks.EncoderMask(batch.encoder_valid.bool(), self.config.window_of(t))
+            encoder = {t: masks.EncoderMask(batch.encoder_valid.bool(), self.config.window_of(t), vision_groups=groups)
                        for t in set(self.config.layer_types)}
             canvas, canvas_mask = noised, self.training_masks(batch, noised)
         whole = StepInputs(batch.input_ids, positions, batch.ar_labels, batch.ar_loss_mask, encoder, canvas, canvas_mask)
@@ -521,6 +530,7 @@ class BDGemmaModel(GPTModel):
         *,
         loss_chunk_size: int | None = None,
         stop_gradient_to_encoder: bool = False,
+        images: Images | None = None,
     ) -> TrainingOutput:
         """encode (grad) → decode pass 1 (no grad, zero signal) → decode pass 2 (grad, gated pass-1 signal) → losses.
 
@@ -537,11 +547,15 @@ class BDGemmaModel(GPTModel):
                 vocabulary shard, and no logits are returned. Same values and gradients.
             stop_gradient_to_encoder: the canvas attends to detached encoder K/V (`canvas_kv`), so the diffusion
                 loss does not reach the encoder pass; the encoder learns from the AR loss alone.
+            images: the batch's images (`vision.Images`): their features replace the encoder rows' placeholders and
+                their tokens attend to each other both ways, as in `encode`; the canvas stays text. Not under
+                context parallelism yet.
         """
-        inputs = self.training_layout(batch, noised)
+        inputs = self.training_layout(batch, noised, images)
         canvas, dtype = inputs.canvas, self.embedding.word_embeddings.weight.dtype
+        pixels = {} if images is None else dict(pixel_values=images.pixel_values, image_position_ids=images.image_position_ids)
         encoded = self.encode(inputs.input_ids, position_ids=inputs.positions, attention_mask=inputs.encoder_mask,
-                              rope=self.rope(inputs.positions, dtype, inputs.encoder_rope_length))
+                              rope=self.rope(inputs.positions, dtype, inputs.encoder_rope_length), **pixels)
         kv = canvas_kv(encoded.kv, stop_gradient_to_encoder)
         rope = self.rope(canvas.position_ids, dtype, inputs.canvas_rope_length)
 
@@ -617,6 +631,7 @@ class BDGemmaModel(GPTModel):
         first_pass_hidden: torch.Tensor | None = None,
         loss_chunk_size: int | None = None,
         stop_gradient_to_encoder: bool = False,
+        images: Images | None = None,
     ) -> torch.Tensor | TrainingOutput:
         """One pipeline stage's share of a training micro-batch: its layers over the encoder stream, then over the
         canvas stream attending to this stage's encoder K/V (docs/design.md, "Pipeline parallelism").
@@ -638,12 +653,15 @@ class BDGemmaModel(GPTModel):
             loss_chunk_size: as `training_forward`; also the token chunk of the signal's soft embedding.
             stop_gradient_to_encoder: as `training_forward`, for this stage's encoder K/V: with every stage detaching
                 its own, the encoder stream's gradient (sent back to the previous stage) is the AR loss's alone.
+            images: as `training_forward`; every stage reads their token types (the mask), the first stage encodes
+                the images.
         """
-        inputs = self.training_layout(batch, noised)
+        inputs = self.training_layout(batch, noised, images)
         canvas_inputs = inputs.canvas
         encoder_len = inputs.input_ids.shape[1] // (self.tp_group.size() if self.config.sequence_parallel else 1)
         if self.pre_process:
-            encoder = self.embed(inputs.input_ids)
+            pixels = () if images is None else (images.pixel_values, images.image_position_ids)
+            encoder = self.embed_inputs(inputs.input_ids, *pixels)
             signal = None
             if self.config.self_conditioning and not first_pass:
                 # A first stage without the LM head forms the logits chunk by chunk (all tokens in one by default).

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -67,6 +68,26 @@ def vision_tensor_shapes(vision_config: dict[str, Any], text_hidden_size: int) -
     """HF name → shape of every tensor a checkpoint stores for the vision tower and embedder of `vision_config`
     (persistent parameters and buffers, in transformers' order)."""
     return dict(_shapes(json.dumps(vision_config, sort_keys=True), text_hidden_size))
+
+
+@dataclass
+class Images:
+    """The images of a batch as HF's processor gives them, for the training passes (`BDGemmaModel.training_forward`,
+    `pipeline_stage_forward`).
+
+    pixel_values: `[N, max_patches, 3·patch²]` the patches of every image of the batch, in the order of their
+        placeholders (row after row).
+    image_position_ids: `[N, max_patches, 2]` each patch's (x, y), (-1, -1) on padding patches.
+    mm_token_type_ids: `[B, S]` HF's token types of the encoder rows (1 on image tokens), laid out as the rows are
+        (packed rows too); the vision-group mask reads it.
+    """
+
+    pixel_values: torch.Tensor
+    image_position_ids: torch.Tensor
+    mm_token_type_ids: torch.Tensor
+
+    def to(self, device: torch.device | str) -> Images:
+        return Images(*(t.to(device) for t in (self.pixel_values, self.image_position_ids, self.mm_token_type_ids)))
 
 
 def vision_dtype(config: BDGemmaConfig) -> torch.dtype:

@@ -249,3 +249,75 @@ def test_bad_image_inputs_are_named(models, model_parallel):
     del ours.vision  # a text-only model
     with pytest.raises(ValueError, match="no vision tower"):
         ours.encode(ids, pixel_values=pixels, image_position_ids=positions)
+
+
+def _sft_with_images():
+    """Two SFT examples whose prompts hold an image (8 soft tokens, longer than the window; 4 tokens, its patches
+    padded), responses of 9 and 5 tokens (EOS-filled to 12 and 8), block 4; and their images."""
+    from megatron_bdgemma.diffusion import build_sft_batch
+    from megatron_bdgemma.vision import Images
+
+    generator = torch.Generator().manual_seed(4)
+    prompts = [[5, BOI, *[IMAGE] * 8, EOI, 6], [7, BOI, *[IMAGE] * 4, EOI]]
+    responses = [torch.randint(2, 89, (9,), generator=generator).tolist(), torch.randint(2, 89, (5,), generator=generator).tolist()]
+    ids = torch.zeros(2, 24, dtype=torch.long)
+    loss_mask, valid = torch.zeros(2, 24, dtype=torch.bool), torch.zeros(2, 24, dtype=torch.bool)
+    for row, (prompt, response) in enumerate(zip(prompts, responses)):
+        p, n = len(prompt), len(response)
+        ids[row, :p + n] = torch.tensor(prompt + response)
+        loss_mask[row, p:p + n], valid[row, :p + n] = True, True
+    batch = build_sft_batch(ids, loss_mask, valid, block_size=4, eos_id=1, pad_id=0)
+    pixels, positions = (torch.stack(t) for t in zip(_image(12, 6, 72, generator), _image(6, 6, 72, generator)))
+    return batch, Images(pixels, positions, (batch.input_ids == IMAGE).long())
+
+
+def test_training_forward_with_images_matches_hf(models, model_parallel):
+    """`training_forward(images=...)`: the AR logits equal HF's encoder over each row with its image, and every
+    decoded canvas block (self-conditioning off) equals HF's decode of that block after its clean prefix (the prompt
+    with its image and the earlier response blocks), ≤ 1e-4 relative."""
+    from megatron_bdgemma.diffusion import noise_batch
+
+    hf, path = models
+    ours = megatron_bdgemma.from_hf(path)
+    batch, images = _sft_with_images()
+    noised = noise_batch(batch, sample_indices=[0, 1], step=0, seed=1, vocab_size=96, score="all_blocks")
+    noised = replace(noised, self_conditioning=torch.zeros(2, dtype=torch.bool))
+    with torch.no_grad():
+        out = ours.training_forward(batch, noised, images=images)
+    cap, bs, image_of_row = hf.config.text_config.final_logit_softcapping, 4, [slice(0, 1), slice(1, 2)]
+    worst, blocks = {"encoder": 0.0, "canvas": 0.0}, 0
+    for row in range(2):
+        length, prompt = int(batch.encoder_valid[row].sum()), int(batch.prefix_lens[row])
+        pixels = dict(pixel_values=images.pixel_values[image_of_row[row]],
+                      image_position_ids=images.image_position_ids[image_of_row[row]])
+        types = images.mm_token_type_ids[row:row + 1]
+        with torch.no_grad():
+            hidden = hf.model.encoder(input_ids=batch.input_ids[row:row + 1, :length], mm_token_type_ids=types[:, :length],
+                                      **pixels).last_hidden_state
+            expected = cap * torch.tanh(hf.lm_head(hidden) / cap)
+        worst["encoder"] = max(worst["encoder"], _relative(out.encoder_logits[row, :length], expected[0]))
+        for slot, block in enumerate(noised.block_ids[row].tolist()):
+            if block < 0:
+                continue
+            start = prompt + block * bs  # the block's clean prefix ends here
+            canvas = slice(slot * bs, (slot + 1) * bs)
+            with torch.no_grad():
+                expected = hf(input_ids=batch.input_ids[row:row + 1, :start], mm_token_type_ids=types[:, :start],
+                              decoder_input_ids=noised.canvas_ids[row:row + 1, canvas],
+                              decoder_position_ids=noised.position_ids[row:row + 1, canvas], **pixels).logits
+            worst["canvas"] = max(worst["canvas"], _relative(out.canvas_logits[row, canvas], expected[0]))
+            blocks += 1
+    print(f"training forward with images, {blocks} canvas blocks: {worst}")
+    assert blocks == 5 and max(worst.values()) <= TOL
+
+
+def test_images_under_context_parallelism_are_refused(models, model_parallel, monkeypatch):
+    from megatron_bdgemma.diffusion import noise_batch
+
+    _, path = models
+    ours = megatron_bdgemma.from_hf(path)
+    batch, images = _sft_with_images()
+    noised = noise_batch(batch, sample_indices=[0, 1], step=0, seed=1, vocab_size=96, score="all_blocks")
+    monkeypatch.setattr(type(ours.cp_group), "size", lambda self: 2)
+    with pytest.raises(ValueError, match=r"images under context parallelism \(parallel.cp > 1\) are not supported"):
+        ours.training_layout(batch, noised, images)
