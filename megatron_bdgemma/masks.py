@@ -221,7 +221,7 @@ class EncoderMask(AttentionMask):
         new_run[:, 1:] = groups[:, 1:] != groups[:, :-1]
         if self.segment_ids is not None:
             new_run[:, 1:] |= self.segment_ids[:, 1:] != self.segment_ids[:, :-1]
-        return (groups >= 0, *_run_bounds(new_run))
+        return groups >= 0, _run_start(new_run), _run_end(new_run)
 
     @property
     def device(self) -> torch.device:
@@ -609,19 +609,22 @@ def _segment_start(segment_ids: Tensor | None, shape: tuple[int, int], owner: st
         raise ValueError(f"{owner}: segment_ids shape {tuple(segment_ids.shape)} != {tuple(shape)}")
     first = torch.ones(shape, dtype=torch.bool, device=segment_ids.device)
     first[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-    return _run_bounds(first)[0]
+    return _run_start(first)
 
 
-def _run_bounds(new_run: Tensor) -> tuple[Tensor, Tensor]:
-    """``[B, K]`` bool, True where a run of keys starts → ``[B, K]`` long each: the first and one-past-last key of
-    the run holding each key."""
+def _run_start(new_run: Tensor) -> Tensor:
+    """``[B, K]`` bool, True where a run of keys starts → ``[B, K]`` long: the first key of the run holding each key."""
+    index = torch.arange(new_run.shape[1], device=new_run.device).expand(new_run.shape)
+    return torch.where(new_run, index, 0).cummax(dim=1).values
+
+
+def _run_end(new_run: Tensor) -> Tensor:
+    """As :func:`_run_start`, the one-past-last key of the run holding each key."""
     length = new_run.shape[1]
     index = torch.arange(length, device=new_run.device).expand(new_run.shape)
-    start = torch.where(new_run, index, 0).cummax(dim=1).values
     ends_here = torch.ones_like(new_run)
     ends_here[:, :-1] = new_run[:, 1:]
-    end = torch.where(ends_here, index + 1, length).flip(1).cummin(dim=1).values.flip(1)
-    return start, end
+    return torch.where(ends_here, index + 1, length).flip(1).cummin(dim=1).values.flip(1)
 
 
 def _check_window(window: int | None) -> None:

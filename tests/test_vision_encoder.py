@@ -228,6 +228,28 @@ def test_vision_group_mask_equals_hf_brute_force(models, seed):
     assert torch.equal(mask.select(torch.tensor([2, 0])).dense(), mask.dense()[[2, 0]])
 
 
+@pytest.mark.parametrize("window", [3, None])
+def test_packed_rows_keep_each_records_image_groups(window):
+    """Two records packed into one row, the first ending and the second starting with image tokens (one run of
+    image tokens for HF's block-sequence ids): each record's rows of the packed mask are its own mask, shifted, and
+    nothing crosses the records, its images included; the key spans still hold every allowed key."""
+    records = [torch.tensor([0, 1, 1, 0, 0, 1, 1, 1, 1]), torch.tensor([1, 1, 1, 0, 0, 1, 0])]
+    types = torch.cat(records)[None]
+    segments = torch.cat([torch.full((len(r),), i) for i, r in enumerate(records)])[None]
+    valid = torch.ones_like(types, dtype=torch.bool)
+    packed = masks.EncoderMask(valid, window, segment_ids=segments, vision_groups=masks.vision_groups(types))
+    grid, offset = packed.dense()[0, 0], 0
+    for record in records:
+        n = len(record)
+        alone = masks.EncoderMask(torch.ones(1, n, dtype=torch.bool), window, vision_groups=masks.vision_groups(record[None]))
+        rows = grid[offset:offset + n]
+        assert torch.equal(rows[:, offset:offset + n], alone.dense()[0, 0]) and rows.sum() == alone.dense().sum()
+        offset += n
+    for start in range(0, grid.shape[0], 2):
+        (a, b), = packed.key_spans(start, min(start + 2, grid.shape[0]))
+        assert not grid[start:start + 2, :a].any() and not grid[start:start + 2, b:].any()
+
+
 def test_vision_modules_are_transformers_frozen_unless_trained(models, model_parallel):
     from transformers.models.diffusion_gemma.modeling_diffusion_gemma import DiffusionGemmaMultimodalEmbedder
     from transformers.models.gemma4.modeling_gemma4 import Gemma4VisionModel
