@@ -9,7 +9,8 @@
   our size), and a vision config recorded by a source is used only when its tensors are carried.
 - A Gemma 4 multimodal source carries its tower too; an audio tower, missing, unexpected, mis-shaped or mixed-dtype
   vision tensors, and a checkpoint whose carried tensor changed dtype are refused by name.
-- The planner counts the vision tower in the first stage's parameters and its stored bytes in the weights.
+- The planner counts the vision tower in the first stage's parameters and its stored bytes in the weights; the
+  trainer's DDP buffers and optimizer hold it only with `model.overrides.train_vision=true`.
 """
 
 from __future__ import annotations
@@ -124,6 +125,23 @@ def test_training_at_any_layout_keeps_vision_bit_identical(vision_source, tmp_pa
                                source["model.decoder.layers.0.self_attn.q_proj.weight"]), name
     _, info = _load_in_transformers(tmp_path / "pp2_hf")
     assert not info["missing_keys"] and not info["unexpected_keys"], info
+
+
+def test_train_vision_puts_the_tower_in_the_optimizer(vision_source, tmp_path, model_parallel):
+    """The trainer's DDP buffers and optimizer hold the vision tower and embedder only with
+    `model.overrides.train_vision=true`: frozen, nothing trains them."""
+    from megatron_bdgemma.training.trainer import setup
+
+    sizes = {}
+    for train in ("false", "true"):
+        state = setup(_run(tmp_path, f"model.hf={vision_source}", f"model.overrides.train_vision={train}",
+                           "checkpoint.save=null"))
+        (ddp,) = state.model
+        in_buffers = {id(p) for buffer in ddp.buffers for p in buffer.params}
+        vision = [p for name, p in ddp.module.named_parameters() if name.startswith("vision.")]
+        assert len(vision) == 16 and all((id(p) in in_buffers) == (train == "true") for p in vision), train
+        sizes[train] = sum(len(group["params"]) for group in state.optimizer.param_groups)
+    assert sizes["true"] == sizes["false"] + 16, sizes
 
 
 def test_text_only_export_is_text_only_and_loads_without_missing_keys(tmp_path, model_parallel):
