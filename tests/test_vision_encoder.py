@@ -16,7 +16,9 @@ here. Covered:
   equal one process's (text stack in float64); images without a tower or with the wrong number of placeholders are
   refused;
 - the training passes with images: `training_forward`'s AR logits and every canvas block equal HF's (≤ 1e-4
-  relative), two pipeline stages (2 gloo ranks) give one process's losses (≤ 1e-5 relative).
+  relative), two pipeline stages (2 gloo ranks) give one process's losses (≤ 1e-5 relative);
+- generation with images (the KV-cached prefill takes them) gives HF `generate`'s tokens under the same seed, also
+  re-encoding the prefix at every canvas; the AR baseline equals its recomputation.
 Measured against HF (max-abs over the largest |HF| logit): 4e-7 to 3e-6, margins ≥ 35x, default and AVX2.
 """
 
@@ -417,3 +419,52 @@ def test_tp2_and_pp2_with_images_equal_one_process(models, model_parallel):
     print(f"PP=2 losses {losses.tolist()} vs {reference_losses.tolist()}: {diff:.1e}")
     record("pp2 losses", diff, 1e-5)
     assert diff <= 1e-5
+
+
+def test_generation_with_images_gives_hf_generate_tokens(models, model_parallel):
+    """`generate(..., pixel_values, image_position_ids, mm_token_type_ids)`: the prompts' encode (KV-cached prefill)
+    takes the images and their groups; the tokens equal HF `generate`'s under the same seed (a batch with and
+    without images, left-padded), and re-encoding the whole prefix at every canvas gives the same ones."""
+    from megatron_bdgemma.generation import EntropyBound, generate
+
+    hf, path = models
+    hf.set_attn_implementation("sdpa")  # what our generation's decode runs, as tests/test_generation.py does
+    ours = megatron_bdgemma.from_hf(path)
+    ids, padding, types, pixels, positions = _batch("with_and_without")
+    images = dict(pixel_values=pixels, image_position_ids=positions, mm_token_type_ids=types)
+    try:
+        torch.manual_seed(7)
+        expected = hf.generate(ids, attention_mask=(~padding).long(), max_new_tokens=8, pad_token_id=0,
+                               max_denoising_steps=6, **images).sequences
+    finally:
+        hf.set_attn_implementation("eager")
+    got = {}
+    for recompute in (False, True):
+        torch.manual_seed(7)
+        got[recompute] = generate(ours, ids, padding_mask=padding, sampler=EntropyBound(max_denoising_steps=6),
+                                  max_new_tokens=8, eos_token_ids=[], pad_token_id=0, recompute_prefix=recompute,
+                                  **images).sequences
+    assert torch.equal(got[False], expected) and torch.equal(got[True], expected)
+    torch.manual_seed(7)
+    text_only = generate(ours, ids, padding_mask=padding, sampler=EntropyBound(max_denoising_steps=6),
+                         max_new_tokens=8, eos_token_ids=[], pad_token_id=0).sequences
+    assert not torch.equal(text_only, expected)  # the images matter
+
+
+def test_autoregressive_generation_with_images_matches_recomputation(models, model_parallel):
+    from megatron_bdgemma.generation import Autoregressive, generate
+
+    _, path = models
+    ours = megatron_bdgemma.from_hf(path)
+    ids, padding, types, pixels, positions = _batch("with_and_without")
+    images = dict(pixel_values=pixels, image_position_ids=positions)
+    got = generate(ours, ids, padding_mask=padding, sampler=Autoregressive(), max_new_tokens=4, eos_token_ids=[],
+                   mm_token_type_ids=types, **images)
+    sequence = ids
+    with torch.no_grad():
+        for _ in range(4):
+            grown = sequence.shape[1] - ids.shape[1]
+            logits = ours.encode(sequence, padding_mask=torch.nn.functional.pad(padding, (0, grown)), return_logits=True,
+                                 mm_token_type_ids=torch.nn.functional.pad(types, (0, grown)), **images).logits
+            sequence = torch.cat([sequence, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(got.sequences, sequence)
