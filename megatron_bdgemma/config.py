@@ -112,12 +112,26 @@ class BDGemmaConfig(TransformerConfig):
     Same parameters, state dict and checkpoints. The `te` backend always uses TE's grouped experts."""
 
     vision_config: dict[str, Any] | None = None
-    """The HF vision config (a `Gemma4VisionConfig` as a plain dict) of the vision tower and multimodal embedder the
-    model carries (`vision.VisionWeights`, first pipeline stage): their tensors are kept unchanged from import to
-    export, unused until images enter the encoder. None = a text-only model."""
+    """The HF vision config (a `Gemma4VisionConfig` as a plain dict) of the vision tower and multimodal embedder
+    (`vision.Vision`, first pipeline stage): transformers' own modules, whose features replace the image placeholders
+    of the encoder input; their tensors are kept unchanged from import to export unless `train_vision`. None = a
+    text-only model."""
 
     vision_dtype: str = "float32"
-    """The torch dtype name the carried vision tensors are stored in (the source's; they are never cast)."""
+    """The torch dtype name the vision tower's and embedder's tensors are stored in and run in (the source's; they are
+    never cast)."""
+
+    image_token_id: int | None = None
+    """The placeholder id whose encoder positions take the image features (HF `image_token_id`); None = a model that
+    takes no images."""
+
+    vision_bidirectional: bool = False
+    """The tokens of one image attend to each other both ways inside the causal encoder (HF
+    `use_bidirectional_attention="vision"`, docs/design.md §9)."""
+
+    train_vision: bool = False
+    """The vision tower and embedder are trained (`requires_grad`); False = frozen, in no optimizer, their values
+    kept."""
 
     layer_attention_type: str | None = None
     """Set only on the per-layer copies from `get_config_for_layer`: that layer's attention type."""
@@ -193,6 +207,8 @@ class BDGemmaConfig(TransformerConfig):
         vision_dtype = getattr(torch, self.vision_dtype, None)
         if not (isinstance(vision_dtype, torch.dtype) and vision_dtype.is_floating_point):
             problems.append(f"vision_dtype {self.vision_dtype!r} is not a torch floating-point dtype name")
+        if self.train_vision and self.vision_config is None:
+            problems.append("train_vision is set but the model has no vision tower (vision_config is None)")
         if problems:
             raise ValueError("invalid BDGemmaConfig:\n  - " + "\n  - ".join(problems))
 
@@ -438,6 +454,8 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> BDGemmaConfig:
         eos_token_ids=tuple(e for e in eos if e is not None),
         vision_config=_vision_config(hf_config),
         vision_dtype=_dtype_name(getattr(hf_config, "dtype", None)),
+        image_token_id=getattr(hf_config, "image_token_id", None) if _vision_config(hf_config) else None,
+        vision_bidirectional=getattr(text, "use_bidirectional_attention", None) == "vision",
     )
     known = {f.name for f in fields(BDGemmaConfig)}
     bad = sorted(set(overrides) - known)

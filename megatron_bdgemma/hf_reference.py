@@ -40,14 +40,15 @@ SMALL_TEXT: dict[str, Any] = dict(
 """DiffusionGemma's geometry (5:1 sliding/full layers, K=V full layers, top-k MoE) scaled down for CPU benchmarks."""
 
 
-def random_diffusion_gemma(text: dict[str, Any], canvas_length: int, seed: int = 0):
-    """An eval-mode `DiffusionGemmaForBlockDiffusion` with HF's random init (eager attention)."""
+def random_diffusion_gemma(text: dict[str, Any], canvas_length: int, seed: int = 0, **config: Any):
+    """An eval-mode `DiffusionGemmaForBlockDiffusion` with HF's random init (eager attention); `config`: more
+    `DiffusionGemmaConfig` fields (e.g. an `image_token_id` inside a tiny vocabulary)."""
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
     from transformers.models.diffusion_gemma import DiffusionGemmaTextConfig
 
     torch.manual_seed(seed)
     config = DiffusionGemmaConfig(
-        text_config=DiffusionGemmaTextConfig(**text), vision_config=TINY_VISION, canvas_length=canvas_length
+        text_config=DiffusionGemmaTextConfig(**text), vision_config=TINY_VISION, canvas_length=canvas_length, **config
     )
     config._attn_implementation = "eager"
     return DiffusionGemmaForBlockDiffusion(config).eval()

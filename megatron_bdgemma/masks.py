@@ -55,6 +55,7 @@ __all__ = [
     "BlockDiffusionTrainingMask",
     "DecodeInferenceMask",
     "QueryShardMask",
+    "vision_groups",
     "to_megatron",
     "to_sdpa",
     "to_additive",
@@ -174,18 +175,27 @@ class EncoderMask(AttentionMask):
     ``position_ids``; indices here stay row indices, and inside one record the two differ by a constant, so
     ``q - k < window`` is the record's own window.
 
+    With ``vision_groups`` (images in the encoder, HF ``use_bidirectional_attention="vision"``; docs/design.md §9), a
+    query inside an image's tokens also sees every valid key of that image, before and after it and past the
+    window: HF's rule ``(causal and window) or same group``, padding masking both (transformers' ``masking_utils``:
+    ``or_masks(sliding/causal mask, blockwise_overlay(block_sequence_ids))``, then the padding mask). A group is one
+    contiguous run of keys holding ``q``, so a query still sees one key interval ``[first, last]``.
+
     Args:
         key_valid: ``[B, K]`` bool, False on padding (never attended).
         window: sliding window of the layer, or None for a full-attention layer.
         num_queries: ``Q <= K``; None = ``K``.
         segment_ids: optional ``[B, K]`` int, the record of each key (each record one contiguous run; padding
             may carry any id, it is never attended). None = one record per row.
+        vision_groups: optional ``[B, K]`` int, the image group of each key, -1 for text: HF's block-sequence ids
+            (:func:`vision_groups`; each group one contiguous run, cut at record boundaries). None = text only.
     """
 
     key_valid: Tensor
     window: int | None
     num_queries: int | None = None
     segment_ids: Tensor | None = None
+    vision_groups: Tensor | None = None
 
     def __post_init__(self) -> None:
         _check_window(self.window)
@@ -197,50 +207,83 @@ class EncoderMask(AttentionMask):
             raise ValueError(f"num_queries {self.num_queries} must be in [0, {self.num_keys}] (the number of keys)")
         self.offset = self.num_keys - self.num_queries
         self._segment_start = _segment_start(self.segment_ids, self.key_valid.shape, "EncoderMask")
+        self._groups = self._group_bounds()
+
+    def _group_bounds(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``[B, K]`` each: whether a key is in an image group, and its group's first and one-past-last key."""
+        if self.vision_groups is None:
+            return None
+        shape = self.key_valid.shape
+        if tuple(self.vision_groups.shape) != tuple(shape):
+            raise ValueError(f"EncoderMask: vision_groups shape {tuple(self.vision_groups.shape)} != {tuple(shape)}")
+        groups = self.vision_groups.to(self.device).long()
+        new_run = torch.ones(shape, dtype=torch.bool, device=self.device)
+        new_run[:, 1:] = groups[:, 1:] != groups[:, :-1]
+        if self.segment_ids is not None:
+            new_run[:, 1:] |= self.segment_ids[:, 1:] != self.segment_ids[:, :-1]
+        return groups >= 0, _run_start(new_run), _run_end(new_run)
 
     @property
     def device(self) -> torch.device:
         return self.key_valid.device
 
     @cached_property
-    def _first_key(self) -> Tensor:
-        """``[B, Q]`` long: the first key query ``q`` may see, so that the rule is ``first ≤ k ≤ q`` on valid keys.
+    def _key_bounds(self) -> tuple[Tensor, Tensor | None]:
+        """``[B, Q]`` long each: the first and last key query ``q`` may see, so that the rule is ``first ≤ k ≤ last``
+        on valid keys; the last is None without vision groups (it is ``q`` then).
 
-        It is the latest of 0, the window's start and the query's record start. A query that sees no valid key
-        there (counted with a prefix sum, O(B·K)) gets itself: its first key is ``q``, and validity is waived for
-        it. Two comparisons per key against per-query bounds are what the block-sparse tiles cost, which at a
-        chunk of one packed row is most of the mask's work (docs/performance.md "Packed sequences")."""
+        The first is the latest of 0, the window's start and the query's record start, the last ``q``; a query in
+        an image group widens both to its group's keys. A query that sees no valid key there (counted with a
+        prefix sum, O(B·K)) gets itself: ``first = last = q``, and validity is waived for it. Two comparisons per
+        key against per-query bounds are what the block-sparse tiles cost, which at a chunk of one packed row is
+        most of the mask's work (docs/performance.md "Packed sequences")."""
         q = torch.arange(self.num_queries, device=self.device) + self.offset
         first = torch.zeros_like(q) if self.window is None else (q - self.window + 1).clamp(min=0)
         first = first.expand(self.batch_size, -1)
+        last = q.expand(self.batch_size, -1)
         if self._segment_start is not None:
             first = torch.maximum(first, self._segment_start[:, q])
+        if self._groups is not None:
+            in_group, start, end = (t[:, q] for t in self._groups)
+            first = torch.where(in_group, torch.minimum(first, start), first)
+            last = torch.where(in_group, end - 1, last)
         counts = torch.nn.functional.pad(self.key_valid.long().cumsum(dim=1), (1, 0))  # [B, K + 1]
-        empty = counts[:, q + 1] == counts.gather(1, first)
-        return torch.where(empty, q, first)
+        empty = counts.gather(1, last + 1) == counts.gather(1, first)
+        first = torch.where(empty, q, first)
+        return first, None if self._groups is None else torch.where(empty, q, last)
 
     def allowed_at(self, b: Tensor, q: Tensor, k: Tensor) -> Tensor:
-        position = q + self.offset
-        first = self._first_key[b, q]
-        # `first == position` also holds for a query whose only valid key is itself: validity is its own then.
-        return (k >= first) & (k <= position) & (self.key_valid[b, k] | (first == position))
+        first, last = self._key_bounds
+        first = first[b, q]
+        last = q + self.offset if last is None else last[b, q]
+        # `first == last` holds for a query whose only valid key is itself (or that sees none): validity is waived.
+        return (k >= first) & (k <= last) & (self.key_valid[b, k] | (first == last))
 
     @cached_property
     def _host_segment_start(self) -> Tensor:
         return self._segment_start.cpu()  # the one host read of a packed encoder mask
 
+    @cached_property
+    def _host_key_bounds(self) -> tuple[Tensor, Tensor]:
+        return tuple(t.cpu() for t in self._key_bounds)  # the one host read of an encoder mask with images
+
     def key_spans(self, q_start: int, q_end: int) -> list[Span]:
-        start = 0 if self.window is None else max(0, q_start + self.offset - self.window + 1)
+        start, end = 0 if self.window is None else max(0, q_start + self.offset - self.window + 1), q_end + self.offset
         if self._segment_start is not None and q_end > q_start:
             # A chunk's first query has the earliest segment start of the chunk (starts never decrease along a
             # row), so keys before every row's start are skipped: chunks that lie inside one record cost that
             # record's prefix, not the row's (with one row per micro-batch, Σ record_len² in all).
             start = max(start, int(self._host_segment_start[:, q_start + self.offset].min()))
-        return [(start, q_end + self.offset)]
+        if self._groups is not None and q_end > q_start:
+            # Queries inside an image also read its keys before the window and after themselves.
+            first, last = (t[:, q_start:q_end] for t in self._host_key_bounds)
+            start, end = min(start, int(first.min())), max(end, int(last.max()) + 1)
+        return [(start, end)]
 
     def select(self, rows: Tensor) -> EncoderMask:
         segments = None if self.segment_ids is None else self.segment_ids[rows]
-        return EncoderMask(self.key_valid[rows], self.window, self.num_queries, segments)
+        groups = None if self.vision_groups is None else self.vision_groups[rows]
+        return EncoderMask(self.key_valid[rows], self.window, self.num_queries, segments, groups)
 
 
 @dataclass(eq=False)
@@ -522,6 +565,16 @@ class QueryShardMask(AttentionMask):
         return QueryShardMask(self.base.select(rows), self.ranges)
 
 
+def vision_groups(mm_token_type_ids: Tensor) -> Tensor:
+    """``[B, S]`` token types (HF's ``mm_token_type_ids``: 0 text, 1 image, 2 video) → ``[B, S]`` long image groups
+    for :class:`EncoderMask`: each contiguous run of image / video tokens numbered from 0 along its row, -1 for text
+    (HF's block-sequence ids, ``get_block_sequence_ids_for_mask``)."""
+    vision = (mm_token_type_ids == 1) | (mm_token_type_ids == 2)
+    starts = vision.clone()
+    starts[:, 1:] &= ~vision[:, :-1]
+    return torch.where(vision, starts.long().cumsum(dim=1) - 1, -1)
+
+
 def to_megatron(allowed: Tensor) -> Tensor:
     """Megatron / Transformer Engine boolean convention: True = **blocked** (``~allowed``)."""
     return ~allowed
@@ -554,10 +607,24 @@ def _segment_start(segment_ids: Tensor | None, shape: tuple[int, int], owner: st
         return None
     if tuple(segment_ids.shape) != tuple(shape):
         raise ValueError(f"{owner}: segment_ids shape {tuple(segment_ids.shape)} != {tuple(shape)}")
-    index = torch.arange(shape[1], device=segment_ids.device).expand(shape)
     first = torch.ones(shape, dtype=torch.bool, device=segment_ids.device)
     first[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-    return torch.where(first, index, 0).cummax(dim=1).values
+    return _run_start(first)
+
+
+def _run_start(new_run: Tensor) -> Tensor:
+    """``[B, K]`` bool, True where a run of keys starts → ``[B, K]`` long: the first key of the run holding each key."""
+    index = torch.arange(new_run.shape[1], device=new_run.device).expand(new_run.shape)
+    return torch.where(new_run, index, 0).cummax(dim=1).values
+
+
+def _run_end(new_run: Tensor) -> Tensor:
+    """As :func:`_run_start`, the one-past-last key of the run holding each key."""
+    length = new_run.shape[1]
+    index = torch.arange(length, device=new_run.device).expand(new_run.shape)
+    ends_here = torch.ones_like(new_run)
+    ends_here[:, :-1] = new_run[:, 1:]
+    return torch.where(ends_here, index + 1, length).flip(1).cummin(dim=1).values.flip(1)
 
 
 def _check_window(window: int | None) -> None:

@@ -7,8 +7,9 @@ How it differs from an autoregressive Gemma 4:
 - embedding × √H, tied LM head, logits softcapped in fp32 (norms, softmaxes and logits run in
   `precision.compute_dtype`: fp32, or float64 in a float64 model);
 - two-pass self-conditioning: the decoder input mixes in a soft embedding of the previous pass's logits.
-A model converted from a multimodal checkpoint also carries its vision tower's tensors (`vision.VisionWeights`, first
-stage), unused until images enter the encoder.
+A model converted from a multimodal checkpoint also holds its vision tower and embedder (`vision.Vision`, first
+stage): `encode` merges image features into the encoder input, and the tokens of one image attend to each other both
+ways (docs/design.md §9).
 
 Public tensors are batch-first; inside the stack Megatron's `[s, b, h]` layout is kept.
 """
@@ -38,7 +39,7 @@ from megatron_bdgemma.layers.rope import RotaryTables
 from megatron_bdgemma.layers.self_conditioning import SelfConditioning, soft_embedding
 from megatron_bdgemma.precision import compute_dtype
 from megatron_bdgemma.spec import Backend, get_bdgemma_block_spec, get_glu_mlp_submodules
-from megatron_bdgemma.vision import VisionWeights
+from megatron_bdgemma.vision import Images, Vision
 from megatron_bdgemma.vocab_parallel import softcap, vocab_parallel_cross_entropy_sum, vocab_parallel_soft_embedding
 
 
@@ -154,8 +155,8 @@ class BDGemmaModel(GPTModel):
             if config.freeze_self_conditioning:
                 self.self_conditioning.freeze()
         if config.vision_config is not None and pre_process:
-            # Carried unchanged from import to export; images will enter the encoder here (docs/design.md §9).
-            self.vision = VisionWeights(config)
+            # Images enter the encoder beside the embedding (docs/design.md §9); frozen unless `train_vision`.
+            self.vision = Vision(config)
         if config.freeze_router:
             self.freeze_router()
 
@@ -166,6 +167,37 @@ class BDGemmaModel(GPTModel):
         embeddings = self.embedding(input_ids=input_ids, position_ids=None)
         weight = self.embedding.word_embeddings.weight
         return embeddings * torch.tensor(self.config.embedding_scale, dtype=weight.dtype)
+
+    def embed_inputs(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The encoder input: `embed(input_ids)` `[S, B, H]` (`[S/tp, B, H]` under sequence parallelism), the image
+        features (`vision.Vision`) in place of the `config.image_token_id` placeholders, one soft token each, in
+        order: `DiffusionGemmaEncoderModel`'s `masked_scatter` (the features cast to the embedding dtype, not scaled
+        by √H). No images: `embed(input_ids)`."""
+        hidden = self.embed(input_ids)
+        if pixel_values is None:
+            return hidden
+        if getattr(self, "vision", None) is None or self.config.image_token_id is None:
+            raise ValueError("pixel_values given, but the model has no vision tower (vision_config) or image_token_id")
+        if image_position_ids is None:
+            raise ValueError("pixel_values needs image_position_ids ([images, patches, 2], (-1, -1) on padding)")
+        features = self.vision(pixel_values, image_position_ids).to(hidden.dtype)  # [T, H]
+        placeholders = input_ids == self.config.image_token_id  # [B, S]: the features fill it row after row
+        if int(placeholders.sum()) != features.shape[0]:
+            raise ValueError(f"input_ids hold {int(placeholders.sum())} image_token_id ({self.config.image_token_id}) "
+                             f"placeholders, the images give {features.shape[0]} soft tokens")
+        images = torch.zeros(*placeholders.shape, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
+        images = images.masked_scatter(placeholders[..., None], features).transpose(0, 1).contiguous()
+        # [S, B] as the hidden states, contiguous: `where` lays its output out as its first input.
+        placeholders = placeholders.transpose(0, 1).contiguous()[..., None]
+        if self.config.sequence_parallel:  # this rank's share of the sequence, split as the embedding split it
+            images = scatter_to_sequence_parallel_region(images, group=self.tp_group)
+            placeholders = scatter_to_sequence_parallel_region(placeholders, group=self.tp_group)
+        return torch.where(placeholders, images, hidden)
 
     def rope(
         self, position_ids: torch.Tensor, dtype: torch.dtype, length: int | None = None
@@ -222,8 +254,11 @@ class BDGemmaModel(GPTModel):
         kv_prefix: list[KV] | None = None,
         attention_mask: dict[str, masks.AttentionMask] | None = None,
         rope: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_position_ids: torch.Tensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
     ) -> EncoderOutput:
-        """Causal pass over the clean sequence.
+        """Causal pass over the clean sequence, images merged in (`DiffusionGemmaEncoderModel.forward`).
 
         Args:
             input_ids: `[B, S]`.
@@ -236,21 +271,36 @@ class BDGemmaModel(GPTModel):
                 `masks.EncoderMask` of `padding_mask`.
             rope: `self.rope(position_ids, dtype)`, when the caller has it (a context-parallel shard's, whose
                 length-dependent types read the whole row's length).
+            pixel_values, image_position_ids: the images of the batch, `[N, patches, 3·patch²]` and
+                `[N, patches, 2]` (HF's processor), whose soft tokens replace the `image_token_id` placeholders of
+                `input_ids` in order (`embed_inputs`).
+            mm_token_type_ids: `[B, S]` HF's token types (1 on image tokens): with `config.vision_bidirectional`
+                the default mask lets the tokens of one image attend to each other both ways (`masks.
+                vision_groups`); an `attention_mask` given is used as it is.
         """
         batch, seq = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)
         valid = torch.ones_like(input_ids, dtype=torch.bool) if padding_mask is None else ~padding_mask.bool()
-        hidden = self.embed(input_ids)
+        hidden = self.embed_inputs(input_ids, pixel_values, image_position_ids)
         if rope is None:
             rope = self.rope(position_ids, hidden.dtype)
         if attention_mask is None:
             if kv_prefix is not None:
                 raise ValueError("encode(kv_prefix=...) needs the attention_mask over [prefix ; new] keys")
-            attention_mask = {t: masks.EncoderMask(valid, self.config.window_of(t)) for t in set(self.config.layer_types)}
+            groups = self.vision_groups(mm_token_type_ids)
+            attention_mask = {t: masks.EncoderMask(valid, self.config.window_of(t), vision_groups=groups)
+                              for t in set(self.config.layer_types)}
         hidden, kv = self.encoder_layers(hidden, rope, attention_mask, kv_prefix)
         hidden = self.decoder.final_layernorm(hidden)
         return EncoderOutput(kv=kv, logits=self.logits(hidden) if return_logits else None, hidden=hidden)
+
+    def vision_groups(self, mm_token_type_ids: torch.Tensor | None) -> torch.Tensor | None:
+        """The encoder mask's image groups (`masks.EncoderMask`) of HF's token types: each image's tokens one group
+        when the model attends bidirectionally over images (`config.vision_bidirectional`), else None (causal)."""
+        if mm_token_type_ids is None or not self.config.vision_bidirectional:
+            return None
+        return masks.vision_groups(mm_token_type_ids)
 
     def encoder_layers(
         self,
@@ -431,34 +481,43 @@ class BDGemmaModel(GPTModel):
         }
 
     def packed_masks(
-        self, batch: PackedBatch, canvas: PackedCanvas
+        self, batch: PackedBatch, canvas: PackedCanvas, vision_groups: torch.Tensor | None = None
     ) -> tuple[dict[str, masks.AttentionMask], dict[str, masks.AttentionMask]]:
         """Per layer type, the encoder and canvas masks of packed rows (docs/design.md §13): each record's causal
-        encoder and its decoded blocks' strict block rule and anchored window, never across records. `encode` takes
-        the first with `position_ids=batch.position_ids`; `decode` the second with `canvas.noised`."""
+        encoder (its images' tokens bidirectional with `vision_groups`, `self.vision_groups`) and its decoded blocks'
+        strict block rule and anchored window, never across records. `encode` takes the first with
+        `position_ids=batch.position_ids`; `decode` the second with `canvas.noised`."""
         encoder, decoder = {}, {}
         for t in set(self.config.layer_types):
             window = self.config.window_of(t)
-            encoder[t] = masks.EncoderMask(batch.encoder_valid, window, segment_ids=batch.segment_ids)
+            encoder[t] = masks.EncoderMask(batch.encoder_valid, window, segment_ids=batch.segment_ids,
+                                           vision_groups=vision_groups)
             decoder[t] = masks.BlockDiffusionTrainingMask(
                 canvas.response_starts, canvas.response_lens, batch.seq_len, canvas.noised.canvas_ids.shape[1],
                 batch.block_size, window, canvas_block_ids=canvas.noised.block_ids, segment_ids=batch.segment_ids,
             )
         return encoder, decoder
 
-    def training_layout(self, batch: DiffusionBatch | PackedBatch, noised: NoisedCanvas | PackedCanvas) -> StepInputs:
+    def training_layout(
+        self, batch: DiffusionBatch | PackedBatch, noised: NoisedCanvas | PackedCanvas, images: Images | None = None
+    ) -> StepInputs:
         """What one training micro-batch gives the passes (`StepInputs`). Unpacked rows: positions `0..S-1`, the
         causal `EncoderMask` of the padding and `training_masks`; packed rows (docs/design.md §13): each record's own
-        positions and `packed_masks`. Under context parallelism, this rank's shard of it (docs/design.md §14): the
-        masks are built for the whole row, then restricted to the rank's queries."""
+        positions and `packed_masks`; with `images`, each image's tokens attend to each other both ways
+        (`vision_groups`). Under context parallelism, this rank's shard of it (docs/design.md §14): the masks are
+        built for the whole row, then restricted to the rank's queries."""
         if isinstance(batch, PackedBatch) != isinstance(noised, PackedCanvas):
             raise TypeError(f"a {type(batch).__name__} goes with a {'PackedCanvas' if isinstance(batch, PackedBatch) else 'NoisedCanvas'}, "
                             f"got a {type(noised).__name__}")
+        if images is not None and self.cp_group.size() > 1:
+            # The placeholders of a rank's shard would need the features of the whole row's images.
+            raise ValueError("images under context parallelism (parallel.cp > 1) are not supported yet")
+        groups = None if images is None else self.vision_groups(images.mm_token_type_ids)
         if isinstance(batch, PackedBatch):
-            (encoder, canvas_mask), positions, canvas = self.packed_masks(batch, noised), batch.position_ids, noised.noised
+            (encoder, canvas_mask), positions, canvas = self.packed_masks(batch, noised, groups), batch.position_ids, noised.noised
         else:
             positions = torch.arange(batch.seq_len, device=batch.input_ids.device).expand(batch.input_ids.shape)
-            encoder = {t: masks.EncoderMask(batch.encoder_valid.bool(), self.config.window_of(t))
+            encoder = {t: masks.EncoderMask(batch.encoder_valid.bool(), self.config.window_of(t), vision_groups=groups)
                        for t in set(self.config.layer_types)}
             canvas, canvas_mask = noised, self.training_masks(batch, noised)
         whole = StepInputs(batch.input_ids, positions, batch.ar_labels, batch.ar_loss_mask, encoder, canvas, canvas_mask)
@@ -471,6 +530,7 @@ class BDGemmaModel(GPTModel):
         *,
         loss_chunk_size: int | None = None,
         stop_gradient_to_encoder: bool = False,
+        images: Images | None = None,
     ) -> TrainingOutput:
         """encode (grad) → decode pass 1 (no grad, zero signal) → decode pass 2 (grad, gated pass-1 signal) → losses.
 
@@ -487,11 +547,15 @@ class BDGemmaModel(GPTModel):
                 vocabulary shard, and no logits are returned. Same values and gradients.
             stop_gradient_to_encoder: the canvas attends to detached encoder K/V (`canvas_kv`), so the diffusion
                 loss does not reach the encoder pass; the encoder learns from the AR loss alone.
+            images: the batch's images (`vision.Images`): their features replace the encoder rows' placeholders and
+                their tokens attend to each other both ways, as in `encode`; the canvas stays text. Not under
+                context parallelism yet.
         """
-        inputs = self.training_layout(batch, noised)
+        inputs = self.training_layout(batch, noised, images)
         canvas, dtype = inputs.canvas, self.embedding.word_embeddings.weight.dtype
+        pixels = {} if images is None else dict(pixel_values=images.pixel_values, image_position_ids=images.image_position_ids)
         encoded = self.encode(inputs.input_ids, position_ids=inputs.positions, attention_mask=inputs.encoder_mask,
-                              rope=self.rope(inputs.positions, dtype, inputs.encoder_rope_length))
+                              rope=self.rope(inputs.positions, dtype, inputs.encoder_rope_length), **pixels)
         kv = canvas_kv(encoded.kv, stop_gradient_to_encoder)
         rope = self.rope(canvas.position_ids, dtype, inputs.canvas_rope_length)
 
@@ -567,6 +631,7 @@ class BDGemmaModel(GPTModel):
         first_pass_hidden: torch.Tensor | None = None,
         loss_chunk_size: int | None = None,
         stop_gradient_to_encoder: bool = False,
+        images: Images | None = None,
     ) -> torch.Tensor | TrainingOutput:
         """One pipeline stage's share of a training micro-batch: its layers over the encoder stream, then over the
         canvas stream attending to this stage's encoder K/V (docs/design.md, "Pipeline parallelism").
@@ -588,12 +653,15 @@ class BDGemmaModel(GPTModel):
             loss_chunk_size: as `training_forward`; also the token chunk of the signal's soft embedding.
             stop_gradient_to_encoder: as `training_forward`, for this stage's encoder K/V: with every stage detaching
                 its own, the encoder stream's gradient (sent back to the previous stage) is the AR loss's alone.
+            images: as `training_forward`; every stage reads their token types (the mask), the first stage encodes
+                the images.
         """
-        inputs = self.training_layout(batch, noised)
+        inputs = self.training_layout(batch, noised, images)
         canvas_inputs = inputs.canvas
         encoder_len = inputs.input_ids.shape[1] // (self.tp_group.size() if self.config.sequence_parallel else 1)
         if self.pre_process:
-            encoder = self.embed(inputs.input_ids)
+            pixels = () if images is None else (images.pixel_values, images.image_position_ids)
+            encoder = self.embed_inputs(inputs.input_ids, *pixels)
             signal = None
             if self.config.self_conditioning and not first_pass:
                 # A first stage without the LM head forms the logits chunk by chunk (all tokens in one by default).

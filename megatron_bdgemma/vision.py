@@ -1,26 +1,25 @@
-"""The model's vision half, carried unchanged: the HF vision tower's and multimodal embedder's tensors.
+"""The model's vision half: transformers' vision tower and multimodal embedder, on the first pipeline stage.
 
 A DiffusionGemma checkpoint holds, besides the text stack, a vision tower (`model.encoder.vision_tower.*`, a
 transformers `Gemma4VisionModel`) and the embedder that projects its output into the text embedding space
-(`model.encoder.embed_vision.*`); Gemma 4 multimodal checkpoints hold the same two under `model.`. Training does not
-use images yet, but a model converted from such a checkpoint, trained and exported must give them back, byte for
-byte. `VisionWeights`, on the first pipeline stage (where images will enter the encoder, docs/design.md §9), holds
-every such tensor under its HF name (`vision_tower.patch_embedder.input_proj.weight`) as a persistent buffer in the
-dtype it was stored in:
-- buffers get no gradient, are in no optimizer and nothing in training writes them;
-- they are in the state dict, so Megatron's `sharded_state_dict` saves them like any replicated tensor (replica id
-  (0, TP rank, DP rank): exactly one rank writes each) and dist_checkpointing loads them at any layout.
-
-The names and shapes are those of transformers' own modules for the recorded vision config (built on the meta
-device), so the export holds exactly what `DiffusionGemmaForBlockDiffusion` loads. When images enter the encoder,
-this module is replaced by the real tower and embedder under the same attribute names (`vision.vision_tower`,
-`vision.embed_vision`), so checkpoints written now keep loading.
+(`model.encoder.embed_vision.*`); Gemma 4 multimodal checkpoints hold the same two under `model.`. `Vision` is those
+two modules, built by transformers from the recorded vision config (`AutoModel.from_config`,
+`DiffusionGemmaMultimodalEmbedder`), so the images are encoded exactly as `DiffusionGemmaEncoderModel.
+get_image_features` encodes them and every tensor keeps its HF name (`vision.vision_tower.patch_embedder.
+input_proj.weight`) in the dtype it was stored in (docs/design.md §9):
+- frozen by default (`requires_grad` False: no gradient, in no optimizer, and nothing in training writes them), so
+  a converted, fine-tuned and exported model gives them back byte for byte; `BDGemmaConfig.train_vision` trains them;
+- replicated over tensor parallelism (every TP rank runs the whole small tower on the same images);
+- in the state dict, so Megatron's `sharded_state_dict` saves them like any replicated tensor (replica id
+  (0, TP rank, DP rank): exactly one rank writes each) and dist_checkpointing loads them at any layout. Checkpoints
+  written when these tensors were carried buffers (same names, same dtype) load unchanged.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -29,34 +28,38 @@ import torch
 from megatron_bdgemma.config import BDGemmaConfig
 
 CARRIED_PREFIX = "vision."
-"""Where `BDGemmaModel` keeps the carried tensors: the prefix of their model and checkpoint names."""
+"""Where `BDGemmaModel` keeps the vision module: the prefix of its tensors' model and checkpoint names."""
 PARTS = ("vision_tower.", "embed_vision.")
-"""The first component of every carried HF name (relative to DiffusionGemma's `model.encoder.`)."""
+"""The first component of every vision tensor's HF name (relative to DiffusionGemma's `model.encoder.`)."""
 
 
 def is_vision_name(name: str) -> bool:
-    """A carried tensor's HF name (`vision_tower.…` / `embed_vision.…`, relative to the checkpoint's vision
+    """A vision tensor's HF name (`vision_tower.…` / `embed_vision.…`, relative to the checkpoint's vision
     prefix)."""
     return name.startswith(PARTS)
 
 
 def is_carried(megatron_name: str) -> bool:
-    """A carried tensor's model / checkpoint name (`vision.…`)."""
+    """A vision tensor's model / checkpoint name (`vision.…`): carried from import to export unchanged unless
+    trained."""
     return megatron_name.startswith(CARRIED_PREFIX)
+
+
+def _modules(vision_config: dict[str, Any], text_hidden_size: int, dtype: torch.dtype | None = None) -> dict[str, torch.nn.Module]:
+    """transformers' vision tower and embedder for `vision_config`, under their attribute names (HF's random init)."""
+    from transformers import AutoConfig, AutoModel
+    from transformers.models.diffusion_gemma.modeling_diffusion_gemma import DiffusionGemmaMultimodalEmbedder
+
+    vision = AutoConfig.for_model(**vision_config)
+    # The embedder reads only `hidden_size` from the text config.
+    embedder = DiffusionGemmaMultimodalEmbedder(vision, SimpleNamespace(hidden_size=text_hidden_size))
+    return {"vision_tower": AutoModel.from_config(vision, dtype=dtype), "embed_vision": embedder.to(dtype)}
 
 
 @functools.lru_cache(maxsize=8)
 def _shapes(vision_json: str, text_hidden_size: int) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    from transformers import AutoConfig, AutoModel
-    from transformers.models.diffusion_gemma.modeling_diffusion_gemma import DiffusionGemmaMultimodalEmbedder
-
-    vision = AutoConfig.for_model(**json.loads(vision_json))
     with torch.device("meta"):
-        parts = {
-            "vision_tower": AutoModel.from_config(vision),
-            # The embedder reads only `hidden_size` from the text config.
-            "embed_vision": DiffusionGemmaMultimodalEmbedder(vision, SimpleNamespace(hidden_size=text_hidden_size)),
-        }
+        parts = _modules(json.loads(vision_json), text_hidden_size)
     return tuple((f"{part}.{name}", tuple(tensor.shape))
                  for part, module in parts.items() for name, tensor in module.state_dict().items())
 
@@ -67,25 +70,56 @@ def vision_tensor_shapes(vision_config: dict[str, Any], text_hidden_size: int) -
     return dict(_shapes(json.dumps(vision_config, sort_keys=True), text_hidden_size))
 
 
+@dataclass
+class Images:
+    """The images of a batch as HF's processor gives them, for the training passes (`BDGemmaModel.training_forward`,
+    `pipeline_stage_forward`).
+
+    pixel_values: `[N, max_patches, 3·patch²]` the patches of every image of the batch, in the order of their
+        placeholders (row after row).
+    image_position_ids: `[N, max_patches, 2]` each patch's (x, y), (-1, -1) on padding patches.
+    mm_token_type_ids: `[B, S]` HF's token types of the encoder rows (1 on image tokens), laid out as the rows are
+        (packed rows too); the vision-group mask reads it.
+    """
+
+    pixel_values: torch.Tensor
+    image_position_ids: torch.Tensor
+    mm_token_type_ids: torch.Tensor
+
+    def to(self, device: torch.device | str) -> Images:
+        return Images(*(t.to(device) for t in (self.pixel_values, self.image_position_ids, self.mm_token_type_ids)))
+
+
 def vision_dtype(config: BDGemmaConfig) -> torch.dtype:
-    """The torch dtype of the carried tensors (`config.vision_dtype` names it)."""
+    """The torch dtype of the vision tensors (`config.vision_dtype` names it)."""
     return getattr(torch, config.vision_dtype)
 
 
-class VisionWeights(torch.nn.Module):
-    """The vision tower and embedder of `config.vision_config` as frozen persistent buffers under their HF names.
+class Vision(torch.nn.Module):
+    """The vision tower and embedder of `config.vision_config` (transformers' modules) under their HF names.
 
-    Zero until loaded: the model is only built with a vision config when it comes from a checkpoint that holds them.
+    Zero until loaded: the model is only built with a vision config when it comes from a checkpoint that holds them,
+    and a zero start neither draws from the global random stream nor depends on it.
     """
 
     def __init__(self, config: BDGemmaConfig) -> None:
         super().__init__()
-        dtype = vision_dtype(config)
-        for name, shape in vision_tensor_shapes(config.vision_config, config.hidden_size).items():
-            *path, leaf = name.split(".")
-            module: torch.nn.Module = self
-            for part in path:
-                if part not in module._modules:
-                    module.add_module(part, torch.nn.Module())
-                module = module._modules[part]
-            module.register_buffer(leaf, torch.zeros(shape, dtype=dtype))
+        with torch.random.fork_rng(devices=[]):  # transformers initialises at random; the zeros below replace it
+            for name, module in _modules(config.vision_config, config.hidden_size, vision_dtype(config)).items():
+                self.add_module(name, module)
+        with torch.no_grad():
+            for tensor in self.state_dict(keep_vars=True).values():
+                tensor.zero_()
+        self.requires_grad_(config.train_vision)
+
+    def forward(self, pixel_values: torch.Tensor, image_position_ids: torch.Tensor) -> torch.Tensor:
+        """Images → their soft tokens in the text embedding space, `[T, H]` in the tower's dtype: every image's
+        valid pooled patches, image after image (`DiffusionGemmaEncoderModel.get_image_features`).
+
+        Args:
+            pixel_values: `[N, max_patches, 3·patch²]` patches (the HF processor's), in [0, 1].
+            image_position_ids: `[N, max_patches, 2]` each patch's (x, y); (-1, -1) marks padding patches.
+        """
+        with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())):
+            hidden = self.vision_tower(pixel_values=pixel_values, pixel_position_ids=image_position_ids).last_hidden_state
+            return self.embed_vision(inputs_embeds=hidden)

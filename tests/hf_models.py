@@ -101,9 +101,10 @@ def gemma4_multimodal(text_overrides: dict[str, Any] | None = None, seed: int = 
     return randomise(Gemma4ForConditionalGeneration(hf_config).eval(), seed)
 
 
-def diffusion_gemma(text_overrides: dict[str, Any] | None = None, canvas_length: int = 4, seed: int = 0):
-    """A `DiffusionGemmaForBlockDiffusion` with a one-layer vision tower (carried through conversion), randomised."""
-    model = random_diffusion_gemma(BASE_TEXT | (text_overrides or {}), canvas_length, seed)
+def diffusion_gemma(text_overrides: dict[str, Any] | None = None, canvas_length: int = 4, seed: int = 0, **config: Any):
+    """A `DiffusionGemmaForBlockDiffusion` with a one-layer vision tower, randomised; `config`: more
+    `DiffusionGemmaConfig` fields."""
+    model = random_diffusion_gemma(BASE_TEXT | (text_overrides or {}), canvas_length, seed, **config)
     randomise(model, seed)
     # The encoder's untied layer_scalar copies must equal the decoder's (a real checkpoint stores both equal).
     with torch.no_grad():

@@ -9,7 +9,8 @@
   our size), and a vision config recorded by a source is used only when its tensors are carried.
 - A Gemma 4 multimodal source carries its tower too; an audio tower, missing, unexpected, mis-shaped or mixed-dtype
   vision tensors, and a checkpoint whose carried tensor changed dtype are refused by name.
-- The planner counts the carried bytes in the first stage's weights, not in the parameters.
+- The planner counts the vision tower in the first stage's parameters and its stored bytes in the weights; the
+  trainer's DDP buffers and optimizer hold it only with `model.overrides.train_vision=true`.
 """
 
 from __future__ import annotations
@@ -126,6 +127,23 @@ def test_training_at_any_layout_keeps_vision_bit_identical(vision_source, tmp_pa
     assert not info["missing_keys"] and not info["unexpected_keys"], info
 
 
+def test_train_vision_puts_the_tower_in_the_optimizer(vision_source, tmp_path, model_parallel):
+    """The trainer's DDP buffers and optimizer hold the vision tower and embedder only with
+    `model.overrides.train_vision=true`: frozen, nothing trains them."""
+    from megatron_bdgemma.training.trainer import setup
+
+    sizes = {}
+    for train in ("false", "true"):
+        state = setup(_run(tmp_path, f"model.hf={vision_source}", f"model.overrides.train_vision={train}",
+                           "checkpoint.save=null"))
+        (ddp,) = state.model
+        in_buffers = {id(p) for buffer in ddp.buffers for p in buffer.params}
+        vision = [p for name, p in ddp.module.named_parameters() if name.startswith("vision.")]
+        assert len(vision) == 16 and all((id(p) in in_buffers) == (train == "true") for p in vision), train
+        sizes[train] = sum(len(group["params"]) for group in state.optimizer.param_groups)
+    assert sizes["true"] == sizes["false"] + 16, sizes
+
+
 def test_text_only_export_is_text_only_and_loads_without_missing_keys(tmp_path, model_parallel):
     """A model without a vision tower (a preset) exports the zero stand-in: transformers initialises nothing at
     random, and the model is about our size (the default tower alone would be 167M parameters)."""
@@ -233,21 +251,27 @@ def test_bad_vision_tensors_are_named(vision_source, tmp_path, capsys, model_par
     assert not (tmp_path / "mg").exists()
 
 
-def test_planner_counts_the_carried_bytes_not_parameters(vision_source, model_parallel):
-    """tools/plan.py adds the carried tower to the first stage's weight bytes (what the source stores for it) and
-    leaves it out of the parameter counts, which stay transformers' text model's."""
+def test_planner_counts_the_vision_tower_in_its_stored_bytes(vision_source, model_parallel):
+    """tools/plan.py counts the vision tower and embedder in the first stage's parameters (frozen unless
+    `train_vision`) and weights in the bytes the source stores them in."""
+    from dataclasses import replace
+
     from megatron_bdgemma.conversion.hf_checkpoint import hf_model_config
     from megatron_bdgemma.model import BDGemmaModel
-    from megatron_bdgemma.training.plan import _carried_bytes, _count
+    from megatron_bdgemma.training.plan import _vision_bytes, _count
 
     config = hf_model_config(vision_source, use_cpu_initialization=True, perform_initialization=False)
     with torch.device("meta"):
         model = BDGemmaModel(config)
+        trained = BDGemmaModel(replace(config, train_vision=True))
         text_only = BDGemmaModel(hf_model_config(vision_source, vision_config=None, perform_initialization=False))
     source = hf_models.vision_tensors(load_file(vision_source / "model.safetensors"))
     stored = sum(t.numel() * t.element_size() for t in source.values())
-    assert _carried_bytes([model]) == stored > 1_000_000 and _carried_bytes([text_only]) == 0
-    assert _count([model]) == _count([text_only])
+    assert _vision_bytes([model]) == stored > 1_000_000 and _vision_bytes([text_only]) == 0
+    counts, text = _count([model]), _count([text_only])
+    assert counts.vision == counts.vision_frozen == sum(t.numel() for t in source.values())
+    assert replace(counts, vision=0, vision_frozen=0) == text
+    assert _count([trained]).vision_frozen == 0 and _count([trained]).trainable == counts.trainable + counts.vision
 
 
 def test_export_refuses_a_carried_tensor_of_another_dtype(vision_source, tmp_path, model_parallel):
@@ -265,7 +289,7 @@ def test_export_refuses_a_carried_tensor_of_another_dtype(vision_source, tmp_pat
     model = load_model(tmp_path / "mg")
     recorded = model_config_to_dict(model.config)
     projection = model.vision.embed_vision.embedding_projection
-    projection.weight = projection.weight.bfloat16()
+    projection.weight = torch.nn.Parameter(projection.weight.bfloat16(), requires_grad=False)
     save_checkpoint(tmp_path / "cast", 0, model, extra={"model_config": recorded})
     with pytest.raises(ConversionError, match=r"vision\.embed_vision\.embedding_projection\.weight is stored as "
                                               r"torch\.bfloat16, but the model config records the vision tower as float32"):

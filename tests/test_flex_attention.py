@@ -23,12 +23,16 @@ TOLERANCE = 1e-5  # fp32 max-abs, values and gradients, relative to the largest 
 
 # Example 0: left padding (2) and a hole (positions 6, 7); example 1: all valid.
 VALID = torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1], [1] * 12]).bool()
+GROUPS = torch.tensor([[-1, -1, -1, 0, 0, 0, 0, -1, -1, -1, -1, -1], [-1, 0, 0, 0, -1, -1, -1, -1, -1, 1, 1, 1]])
 
 MASKS = {
     "encoder_full": lambda: EncoderMask(VALID, None),
     "encoder_sliding": lambda: EncoderMask(VALID, 3),
     "encoder_last_queries": lambda: EncoderMask(VALID, 3, num_queries=5),  # a generation step after cached keys
     "encoder_last_queries_full": lambda: EncoderMask(VALID, None, num_queries=1),
+    # Images: example 0 one group of 4 (longer than the window), example 1 two groups, one of them the last keys.
+    "encoder_vision_sliding": lambda: EncoderMask(VALID, 3, vision_groups=GROUPS),
+    "encoder_vision_full": lambda: EncoderMask(VALID, None, vision_groups=GROUPS),
     "training_all_blocks": lambda: BlockDiffusionTrainingMask(
         torch.tensor([3, 1]), torch.tensor([6, 9]), 12, 12, 4, None
     ),
@@ -62,7 +66,7 @@ def _compare(config, mask: AttentionMask, heads: int, groups: int, head_dim: int
     )
     grad_out = torch.randn(Q, B, heads * head_dim, generator=generator)
     results = []
-    # Flex first: the rule's lazily cached helpers (e.g. EncoderMask._first_key) are then first evaluated under
+    # Flex first: the rule's lazily cached helpers (e.g. EncoderMask._key_bounds) are then first evaluated under
     # FlexAttention's vmap, and the eager grid built afterwards from them.
     for module in (FlexCoreAttention(config, softmax_scale=0.7), EagerCoreAttention(config, softmax_scale=0.7)):
         q, k, v = (t.detach().clone().requires_grad_() for t in inputs)
@@ -109,8 +113,11 @@ def test_block_mask_is_built_once_per_mask(config, monkeypatch):
         EncoderMask(torch.ones(1, 300, dtype=torch.bool), 64, num_queries=40),
         BlockDiffusionTrainingMask(torch.tensor([20, 150]), torch.tensor([260, 90]), 300, 256, 32, 64),
         DecodeInferenceMask(torch.arange(300)[None] % 50 != 0, None, 64, canvas_len=256),
+        # An image of keys [120, 200) across a tile edge: its queries see before the window and after themselves.
+        EncoderMask(torch.ones(1, 300, dtype=torch.bool), 64,
+                    vision_groups=torch.where((torch.arange(300) >= 120) & (torch.arange(300) < 200), 0, -1)[None]),
     ],
-    ids=["encoder_sliding", "encoder_last_queries", "training_sliding", "decode_sliding"],
+    ids=["encoder_sliding", "encoder_last_queries", "training_sliding", "decode_sliding", "encoder_vision"],
 )
 def test_block_tables_cover_the_dense_grid(mask):
     """What compiled kernels rely on (CPU's reference ignores it): every allowed entry lies in a listed block, and

@@ -102,16 +102,17 @@ def test_untied_layer_scalar_copies_must_agree(tmp_path, model_parallel):
         megatron_bdgemma.from_hf(path)
 
 
-def test_vision_tower_is_carried_frozen(tmp_path, model_parallel):
-    """Every stored vision tensor lands in the model unchanged (its dtype too, whatever the text stack's), as a buffer:
-    no parameter, no gradient, nothing an optimizer sees."""
+def test_vision_tower_is_loaded_frozen(tmp_path, model_parallel):
+    """Every stored vision tensor lands in the model unchanged (its dtype too, whatever the text stack's), as a
+    frozen parameter: no gradient, nothing an optimizer sees (`train_vision` off)."""
     path = hf_models.save(hf_models.diffusion_gemma(), tmp_path / "hf")
     model = megatron_bdgemma.from_hf(path, dtype=torch.bfloat16)
     source = hf_models.vision_tensors(load_file(path / "model.safetensors"))
-    carried = {name.removeprefix("vision."): t for name, t in model.named_buffers() if name.startswith("vision.")}
-    assert len(source) == 16 and sorted(carried) == sorted(source)
-    assert all(hf_models.same_bytes(carried[name], t) and t.dtype == torch.float32 for name, t in source.items())
-    assert not any(name.startswith("vision.") for name, _ in model.named_parameters())
+    held = {name.removeprefix("vision."): t for name, t in model.state_dict().items() if name.startswith("vision.")}
+    assert len(source) == 16 and sorted(held) == sorted(source)
+    assert all(hf_models.same_bytes(held[name], t) and t.dtype == torch.float32 for name, t in source.items())
+    vision = [(name, p) for name, p in model.named_parameters() if name.startswith("vision.")]
+    assert len(vision) == 16 and not any(p.requires_grad for _, p in vision)
 
 
 def _model_for(path):

@@ -38,13 +38,13 @@ def _plan(config: Path, gpus: int, *overrides: str) -> tuple[dict[str, float], s
     return {k: float(v) for k, v in re.findall(r"(\w+)=([\d.]+)", last)}, out.stdout
 
 
-def _hf_text_params(model: torch.nn.Module, experts_only: bool = False) -> int:
-    """Unique parameters of the text model (encoder and decoder stacks are tied copies), without the vision tower
-    and without `per_expert_scale`, which import folds into each expert's down projection; or only the routed
-    experts' (`experts_only`)."""
+def _hf_params(model: torch.nn.Module, experts_only: bool = False, vision: bool = True) -> int:
+    """Unique parameters of the whole model (encoder and decoder stacks are tied copies), without `per_expert_scale`,
+    which import folds into each expert's down projection; without the vision tower and embedder unless `vision`;
+    or only the routed experts' (`experts_only`)."""
     seen, total = set(), 0
     for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in seen or re.search(r"vision|audio", name) or name.endswith("per_expert_scale"):
+        if id(param) in seen or (not vision and re.search(r"vision", name)) or name.endswith("per_expert_scale"):
             continue
         if experts_only and ".experts." not in name:
             continue
@@ -61,9 +61,9 @@ def tiny_hf(tmp_path_factory) -> tuple[str, int, int]:
     layer_types = [hf_models.SLIDING] * 3 + [hf_models.FULL]
     model = hf_models.diffusion_gemma(dict(num_global_key_value_heads=2, num_experts=4, num_hidden_layers=4,
                                            layer_types=layer_types), canvas_length=8)
-    # Active per token: all but the experts a token is not routed to (top 2 of 4).
-    active = _hf_text_params(model) - _hf_text_params(model, experts_only=True) // 2
-    return str(hf_models.save(model, tmp_path_factory.mktemp("tiny") / "hf")), _hf_text_params(model), active
+    # Active per token: all but the experts a token is not routed to (top 2 of 4); the vision tower counts whole.
+    active = _hf_params(model) - _hf_params(model, experts_only=True) // 2
+    return str(hf_models.save(model, tmp_path_factory.mktemp("tiny") / "hf")), _hf_params(model), active
 
 
 PP2 = ["parallel.pp=2", "checkpoint.save=null"]
@@ -103,7 +103,7 @@ def test_tiny_params_equal_transformers(tmp_path, tiny_hf, model_parallel, gpus,
             stage = int(match.group(1)) // per_chunk % pp
         else:
             stage = pp - 1 if name.startswith("decoder.final_layernorm") else 0
-            assert name.startswith(("embedding.", "self_conditioning.", "decoder.final_layernorm")), name
+            assert name.startswith(("embedding.", "self_conditioning.", "vision.", "decoder.final_layernorm")), name
         params[stage] += param.numel()
     params[-1] += whole.embedding.word_embeddings.weight.numel()  # the LM head's tied copy
     for chunk in range(pp * vpp):
@@ -118,8 +118,8 @@ def test_tiny_params_equal_transformers(tmp_path, tiny_hf, model_parallel, gpus,
 
 def test_26b_params_equal_transformers_and_recipes_fit(tmp_path):
     """The real shape on the meta device: transformers' DiffusionGemma (from the checkpoint's config values) and the
-    planner at the SFT recipe's layout count the same parameters; the preset agrees, also at PP 2 (the README's
-    example); both recipes fit 80 GB."""
+    planner at the SFT recipe's layout count the same parameters, the vision tower included; the (text-only) preset
+    counts the text model's, also at PP 2 (the README's example); both recipes fit 80 GB."""
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
     from transformers.models.diffusion_gemma import DiffusionGemmaTextConfig
 
@@ -128,10 +128,12 @@ def test_26b_params_equal_transformers_and_recipes_fit(tmp_path):
     config = DiffusionGemmaConfig(text_config=DiffusionGemmaTextConfig(**TEXT_26B), vision_config=TINY_VISION,
                                   canvas_length=256)
     with torch.device("meta"):
-        expected = _hf_text_params(DiffusionGemmaForBlockDiffusion(config))
+        hf = DiffusionGemmaForBlockDiffusion(config)
+        whole, expected = _hf_params(hf), _hf_params(hf, vision=False)
+    assert whole > expected
     config.save_pretrained(tmp_path / "hf")  # config.json only: the planner needs no weights
     from_hf, table = _plan(SFT_26B, 8, f"model.hf={tmp_path / 'hf'}")
-    assert from_hf["params_total"] == expected, table
+    assert from_hf["params_total"] == whole, table
     assert 3.5e9 < from_hf["params_active_per_token"] < 4.5e9, table  # "A4B"
     assert from_hf["peak_gib_per_rank"] <= 80 * 0.9, table
     from_preset, _ = _plan(PRETRAIN_26B, 64)

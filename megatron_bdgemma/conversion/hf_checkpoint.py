@@ -301,7 +301,8 @@ def load_hf_weights(model: torch.nn.Module, checkpoint: HFCheckpoint, config: BD
                                      f"model carries its vision tensors as {target.dtype} (vision_dtype)")
                 target.copy_(shard)
                 loaded.add(local)
-    expected = [*dict(model.named_parameters()), *(name for name, _ in model.named_buffers() if is_carried(name))]
+    # The vision tower's persistent buffers too (its RoPE tables are not stored: transformers computes them).
+    expected = dict.fromkeys([*dict(model.named_parameters()), *(name for name in model.state_dict() if is_carried(name))])
     missing = [name for name in expected if name not in loaded]
     if missing:
         raise ValueError(

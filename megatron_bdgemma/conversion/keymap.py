@@ -138,7 +138,7 @@ def layer_mappings(config: BDGemmaConfig, i: int) -> list[Mapping]:
 
 
 def vision_mappings(config: BDGemmaConfig) -> list[Mapping]:
-    """The carried vision tensors (`vision.VisionWeights`): each HF tensor as is, under `vision.` + its HF name."""
+    """The carried vision tensors (`vision.Vision`): each HF tensor as is, under `vision.` + its HF name."""
     if config.vision_config is None:
         return []
     names = vision_tensor_shapes(config.vision_config, config.hidden_size)

@@ -106,19 +106,24 @@ class EncoderKVCache:
             for layer_type in set(self.layer_types)
         }
 
-    def encode_masks(self, new_valid: Tensor) -> dict[str, masks.EncoderMask]:
+    def encode_masks(self, new_valid: Tensor, vision_groups: Tensor | None = None) -> dict[str, masks.EncoderMask]:
         """Per layer type, the causal mask of S new positions over `[retained ; new]` keys.
 
         The new positions are the last S keys, so this is the rows of a causal encode of the whole sequence,
-        restricted to the retained keys, which hold every key those rows can see.
+        restricted to the retained keys, which hold every key those rows can see. `vision_groups`: `[B, S]` the new
+        positions' image groups (`masks.EncoderMask`; a prompt's images are encoded whole in one call).
         """
         result = {}
         for layer_type in set(self.layer_types):
-            key_valid = new_valid.bool()
+            key_valid, groups = new_valid.bool(), vision_groups
             if self.valid is not None:
-                key_valid = torch.cat([self.retained_valid(layer_type), key_valid], dim=1)
+                retained = self.retained_valid(layer_type)
+                key_valid = torch.cat([retained, key_valid], dim=1)
+                if groups is not None:  # the retained keys' images are complete: no group spans the two
+                    groups = torch.cat([torch.full_like(retained, -1, dtype=groups.dtype), groups], dim=1)
             window = self.windows[self.layer_types.index(layer_type)]
-            result[layer_type] = masks.EncoderMask(key_valid, window, num_queries=new_valid.shape[1])
+            result[layer_type] = masks.EncoderMask(key_valid, window, num_queries=new_valid.shape[1],
+                                                   vision_groups=groups)
         return result
 
 
@@ -129,6 +134,9 @@ def encode_into(
     *,
     padding_mask: Tensor | None = None,
     last_logits: bool = False,
+    pixel_values: Tensor | None = None,
+    image_position_ids: Tensor | None = None,
+    mm_token_type_ids: Tensor | None = None,
 ) -> Tensor | None:
     """Encode S new tokens causally against `cache` and append their K/V to it.
 
@@ -143,6 +151,8 @@ def encode_into(
         padding_mask: `[B, S]` bool, True = padding (left padding of the prompt); None = no padding.
         last_logits: also return the last new position's `[B, V]` fp32 softcapped next-token logits (only that
             position's: a prompt's full `[B, S, V]` logits would be large for a 262K vocabulary).
+        pixel_values, image_position_ids, mm_token_type_ids: the images of the new tokens, as `BDGemmaModel.encode`
+            takes them (a prompt's, HF's prefill).
 
     Returns:
         the logits when asked for, else None.
@@ -154,7 +164,9 @@ def encode_into(
         valid = ~padding_mask.bool()
     positions = (cache.length + torch.arange(new, device=input_ids.device)).expand(batch, new)
     encoded = model.encode(
-        input_ids, position_ids=positions, kv_prefix=cache.kv or None, attention_mask=cache.encode_masks(valid)
+        input_ids, position_ids=positions, kv_prefix=cache.kv or None,
+        attention_mask=cache.encode_masks(valid, model.vision_groups(mm_token_type_ids)),
+        pixel_values=pixel_values, image_position_ids=image_position_ids,
     )
     cache.append(encoded.kv, valid)
     return model.logits(encoded.hidden[-1:])[:, 0] if last_logits else None

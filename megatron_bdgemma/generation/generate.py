@@ -92,6 +92,9 @@ def generate(
     generator: torch.Generator | None = None,
     recompute_prefix: bool = False,
     compile: bool = False,
+    pixel_values: Tensor | None = None,
+    image_position_ids: Tensor | None = None,
+    mm_token_type_ids: Tensor | None = None,
 ) -> GenerationOutput:
     """Generate continuations of a batch of prompts.
 
@@ -113,6 +116,9 @@ def generate(
         compile: run the canvas forward and the step's softmax / entropy / argmax under `torch.compile`
             (generation/compiled.py; CUDA graphs on GPU): the first two canvases pay the compilation. Block
             diffusion only.
+        pixel_values, image_position_ids, mm_token_type_ids: the prompts' images, as `BDGemmaModel.encode` takes
+            them (`mm_token_type_ids` `[B, S]` as `input_ids`); the prompt's encode consumes them, as HF's
+            `generate` does. Canvases stay text.
 
     Returns:
         a `GenerationOutput`.
@@ -134,6 +140,9 @@ def generate(
         config.eos_token_ids if eos_token_ids is None else _as_list(eos_token_ids), dtype=torch.long, device=device
     )
     pad = config.pad_token_id if pad_token_id is None else pad_token_id
+    images = {name: value.to(device) for name, value in dict(
+        pixel_values=pixel_values, image_position_ids=image_position_ids, mm_token_type_ids=mm_token_type_ids
+    ).items() if value is not None}
     if isinstance(sampler, Autoregressive):
         _check_inputs(model, input_ids, padding_mask, max_new_tokens)
     else:
@@ -144,12 +153,13 @@ def generate(
     with torch.inference_mode(), stacked_weights_held(model):
         if isinstance(sampler, Autoregressive):
             output = _generate_autoregressive(
-                model, input_ids, padding_mask, sampler, max_new_tokens, eos, pad, on_canvas, generator
+                model, input_ids, padding_mask, sampler, max_new_tokens, eos, pad, on_canvas, generator, images
             )
         else:
             output = _generate_diffusion(
                 model, input_ids, padding_mask, sampler, canvases, eos, pad, on_canvas, generator, recompute_prefix,
                 *((compiled_decode(model), compiled_distribution()) if compile else (model.decode, distribution)),
+                images,
             )
     # Returned as ordinary tensors: inference tensors refuse in-place updates outside inference mode.
     return GenerationOutput(
@@ -173,6 +183,7 @@ def _generate_diffusion(
     recompute_prefix: bool,
     decode: Callable[..., Tensor],
     step_distribution: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]],
+    images: dict[str, Tensor],
 ) -> GenerationOutput:
     batch, prompt_length = input_ids.shape
     sequences = input_ids
@@ -182,10 +193,11 @@ def _generate_diffusion(
     for index in range(canvases):
         if recompute_prefix:
             cache = EncoderKVCache.for_model(model)
-            encoded = model.encode(sequences, padding_mask=_extend(padding_mask, sequences.shape[1]))
+            encoded = model.encode(sequences, padding_mask=_extend(padding_mask, sequences.shape[1]),
+                                   **_images_over(images, sequences.shape[1]))
             cache.append(encoded.kv, ~_extend(padding_mask, sequences.shape[1]))
         elif index == 0:
-            encode_into(model, cache, input_ids, padding_mask=padding_mask)
+            encode_into(model, cache, input_ids, padding_mask=padding_mask, **images)
         else:
             encode_into(model, cache, sequences[:, -model.config.canvas_length :])
         committed, canvas_forwards = _denoise_canvas(
@@ -308,6 +320,7 @@ def _generate_autoregressive(
     pad: int,
     on_token: CanvasCallback | None,
     generator: torch.Generator | None,
+    images: dict[str, Tensor],
 ) -> GenerationOutput:
     """Next-token decoding from the encoder logits, one cached encoder forward per token."""
     batch, prompt_length = input_ids.shape
@@ -315,7 +328,7 @@ def _generate_autoregressive(
     ended = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     forwards = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
     tokens = []
-    logits = encode_into(model, cache, input_ids, padding_mask=padding_mask, last_logits=True)
+    logits = encode_into(model, cache, input_ids, padding_mask=padding_mask, last_logits=True, **images)
     for index in range(max_new_tokens):
         forwards += ~ended
         token = sampler.next_token(logits, generator).masked_fill(ended, pad)
@@ -378,6 +391,15 @@ def _extend(padding_mask: Tensor, length: int) -> Tensor:
     batch, prompt = padding_mask.shape
     generated = torch.zeros(batch, length - prompt, dtype=torch.bool, device=padding_mask.device)
     return torch.cat([padding_mask, generated], dim=1)
+
+
+def _images_over(images: dict[str, Tensor], length: int) -> dict[str, Tensor]:
+    """The prompts' image arguments for an encode of the whole sequence so far: the token types extended with text
+    (0) over the generated positions."""
+    if "mm_token_type_ids" not in images:
+        return images
+    types = images["mm_token_type_ids"]
+    return images | dict(mm_token_type_ids=torch.nn.functional.pad(types, (0, length - types.shape[1])))
 
 
 def _as_list(ids: int | Sequence[int]) -> list[int]:

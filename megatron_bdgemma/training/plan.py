@@ -14,10 +14,10 @@ norm and the tied copy of the embedding, the LM head (last stage). The plan repo
 worst one.
 
 Bytes per rank (Megatron DDP with `grad_reduce_in_fp32`, Adam):
-- weights: 2 B/param with `train.bf16`, else 4; frozen parameters (the router) included; plus, on the first stage,
-  the carried vision tower (`megatron_bdgemma.vision`: buffers in their stored dtype, not parameters, so not in the
-  parameter counts, which stay equal to transformers' text model);
-- gradients: 4 B per trainable param (the fp32 main-grad buffer);
+- weights: 2 B/param with `train.bf16`, else 4; frozen parameters (the router) included; on the first stage, the
+  vision tower and embedder (`megatron_bdgemma.vision`) in the dtype they are stored in, counted in the parameters
+  (whole-model counts then equal transformers' whole model, but the folded `per_expert_scale`);
+- gradients: 4 B per trainable param (the fp32 main-grad buffer; the vision tower only with `train_vision`);
 - optimizer: exp_avg + exp_avg_sq (8 B) plus an fp32 master copy with bf16 weights (4 B), per trainable param;
   with the distributed optimizer divided by the size of the group megatron shards it over, read from megatron's own
   choice (`ProcessGroupCollection.setup_process_groups_for_optimizer`, which `get_megatron_optimizer` calls): dense
@@ -82,11 +82,19 @@ class ParamCounts:
     expert: int = 0
     embedding: int = 0
     frozen: int = 0
-    """Of the above, those without gradients (the router)."""
+    """Of the dense ones, those without gradients (the router)."""
+    vision: int = 0
+    """The vision tower and embedder (first stage; replicated over TP)."""
+    vision_frozen: int = 0
+    """Of those, the ones without gradients (all of them unless `train_vision`)."""
 
     @property
     def total(self) -> int:
-        return self.dense + self.expert + self.embedding
+        return self.dense + self.expert + self.embedding + self.vision
+
+    @property
+    def trainable(self) -> int:
+        return self.total - self.frozen - self.vision_frozen
 
 
 @dataclass
@@ -169,6 +177,10 @@ def _count(chunks: list[torch.nn.Module]) -> ParamCounts:
         embedding = model.shared_embedding_or_output_weight()
         for name, param in model.named_parameters():
             n = param.numel()
+            if is_carried(name):
+                counts.vision += n
+                counts.vision_frozen += 0 if param.requires_grad else n
+                continue
             if param is embedding:
                 counts.embedding += n
             elif _is_expert(name):
@@ -180,10 +192,11 @@ def _count(chunks: list[torch.nn.Module]) -> ParamCounts:
     return counts
 
 
-def _carried_bytes(chunks: list[torch.nn.Module]) -> int:
-    """Bytes of the vision tensors the chunks carry (the first stage's; none without a vision tower)."""
+def _vision_bytes(chunks: list[torch.nn.Module]) -> int:
+    """Bytes of the vision tensors the chunks hold, in their stored dtype: parameters and persistent buffers (the
+    first stage's; none without a vision tower)."""
     return sum(tensor.numel() * tensor.element_size()
-               for chunk in chunks for name, tensor in chunk.named_buffers() if is_carried(name))
+               for chunk in chunks for name, tensor in chunk.state_dict().items() if is_carried(name))
 
 
 def _kv_width(config: BDGemmaConfig, layer_type: str, tp: int) -> int:
@@ -389,10 +402,10 @@ def plan_run(run: RunConfig, gpus: int) -> Plan:
         )
         # Whole-model counts from this rank's shards: TP-split dense tensors (embedding included) times TP,
         # replicated ones once, experts times EP × ETP; the last stage's tied copy of the embedding not again.
-        params_total += (dense_tp_split * p.tp + (counts.dense + counts.embedding - dense_tp_split)
+        params_total += (dense_tp_split * p.tp + (counts.dense + counts.embedding + counts.vision - dense_tp_split)
                          + counts.expert * p.ep * etp - (counts.embedding * p.tp if last and not first else 0))
         experts_total += counts.expert * p.ep * etp
-        trainable_dense = counts.dense + counts.embedding - counts.frozen
+        trainable_dense = counts.trainable - counts.expert
         tokens_r = canvas_tokens(run, config.canvas_length, tokens_s, score)
         in_flight = _in_flight(microbatches, config)
         layers = [[layer.layer_number for layer in chunk.decoder.layers] for chunk in chunks]
@@ -402,8 +415,8 @@ def plan_run(run: RunConfig, gpus: int) -> Plan:
         )
         stages.append(StagePlan(
             stage=stage, layers=layers, params=counts, in_flight=in_flight,
-            weight_bytes=counts.total * weight_b + _carried_bytes(chunks),
-            grad_bytes=(counts.total - counts.frozen) * 4,
+            weight_bytes=(counts.total - counts.vision) * weight_b + _vision_bytes(chunks),
+            grad_bytes=counts.trainable * 4,
             optimizer_bytes_distributed=(trainable_dense * optimizer_b // dp_cp
                                          + counts.expert * optimizer_b // expert_dp),
             optimizer_bytes_plain=(trainable_dense + counts.expert) * optimizer_b,
@@ -517,6 +530,10 @@ def format_plan(plan: Plan, gpu_gib: float) -> str:
         trainable = n - frozen
         rows.append(f"| {name} | {n:,} | {_gib(n * bytes_per)} | {_gib(trainable * 4)} | "
                     f"{_gib(trainable * opt_b // dp)} | {_gib(trainable * opt_b)} |")
+    if c.vision:  # in its stored dtype
+        trainable = c.vision - c.vision_frozen
+        rows.append(f"| vision | {c.vision:,} | {_gib(peak.weight_bytes - (c.total - c.vision) * bytes_per)} | "
+                    f"{_gib(trainable * 4)} | {_gib(trainable * opt_b // plan.dp_cp)} | {_gib(trainable * opt_b)} |")
     rows.append(f"| **total** | {c.total:,} | {_gib(peak.weight_bytes)} | {_gib(peak.grad_bytes)} | "
                 f"{_gib(peak.optimizer_bytes_distributed)} | {_gib(peak.optimizer_bytes_plain)} |")
     act = peak.activation_bytes
