@@ -223,9 +223,9 @@ def test_packed_rows_keep_each_records_image_groups(window):
     valid = torch.ones_like(types, dtype=torch.bool)
     packed = masks.EncoderMask(valid, window, segment_ids=segments, vision_groups=masks.vision_groups(types))
     grid, offset = packed.dense()[0, 0], 0
-    for record in records:
-        n = len(record)
-        alone = masks.EncoderMask(torch.ones(1, n, dtype=torch.bool), window, vision_groups=masks.vision_groups(record[None]))
+    for kinds in records:
+        n = len(kinds)
+        alone = masks.EncoderMask(torch.ones(1, n, dtype=torch.bool), window, vision_groups=masks.vision_groups(kinds[None]))
         rows = grid[offset:offset + n]
         assert torch.equal(rows[:, offset:offset + n], alone.dense()[0, 0]) and rows.sum() == alone.dense().sum()
         offset += n
