@@ -417,16 +417,20 @@ def test_multi_turn_chat_jsonl_trains(hf_dir, tmp_path, model_parallel, capsys):
 
 
 def test_sft_width_is_padded_to_the_parallel_multiple(tmp_path):
-    """TP sequence parallelism splits the width over the TP ranks and FP8 GEMMs need multiples of 16: the collated
-    width is padded up with global pad (not attended, not scored), the rows themselves unchanged."""
+    """Context parallelism cuts the width into 2·cp chunks, TP sequence parallelism splits each rank's share over
+    the TP ranks and FP8 GEMMs need multiples of 16: the collated width is padded up with global pad (not attended,
+    not scored), the rows themselves unchanged."""
     from types import SimpleNamespace
 
     from megatron_bdgemma.training.data import sft_seq_multiple
 
-    def multiple(tp, sp, fp8):
-        return sft_seq_multiple(SimpleNamespace(tensor_model_parallel_size=tp, sequence_parallel=sp, fp8=fp8))
+    def multiple(tp, sp, fp8, cp=1):
+        return sft_seq_multiple(SimpleNamespace(tensor_model_parallel_size=tp, sequence_parallel=sp, fp8=fp8,
+                                                context_parallel_size=cp))
 
-    assert [multiple(2, True, None), multiple(2, False, None), multiple(3, True, "hybrid"), multiple(1, False, "e4m3")] == [2, 1, 48, 16]
+    assert [multiple(2, True, None), multiple(2, False, None), multiple(3, True, "hybrid"), multiple(1, False, "e4m3"),
+            multiple(1, False, None, cp=2), multiple(2, True, None, cp=3), multiple(1, False, "e4m3", cp=4)] == \
+        [2, 1, 48, 16, 4, 12, 16]
     data = SFTDataset(write_jsonl(tmp_path / "c.jsonl", [chat("2+2?", "4"), chat("what is 1+2?", "three")]),
                       ByteTokenizer(), max_length=64, block_size=4)
     plain, _ = sft_collate([data[0], data[1]], block_size=4, eos_id=1, pad_id=0)
