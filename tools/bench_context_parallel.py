@@ -26,8 +26,10 @@ layout. The sides alternate over `--rounds` (CP = 1 first on even rounds, CP = 2
 - **peak**: the step's resident high-water mark above the resident size just before it, MiB: `VmHWM` is reset
   right before the step (`echo 5 > /proc/self/clear_refs`), then `VmHWM − VmRSS(before)` from `/proc/self/status`
   (tools/bench_attention.py's `PeakMeter`), with `MALLOC_MMAP_THRESHOLD_=65536` so freed tensors go back to the OS
-  and cannot hide a later peak. The example's tensors are built before the reset; the step's parameter gradients
-  (the same on both sides) are inside it;
+  and cannot hide a later peak, and `malloc_trim(0)` right before the reset, which returns the free pages of the C
+  heap (blocks under that threshold) left by earlier steps: without it a step measured after another one reused
+  them unseen (at `--quick` size the second layout's peak read half of torch's count). The example's tensors are
+  built before the reset; the step's parameter gradients (the same on both sides) are inside it;
 - **torch peak** (first round; `--no-torch-memory` skips it): the cross-check, a second step of the same example
   under `torch.profiler` with `profile_memory=True`: the largest sum of the bytes of the CPU allocator's blocks
   allocated during that step and still live (its `[memory]` events in order), so the torch tensors alone, without
@@ -58,6 +60,8 @@ must agree with CP = 1's to `--loss-rtol`, or the run exits non-zero. The last l
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import dataclasses
 import gc
 import os
@@ -95,10 +99,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="skip the torch.profiler cross-check of the peak (a second, profiled step per layout)")
     parser.add_argument("--loss-rtol", type=float, default=1e-4, help="allowed relative loss-sum difference")
     parser.add_argument("--quick", action="store_true",
-                        help="a smoke run: S 512, block 64, window 128, chunk 64, 1 round")
+                        help="a smoke run: S 1024, block 64, window 128, chunk 64, 1 round")
     args = parser.parse_args(argv)
     if args.quick:
-        args.seq, args.block, args.window, args.chunk, args.rounds = 512, 64, 128, 64, 1
+        args.seq, args.block, args.window, args.chunk, args.rounds = 1024, 64, 128, 64, 1
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.seq % (2 * max(SIDES) * args.block) or args.block % (2 * max(SIDES)):
@@ -243,6 +247,13 @@ def torch_live_peak(step: Callable[[], Any]) -> tuple[Any, float]:
     return result, peak / MIB
 
 
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the OS (glibc's `malloc_trim`): blocks below the mmap threshold freed by
+    an earlier step stay resident otherwise, and a later step reusing them would not raise `VmHWM` for them."""
+    gc.collect()
+    ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+
+
 def layout_args(args: argparse.Namespace, layout: str) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(args), "layout": layout})
 
@@ -266,6 +277,7 @@ def rank_run(rank: int, args: argparse.Namespace, cp: int, torch_memory: bool) -
     results = {}
     for layout in args.layouts:
         batch, noised = layout_example(args, layout, args.seq)
+        release_free_memory()
         clock.reset()
         collectives.bytes, collectives.calls, collectives.counting = {}, {}, True
         cpu = time.process_time()
@@ -297,7 +309,7 @@ def rank_run(rank: int, args: argparse.Namespace, cp: int, torch_memory: bool) -
 
 def ratios(per_round: list[dict[int, float]]) -> tuple[float, float, float]:
     """CP = 2 over CP = 1 in each round → (median, min, max)."""
-    values = [r[2] / r[1] for r in per_round]
+    values = [r[2] / r[1] if r[1] > 0 else float("nan") for r in per_round]  # a tiny step may not grow the RSS
     return statistics.median(values), min(values), max(values)
 
 
@@ -324,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.rounds} round(s), the sides alternating, each side in fresh processes after a warm-up step; "
           f"1/5/15-min load average {'/'.join(f'{x:.1f}' for x in load_before)} before, "
           f"{'/'.join(f'{x:.1f}' for x in os.getloadavg())} after")
-    print("peak = VmHWM above VmRSS just before the step (clear_refs, MALLOC_MMAP_THRESHOLD_=65536); torch peak = live "
+    print("peak = VmHWM above VmRSS just before the step (clear_refs, MALLOC_MMAP_THRESHOLD_=65536, malloc_trim); torch peak = live "
           "bytes of the CPU allocator's blocks allocated during the step (torch.profiler, first round); attention = "
           "thread CPU s in the core attention (fwd + bwd, every layer and pass); step = process CPU s; CP = 2 figures: "
           "the worse rank; ratio = CP 2 / CP 1, median over rounds (range)")
