@@ -38,8 +38,14 @@ def test_quick_run_prints_consistent_result():
         rows = {m["name"].strip(): m for m in (re.match(
             r"(?P<name>[A-Za-z ]+?(?:MiB|s|forward|backward))\s+(?P<one>[\d.]+)\s+(?P<r0>[\d.]+)\s+(?P<r1>[\d.]+)\s+"
             r"(?P<ratio>[\d.]+)\s+(?P<low>[\d.]+)\.\.\s*(?P<high>[\d.]+)", line) for line in section.splitlines()) if m}
-        assert set(rows) == {"peak MiB", "torch peak MiB", "attention CPU s", "forward", "backward", "step CPU s",
-                             "step wall s"}, section
+        assert set(rows) == {"peak MiB", "torch peak MiB", "attention CPU s", "forward", "backward",
+                             "attention reads 1e9", "step CPU s", "step wall s"}, section
+        # The kernel's work is split, not repeated: the ranks' reads sum to one process's, each about half (1/2 on the
+        # full layer, a little more on the sliding one for the rank without chunk 0: at most 1/(2(1 − W/2L)) = 0.533
+        # of the whole at W = 128, L = 1024, docs/design.md §14).
+        reads = {column: float(rows["attention reads 1e9"][column]) for column in ("one", "r0", "r1")}
+        assert reads["r0"] + reads["r1"] == pytest.approx(reads["one"], rel=2e-3), (layout, reads)
+        assert 0.45 < float(rows["attention reads 1e9"]["ratio"]) <= 0.533, (layout, reads)
         # One round: the ratio is the worse CP = 2 rank over CP = 1, and the range is that one value.
         for name, key in (("peak MiB", "peak"), ("torch peak MiB", "torch_peak"), ("attention CPU s", "attention_cpu"),
                           ("step CPU s", "step_cpu")):

@@ -39,7 +39,9 @@ layout. The sides alternate over `--rounds` (CP = 1 first on even rounds, CP = 2
   spans, fwd and bwd including its recomputation in backward) in the encoder, pass 1 and pass 2, forward and
   backward. Each core attention is wrapped in an autograd function that runs it on a local graph and, in
   backward, calls `torch.autograd.grad` on that graph, so its backward is timed as one piece; the K/V gathers
-  and their reduce-scatters sit outside it (counted below);
+  and their reduce-scatters sit outside it (counted below). Beside it, **attention reads**: the work the kernel
+  is given, counted (not timed) from the rank's masks as it schedules it: the (query, key) pairs of every query
+  chunk's key spans, × head dim, × 3 for the encoder and pass 2 (forward and backward) and × 1 for pass 1;
 - **step CPU s**: the process CPU time of the whole step (all threads: gloo's included), wall time beside;
 - **CP bytes**: what the step's collectives moved per rank: per all-gather the `(N − 1)/N` of its output received
   from the other ranks, per reduce-scatter the `(N − 1)/N` of its input sent to them, per all-reduce the tensor's
@@ -231,6 +233,20 @@ def expected_cp_bytes(model: torch.nn.Module, seq: int, canvas: int, cp: int) ->
     return (cp - 1) * per_position * 4 * (2 * seq + 3 * canvas) // cp
 
 
+def attention_reads(model: torch.nn.Module, batch, noised) -> int:
+    """The core attention's work on this rank as the block-sparse kernel schedules it: the (query, key) pairs it
+    reads, summed over every layer's query chunks (`query_chunks`, `key_spans` of this rank's masks), weighted by the
+    head dim and by the passes: encoder and pass 2 forward and backward (1 + 2), pass 1 forward (1)."""
+    inputs = model.training_layout(batch, noised)
+    chunk, total = model.config.attention_chunk_size, 0
+    for layer_type in model.config.layer_types:
+        for mask, passes in ((inputs.encoder_mask[layer_type], 3), (inputs.canvas_mask[layer_type], 1 + 3)):
+            pairs = sum((end - start) * sum(b - a for a, b in mask.key_spans(start, end))
+                        for start, end in mask.query_chunks(mask.query_chunk or chunk))
+            total += passes * model.config.head_dim_of(layer_type) * pairs
+    return total
+
+
 def torch_live_peak(step: Callable[[], Any]) -> tuple[Any, float]:
     """Run `step` under `torch.profiler` with `profile_memory`: → (its result, the largest sum of the CPU
     allocator's blocks allocated during it and live at once, MiB)."""
@@ -292,6 +308,7 @@ def rank_run(rank: int, args: argparse.Namespace, cp: int, torch_memory: bool) -
             peak_mib=meter.peak_mib, base_mib=meter.base_mib, step_cpu=cpu, step_wall=meter.seconds,
             attention_forward=clock.forward, attention_backward=clock.backward, losses=total.tolist(),
             cp_bytes=sum(collectives.bytes.values()), cp_calls=dict(collectives.calls), cp_bytes_by_op=dict(collectives.bytes),
+            attention_reads=attention_reads(model, batch, noised) / 1e9,
             expected_cp_bytes=expected_cp_bytes(model, batch.seq_len, noised.canvas_ids.shape[1], cp),
             seq=batch.seq_len, canvas=noised.canvas_ids.shape[1], threads=torch.get_num_threads(),
         )
@@ -338,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{'/'.join(f'{x:.1f}' for x in os.getloadavg())} after")
     print("peak = VmHWM above VmRSS just before the step (clear_refs, MALLOC_MMAP_THRESHOLD_=65536, malloc_trim); torch peak = live "
           "bytes of the CPU allocator's blocks allocated during the step (torch.profiler, first round); attention = "
-          "thread CPU s in the core attention (fwd + bwd, every layer and pass); step = process CPU s; CP = 2 figures: "
+          "thread CPU s in the core attention (fwd + bwd, every layer and pass); reads = its (query, key) pairs × head "
+          "dim × passes, from the masks; step = process CPU s; CP = 2 figures: "
           "the worse rank; ratio = CP 2 / CP 1, median over rounds (range)")
     failures, result = [], []
     for layout in args.layouts:
@@ -357,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [("peak MiB", "peak_mib", "{:10.1f}", TARGET), ("torch peak MiB", "torch_peak_mib", "{:10.1f}", None),
                 ("attention CPU s", "attention", "{:10.3f}", TARGET),
                 ("  forward", "attention_forward", "{:10.3f}", None), ("  backward", "attention_backward", "{:10.3f}", None),
+                ("attention reads 1e9", "attention_reads", "{:10.3f}", None),
                 ("step CPU s", "step_cpu", "{:10.3f}", None), ("step wall s", "step_wall", "{:10.3f}", None)]
         for name, key, fmt, target in rows:
             measured = [run for run in runs if key in run[1][0][layout]]
