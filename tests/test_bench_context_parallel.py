@@ -36,7 +36,7 @@ def test_quick_run_prints_consistent_result():
     assert [s.split(":")[0] for s in sections] == list(LAYOUTS)
     for layout, section in zip(LAYOUTS, sections, strict=True):
         rows = {m["name"].strip(): m for m in (re.match(
-            r"(?P<name>[A-Za-z ]+?(?:MiB|s|forward|backward))\s+(?P<one>[\d.]+)\s+(?P<r0>[\d.]+)\s+(?P<r1>[\d.]+)\s+"
+            r"(?P<name>[A-Za-z ]+?(?:MiB|s|forward|backward|1e9))\s+(?P<one>[\d.]+)\s+(?P<r0>[\d.]+)\s+(?P<r1>[\d.]+)\s+"
             r"(?P<ratio>[\d.]+)\s+(?P<low>[\d.]+)\.\.\s*(?P<high>[\d.]+)", line) for line in section.splitlines()) if m}
         assert set(rows) == {"peak MiB", "torch peak MiB", "attention CPU s", "forward", "backward",
                              "attention reads 1e9", "step CPU s", "step wall s"}, section

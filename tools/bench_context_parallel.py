@@ -65,6 +65,7 @@ import argparse
 import ctypes
 import ctypes.util
 import dataclasses
+import functools
 import gc
 import os
 import statistics
@@ -307,14 +308,15 @@ def rank_run(rank: int, args: argparse.Namespace, cp: int, torch_memory: bool) -
         result = dict(
             peak_mib=meter.peak_mib, base_mib=meter.base_mib, step_cpu=cpu, step_wall=meter.seconds,
             attention_forward=clock.forward, attention_backward=clock.backward, losses=total.tolist(),
-            cp_bytes=sum(collectives.bytes.values()), cp_calls=dict(collectives.calls), cp_bytes_by_op=dict(collectives.bytes),
+            cp_bytes=sum(collectives.bytes.values()), cp_calls=dict(collectives.calls),
+            cp_bytes_by_op=dict(collectives.bytes),
             attention_reads=attention_reads(model, batch, noised) / 1e9,
             expected_cp_bytes=expected_cp_bytes(model, batch.seq_len, noised.canvas_ids.shape[1], cp),
             seq=batch.seq_len, canvas=noised.canvas_ids.shape[1], threads=torch.get_num_threads(),
         )
         if torch_memory:
             gc.collect()
-            _, result["torch_peak_mib"] = torch_live_peak(lambda: training_step(model, batch, noised))
+            _, result["torch_peak_mib"] = torch_live_peak(functools.partial(training_step, model, batch, noised))
             model.zero_grad(set_to_none=True)
         del batch, noised
         results[layout] = result
@@ -353,11 +355,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.rounds} round(s), the sides alternating, each side in fresh processes after a warm-up step; "
           f"1/5/15-min load average {'/'.join(f'{x:.1f}' for x in load_before)} before, "
           f"{'/'.join(f'{x:.1f}' for x in os.getloadavg())} after")
-    print("peak = VmHWM above VmRSS just before the step (clear_refs, MALLOC_MMAP_THRESHOLD_=65536, malloc_trim); torch peak = live "
-          "bytes of the CPU allocator's blocks allocated during the step (torch.profiler, first round); attention = "
-          "thread CPU s in the core attention (fwd + bwd, every layer and pass); reads = its (query, key) pairs × head "
-          "dim × passes, from the masks; step = process CPU s; CP = 2 figures: "
-          "the worse rank; ratio = CP 2 / CP 1, median over rounds (range)")
+    print("peak = VmHWM above VmRSS just before the step (clear_refs, MALLOC_MMAP_THRESHOLD_=65536, malloc_trim); "
+          "torch peak = live bytes of the CPU allocator's blocks allocated during the step (torch.profiler, first "
+          "round); attention = thread CPU s in the core attention (fwd + bwd, every layer and pass); reads = its "
+          "(query, key) pairs × head dim × passes, from the masks; step = process CPU s; CP = 2 figures: the worse "
+          "rank; ratio = CP 2 / CP 1, median over rounds (range)")
     failures, result = [], []
     for layout in args.layouts:
         def figure(run: dict[int, list[dict[str, dict[str, Any]]]], cp: int, key: str) -> float:
@@ -370,11 +372,13 @@ def main(argv: list[str] | None = None) -> int:
             for rank in (r for cp in SIDES for r in run[cp]):
                 rank[layout]["attention"] = attention(rank)
         one = runs[0][1][0][layout]
-        print(f"\n{layout}: S {one['seq']}, R {one['canvas']} ({'every block decoded' if layout == 'pretrain' else 'one answer block decoded'})")
+        decoded = "every block decoded" if layout == "pretrain" else "one answer block decoded"
+        print(f"\n{layout}: S {one['seq']}, R {one['canvas']} ({decoded})")
         print(f"{'':26s}{'CP=1':>10s}{'CP=2 r0':>10s}{'CP=2 r1':>10s}   {'ratio':>6s} {'range':>13s}  target")
         rows = [("peak MiB", "peak_mib", "{:10.1f}", TARGET), ("torch peak MiB", "torch_peak_mib", "{:10.1f}", None),
                 ("attention CPU s", "attention", "{:10.3f}", TARGET),
-                ("  forward", "attention_forward", "{:10.3f}", None), ("  backward", "attention_backward", "{:10.3f}", None),
+                ("  forward", "attention_forward", "{:10.3f}", None),
+                ("  backward", "attention_backward", "{:10.3f}", None),
                 ("attention reads 1e9", "attention_reads", "{:10.3f}", None),
                 ("step CPU s", "step_cpu", "{:10.3f}", None), ("step wall s", "step_wall", "{:10.3f}", None)]
         for name, key, fmt, target in rows:
@@ -386,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
             cells = [statistics.median(r[1][0][layout][key] for r in measured),
                      *(statistics.median(r[2][i][layout][key] for r in measured) for i in range(2))]
             verdict = "" if target is None else f"<= {target}: {'met' if median <= target else 'MISSED'}"
-            print(f"{name:26s}{''.join(fmt.format(c) for c in cells)}   {median:6.3f} {low:6.3f}..{high:6.3f}  {verdict}")
+            row = "".join(fmt.format(c) for c in cells)
+            print(f"{name:26s}{row}   {median:6.3f} {low:6.3f}..{high:6.3f}  {verdict}")
             short = {"peak_mib": "peak", "torch_peak_mib": "torch_peak", "attention": "attention_cpu",
                      "step_cpu": "step_cpu"}.get(key)
             if short:
