@@ -129,15 +129,16 @@ def parse_args() -> argparse.Namespace:
 # ---- child: one (impl, n) measurement ---------------------------------------------------------------------------
 
 
-def build_model(args: argparse.Namespace, impl: str):
-    """The small random model (module docstring); the same weights for every impl at the same seed."""
+def build_model(args: argparse.Namespace, impl: str, cp: int = 1):
+    """The small random model (module docstring); the same weights for every impl at the same seed, and on every
+    rank of a context-parallel group of `cp` ranks (tools/bench_context_parallel.py)."""
     import torch
 
     from megatron_bdgemma.config import FULL, SLIDING, tiny
     from megatron_bdgemma.model import BDGemmaModel
     from megatron_bdgemma.runtime import init_distributed
 
-    init_distributed(seed=args.seed)  # also reseeds torch's CPU generator, which initialises the weights
+    init_distributed(seed=args.seed, cp=cp)  # also reseeds torch's CPU generator, which initialises the weights
     layer_types = [SLIDING if i % 2 == 0 else FULL for i in range(args.layers)]
     layer_types[-1] = FULL
     config = tiny(
