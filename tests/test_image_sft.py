@@ -1,0 +1,174 @@
+"""SFT with images (issue #26): chat JSONL whose user turns hold image parts, processed with the model's HF
+processor's image half, trained through the public CLI.
+
+- the data layout: each image becomes `boi, image × n, eoi` with the ids, `pixel_values`, `image_position_ids` and
+  `mm_token_type_ids` of transformers' own `Gemma4Processor` on the same rendered text and images; no image token
+  is supervised or in a response window; the collate's `Images` hold the images in placeholder order, row after row;
+- the byte tokenizer refuses an image part with the file and line;
+- a tiny image SFT run through `examples/pretrain_bdgemma.py` (frozen tower, then `model.overrides.train_vision=
+  true`) exits 0 and its loss decreases; only the trained tower changes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_bdgemma.data import BadDataError
+from megatron_bdgemma.data.sft import SFTDataset, sft_collate
+from megatron_bdgemma.data.tokenizer import ByteTokenizer, HFTokenizer
+
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>",
+            "<|image|>", "<|boi|>", "<|eoi|>"]
+# The test chat template: a user turn's content may be a list of parts, an image part renders as the image token.
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>"
+    "{% if m['content'] is string %}{% set parts = [{'type': 'text', 'text': m['content']}] %}"
+    "{% else %}{% set parts = m['content'] %}{% endif %}"
+    "{% if m['role'] == 'assistant' %}{% generation %}{% for p in parts %}{{ p['text'] }}{% endfor %}<|end|>."
+    "{% endgeneration %}{% else %}{% for p in parts %}{% if p['type'] == 'image' %}<|image|>{% else %}{{ p['text'] }}"
+    "{% endif %}{% endfor %}<|end|>.{% endif %}{% endfor %}"
+)
+WORDS = "what is in this picture a red square blue circle two shapes left right"
+
+
+def build_processor_dir(directory: Path) -> Path:
+    """A word-level tokenizer with Gemma 4's image tokens and a Gemma 4 image processor (patch 16, 3 × 3 pooling:
+    `TINY_VISION`'s), saved with `save_pretrained`: the local stand-in of the model's HF processor directory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([WORDS, ". ,"], trainers.WordLevelTrainer(special_tokens=SPECIALS))
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<eos>", bos_token="<bos>", unk_token="<unk>", pad_token="<pad>",
+        additional_special_tokens=SPECIALS[4:], chat_template=TEMPLATE,
+        extra_special_tokens={"image_token": "<|image|>", "boi_token": "<|boi|>", "eoi_token": "<|eoi|>"},
+    ).save_pretrained(directory)
+    Gemma4ImageProcessorPil(patch_size=16, max_soft_tokens=70, pooling_kernel_size=3).save_pretrained(directory)
+    return directory
+
+
+def write_images(directory: Path, count: int, seed: int = 0) -> list[str]:
+    """`count` small random PNGs of different sizes, named relative to `directory`."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    names = []
+    for i in range(count):
+        size = (int(rng.integers(20, 60)), int(rng.integers(20, 60)))
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(directory / f"img{i}.png")
+        names.append(f"img{i}.png")
+    return names
+
+
+def image_chat(images: list[str], answer: str) -> dict:
+    parts = [{"type": "image", "path": p} for p in images] + [{"type": "text", "text": "what is in this picture"}]
+    return {"messages": [{"role": "user", "content": parts}, {"role": "assistant", "content": answer}]}
+
+
+def _oracle_processor(directory: Path):
+    """transformers' `Gemma4Processor` over the directory's tokenizer and image processor. Its constructor builds
+    the video processor, which needs torchvision (absent here, and images never reach it), so the instance is
+    assembled with the attributes its `__init__` sets; `__call__` is transformers' own. The audio tokens only pass
+    `validate_inputs` (it reads them whether or not audio is given)."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers.models.gemma4 import Gemma4Processor
+
+    processor = object.__new__(Gemma4Processor)
+    tok = AutoTokenizer.from_pretrained(directory)
+    processor.tokenizer, processor.image_processor, processor.chat_template = \
+        tok, AutoImageProcessor.from_pretrained(directory), TEMPLATE
+    processor.image_token, processor.boi_token, processor.eoi_token = tok.image_token, tok.boi_token, tok.eoi_token
+    processor.image_token_id = tok.image_token_id
+    processor.video_processor = processor.feature_extractor = None
+    processor.audio_token = processor.boa_token = processor.eoa_token = tok.unk_token
+    return processor
+
+
+@pytest.fixture(scope="module")
+def processor_dir(tmp_path_factory) -> Path:
+    return build_processor_dir(tmp_path_factory.mktemp("processor"))
+
+
+def test_image_records_are_laid_out_as_the_hf_processor_does(processor_dir, tmp_path):
+    from PIL import Image
+
+    tok = HFTokenizer(processor_dir)
+    names = write_images(tmp_path, 3)
+    records = [image_chat(names[:1], "a red square"), {"messages": [{"role": "user", "content": "what is in this"},
+                                                                    {"role": "assistant", "content": "two shapes"}]},
+               image_chat(names[1:], "a blue circle left right")]
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    data = SFTDataset(path, tok, max_length=512, block_size=4)
+    assert data.with_images == 2
+
+    oracle = _oracle_processor(processor_dir)
+    special = {tok.images.image_token_id, tok.images.boi_token_id, tok.images.eoi_token_id}
+    expected_pixels, expected_positions = [], []
+    for index, record in enumerate(records):
+        sample = data[index]
+        ids = sample["input_ids"]
+        own = [p["path"] for m in record["messages"] if isinstance(m["content"], list) for p in m["content"]
+               if p["type"] == "image"]
+        text = oracle.tokenizer.apply_chat_template(record["messages"], tokenize=False)
+        want = oracle(text=[text], images=[[Image.open(tmp_path / p).convert("RGB") for p in own]] if own else None,
+                      return_tensors="pt", add_special_tokens=False)
+        assert ids.tolist() == want["input_ids"][0].tolist(), index
+        image_tokens = torch.tensor([i in special for i in ids.tolist()])
+        assert not (sample["loss_mask"] & image_tokens).any(), "an image token is supervised"
+        assert sample["loss_mask"].any()
+        if own:
+            got = sample["images"]
+            assert got["mm_token_type_ids"].tolist() == want["mm_token_type_ids"][0].tolist()
+            assert torch.equal(got["pixel_values"], want["pixel_values"])
+            assert torch.equal(got["image_position_ids"], want["image_position_ids"])
+            assert int(got["mm_token_type_ids"].sum()) == int((ids == tok.images.image_token_id).sum()) > 0
+            expected_pixels += list(want["pixel_values"])
+            expected_positions += list(want["image_position_ids"])
+        else:
+            assert "images" not in sample
+
+    batch, _ = sft_collate([data[i] for i in range(3)], block_size=4, eos_id=tok.eod, pad_id=tok.pad)
+    images = batch.images
+    patches = images.pixel_values.shape[1]
+    for got_pixels, got_positions, pixels, positions in zip(images.pixel_values, images.image_position_ids,
+                                                            expected_pixels, expected_positions, strict=True):
+        assert torch.equal(got_pixels[: len(pixels)], pixels) and not got_pixels[len(pixels):].any()
+        assert torch.equal(got_positions[: len(positions)], positions)
+        assert (got_positions[len(positions):] == -1).all() and patches >= len(pixels)
+    assert images.mm_token_type_ids.shape == batch.input_ids.shape
+    assert torch.equal(images.mm_token_type_ids.bool(), batch.input_ids == tok.images.image_token_id)
+    # No image token in a response window: every one lies before its row's prompt end.
+    rows, columns = images.mm_token_type_ids.nonzero(as_tuple=True)
+    assert (columns < batch.prefix_lens[rows]).all()
+    assert not torch.isin(batch.canvas_targets, torch.tensor(sorted(special))).any()
+
+
+def test_image_parts_are_refused_without_an_image_processor(tmp_path):
+    names = write_images(tmp_path, 1)
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps(image_chat([], "a")) + "\n" + json.dumps(image_chat(names, "a")) + "\n")
+    with pytest.raises(BadDataError) as error:
+        SFTDataset(path, ByteTokenizer(), max_length=512, block_size=4)
+    assert str(error.value).startswith(f"{path}:2: the record has 1 image part(s) but the tokenizer")
+    assert "\n" not in str(error.value)
+
+
+def test_image_in_a_response_window_and_missing_file_are_refused(processor_dir, tmp_path):
+    names = write_images(tmp_path, 1)
+    late = {"messages": [{"role": "user", "content": "what"}, {"role": "assistant", "content": "a"},
+                         {"role": "user", "content": [{"type": "image", "path": names[0]}]},
+                         {"role": "assistant", "content": "red"}]}
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [late, image_chat(["nope.png"], "a"), image_chat(names, "a")]))
+    data = SFTDataset(path, HFTokenizer(processor_dir), max_length=512, block_size=4, on_bad="skip")
+    assert len(data) == 1 and dict(data.bad.counts) == {"image_in_response": 1, "missing_image": 1}
+    assert data.bad.locations == {"image_in_response": [f"{path}:1"], "missing_image": [f"{path}:2"]}
