@@ -150,6 +150,14 @@ def test_image_records_are_laid_out_as_the_hf_processor_does(processor_dir, tmp_
     rows, columns = images.mm_token_type_ids.nonzero(as_tuple=True)
     assert (columns < batch.prefix_lens[rows]).all()
     assert not torch.isin(batch.canvas_targets, torch.tensor(sorted(special))).any()
+    # Nor is one an AR target; every other valid pair is.
+    plain, _ = sft_collate([{k: v for k, v in data[i].items() if k != "images"} for i in range(3)], block_size=4,
+                           eos_id=tok.eod, pad_id=tok.pad)
+    image_target = torch.zeros_like(plain.ar_loss_mask)
+    image_target[:, :-1] = torch.isin(plain.input_ids[:, 1:], torch.tensor(sorted(special)))
+    assert image_target.any() and torch.equal(batch.ar_loss_mask, plain.ar_loss_mask & ~image_target)
+    assert torch.equal(batch.ar_labels[batch.ar_loss_mask], plain.ar_labels[batch.ar_loss_mask])
+    assert (batch.ar_labels[~batch.ar_loss_mask] == tok.pad).all()
 
 
 def test_image_parts_are_refused_without_an_image_processor(tmp_path):

@@ -30,6 +30,12 @@ any number of turns in any order. The rules are NeMo Automodel's DiffusionGemma 
   block; :attr:`SFTDataset.truncated` counts them). Refusing is the default: a cut answer is trained without its
   end, which should be a choice.
 
+- A user turn's content may be a list of text and image parts (``{"type": "image", "path": ...}``, relative to the
+  JSONL file): with an HF tokenizer directory that has an image processor (:class:`~megatron_bdgemma.data.tokenizer.
+  ImageProcessing`) each image becomes its placeholders, never supervised, never an AR target and never in a
+  response window; the record carries its images and :func:`sft_collate` gives the batch's ``vision.Images``
+  (``DiffusionBatch.images``). docs/design.md §9.
+
 The whole file is tokenised in memory when the dataset is built (on every rank); that suits up to a few hundred
 thousand records.
 """
@@ -69,7 +75,8 @@ class ChatExample:
     """Cut at ``max_length`` (``truncation=True``)."""
     images: dict[str, Any] | None = None
     """The record's images as the processor gives them (``pixel_values`` ``[N, patches, 3·patch²]``,
-    ``image_position_ids`` ``[N, patches, 2]``, ``mm_token_type_ids`` ``[L]``), or None: a text record."""
+    ``image_position_ids`` ``[N, patches, 2]``, ``mm_token_type_ids`` ``[L]``) and ``image_tokens`` ``[L]`` (its
+    image tokens, placeholders and their begin/end), or None: a text record."""
 
 
 class SFTSample(TypedDict):
@@ -143,6 +150,7 @@ def encode_chat(record: Any, tokenizer: Tokenizer, *, max_length: int, block_siz
     ids, supervised = ids[:max_length], keep(supervised[:max_length])  # cut first, then the last run (Automodel)
     if images is not None:
         images["mm_token_type_ids"] = np.asarray(images["mm_token_type_ids"][:max_length], dtype=np.int64)
+        images["image_tokens"] = np.asarray(images["image_tokens"][:max_length], dtype=bool)
     return ChatExample(np.asarray(ids, dtype=np.int32), np.asarray(supervised, dtype=bool), truncated, images)
 
 
@@ -232,7 +240,16 @@ def sft_collate(samples: Sequence[SFTSample], *, block_size: int, eos_id: int, p
     batch = build_sft_batch(ids, loss_mask, valid, block_size=block_size, eos_id=eos_id, pad_id=pad_id,
                             seq_multiple_of=seq_multiple_of, max_len=max_len)
     if any("images" in s for s in samples):
-        batch = dataclasses.replace(batch, images=_collate_images(samples, batch.seq_len))
+        # Image tokens are inputs, never targets: no AR pair predicts one (the diffusion loss never sees them, they
+        # lie in the prompt).
+        targets = torch.zeros(batch.input_ids.shape, dtype=torch.bool)
+        for row, sample in enumerate(samples):
+            if "images" in sample:
+                tokens = sample["images"]["image_tokens"][1: batch.seq_len + 1]
+                targets[row, : len(tokens)] = tokens
+        batch = dataclasses.replace(batch, ar_loss_mask=batch.ar_loss_mask & ~targets,
+                                    ar_labels=batch.ar_labels.masked_fill(targets, pad_id),
+                                    images=_collate_images(samples, batch.seq_len))
     return batch, torch.tensor([s["sample_index"] for s in samples], dtype=torch.long)
 
 

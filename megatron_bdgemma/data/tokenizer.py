@@ -262,7 +262,8 @@ class ImageProcessing:
                ) -> tuple[list[int], list[bool], dict[str, Any]]:
         """Each ``image_token`` of a rendered conversation → its image's placeholders, unsupervised; with the
         processor's ``pixel_values`` ``[N, patches, 3·patch²]``, ``image_position_ids`` ``[N, patches, 2]`` and
-        ``mm_token_type_ids`` ``[L]`` (1 on the placeholders).
+        ``mm_token_type_ids`` ``[L]`` (1 on the placeholders) and ``image_tokens`` ``[L]`` (True on every image token:
+        ``boi``, placeholders, ``eoi``; no loss predicts them).
 
         Raises:
             ValueError: the rendered text holds another number of image tokens than there are images.
@@ -284,8 +285,10 @@ class ImageProcessing:
                 out_ids.append(token)
                 out_supervised.append(marked)
         types = [int(i == self.image_token_id) for i in out_ids]
-        return out_ids, out_supervised, {"pixel_values": pixels["pixel_values"],
-                                         "image_position_ids": pixels["image_position_ids"], "mm_token_type_ids": types}
+        image_tokens = [i in (self.boi_token_id, self.image_token_id, self.eoi_token_id) for i in out_ids]
+        return out_ids, out_supervised, {"pixel_values": pixels["pixel_values"], "image_position_ids":
+                                         pixels["image_position_ids"], "mm_token_type_ids": types,
+                                         "image_tokens": image_tokens}
 
 
 def load_tokenizer(spec: str | Path, chat_template: str | Path | None = None) -> Tokenizer:
