@@ -236,3 +236,10 @@ def test_image_sft_cli_run_learns_with_the_tower_frozen_and_trained(processor_di
         # past 1e-5 from step 5 on (measured at most 6.9e-5, 1.2e-5 under AVX2); they are checked at 1e-3.
         assert_steps_close(metrics[0][4:], metrics[1][4:], f"image SFT, {layout.upper()} = 2 vs one process, steps 5-8",
                            shared_weight_steps=0, rel=1e-3, first_step=5)
+
+    # The byte tokenizer has no image processor: one line naming the file and line, exit 1.
+    done = _cli("examples/pretrain_bdgemma.py", "--config", "examples/configs/tiny_sft.yaml", f"data.paths=[{chats}]",
+                f"checkpoint.save={tmp_path / 'byte'}")
+    assert done.returncode == 1 and done.stderr.strip().splitlines()[-1].startswith(
+        f"error: {chats}:1: the record has 1 image part(s) but the tokenizer (data.tokenizer) has no image processor"), \
+        done.stderr[-2000:]
