@@ -30,17 +30,24 @@ any number of turns in any order. The rules are NeMo Automodel's DiffusionGemma 
   block; :attr:`SFTDataset.truncated` counts them). Refusing is the default: a cut answer is trained without its
   end, which should be a choice.
 
+- A user turn's content may be a list of text and image parts (``{"type": "image", "path": ...}``, relative to the
+  JSONL file): with an HF tokenizer directory that has an image processor (:class:`~megatron_bdgemma.data.tokenizer.
+  ImageProcessing`) each image becomes its placeholders, never supervised, never an AR target and never in a
+  response window; the record carries its images and :func:`sft_collate` gives the batch's ``vision.Images``
+  (``DiffusionBatch.images``). docs/design.md §9.
+
 The whole file is tokenised in memory when the dataset is built (on every rank); that suits up to a few hundred
 thousand records.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 import numpy as np
 import torch
@@ -49,6 +56,7 @@ from torch import Tensor
 from megatron_bdgemma.data import BadRecords, OnBad
 from megatron_bdgemma.data.tokenizer import Tokenizer
 from megatron_bdgemma.diffusion.layout import DiffusionBatch, build_sft_batch
+from megatron_bdgemma.vision import Images
 
 __all__ = ["ROLES", "ChatExample", "ChatRecordError", "SFTSample", "SFTDataset", "encode_chat", "sft_collate"]
 
@@ -65,6 +73,10 @@ class ChatExample:
     """``[L]`` bool: the tokens the chat template marks as generated (all False: an AR-only row)."""
     truncated: bool = False
     """Cut at ``max_length`` (``truncation=True``)."""
+    images: dict[str, Any] | None = None
+    """The record's images as the processor gives them (``pixel_values`` ``[N, patches, 3·patch²]``,
+    ``image_position_ids`` ``[N, patches, 2]``, ``mm_token_type_ids`` ``[L]``) and ``image_tokens`` ``[L]`` (its
+    image tokens, placeholders and their begin/end), or None: a text record."""
 
 
 class SFTSample(TypedDict):
@@ -74,6 +86,8 @@ class SFTSample(TypedDict):
     """``[L]`` bool: the supervised tokens."""
     sample_index: int
     """Index of the example in the dataset: the key of its noise."""
+    images: NotRequired[dict[str, Tensor]]
+    """The record's images (:attr:`ChatExample.images`), when it has some."""
 
 
 class ChatRecordError(ValueError):
@@ -85,7 +99,7 @@ class ChatRecordError(ValueError):
 
 
 def encode_chat(record: Any, tokenizer: Tokenizer, *, max_length: int, block_size: int,
-                truncation: bool = False, mask_history: bool = False) -> ChatExample:
+                truncation: bool = False, mask_history: bool = False, base_dir: Path = Path(".")) -> ChatExample:
     """Tokenise one chat record (already parsed from JSON) with its supervised mask.
 
     Args:
@@ -95,6 +109,7 @@ def encode_chat(record: Any, tokenizer: Tokenizer, *, max_length: int, block_siz
         block_size: canvas block length (for the EOS fill in the length budget).
         truncation: cut an over-long record at ``max_length`` instead of refusing it.
         mask_history: supervise only the final assistant turn (the module docstring).
+        base_dir: what image parts' paths are relative to (the JSONL file's directory).
 
     Returns:
         A :class:`ChatExample`.
@@ -102,21 +117,41 @@ def encode_chat(record: Any, tokenizer: Tokenizer, *, max_length: int, block_siz
     Raises:
         ChatRecordError: the record breaks a rule of the module docstring.
     """
-    messages = _messages(record)
+    messages, image_paths = _messages(record, base_dir)
+    if image_paths and tokenizer.images is None:
+        raise ChatRecordError("images_unsupported", f"the record has {len(image_paths)} image part(s) but the tokenizer "
+                                                    "(data.tokenizer) has no image processor; give the model's HF "
+                                                    "processor directory")
+    if tokenizer.images is None:  # a text tokenizer takes a user turn's text parts as one string
+        messages = [{**m, "content": "".join(p["text"] for p in m["content"])} if isinstance(m["content"], list)
+                    else m for m in messages]
     ids, supervised = tokenizer.tokenize_chat(messages)
     if len(ids) != len(supervised):  # a tokenizer contract, not a data problem
         raise ValueError(f"tokenize_chat gave {len(ids)} ids but {len(supervised)} mask entries")
+    images = None
+    if image_paths:
+        ids, supervised, images = tokenizer.images.expand(ids, supervised, image_paths)
     keep = _last_run if mask_history else list
     kept = keep(supervised)  # the length check lays out what is trained
     first = kept.index(True) if any(kept) else None
+    if images is not None and first is not None and any(images["mm_token_type_ids"][first:]):
+        # The response window (canvas) is text: an image there would be noised as tokens, not seen.
+        raise ChatRecordError("image_in_response", "an image part comes after the first supervised token (in the "
+                                                   "response window); images go in the prompt's user turns")
     laid_out = len(ids) if first is None else first + -(-(len(ids) - first) // block_size) * block_size
     truncated = laid_out > max_length
     if truncated and not truncation:
         where = "tokens" if first is None else f"positions with the EOS block fill (block {block_size})"
         raise ChatRecordError("too_long", f"the conversation takes {laid_out} {where}, over max_length {max_length} "
                               "(data.seq_length); data.truncation=true cuts it there instead")
+    if images is not None and len(ids) > max_length and (first is None or first > max_length):
+        raise ChatRecordError("too_long", f"the conversation takes {len(ids)} tokens, over max_length {max_length} "
+                                          "(data.seq_length), and a cut there could split an image")
     ids, supervised = ids[:max_length], keep(supervised[:max_length])  # cut first, then the last run (Automodel)
-    return ChatExample(np.asarray(ids, dtype=np.int32), np.asarray(supervised, dtype=bool), truncated)
+    if images is not None:
+        images["mm_token_type_ids"] = np.asarray(images["mm_token_type_ids"][:max_length], dtype=np.int64)
+        images["image_tokens"] = np.asarray(images["image_tokens"][:max_length], dtype=bool)
+    return ChatExample(np.asarray(ids, dtype=np.int32), np.asarray(supervised, dtype=bool), truncated, images)
 
 
 class SFTDataset(torch.utils.data.Dataset):
@@ -153,13 +188,15 @@ class SFTDataset(torch.utils.data.Dataset):
                     except (json.JSONDecodeError, UnicodeDecodeError) as err:
                         raise ChatRecordError("invalid_json", f"invalid JSON ({err})") from None
                     self.examples.append(encode_chat(record, tokenizer, max_length=max_length, block_size=block_size,
-                                                     truncation=truncation, mask_history=mask_history))
+                                                     truncation=truncation, mask_history=mask_history,
+                                                     base_dir=self.path.parent))
                 except ChatRecordError as bad:
                     self.bad.report(bad.reason, location, bad.detail)
         if not self.examples:
             raise ValueError(f"{self.path} has no usable chat record ({self.bad.summary()})")
         self.ar_only = sum(not e.supervised.any() for e in self.examples)  # no supervised token: AR loss only
         self.truncated = sum(e.truncated for e in self.examples)  # cut at max_length
+        self.with_images = sum(e.images is not None for e in self.examples)
 
     def summary(self) -> str:
         """One line for the logs: examples, AR-only and truncated counts, skipped records."""
@@ -171,8 +208,11 @@ class SFTDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> SFTSample:
         example = self.examples[index]
-        return SFTSample(input_ids=torch.from_numpy(example.input_ids).long(),
-                         loss_mask=torch.from_numpy(example.supervised), sample_index=int(index))
+        sample = SFTSample(input_ids=torch.from_numpy(example.input_ids).long(),
+                           loss_mask=torch.from_numpy(example.supervised), sample_index=int(index))
+        if example.images is not None:
+            sample["images"] = {name: torch.as_tensor(value) for name, value in example.images.items()}
+        return sample
 
 
 def sft_collate(samples: Sequence[SFTSample], *, block_size: int, eos_id: int, pad_id: int,
@@ -199,7 +239,36 @@ def sft_collate(samples: Sequence[SFTSample], *, block_size: int, eos_id: int, p
     valid = torch.arange(ids.shape[1])[None, :] < lengths[:, None]
     batch = build_sft_batch(ids, loss_mask, valid, block_size=block_size, eos_id=eos_id, pad_id=pad_id,
                             seq_multiple_of=seq_multiple_of, max_len=max_len)
+    if any("images" in s for s in samples):
+        # Image tokens are inputs, never targets: no AR pair predicts one (the diffusion loss never sees them, they
+        # lie in the prompt).
+        targets = torch.zeros(batch.input_ids.shape, dtype=torch.bool)
+        for row, sample in enumerate(samples):
+            if "images" in sample:
+                tokens = sample["images"]["image_tokens"][1: batch.seq_len + 1]
+                targets[row, : len(tokens)] = tokens
+        batch = dataclasses.replace(batch, ar_loss_mask=batch.ar_loss_mask & ~targets,
+                                    ar_labels=batch.ar_labels.masked_fill(targets, pad_id),
+                                    images=_collate_images(samples, batch.seq_len))
     return batch, torch.tensor([s["sample_index"] for s in samples], dtype=torch.long)
+
+
+def _collate_images(samples: Sequence[SFTSample], width: int) -> Images:
+    """The batch's images in the order of their placeholders, row after row: every image's patches padded to the
+    batch's most (zero pixels at position (-1, -1), as the processor pads), the token types laid out as the rows."""
+    images = [s["images"] for s in samples if "images" in s]
+    patches = max(i["pixel_values"].shape[1] for i in images)
+    pixels, positions = [], []
+    for i in images:
+        pad = patches - i["pixel_values"].shape[1]
+        pixels.append(torch.nn.functional.pad(i["pixel_values"], (0, 0, 0, pad)))
+        positions.append(torch.nn.functional.pad(i["image_position_ids"], (0, 0, 0, pad), value=-1))
+    types = torch.zeros(len(samples), width, dtype=torch.long)
+    for row, sample in enumerate(samples):
+        if "images" in sample:
+            row_types = sample["images"]["mm_token_type_ids"][:width]
+            types[row, : len(row_types)] = row_types
+    return Images(torch.cat(pixels), torch.cat(positions), types)
 
 
 def _last_run(supervised: list[bool]) -> list[bool]:
@@ -214,22 +283,46 @@ def _last_run(supervised: list[bool]) -> list[bool]:
     return [False] * start + supervised[start:]
 
 
-def _messages(record: Any) -> list[dict[str, str]]:
-    """Validate the record's shape; return its messages as plain dicts."""
+def _messages(record: Any, base_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Validate the record's shape; return its messages as plain dicts and its image paths (resolved against
+    ``base_dir``, in the order of their parts)."""
     if not isinstance(record, Mapping) or not isinstance(record.get("messages"), list):
         raise ChatRecordError("invalid_record", 'the record is not an object with a "messages" list')
-    messages = []
+    messages, images = [], []
     for i, message in enumerate(record["messages"]):
-        if (not isinstance(message, Mapping) or message.get("role") not in ROLES
-                or not isinstance(message.get("content"), str)):
+        if not isinstance(message, Mapping) or message.get("role") not in ROLES:
             raise ChatRecordError("invalid_record",
-                             f"message {i} is not {{'role': one of {ROLES}, 'content': str}}: {str(message)[:80]}")
-        try:
-            message["content"].encode("utf-8")
-        except UnicodeEncodeError as error:  # JSON's \ud800 escapes decode to lone surrogates no tokenizer takes
-            raise ChatRecordError("invalid_text", f"message {i} content is not valid Unicode ({error.reason} at "
-                                                  f"character {error.start})") from None
-        messages.append({"role": message["role"], "content": message["content"]})
+                                  f"message {i} is not {{'role': one of {ROLES}, 'content': ...}}: {str(message)[:80]}")
+        content = message.get("content")
+        if isinstance(content, list) and message["role"] == "user":
+            parts = [_part(i, part, base_dir, images) for part in content]
+            texts = [part["text"] for part in parts if part["type"] == "text"]
+        elif isinstance(content, str):
+            parts, texts = content, [content]
+        else:
+            raise ChatRecordError("invalid_record", f"message {i} content is not a string (or, in a user turn, a list "
+                                                    f"of text and image parts): {str(message)[:80]}")
+        for text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as error:  # JSON's \ud800 escapes decode to lone surrogates no tokenizer takes
+                raise ChatRecordError("invalid_text", f"message {i} content is not valid Unicode ({error.reason} at "
+                                                      f"character {error.start})") from None
+        messages.append({"role": message["role"], "content": parts})
     if not messages:
         raise ChatRecordError("invalid_record", "the record has no messages")
-    return messages
+    return messages, images
+
+
+def _part(i: int, part: Any, base_dir: Path, images: list[str]) -> dict[str, str]:
+    """One part of a user turn's content list, checked; an image's path resolved and appended to ``images``."""
+    if isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str):
+        return {"type": "text", "text": part["text"]}
+    if isinstance(part, Mapping) and part.get("type") == "image" and isinstance(part.get("path"), str):
+        path = base_dir / part["path"]
+        if not path.is_file():
+            raise ChatRecordError("missing_image", f"message {i}: image {str(path)!r} is not a file")
+        images.append(str(path))
+        return {"type": "image", "path": str(path)}
+    raise ChatRecordError("invalid_record", f"message {i} has a part that is neither {{'type': 'text', 'text': str}} "
+                                            f"nor {{'type': 'image', 'path': str}}: {str(part)[:80]}")

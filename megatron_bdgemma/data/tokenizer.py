@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,9 @@ __all__ = ["Tokenizer", "HFTokenizer", "ByteTokenizer", "load_tokenizer", "BYTE_
 BYTE_TOKENIZER = "byte"
 """The spec string that selects :class:`ByteTokenizer` in :func:`load_tokenizer` (and ``--tokenizer byte``)."""
 
-ChatMessage = Mapping[str, str]
-"""``{"role": "system" | "user" | "assistant", "content": str}``."""
+ChatMessage = Mapping[str, Any]
+"""``{"role": "system" | "user" | "assistant", "content": str | list of parts}``; a part is ``{"type": "text",
+"text": str}`` or ``{"type": "image", "path": str}`` (absolute: :mod:`~megatron_bdgemma.data.sft` resolves it)."""
 
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
@@ -72,6 +74,10 @@ class Tokenizer(ABC):
         The supervised tokens are what the chat template marks as generated: every assistant turn, each with its
         end of turn (docs/design.md §7; see :mod:`megatron_bdgemma.data.sft`).
         """
+
+    images: ImageProcessing | None = None
+    """How images become placeholders and patches; None: the tokenizer takes text only (the byte tokenizer, an HF
+    directory with no image processor)."""
 
     def _check_specials(self, where: str) -> None:
         if self.pad == self.eod:
@@ -177,6 +183,7 @@ class HFTokenizer(Tokenizer):
         self.pad = int(self._tok.pad_token_id)
         self.bos = None if self._tok.bos_token_id is None else int(self._tok.bos_token_id)
         self._check_specials(where)
+        self.images = ImageProcessing.load(self.path, self._tok)
 
     @property
     def unique_identifiers(self) -> dict[str, Any]:
@@ -218,6 +225,70 @@ class HFTokenizer(Tokenizer):
             [dict(m) for m in messages], tokenize=True, return_dict=True, return_assistant_tokens_mask=True
         )
         return list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]
+
+
+@dataclass(frozen=True)
+class ImageProcessing:
+    """The model's HF processor's image half: its image processor (``AutoImageProcessor`` of the tokenizer
+    directory's ``preprocessor_config.json``: patches, their positions, soft tokens per image) and its placeholder
+    rule, Gemma 4's (``Gemma4Processor.replace_image_token``): the chat template renders each image part as the
+    tokenizer's ``image_token``, which becomes ``boi_token``, ``num_soft_tokens`` × ``image_token``, ``eoi_token``.
+    The ids are what ``Gemma4Processor`` gives for the same text and images (tests/test_image_sft.py checks it); the
+    processor itself is not loaded because transformers builds its video half only with torchvision.
+    """
+
+    image_processor: Any
+    image_token_id: int
+    boi_token_id: int
+    eoi_token_id: int
+
+    @classmethod
+    def load(cls, path: Path, tokenizer: Any) -> ImageProcessing | None:
+        """The image processing of a tokenizer directory, or None when it has no image processor."""
+        if not (path / "preprocessor_config.json").is_file():
+            return None
+        from transformers import AutoImageProcessor
+
+        names = {name: getattr(tokenizer, name, None) for name in ("image_token", "boi_token", "eoi_token")}
+        if None in names.values():
+            missing = [name for name, token in names.items() if token is None]
+            raise ValueError(f"tokenizer at {path} has an image processor but no {', '.join(missing)} (its "
+                             "tokenizer_config.json's extra_special_tokens name them)")
+        ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in names.items()}
+        return cls(AutoImageProcessor.from_pretrained(str(path), local_files_only=True), ids["image_token"],
+                   ids["boi_token"], ids["eoi_token"])
+
+    def expand(self, ids: Sequence[int], supervised: Sequence[bool], image_paths: Sequence[str]
+               ) -> tuple[list[int], list[bool], dict[str, Any]]:
+        """Each ``image_token`` of a rendered conversation → its image's placeholders, unsupervised; with the
+        processor's ``pixel_values`` ``[N, patches, 3·patch²]``, ``image_position_ids`` ``[N, patches, 2]`` and
+        ``mm_token_type_ids`` ``[L]`` (1 on the placeholders) and ``image_tokens`` ``[L]`` (True on every image token:
+        ``boi``, placeholders, ``eoi``; no loss predicts them).
+
+        Raises:
+            ValueError: the rendered text holds another number of image tokens than there are images.
+        """
+        from PIL import Image
+
+        if (found := sum(i == self.image_token_id for i in ids)) != len(image_paths):
+            raise ValueError(f"the chat template rendered {found} image tokens for {len(image_paths)} image parts")
+        pixels = self.image_processor([Image.open(p).convert("RGB") for p in image_paths], return_tensors="pt")
+        soft = iter(pixels["num_soft_tokens_per_image"])
+        out_ids: list[int] = []
+        out_supervised: list[bool] = []
+        for token, marked in zip(ids, supervised):
+            if token == self.image_token_id:
+                placeholders = [self.boi_token_id, *[self.image_token_id] * int(next(soft)), self.eoi_token_id]
+                out_ids += placeholders
+                out_supervised += [False] * len(placeholders)  # image tokens are never supervised
+            else:
+                out_ids.append(token)
+                out_supervised.append(marked)
+        types = [int(i == self.image_token_id) for i in out_ids]
+        image_tokens = [i in (self.boi_token_id, self.image_token_id, self.eoi_token_id) for i in out_ids]
+        return out_ids, out_supervised, {"pixel_values": pixels["pixel_values"], "image_position_ids":
+                                         pixels["image_position_ids"], "mm_token_type_ids": types,
+                                         "image_tokens": image_tokens}
 
 
 def load_tokenizer(spec: str | Path, chat_template: str | Path | None = None) -> Tokenizer:

@@ -20,9 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from megatron_bdgemma.vision import Images
 
 __all__ = ["DiffusionBatch", "moved_to", "build_sft_batch", "build_pretrain_batch", "block_mask", "take_blocks"]
 
@@ -62,6 +66,9 @@ class DiffusionBatch:
     """``[B, S]`` bool. ``encoder_valid[b, i] & encoder_valid[b, i + 1]``: every valid pair, prompt included."""
     block_size: int
     """Canvas block length ``B_blk`` (256 for DiffusionGemma)."""
+    images: Images | None = None
+    """SFT records with image parts: the batch's images (``mm_token_type_ids`` ``[B, S]``), which the trainer gives
+    to the model's training passes; None: text."""
 
     def __post_init__(self) -> None:
         B, S = self.input_ids.shape
