@@ -163,10 +163,7 @@ def _compare_in_layout(rank: int, path: str, tp: int, ep: int, save_dir: str | N
     batch = _batch()
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     if dp_size > 1:  # EP=2 ranks are data-parallel too: each takes one example
-        import dataclasses
-
-        batch = dataclasses.replace(batch, **{f.name: getattr(batch, f.name)[dp_rank : dp_rank + 1]
-                                              for f in dataclasses.fields(batch) if f.name != "block_size"})
+        batch = batch.select([dp_rank])
     results = {}
     models = {}
     for grouped in (True, False):

@@ -40,10 +40,7 @@ def _batch():
 
 
 def _rows(batch, rows: slice):
-    import dataclasses
-
-    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name)[rows] for f in dataclasses.fields(batch)
-                                         if f.name != "block_size"})
+    return batch.select(list(range(batch.batch_size))[rows])
 
 
 def _run(model, batch, sample_indices):
