@@ -39,7 +39,7 @@ from megatron_bdgemma.layers.rope import RotaryTables
 from megatron_bdgemma.layers.self_conditioning import SelfConditioning, soft_embedding
 from megatron_bdgemma.precision import compute_dtype
 from megatron_bdgemma.spec import Backend, get_bdgemma_block_spec, get_glu_mlp_submodules
-from megatron_bdgemma.vision import Images, Vision
+from megatron_bdgemma.vision import Images, Vision, placeholder_slots
 from megatron_bdgemma.vocab_parallel import softcap, vocab_parallel_cross_entropy_sum, vocab_parallel_soft_embedding
 
 
@@ -92,6 +92,9 @@ class StepInputs:
     canvas_mask: dict[str, masks.AttentionMask]
     encoder_rope_length: int | None = None
     canvas_rope_length: int | None = None
+    image_slots: torch.Tensor | None = None
+    """`[B, S]` where each image placeholder's soft token is in the batch's image features (`vision.
+    placeholder_slots` of the whole rows), None without images."""
 
     def shard(self, rank: int, size: int) -> StepInputs:
         """Context-parallel rank `rank`'s share of the whole row: the load-balanced split of every sequence (encoder
@@ -115,7 +118,16 @@ class StepInputs:
                     logit_shift=split(canvas.logit_shift), self_conditioning=coins if coins.dim() == 1 else split(coins)),
             queries(self.canvas_mask, canvas_len),
             encoder_rope_length=int(self.positions.max()) + 1, canvas_rope_length=int(canvas.position_ids.max()) + 1,
+            image_slots=split(self.image_slots),
         )
+
+
+def _pixels(images: Images | None, inputs: StepInputs) -> dict[str, torch.Tensor]:
+    """The image keyword arguments of `embed_inputs` / `encode` for a training micro-batch (none without images)."""
+    if images is None:
+        return {}
+    return dict(pixel_values=images.pixel_values, image_position_ids=images.image_position_ids,
+                image_slots=inputs.image_slots)
 
 
 def canvas_kv(kv: list[KV], stop_gradient: bool) -> list[KV]:
@@ -173,11 +185,15 @@ class BDGemmaModel(GPTModel):
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         image_position_ids: torch.Tensor | None = None,
+        image_slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The encoder input: `embed(input_ids)` `[S, B, H]` (`[S/tp, B, H]` under sequence parallelism), the image
         features (`vision.Vision`) in place of the `config.image_token_id` placeholders, one soft token each, in
         order: `DiffusionGemmaEncoderModel`'s `masked_scatter` (the features cast to the embedding dtype, not scaled
-        by √H). No images: `embed(input_ids)`."""
+        by √H). No images: `embed(input_ids)`.
+
+        `image_slots`: a context-parallel shard's `vision.placeholder_slots` of the whole rows (every rank encodes
+        all the batch's images and takes its placeholders' features); None = `input_ids` are whole rows."""
         hidden = self.embed(input_ids)
         if pixel_values is None:
             return hidden
@@ -186,14 +202,15 @@ class BDGemmaModel(GPTModel):
         if image_position_ids is None:
             raise ValueError("pixel_values needs image_position_ids ([images, patches, 2], (-1, -1) on padding)")
         features = self.vision(pixel_values, image_position_ids).to(hidden.dtype)  # [T, H]
-        placeholders = input_ids == self.config.image_token_id  # [B, S]: the features fill it row after row
-        if int(placeholders.sum()) != features.shape[0]:
-            raise ValueError(f"input_ids hold {int(placeholders.sum())} image_token_id ({self.config.image_token_id}) "
+        slots = placeholder_slots(input_ids, self.config.image_token_id) if image_slots is None else image_slots
+        # Whole rows must use every feature; a shard holds only some placeholders, which must exist.
+        count = int(slots.max()) + 1 if image_slots is not None else int((slots >= 0).sum())
+        if count > features.shape[0] or (image_slots is None and count != features.shape[0]):
+            raise ValueError(f"input_ids hold {count} image_token_id ({self.config.image_token_id}) "
                              f"placeholders, the images give {features.shape[0]} soft tokens")
-        images = torch.zeros(*placeholders.shape, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
-        images = images.masked_scatter(placeholders[..., None], features).transpose(0, 1).contiguous()
         # [S, B] as the hidden states, contiguous: `where` lays its output out as its first input.
-        placeholders = placeholders.transpose(0, 1).contiguous()[..., None]
+        slots = slots.transpose(0, 1).contiguous()
+        images, placeholders = features[slots.clamp(min=0)], (slots >= 0)[..., None]
         if self.config.sequence_parallel:  # this rank's share of the sequence, split as the embedding split it
             images = scatter_to_sequence_parallel_region(images, group=self.tp_group)
             placeholders = scatter_to_sequence_parallel_region(placeholders, group=self.tp_group)
@@ -257,6 +274,7 @@ class BDGemmaModel(GPTModel):
         pixel_values: torch.Tensor | None = None,
         image_position_ids: torch.Tensor | None = None,
         mm_token_type_ids: torch.Tensor | None = None,
+        image_slots: torch.Tensor | None = None,
     ) -> EncoderOutput:
         """Causal pass over the clean sequence, images merged in (`DiffusionGemmaEncoderModel.forward`).
 
@@ -277,12 +295,14 @@ class BDGemmaModel(GPTModel):
             mm_token_type_ids: `[B, S]` HF's token types (1 on image tokens): with `config.vision_bidirectional`
                 the default mask lets the tokens of one image attend to each other both ways (`masks.
                 vision_groups`); an `attention_mask` given is used as it is.
+            image_slots: under context parallelism, where this shard's placeholders are among the whole rows'
+                (`embed_inputs`).
         """
         batch, seq = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)
         valid = torch.ones_like(input_ids, dtype=torch.bool) if padding_mask is None else ~padding_mask.bool()
-        hidden = self.embed_inputs(input_ids, pixel_values, image_position_ids)
+        hidden = self.embed_inputs(input_ids, pixel_values, image_position_ids, image_slots)
         if rope is None:
             rope = self.rope(position_ids, hidden.dtype)
         if attention_mask is None:
@@ -509,9 +529,6 @@ class BDGemmaModel(GPTModel):
         if isinstance(batch, PackedBatch) != isinstance(noised, PackedCanvas):
             raise TypeError(f"a {type(batch).__name__} goes with a {'PackedCanvas' if isinstance(batch, PackedBatch) else 'NoisedCanvas'}, "
                             f"got a {type(noised).__name__}")
-        if images is not None and self.cp_group.size() > 1:
-            # The placeholders of a rank's shard would need the features of the whole row's images.
-            raise ValueError("images under context parallelism (parallel.cp > 1) are not supported yet")
         groups = None if images is None else self.vision_groups(images.mm_token_type_ids)
         if isinstance(batch, PackedBatch):
             (encoder, canvas_mask), positions, canvas = self.packed_masks(batch, noised, groups), batch.position_ids, noised.noised
@@ -520,7 +537,11 @@ class BDGemmaModel(GPTModel):
             encoder = {t: masks.EncoderMask(batch.encoder_valid.bool(), self.config.window_of(t), vision_groups=groups)
                        for t in set(self.config.layer_types)}
             canvas, canvas_mask = noised, self.training_masks(batch, noised)
-        whole = StepInputs(batch.input_ids, positions, batch.ar_labels, batch.ar_loss_mask, encoder, canvas, canvas_mask)
+        # A shard's placeholders find their features by their place among the whole rows' (whole rows need not).
+        sharded = images is not None and self.cp_group.size() > 1
+        slots = placeholder_slots(batch.input_ids, self.config.image_token_id) if sharded else None
+        whole = StepInputs(batch.input_ids, positions, batch.ar_labels, batch.ar_loss_mask, encoder, canvas, canvas_mask,
+                           image_slots=slots)
         return whole.shard(self.cp_group.rank(), self.cp_group.size())
 
     def training_forward(
@@ -548,14 +569,14 @@ class BDGemmaModel(GPTModel):
             stop_gradient_to_encoder: the canvas attends to detached encoder K/V (`canvas_kv`), so the diffusion
                 loss does not reach the encoder pass; the encoder learns from the AR loss alone.
             images: the batch's images (`vision.Images`): their features replace the encoder rows' placeholders and
-                their tokens attend to each other both ways, as in `encode`; the canvas stays text. Not under
-                context parallelism yet.
+                their tokens attend to each other both ways, as in `encode`; the canvas stays text. Under context
+                parallelism every rank encodes all of them and keeps its placeholders' features.
         """
         inputs = self.training_layout(batch, noised, images)
         canvas, dtype = inputs.canvas, self.embedding.word_embeddings.weight.dtype
-        pixels = {} if images is None else dict(pixel_values=images.pixel_values, image_position_ids=images.image_position_ids)
         encoded = self.encode(inputs.input_ids, position_ids=inputs.positions, attention_mask=inputs.encoder_mask,
-                              rope=self.rope(inputs.positions, dtype, inputs.encoder_rope_length), **pixels)
+                              rope=self.rope(inputs.positions, dtype, inputs.encoder_rope_length),
+                              **_pixels(images, inputs))
         kv = canvas_kv(encoded.kv, stop_gradient_to_encoder)
         rope = self.rope(canvas.position_ids, dtype, inputs.canvas_rope_length)
 
@@ -660,8 +681,7 @@ class BDGemmaModel(GPTModel):
         canvas_inputs = inputs.canvas
         encoder_len = inputs.input_ids.shape[1] // (self.tp_group.size() if self.config.sequence_parallel else 1)
         if self.pre_process:
-            pixels = () if images is None else (images.pixel_values, images.image_position_ids)
-            encoder = self.embed_inputs(inputs.input_ids, *pixels)
+            encoder = self.embed_inputs(inputs.input_ids, **_pixels(images, inputs))
             signal = None
             if self.config.self_conditioning and not first_pass:
                 # A first stage without the LM head forms the logits chunk by chunk (all tokens in one by default).

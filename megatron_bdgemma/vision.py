@@ -90,6 +90,15 @@ class Images:
         return Images(*(t.to(device) for t in (self.pixel_values, self.image_position_ids, self.mm_token_type_ids)))
 
 
+def placeholder_slots(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """`[B, S]`: each image placeholder's index in the batch's image features, in HF's `masked_scatter` order (row
+    after row), -1 on every other token. Computed on whole rows, it travels with a context-parallel shard of them, so
+    a rank finds its placeholders' features without the rest of the row (docs/design.md §14)."""
+    placeholders = input_ids == image_token_id
+    order = placeholders.flatten().cumsum(0).view_as(placeholders) - 1
+    return torch.where(placeholders, order, -1)
+
+
 def vision_dtype(config: BDGemmaConfig) -> torch.dtype:
     """The torch dtype of the vision tensors (`config.vision_dtype` names it)."""
     return getattr(torch, config.vision_dtype)
