@@ -123,7 +123,8 @@ def check_images(args: argparse.Namespace) -> None:
     if not args.image:
         return
     if len(args.prompt) != 1:
-        raise ValueError(f"--image goes with one --prompt (the user turn it is shown in), got {len(args.prompt)} prompts")
+        raise ValueError(f"--image goes with one --prompt (the user turn it is shown in), got "
+                         f"{len(args.prompt)} prompts")
     if not args.chat:
         raise ValueError("--image places the images in the chat template's user turn: add --chat")
     from PIL import Image
