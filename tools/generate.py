@@ -52,6 +52,8 @@ from megatron_bdgemma.runtime.cli import entry_point
 if TYPE_CHECKING:
     from torch import Tensor
 
+    from megatron_bdgemma.data.tokenizer import ImageProcessing
+
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -195,7 +197,7 @@ def run_tokenizer(checkpoint: Path) -> Any | None:
     return load_run_tokenizer(spec)
 
 
-def image_inputs(args: argparse.Namespace, model_config: Any, tokenizer: Any | None) -> Any:
+def image_inputs(args: argparse.Namespace, model_config: Any, tokenizer: Any | None) -> ImageProcessing:
     """The `ImageProcessing` of the tokenizer that renders the prompt (the run's tokenizer, else the HF tokenizer
     directory's image processor). Refuses a model without a vision tower, a tokenizer without an image processor and
     one whose image token is not the model's placeholder id."""
