@@ -88,7 +88,7 @@ def test_generate_with_images_prints_hf_generate_tokens(setup):
     assert _hf_tokens(hf, processor, images, blank=True) != expected  # the images matter
 
 
-def test_generate_image_errors_are_one_line(setup, tmp_path, capsys):
+def test_generate_image_errors_are_one_line(setup, tmp_path, capsys, model_parallel):
     """A missing image file (through the CLI: the last line and exit 1, before the model loads), an unreadable one,
     `--image` without `--chat` or with several prompts, a model without a vision tower and a tokenizer directory
     without an image processor: each one line `error: ...` naming the flag and the path, exit 1."""
