@@ -287,8 +287,29 @@ def tiny(**overrides: Any) -> BDGemmaConfig:
     )
 
 
+GEMMA4_26B_VISION: dict[str, Any] = dict(
+    model_type="gemma4_vision", hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+    num_key_value_heads=16, head_dim=72, patch_size=16, pooling_kernel_size=3, position_embedding_size=10240,
+    standardize=True,
+)
+"""The vision tower of Gemma 4 26B-A4B, which DiffusionGemma-26B-A4B keeps (it uses Gemma 4's vision block), as a
+`Gemma4VisionConfig` dict. Not transformers' defaults: `DiffusionGemmaConfig()` claims to be "similar to
+google/diffusiongemma-26B-A4B-it", but its text config is not this model's (H 2304, 8 query / 4 KV heads, dense MLP
+9216, no experts, window 512) and its vision default, `Gemma4VisionConfig()` (768 wide, 16 layers, 0.17B), is the
+small Gemma 4 models' tower. These values are the ~550M tower Gemma 4's model cards give the 26B-A4B and 31B, from
+third-party copies of the released files (DiffusionGemma-26B-A4B's own config.json is not at hand): the GGUF vision
+projector of Ollama's `gemma4:26b-a4b` (27 blocks, width 1152, FFN 4304, 16 heads, patch 16, projection to 2816 = H)
+and the config.json of the tower extracted from google/gemma-4-31B-it (head dim 72, 3 × 3 pooling, 10240 position
+rows, `standardize`; 569,550,384 elements, which transformers' `Gemma4VisionModel` of these values holds). A
+checkpoint's own config (`model.hf`, a converted checkpoint) replaces the preset entirely."""
+
+
 def diffusiongemma_26b_a4b(**overrides: Any) -> BDGemmaConfig:
-    """google/diffusiongemma-26B-A4B-it, as its checkpoint config gives it (docs/design.md §4)."""
+    """google/diffusiongemma-26B-A4B-it, as its checkpoint config gives it (docs/design.md §4), with the vision tower
+    of `GEMMA4_26B_VISION` in bf16 (frozen; zero until a checkpoint's tower is loaded): image placeholder 258880 (HF's
+    `DiffusionGemmaConfig.image_token_id`, Gemma 4's), and each image's tokens bidirectional in the encoder (the
+    checkpoint's `use_bidirectional_attention="vision"`; transformers' `DiffusionGemmaTextConfig` default is None).
+    `vision_config=None` gives the text model alone."""
     return BDGemmaConfig(
         **_common(
             num_layers=30,
@@ -307,6 +328,10 @@ def diffusiongemma_26b_a4b(**overrides: Any) -> BDGemmaConfig:
             sliding_window=1024,
             canvas_length=256,
             eos_token_ids=(1, 106, 50),
+            vision_config=copy.deepcopy(GEMMA4_26B_VISION),
+            vision_dtype="bfloat16",
+            image_token_id=258_880,
+            vision_bidirectional=True,
             bf16=True,
             params_dtype=torch.bfloat16,
             moe_token_dispatcher_type="alltoall",

@@ -61,8 +61,8 @@ def tiny_hf(tmp_path_factory) -> tuple[str, int, int]:
     layer_types = [hf_models.SLIDING] * 3 + [hf_models.FULL]
     model = hf_models.diffusion_gemma(dict(num_global_key_value_heads=2, num_experts=4, num_hidden_layers=4,
                                            layer_types=layer_types), canvas_length=8)
-    # Active per token: all but the experts a token is not routed to (top 2 of 4); the vision tower counts whole.
-    active = _hf_params(model) - _hf_params(model, experts_only=True) // 2
+    # Active per token: all but the experts a token is not routed to (top 2 of 4) and the vision tower.
+    active = _hf_params(model, vision=False) - _hf_params(model, experts_only=True) // 2
     return str(hf_models.save(model, tmp_path_factory.mktemp("tiny") / "hf")), _hf_params(model), active
 
 
@@ -117,31 +117,44 @@ def test_tiny_params_equal_transformers(tmp_path, tiny_hf, model_parallel, gpus,
 
 
 def test_26b_params_equal_transformers_and_recipes_fit(tmp_path):
-    """The real shape on the meta device: transformers' DiffusionGemma (from the checkpoint's config values) and the
-    planner at the SFT recipe's layout count the same parameters, the vision tower included; the (text-only) preset
-    counts the text model's, also at PP 2 (the README's example); both recipes fit 80 GB."""
-    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+    """The real shape on the meta device: transformers' DiffusionGemma of the checkpoint's text config and the
+    preset's vision tower (`GEMMA4_26B_VISION`), the planner on that config.json at the SFT recipe's layout, and the
+    planner on the preset (its text numbers are the checkpoint's) count the same whole model, vision included, also
+    at PP 2 (the README's example); active per token excludes the tower (3.84B: "A4B"); both recipes fit 80 GB.
+    transformers' own defaults are not this model: `DiffusionGemmaConfig()` has neither its text config nor its tower
+    (so they cannot stand in for the checkpoint's config)."""
+    from transformers import AutoConfig, DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
     from transformers.models.diffusion_gemma import DiffusionGemmaTextConfig
 
-    from megatron_bdgemma.hf_reference import TINY_VISION
+    from megatron_bdgemma.config import GEMMA4_26B_VISION, config_from_hf, diffusiongemma_26b_a4b
 
-    config = DiffusionGemmaConfig(text_config=DiffusionGemmaTextConfig(**TEXT_26B), vision_config=TINY_VISION,
-                                  canvas_length=256)
+    default = DiffusionGemmaConfig()
+    assert (default.text_config.hidden_size, default.text_config.num_experts, default.vision_config.hidden_size) == (
+        2304, None, 768)
+    text = DiffusionGemmaTextConfig(**TEXT_26B, use_bidirectional_attention="vision")
+    config = DiffusionGemmaConfig(text_config=text, vision_config=GEMMA4_26B_VISION, canvas_length=256)
+    preset, converted = diffusiongemma_26b_a4b(), config_from_hf(config)
+    for name in ("num_layers", "layer_types", "hidden_size", "num_attention_heads", "kv_channels", "num_query_groups",
+                 "global_kv_channels", "num_global_query_groups", "ffn_hidden_size", "num_moe_experts",
+                 "moe_router_topk", "moe_ffn_hidden_size", "vocab_size", "max_position_embeddings", "sliding_window",
+                 "rope_parameters", "canvas_length", "image_token_id", "vision_bidirectional"):
+        assert getattr(preset, name) == getattr(converted, name), name
+    assert AutoConfig.for_model(**preset.vision_config).to_dict() == config.vision_config.to_dict()
     with torch.device("meta"):
         hf = DiffusionGemmaForBlockDiffusion(config)
-        whole, expected = _hf_params(hf), _hf_params(hf, vision=False)
-    assert whole > expected
+        whole, text, experts = _hf_params(hf), _hf_params(hf, vision=False), _hf_params(hf, experts_only=True)
+    assert whole - text == 572_792_112  # the ~0.57B tower and embedder
     config.save_pretrained(tmp_path / "hf")  # config.json only: the planner needs no weights
     from_hf, table = _plan(SFT_26B, 8, f"model.hf={tmp_path / 'hf'}")
     assert from_hf["params_total"] == whole, table
-    assert 3.5e9 < from_hf["params_active_per_token"] < 4.5e9, table  # "A4B"
+    assert from_hf["params_active_per_token"] == text - experts + experts * 8 // 128 == 3_840_371_712, table
     assert from_hf["peak_gib_per_rank"] <= 80 * 0.9, table
     from_preset, _ = _plan(PRETRAIN_26B, 64)
-    assert from_preset["params_total"] == expected
+    assert (from_preset["params_total"], from_preset["params_active_per_token"]) == (whole, 3_840_371_712)
     assert from_preset["peak_gib_per_rank"] <= 80 * 0.9
     # The README's pipeline example: same model over two stages, its stage rows and RESULT line as printed there.
     pipelined, table = _plan(PRETRAIN_26B, 64, "parallel.pp=2")
-    assert pipelined["params_total"] == expected, table
+    assert pipelined["params_total"] == whole, table
     readme = (ROOT / "README.md").read_text()
     shown = [line for line in table.splitlines() if line.startswith(("| 0 |", "| 1 |", "RESULT"))]
     assert len(shown) == 3 and all(line in readme for line in shown), table

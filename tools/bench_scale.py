@@ -6,7 +6,8 @@
 
 The model is `diffusiongemma_26b_a4b` cut to `--layers` (Gemma 4's 5:1 sliding/full pattern, last layer full):
 hidden 2816, 128 experts top-8 of width 704, dense GeGLU 2112, sliding layers 16 query / 8 KV heads of dim 256
-(window 1024), full layers 16 / 2 of dim 512 (K = V), canvas 256, vocabulary 262,144; random weights. The batch is
+(window 1024), full layers 16 / 2 of dim 512 (K = V), canvas 256, vocabulary 262,144; random weights; the text
+stack only (the preset's vision tower is dropped: the batch holds no image). The batch is
 the pretraining layout (`build_pretrain_batch`): `--batch` documents of `--seq` tokens, every block scored, so the
 decoded canvas is the whole sequence (R = S), as Automodel trains.
 
@@ -101,7 +102,8 @@ def model_config(args: argparse.Namespace, device: torch.device):
         common |= dict(fp8="hybrid", fp8_recipe=args.fp8)
     if args.tiny_width:
         return tiny(**common, sliding_window=64, canvas_length=32, num_moe_experts=8, max_position_embeddings=8192)
-    return diffusiongemma_26b_a4b(**common)
+    # The text stack the step times: no vision tower (here and in the HF twin, which gets the stand-in instead).
+    return diffusiongemma_26b_a4b(**common, vision_config=None, image_token_id=None, vision_bidirectional=False)
 
 
 def hf_model(config, device: torch.device, dtype: torch.dtype):

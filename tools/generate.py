@@ -2,6 +2,7 @@
 
     python tools/generate.py --hf /path/to/diffusiongemma --prompt "Why is the sky blue?" --chat
     python tools/generate.py --hf DIR --prompt "5 17 42" --sampler max_prob_threshold:threshold=0.8,top_k=50
+    python tools/generate.py --hf DIR --chat --image cat.png --image dog.png --prompt "What differs?"
     python tools/generate.py --load CKPT --tokenizer TOKDIR --prompt "..." --sampler autoregressive
     python tools/generate.py --load runs/tiny_pretrain --prompt "def "      # the run's own (byte) tokenizer
     torchrun --nproc-per-node 2 tools/generate.py --hf DIR --tp 2 --prompt "..."
@@ -14,6 +15,12 @@ prompts are whitespace-separated token ids and the output is printed as ids. EOS
 `--eos-token-id` / `--pad-token-id`, else the checkpoint's `generation_config.json`, else the run's tokenizer, else
 the model config. Every rank of a TP group
 runs the same loop with the same seed (lock-step); rank 0 prints.
+
+`--image PATH` (repeat for several, in order) puts images in the user turn of a `--chat` prompt, before its text, as
+the SFT data places image parts (`megatron_bdgemma.data.sft`): the chat template renders each as the image token,
+which the tokenizer directory's image processor (`preprocessor_config.json`) and Gemma 4's placeholder rule turn into
+`boi`, one placeholder per soft token, `eoi` (`data.tokenizer.ImageProcessing`); the prompt's KV-cached prefill runs
+the model's vision tower on them (`generate(..., pixel_values=...)`), as HF's `generate` does. One `--prompt` then.
 
 While it runs, rank 0 prints a progress line per canvas on stderr (`canvas 3/8: 96 tokens, 0.67 tokens per forward,
 41.2 tokens/s`, counted over all prompts; the AR baseline: one per canvas length of tokens); `--stream` prints the
@@ -45,6 +52,8 @@ from megatron_bdgemma.runtime.cli import entry_point
 if TYPE_CHECKING:
     from torch import Tensor
 
+    from megatron_bdgemma.data.tokenizer import ImageProcessing
+
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -56,6 +65,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--tokenizer", type=Path, help="HF tokenizer directory (default: the --hf directory)")
     parser.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    parser.add_argument("--image", action="append", type=Path, default=[],
+                        help="an image for the prompt's user turn (with --chat and one --prompt); repeat for several, "
+                             "in order")
     parser.add_argument("--eos-token-id", type=int, nargs="+", help="end-of-sequence ids")
     parser.add_argument("--pad-token-id", type=int, help="pad id written after EOS")
     parser.add_argument("--seed", type=int, default=0)
@@ -105,6 +117,28 @@ def check_prompts(prompts: Sequence[str]) -> None:
             what = f"byte {bytes([ord(char) - 0xDC00])!r}" if escaped else f"lone surrogate {char!r}"
             raise ValueError(f"--prompt {index + 1} ({prompt!r}) is not valid UTF-8 text: {what} at character "
                              f"{error.start}; pass UTF-8 (check the terminal's or the file's encoding)") from None
+
+
+def check_images(args: argparse.Namespace) -> None:
+    """Refuse, before the model loads, `--image` without the one chat prompt it belongs to, and an image file that
+    is missing or that PIL cannot read (named by its path)."""
+    if not args.image:
+        return
+    if len(args.prompt) != 1:
+        raise ValueError(f"--image goes with one --prompt (the user turn it is shown in), got "
+                         f"{len(args.prompt)} prompts")
+    if not args.chat:
+        raise ValueError("--image places the images in the chat template's user turn: add --chat")
+    from PIL import Image
+
+    for path in args.image:
+        if not path.is_file():
+            raise ValueError(f"--image {path} is not a file")
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except OSError as error:  # PIL's UnidentifiedImageError and a truncated file are OSErrors, as is EACCES
+            raise ValueError(f"--image {path} is not a readable image: {error}") from None
 
 
 def load_model(args: argparse.Namespace) -> Any:
@@ -163,6 +197,35 @@ def run_tokenizer(checkpoint: Path) -> Any | None:
     return load_run_tokenizer(spec)
 
 
+def image_inputs(args: argparse.Namespace, model_config: Any, tokenizer: Any | None) -> ImageProcessing:
+    """The `ImageProcessing` of the tokenizer that renders the prompt (the run's tokenizer, else the HF tokenizer
+    directory's image processor). Refuses a model without a vision tower, a tokenizer without an image processor and
+    one whose image token is not the model's placeholder id."""
+    from megatron_bdgemma.data import Tokenizer
+    from megatron_bdgemma.data.tokenizer import ImageProcessing
+
+    source = f"--hf {args.hf}" if args.hf is not None else f"--load {args.load}"
+    if model_config.vision_config is None or model_config.image_token_id is None:
+        raise ValueError(f"--image: the model ({source}) has no vision tower (its config has no vision_config); "
+                         "images need a DiffusionGemma checkpoint that has one")
+    if isinstance(tokenizer, Tokenizer):
+        processing = tokenizer.images
+        where = f"the run's tokenizer ({getattr(tokenizer, 'path', 'byte')})"
+    elif tokenizer is not None:
+        directory = args.tokenizer or args.hf
+        processing = ImageProcessing.load(directory, tokenizer)
+        where = f"the tokenizer directory {directory}"
+    else:
+        processing, where = None, "no tokenizer (--tokenizer, or an --hf directory with one)"
+    if processing is None:
+        raise ValueError(f"--image needs the model's image processor, but {where} has none (no "
+                         "preprocessor_config.json); give --tokenizer the model's HF processor directory")
+    if processing.image_token_id != model_config.image_token_id:
+        raise ValueError(f"--image: the tokenizer's image token id {processing.image_token_id} is not the model's "
+                         f"image_token_id {model_config.image_token_id}; give the model's own processor directory")
+    return processing
+
+
 def special_ids(args: argparse.Namespace, config: Any, tokenizer: Any | None) -> tuple[list[int], int]:
     """EOS ids and pad id: the flags, else the checkpoint's generation_config.json, else the tokenizer of a
     `--load` checkpoint's run, else the model config."""
@@ -182,13 +245,21 @@ def special_ids(args: argparse.Namespace, config: Any, tokenizer: Any | None) ->
     return ([eos] if isinstance(eos, int) else list(eos)), pad
 
 
-def tokenize(prompts: Sequence[str], tokenizer: Any | None, chat: bool) -> list[list[int]]:
+def tokenize(prompts: Sequence[str], tokenizer: Any | None, chat: bool,
+             images: Sequence[Path] = ()) -> list[list[int]]:
+    """Each prompt's ids; with `images` (one chat prompt), its user turn holds them as image parts before the text
+    (the placeholders are expanded by `ImageProcessing.expand`)."""
     from megatron_bdgemma.data import Tokenizer
+
+    def user_turn(prompt: str) -> list[dict[str, Any]]:
+        if not images:
+            return [{"role": "user", "content": prompt}]
+        parts = [{"type": "image", "path": str(path)} for path in images]
+        return [{"role": "user", "content": [*parts, {"type": "text", "text": prompt}]}]
 
     if isinstance(tokenizer, Tokenizer):  # a training run's tokenizer: its chat template renders text
         if chat:
-            prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
-                       for p in prompts]
+            prompts = [tokenizer.apply_chat_template(user_turn(p), add_generation_prompt=True) for p in prompts]
         return [tokenizer.encode(p) for p in prompts]
     if tokenizer is None:
         if chat:
@@ -198,10 +269,11 @@ def tokenize(prompts: Sequence[str], tokenizer: Any | None, chat: bool) -> list[
         except ValueError:
             raise ValueError("without a tokenizer, --prompt must be whitespace-separated token ids") from None
     if chat:
+        # transformers 5 returns a BatchEncoding here (a mapping: its list is its keys), so the ids are taken by name.
         return [
             list(tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=True, add_generation_prompt=True
-            ))
+                user_turn(p), tokenize=True, add_generation_prompt=True, return_dict=True
+            )["input_ids"])
             for p in prompts
         ]
     return [tokenizer(p)["input_ids"] for p in prompts]
@@ -252,6 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     check_prompts(args.prompt)
     check_source(args)
+    check_images(args)
     try:
         sampler = parse_sampler(args.sampler)
     except ValueError as error:
@@ -259,7 +332,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = load_model(args)
     tokenizer = load_tokenizer(args)
     eos, pad = special_ids(args, model.config, tokenizer)
-    input_ids, padding_mask = left_pad(tokenize(args.prompt, tokenizer, args.chat), pad)
+    processing = image_inputs(args, model.config, tokenizer) if args.image else None
+    prompts = tokenize(args.prompt, tokenizer, args.chat, args.image)
+    images: dict[str, Tensor] = {}
+    if processing is not None:
+        try:
+            ids, _, processed = processing.expand(prompts[0], [False] * len(prompts[0]), [str(p) for p in args.image])
+        except ValueError as error:  # the chat template has no image part (another count of image tokens)
+            raise ValueError(f"--image: {error}") from None
+        prompts = [ids]
+        images = dict(pixel_values=processed["pixel_values"], image_position_ids=processed["image_position_ids"],
+                      mm_token_type_ids=torch.tensor([processed["mm_token_type_ids"]]))
+    input_ids, padding_mask = left_pad(prompts, pad)
     is_printer = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
     def show(tokens: Tensor) -> list[str]:
@@ -295,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     output = generate(
         model, input_ids, padding_mask=padding_mask, sampler=sampler, max_new_tokens=args.max_new_tokens,
         eos_token_ids=eos, pad_token_id=pad, generator=generator, on_canvas=report if is_printer else None,
-        compile=args.compile,
+        compile=args.compile, **images,
     )
     if torch.cuda.is_available():
         torch.cuda.synchronize()

@@ -16,10 +16,10 @@ because a missing encoder copy loads as uninitialised memory.
 
 The vision tower and embedder the model carries (`megatron_bdgemma.vision`) go to `model.encoder.vision_tower.*` /
 `model.encoder.embed_vision.*` byte for byte, in the dtype they were stored in (`--dtype` casts the text stack only),
-with their vision config. A text-only model (trained from a preset, or converted from a text-only Gemma 4) has none,
-but `DiffusionGemmaForBlockDiffusion` always builds a tower: it gets `MINIMAL_VISION` with every tensor zero (an image
-embeds to zero), so `transformers` loads it with no missing weights and nothing initialised at random, and the
-default tower (16 layers, 768 wide, 167M parameters) does not swell a tiny model.
+with their vision config. A text-only model (trained from the tiny preset, or converted from a text-only Gemma 4) has
+none, but `DiffusionGemmaForBlockDiffusion` always builds a tower: it gets `MINIMAL_VISION` with every tensor zero
+(an image embeds to zero), so `transformers` loads it with no missing weights and nothing initialised at random, and
+the default tower (16 layers, 768 wide, 167M parameters) does not swell a tiny model.
 """
 
 from __future__ import annotations

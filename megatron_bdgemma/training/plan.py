@@ -146,7 +146,10 @@ class Plan:
     canvas_tokens: int
     stages: list[StagePlan]
     params_total: int
+    """The whole model's parameters, the vision tower included (transformers' count but the folded tensors)."""
     params_active_per_token: int
+    """What a text token runs through: all but the routed experts it is not sent to and the vision tower (which runs
+    once per image, not per token; Gemma 4's "A4B" counts it out too)."""
     distributed_optimizer: bool
     canvas_note: str = ""
     """Of packed rows (`canvas_note`): what `canvas_tokens` and `microbatches` are."""
@@ -376,7 +379,7 @@ def plan_run(run: RunConfig, gpus: int) -> Plan:
     tokens_s = run.data.seq_length
     score = run.score()
     weight_b, optimizer_b = 2 if run.train.bf16 else 4, 8 + (4 if run.train.bf16 else 0)
-    stages, params_total, experts_total = [], 0, 0
+    stages, params_total, experts_total, vision_total = [], 0, 0, 0
     for stage in range(p.pp):
         # Megatron orders ranks tp-cp-ep-dp-pp: pipeline stage i starts at rank i · gpus / pp.
         dist.init_process_group("fake", store=FakeStore(), rank=stage * gpus // p.pp, world_size=gpus)
@@ -405,6 +408,7 @@ def plan_run(run: RunConfig, gpus: int) -> Plan:
         params_total += (dense_tp_split * p.tp + (counts.dense + counts.embedding + counts.vision - dense_tp_split)
                          + counts.expert * p.ep * etp - (counts.embedding * p.tp if last and not first else 0))
         experts_total += counts.expert * p.ep * etp
+        vision_total += counts.vision  # first stage, replicated over TP
         trainable_dense = counts.trainable - counts.expert
         tokens_r = canvas_tokens(run, config.canvas_length, tokens_s, score)
         in_flight = _in_flight(microbatches, config)
@@ -425,8 +429,9 @@ def plan_run(run: RunConfig, gpus: int) -> Plan:
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
     # Active per token: everything but the experts a token is not routed to (the tied embedding counts: the LM head
-    # multiplies every token by all of it).
-    active = params_total - experts_total + experts_total * config.moe_router_topk // config.num_moe_experts
+    # multiplies every token by all of it) and the vision tower (it encodes images, not tokens).
+    active = (params_total - vision_total - experts_total
+              + experts_total * config.moe_router_topk // config.num_moe_experts)
     b, act = run.train.micro_batch_size, 2 if run.train.bf16 else 4
     context_parallel = None if p.cp == 1 else {
         layer_type: {name: b * n for name, n in per_row.items()}
