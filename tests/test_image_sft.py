@@ -6,7 +6,10 @@ processor's image half, trained through the public CLI.
   is supervised or in a response window; the collate's `Images` hold the images in placeholder order, row after row;
 - the byte tokenizer refuses an image part with the file and line;
 - a tiny image SFT run through `examples/pretrain_bdgemma.py` (frozen tower, then `model.overrides.train_vision=
-  true`) exits 0 and its loss decreases; TP = 2 and PP = 2 equal one process.
+  true`) exits 0 and its loss decreases; packed (`data.packing=true`), TP = 2, PP = 2 and EP = 2 packed equal one
+  process unpacked;
+- packing image records (model level): rows selected and packed carry exactly their records' images, no attention
+  weight crosses a record (its images included), and every packed record computes as alone.
 """
 
 from __future__ import annotations
@@ -194,15 +197,23 @@ def test_image_in_a_response_window_and_missing_file_are_refused(processor_dir, 
     assert data.bad.locations == {"image_in_response": [f"{path}:1"], "missing_image": [f"{path}:2"]}
 
 
-def test_image_sft_cli_run_learns_with_the_tower_frozen_and_trained(processor_dir, tmp_path):
+def test_image_sft_cli_run_learns_with_the_tower_frozen_and_trained(processor_dir, tmp_path, model_parallel):
     """`examples/pretrain_bdgemma.py` on a tiny HF DiffusionGemma with a vision tower (its image tokens the
     processor's, bidirectional over images) and its local processor as data.tokenizer: 8 steps of image chats, once
     with the tower frozen (the default) and once with `model.overrides.train_vision=true`. Both exit 0 and their
     loss decreases; step 1 (learning rate 0, same weights) has the same losses in both, and a larger grad norm with
-    the tower's gradients counted (so the images reach the tower). The trained run under `torchrun
-    --nproc-per-node 2 ... parallel.tp=2` and `parallel.pp=2` gives the same losses and grad norm over steps 1-4
-    (1e-5, the grad norm on the steps that share weights: tests/tolerances.py; measured 3.0e-6 at TP = 2, 6.8e-7 at
-    PP = 2, 2.3e-6 / 1.5e-6 under AVX2)."""
+    the tower's gradients counted (so the images reach the tower).
+
+    Against the trained run (one process, unpacked), the same global batches of records, on the steps that share
+    weights (1 and 2, tests/tolerances.py), both losses and the grad norm at 1e-5 relative:
+    - `data.packing=true`: each step's four records (76 to 86 tokens, each with its image) two to a row of 192;
+    - `torchrun --nproc-per-node 2 ... parallel.tp=2` and `parallel.pp=2`, unpacked;
+    - `parallel.ep=2` (DP = 2) with `data.packing=true`: each rank packs its two records and their images into a row.
+    Worst measured (defaults / AVX2): packed 5.1e-7 / 3.0e-7, TP = 2 6.1e-7 / 1.6e-7, PP = 2 4.0e-7 / 1.0e-7,
+    EP = 2 packed 5.6e-7 / 2.5e-7."""
+    from megatron_bdgemma.training.config import load_run_config
+    from megatron_bdgemma.training.data import build_step_data
+    from megatron_bdgemma.training.trainer import build_model_config
     from tests.test_errors import _cli
     from tests.test_metrics import _rows
     from tests.tolerances import assert_steps_close
@@ -216,11 +227,14 @@ def test_image_sft_cli_run_learns_with_the_tower_frozen_and_trained(processor_di
     def run(name: str, *overrides: str, nproc: int = 0) -> list[dict]:
         done = _cli("examples/pretrain_bdgemma.py", "--config", "examples/configs/tiny_sft.yaml", "--sample", "",
                     f"model.hf={hf}", f"data.tokenizer={processor_dir}", f"data.paths=[{chats}]",
-                    "data.seq_length=96", "train.steps=8", "train.micro_batch_size=2", "train.global_batch_size=4",
+                    "data.seq_length=192", "train.steps=8", "train.micro_batch_size=2", "train.global_batch_size=4",
                     "train.log_interval=1", "train.eval_interval=0", "optim.warmup_steps=1", "optim.lr=1.0e-2",
                     f"checkpoint.save={tmp_path / name}", *overrides, nproc=nproc)
         assert done.returncode == 0, (name, done.stdout[-3000:], done.stderr[-3000:])
         return _rows(tmp_path / name / "metrics.jsonl")
+
+    def metrics(rows: list[dict]) -> list[tuple[float, float, float]]:
+        return [(r["diffusion"], r["ar"], r["grad_norm"]) for r in rows]
 
     frozen = run("frozen")
     trained = run("trained", "model.overrides={train_vision: true}")
@@ -232,13 +246,22 @@ def test_image_sft_cli_run_learns_with_the_tower_frozen_and_trained(processor_di
                                                                       rel=1e-6)
     assert trained[0]["grad_norm"] > frozen[0]["grad_norm"] * (1 + 1e-6)
 
-    for layout in ("tp", "pp"):
-        other = run(f"{layout}2", "model.overrides={train_vision: true}", f"parallel.{layout}=2", nproc=2)
-        metrics = [[(r["diffusion"], r["ar"], r["grad_norm"]) for r in rows] for rows in (other, trained)]
+    # The packed run's rows (the one-process layout it trains on): each step's four records two to a row.
+    packing = load_run_config(tmp_path / "trained" / "run_config.yaml", ["data.packing=true"])
+    steps = build_step_data(packing, build_model_config(packing))
+    assert [[(type(mb).__name__, mb.records.batch_size, mb.batch_size) for mb, _ in steps.microbatches(s)]
+            for s in range(2)] == [[("PackedBatch", 4, 2)]] * 2
+    others = {"packed": run("packed", "model.overrides={train_vision: true}", "data.packing=true")}
+    for layout, packed in (("tp", "false"), ("pp", "false"), ("ep", "true")):
+        others[f"{layout.upper()} = 2, data.packing={packed}"] = run(
+            f"{layout}2", "model.overrides={train_vision: true}", f"parallel.{layout}=2", f"data.packing={packed}",
+            nproc=2)
+    for name, rows in others.items():
+        assert [r["consumed_tokens"] for r in rows] == [r["consumed_tokens"] for r in trained], name
         # Steps 1-2 run on the same weights (step 1's lr is 0): at this learning rate (1e-2, for a visible decrease in
-        # 8 steps) fp32 reduction-order differences grow after the updates (6.9e-5 by step 8), so the layouts are
-        # compared where the weights are shared (tests/tolerances.py).
-        assert_steps_close(metrics[0][:2], metrics[1][:2], f"image SFT, {layout.upper()} = 2 vs one process",
+        # 8 steps) fp32 reduction-order differences grow after the updates (4.0e-5 packed, 6.9e-5 at TP = 2 by step
+        # 8), so the runs are compared where the weights are shared (tests/tolerances.py).
+        assert_steps_close(metrics(rows)[:2], metrics(trained)[:2], f"image SFT, {name} vs one process unpacked",
                            shared_weight_steps=2)
 
     # The byte tokenizer has no image processor: one line naming the file and line, exit 1.
