@@ -295,7 +295,8 @@ def test_packed_image_records_equal_records_alone(processor_dir, tmp_path, model
     names = write_images(tmp_path, 5, seed=1)
     question = {"role": "user", "content": [{"type": "image", "path": names[4]}, {"type": "text", "text": "what"}]}
     chats = [image_chat(names[:1], "a red square"), image_chat(names[1:3], "two shapes left right"),
-             {"messages": [{"role": "user", "content": "what is in this"}, {"role": "assistant", "content": "a blue circle"}]},
+             {"messages": [{"role": "user", "content": "what is in this"},
+                           {"role": "assistant", "content": "a blue circle"}]},
              image_chat(names[3:4], "a blue circle right"), {"messages": [question]},  # AR only
              image_chat([names[4], names[0]], "red")]
     path = tmp_path / "chats.jsonl"
@@ -323,8 +324,9 @@ def test_packed_image_records_equal_records_alone(processor_dir, tmp_path, model
         assert torch.equal(batch.images.pixel_values[mine], own.pixel_values)
         assert torch.equal(batch.images.image_position_ids[mine], own.image_position_ids)
         # Each record's token types over its laid-out length (the EOS fill is text), then the row's padding.
-        types = [records.images.mm_token_type_ids[i, : int(records.encoder_valid[i].sum())].tolist() for i in row]
-        assert batch.images.mm_token_type_ids[b].tolist() == sum(types, []) + [0] * (batch.seq_len - len(sum(types, [])))
+        lengths = records.encoder_valid.sum(dim=1)
+        types = sum((records.images.mm_token_type_ids[i, : int(lengths[i])].tolist() for i in row), [])
+        assert batch.images.mm_token_type_ids[b].tolist() == types + [0] * (batch.seq_len - len(types))
 
     # Brute force: the image of each placeholder, numbered along the row by the `boi` that opens it.
     placeholder = batch.input_ids == tok.images.image_token_id
