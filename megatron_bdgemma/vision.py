@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -80,14 +81,32 @@ class Images:
     image_position_ids: `[N, max_patches, 2]` each patch's (x, y), (-1, -1) on padding patches.
     mm_token_type_ids: `[B, S]` HF's token types of the encoder rows (1 on image tokens), laid out as the rows are
         (packed rows too); the vision-group mask reads it.
+    image_rows: `[N]` long, the row holding each image's placeholders (non-decreasing): what lets a batch's rows be
+        selected (`select`) or packed (`diffusion.packing.pack_batch`) with exactly their own images.
     """
 
     pixel_values: torch.Tensor
     image_position_ids: torch.Tensor
     mm_token_type_ids: torch.Tensor
+    image_rows: torch.Tensor
 
     def to(self, device: torch.device | str) -> Images:
-        return Images(*(t.to(device) for t in (self.pixel_values, self.image_position_ids, self.mm_token_type_ids)))
+        return Images(*(t.to(device) for t in (self.pixel_values, self.image_position_ids, self.mm_token_type_ids,
+                                               self.image_rows)))
+
+    def select(self, rows: Sequence[int]) -> Images | None:
+        """The images of the batch rows `rows`, in that order (each row's in placeholder order), renumbered as
+        rows `0 .. len(rows) - 1`, with those rows' token types: what collating those rows' records gives (the
+        patches keep this batch's padding, which the tower never attends to). None when the rows hold no image,
+        as a batch of text records has none."""
+        picked = [torch.nonzero(self.image_rows == row).flatten() for row in rows]
+        counts = torch.tensor([len(p) for p in picked], dtype=torch.long)
+        if not int(counts.sum()):
+            return None
+        index, device = torch.cat(picked), self.image_rows.device
+        return Images(self.pixel_values[index], self.image_position_ids[index],
+                      self.mm_token_type_ids[torch.tensor(list(rows), dtype=torch.long, device=device)],
+                      torch.repeat_interleave(torch.arange(len(rows)), counts).to(device))
 
 
 def placeholder_slots(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:

@@ -6,7 +6,10 @@ processor's image half, trained through the public CLI.
   is supervised or in a response window; the collate's `Images` hold the images in placeholder order, row after row;
 - the byte tokenizer refuses an image part with the file and line;
 - a tiny image SFT run through `examples/pretrain_bdgemma.py` (frozen tower, then `model.overrides.train_vision=
-  true`) exits 0 and its loss decreases; TP = 2 and PP = 2 equal one process.
+  true`) exits 0 and its loss decreases; packed (`data.packing=true`), TP = 2, PP = 2 and EP = 2 packed equal one
+  process unpacked;
+- packing image records (model level): rows selected and packed carry exactly their records' images, no attention
+  weight crosses a record (its images included), and every packed record computes as alone.
 """
 
 from __future__ import annotations
@@ -97,6 +100,18 @@ def processor_dir(tmp_path_factory) -> Path:
     return build_processor_dir(tmp_path_factory.mktemp("processor"))
 
 
+def save_vision_model(tok: HFTokenizer, directory: Path) -> Path:
+    """A tiny random `DiffusionGemmaForBlockDiffusion` with a vision tower, saved: two layers (a sliding one of window
+    4, shorter than an image, and a full one), bidirectional over images, its image token ids the processor's."""
+    from tests import hf_models
+
+    ids = dict(image_token_id=tok.images.image_token_id, boi_token_id=tok.images.boi_token_id,
+               eoi_token_id=tok.images.eoi_token_id)
+    text = dict(use_bidirectional_attention="vision", num_global_key_value_heads=2, num_hidden_layers=2,
+                layer_types=[hf_models.SLIDING, hf_models.FULL])
+    return hf_models.save(hf_models.diffusion_gemma(text, canvas_length=4, **ids), directory)
+
+
 def test_image_records_are_laid_out_as_the_hf_processor_does(processor_dir, tmp_path):
     from PIL import Image
 
@@ -182,27 +197,28 @@ def test_image_in_a_response_window_and_missing_file_are_refused(processor_dir, 
     assert data.bad.locations == {"image_in_response": [f"{path}:1"], "missing_image": [f"{path}:2"]}
 
 
-def test_image_sft_cli_run_learns_with_the_tower_frozen_and_trained(processor_dir, tmp_path):
+def test_image_sft_cli_run_learns_with_the_tower_frozen_and_trained(processor_dir, tmp_path, model_parallel):
     """`examples/pretrain_bdgemma.py` on a tiny HF DiffusionGemma with a vision tower (its image tokens the
     processor's, bidirectional over images) and its local processor as data.tokenizer: 8 steps of image chats, once
     with the tower frozen (the default) and once with `model.overrides.train_vision=true`. Both exit 0 and their
     loss decreases; step 1 (learning rate 0, same weights) has the same losses in both, and a larger grad norm with
-    the tower's gradients counted (so the images reach the tower). The trained run under `torchrun
-    --nproc-per-node 2 ... parallel.tp=2` and `parallel.pp=2` gives the same losses and grad norm over steps 1-4
-    (1e-5, the grad norm on the steps that share weights: tests/tolerances.py; measured 3.0e-6 at TP = 2, 6.8e-7 at
-    PP = 2, 2.3e-6 / 1.5e-6 under AVX2)."""
-    from tests import hf_models
+    the tower's gradients counted (so the images reach the tower).
+
+    Against the trained run (one process, unpacked), the same global batches of records, on the steps that share
+    weights (1 and 2, tests/tolerances.py), both losses and the grad norm at 1e-5 relative:
+    - `data.packing=true`: each step's four records (76 to 86 tokens, each with its image) two to a row of 192;
+    - `torchrun --nproc-per-node 2 ... parallel.tp=2` and `parallel.pp=2`, unpacked;
+    - `parallel.ep=2` (DP = 2) with `data.packing=true`: each rank packs its two records and their images into a row.
+    Worst measured (defaults / AVX2): packed 5.1e-7 / 3.0e-7, TP = 2 6.1e-7 / 1.6e-7, PP = 2 4.0e-7 / 1.0e-7,
+    EP = 2 packed 5.6e-7 / 2.5e-7."""
+    from megatron_bdgemma.training.config import load_run_config
+    from megatron_bdgemma.training.data import build_step_data
+    from megatron_bdgemma.training.trainer import build_model_config
     from tests.test_errors import _cli
     from tests.test_metrics import _rows
     from tests.tolerances import assert_steps_close
 
-    tok = HFTokenizer(processor_dir)
-    ids = dict(image_token_id=tok.images.image_token_id, boi_token_id=tok.images.boi_token_id,
-               eoi_token_id=tok.images.eoi_token_id)
-    hf = hf_models.save(hf_models.diffusion_gemma(dict(use_bidirectional_attention="vision", num_global_key_value_heads=2,
-                                                       num_hidden_layers=2, layer_types=[hf_models.SLIDING, hf_models.FULL]),
-                                                  canvas_length=4, **ids),
-                        tmp_path / "hf")
+    hf = save_vision_model(HFTokenizer(processor_dir), tmp_path / "hf")
     names = write_images(tmp_path, 4)
     answers = ["a red square", "a blue circle", "two shapes left", "a red circle right"]
     chats = tmp_path / "chats.jsonl"
@@ -211,11 +227,14 @@ def test_image_sft_cli_run_learns_with_the_tower_frozen_and_trained(processor_di
     def run(name: str, *overrides: str, nproc: int = 0) -> list[dict]:
         done = _cli("examples/pretrain_bdgemma.py", "--config", "examples/configs/tiny_sft.yaml", "--sample", "",
                     f"model.hf={hf}", f"data.tokenizer={processor_dir}", f"data.paths=[{chats}]",
-                    "data.seq_length=96", "train.steps=8", "train.micro_batch_size=2", "train.global_batch_size=4",
+                    "data.seq_length=192", "train.steps=8", "train.micro_batch_size=2", "train.global_batch_size=4",
                     "train.log_interval=1", "train.eval_interval=0", "optim.warmup_steps=1", "optim.lr=1.0e-2",
                     f"checkpoint.save={tmp_path / name}", *overrides, nproc=nproc)
         assert done.returncode == 0, (name, done.stdout[-3000:], done.stderr[-3000:])
         return _rows(tmp_path / name / "metrics.jsonl")
+
+    def metrics(rows: list[dict]) -> list[tuple[float, float, float]]:
+        return [(r["diffusion"], r["ar"], r["grad_norm"]) for r in rows]
 
     frozen = run("frozen")
     trained = run("trained", "model.overrides={train_vision: true}")
@@ -227,13 +246,23 @@ def test_image_sft_cli_run_learns_with_the_tower_frozen_and_trained(processor_di
                                                                       rel=1e-6)
     assert trained[0]["grad_norm"] > frozen[0]["grad_norm"] * (1 + 1e-6)
 
-    for layout in ("tp", "pp"):
-        other = run(f"{layout}2", "model.overrides={train_vision: true}", f"parallel.{layout}=2", nproc=2)
-        metrics = [[(r["diffusion"], r["ar"], r["grad_norm"]) for r in rows] for rows in (other, trained)]
-        # Steps 1-2 run on the same weights (step 1's lr is 0): at this learning rate (1e-2, for a visible decrease in
-        # 8 steps) fp32 reduction-order differences grow after the updates (6.9e-5 by step 8), so the layouts are
-        # compared where the weights are shared (tests/tolerances.py).
-        assert_steps_close(metrics[0][:2], metrics[1][:2], f"image SFT, {layout.upper()} = 2 vs one process",
+    # The packed run's rows (the one-process layout it trains on): each step's four records two to a row.
+    packing = load_run_config(tmp_path / "trained" / "run_config.yaml", ["data.packing=true"])
+    steps = build_step_data(packing, build_model_config(packing))
+    assert [[(type(mb).__name__, mb.records.batch_size, mb.batch_size) for mb, _ in steps.microbatches(s)]
+            for s in range(2)] == [[("PackedBatch", 4, 2)]] * 2
+    # Steps 1-2 run on the same weights (step 1's lr is 0): at this learning rate (1e-2, for a visible decrease in 8
+    # steps) fp32 reduction-order differences grow after the updates (4.0e-5 packed, 6.9e-5 at TP = 2 by step 8), so
+    # the runs are compared where the weights are shared (tests/tolerances.py), and run those two steps only (the
+    # schedule's length changes no earlier step).
+    compared = ("model.overrides={train_vision: true}", "train.steps=2")
+    others = {"packed": run("packed", *compared, "data.packing=true")}
+    for layout, packed in (("tp", "false"), ("pp", "false"), ("ep", "true")):
+        others[f"{layout.upper()} = 2, data.packing={packed}"] = run(
+            f"{layout}2", *compared, f"parallel.{layout}=2", f"data.packing={packed}", nproc=2)
+    for name, rows in others.items():
+        assert [r["consumed_tokens"] for r in rows] == [r["consumed_tokens"] for r in trained[:2]], name
+        assert_steps_close(metrics(rows), metrics(trained)[:2], f"image SFT, {name} vs one process unpacked",
                            shared_weight_steps=2)
 
     # The byte tokenizer has no image processor: one line naming the file and line, exit 1.
@@ -242,3 +271,83 @@ def test_image_sft_cli_run_learns_with_the_tower_frozen_and_trained(processor_di
     assert done.returncode == 1 and done.stderr.strip().splitlines()[-1].startswith(
         f"error: {chats}:1: the record has 1 image part(s) but the tokenizer (data.tokenizer) has no image processor"), \
         done.stderr[-2000:]
+
+
+def test_packed_image_records_equal_records_alone(processor_dir, tmp_path, model_parallel):
+    """Packing image records (docs/design.md §13, §9), at the model level on the tiny vision model: six chats (one
+    and two images, text only, an AR-only one with an image) from `SFTDataset` / `sft_collate`, packed two to a row
+    of 200 by first-fit decreasing.
+
+    - `DiffusionBatch.select` takes exactly the chosen rows' images, in their order (what collating those records
+      gives), and none for a text record; the packed rows hold each row's records' images, record after record, and
+      their token types at each record's offset;
+    - brute force: the packed encoder mask the model builds (sliding and full layers) is the rule written here from
+      §13 and HF's vision rule, each image known by its own `boi` (not by the token types the mask reads): no weight
+      crosses a record, an image's tokens see the whole image and nothing of the other record's images; the canvas
+      mask is §13's;
+    - `training_forward` with the tower trained: every packed record's encoder and canvas logits equal the record
+      alone (one per row) to 1e-5 of the largest |logit|, both losses to 1e-5 relative, every gradient (the tower's
+      too) to 1e-5 of its largest entry (`tests.test_packing.assert_packed_equals_alone`)."""
+    import megatron_bdgemma
+    from tests.test_packing import _packed, _ref_canvas, _ref_encoder, assert_packed_equals_alone
+
+    tok = HFTokenizer(processor_dir)
+    names = write_images(tmp_path, 5, seed=1)
+    question = {"role": "user", "content": [{"type": "image", "path": names[4]}, {"type": "text", "text": "what"}]}
+    chats = [image_chat(names[:1], "a red square"), image_chat(names[1:3], "two shapes left right"),
+             {"messages": [{"role": "user", "content": "what is in this"},
+                           {"role": "assistant", "content": "a blue circle"}]},
+             image_chat(names[3:4], "a blue circle right"), {"messages": [question]},  # AR only
+             image_chat([names[4], names[0]], "red")]
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in chats))
+    data = SFTDataset(path, tok, max_length=200, block_size=4)
+    samples = [data[i] for i in range(len(data))]
+    records, _ = sft_collate(samples, block_size=4, eos_id=tok.eod, pad_id=tok.pad)
+
+    def collated(indices):
+        return sft_collate([samples[i] for i in indices], block_size=4, eos_id=tok.eod, pad_id=tok.pad)[0].images
+
+    chosen, alone = records.select([5, 2, 0]).images, collated([5, 2, 0])
+    for name in ("pixel_values", "image_position_ids", "image_rows"):
+        assert torch.equal(getattr(chosen, name), getattr(alone, name)), name
+    assert torch.equal(chosen.mm_token_type_ids[:, : alone.mm_token_type_ids.shape[1]], alone.mm_token_type_ids)
+    assert chosen.image_rows.tolist() == [0, 0, 2] and records.select([2]).images is None
+
+    batch, canvas, noised = _packed(records, "one_block", row=200, vocab_size=96)
+    rows = [sorted((batch.record_rows == b).nonzero().flatten().tolist(), key=lambda i: int(batch.record_starts[i]))
+            for b in range(batch.batch_size)]
+    assert rows == [[1, 4], [5, 2], [0, 3]], rows  # lengths 138 + 62, 137 + 17, 84 + 76: every row mixes kinds
+    for b, row in enumerate(rows):
+        own = collated(row)
+        mine = batch.images.image_rows == b
+        assert torch.equal(batch.images.pixel_values[mine], own.pixel_values)
+        assert torch.equal(batch.images.image_position_ids[mine], own.image_position_ids)
+        # Each record's token types over its laid-out length (the EOS fill is text), then the row's padding.
+        lengths = records.encoder_valid.sum(dim=1)
+        types = sum((records.images.mm_token_type_ids[i, : int(lengths[i])].tolist() for i in row), [])
+        assert batch.images.mm_token_type_ids[b].tolist() == types + [0] * (batch.seq_len - len(types))
+
+    # Brute force: the image of each placeholder, numbered along the row by the `boi` that opens it.
+    placeholder = batch.input_ids == tok.images.image_token_id
+    image_ids = torch.where(placeholder, (batch.input_ids == tok.images.boi_token_id).cumsum(dim=1) - 1, -1)
+    model = megatron_bdgemma.from_hf(save_vision_model(tok, tmp_path / "hf"), train_vision=True)
+    inputs = model.training_layout(batch, canvas, batch.images)
+    for layer_type, encoder in inputs.encoder_mask.items():
+        window = model.config.window_of(layer_type)
+        dense, expected = encoder.dense()[:, 0], _ref_encoder(batch, window, image_ids)
+        assert torch.equal(dense, expected), (layer_type, (dense != expected).nonzero()[:5].tolist())
+        real = batch.encoder_valid[:, :, None] & batch.encoder_valid[:, None, :]
+        assert not (dense & real & (batch.segment_ids[:, :, None] != batch.segment_ids[:, None, :])).any()
+        causal = torch.ones(batch.seq_len, batch.seq_len, dtype=torch.bool).tril()
+        assert (dense & ~causal).any(), f"{layer_type}: no image token sees a later one"
+        assert torch.equal(inputs.canvas_mask[layer_type].dense()[:, 0], _ref_canvas(batch, canvas, window))
+
+    alone_model = megatron_bdgemma.from_hf(tmp_path / "hf", train_vision=True)
+    alone = alone_model.training_forward(records, noised, images=records.images)
+    (alone.diffusion_loss_sum + alone.ar_loss_sum).backward()
+    packed = model.training_forward(batch, canvas, images=batch.images)
+    (packed.diffusion_loss_sum + packed.ar_loss_sum).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.vision.parameters())
+    worst = assert_packed_equals_alone(records, batch, canvas, noised, packed, alone, model, alone_model)
+    print(f"packed image records vs alone: worst relative logit difference {worst:.1e}")

@@ -287,7 +287,7 @@ def _sft_with_images():
         loss_mask[row, p:p + n], valid[row, :p + n] = True, True
     batch = build_sft_batch(ids, loss_mask, valid, block_size=4, eos_id=1, pad_id=0)
     pixels, positions = (torch.stack(t) for t in zip(_image(12, 6, 72, generator), _image(6, 6, 72, generator)))
-    return batch, Images(pixels, positions, (batch.input_ids == IMAGE).long())
+    return batch, Images(pixels, positions, (batch.input_ids == IMAGE).long(), torch.tensor([0, 1]))
 
 
 def test_training_forward_with_images_matches_hf(models, model_parallel):

@@ -257,6 +257,7 @@ def _collate_images(samples: Sequence[SFTSample], width: int) -> Images:
     """The batch's images in the order of their placeholders, row after row: every image's patches padded to the
     batch's most (zero pixels at position (-1, -1), as the processor pads), the token types laid out as the rows."""
     images = [s["images"] for s in samples if "images" in s]
+    rows = [row for row, s in enumerate(samples) if "images" in s for _ in range(len(s["images"]["pixel_values"]))]
     patches = max(i["pixel_values"].shape[1] for i in images)
     pixels, positions = [], []
     for i in images:
@@ -268,7 +269,7 @@ def _collate_images(samples: Sequence[SFTSample], width: int) -> Images:
         if "images" in sample:
             row_types = sample["images"]["mm_token_type_ids"][:width]
             types[row, : len(row_types)] = row_types
-    return Images(torch.cat(pixels), torch.cat(positions), types)
+    return Images(torch.cat(pixels), torch.cat(positions), types, torch.tensor(rows, dtype=torch.long))
 
 
 def _last_run(supervised: list[bool]) -> list[bool]:

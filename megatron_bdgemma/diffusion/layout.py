@@ -121,12 +121,13 @@ class DiffusionBatch:
         return (self.response_lens + self.block_size - 1) // self.block_size
 
     def select(self, rows: list[int]) -> DiffusionBatch:
-        """The examples ``rows``, in that order (none: an empty batch of the same widths)."""
+        """The examples ``rows``, in that order (none: an empty batch of the same widths), with exactly their images
+        (``Images.select``)."""
         index = torch.tensor(rows, dtype=torch.long)
         return DiffusionBatch(**{
             f.name: (v[index.to(v.device)] if isinstance(v := getattr(self, f.name), Tensor) else v)
-            for f in dataclasses.fields(self)
-        })
+            for f in dataclasses.fields(self) if f.name != "images"
+        }, images=None if self.images is None else self.images.select(rows))
 
     def to(self, device: torch.device | str) -> DiffusionBatch:
         """A copy with every tensor moved to ``device``."""

@@ -12,7 +12,11 @@ today) plus a placement (which row, which offset). So everything a record has al
 - its canvas: :func:`pack_canvas` moves the record's decoded blocks (with their noisy ids, targets, positions,
   scored slots, weights and coin) into the next free canvas blocks of its row and records, per canvas block, where
   its record's response starts in the row and how long it is, which is what
-  ``masks.BlockDiffusionTrainingMask(segment_ids=...)`` needs.
+  ``masks.BlockDiffusionTrainingMask(segment_ids=...)`` needs;
+- its images (SFT records with image parts): :func:`pack_batch` gives each row its records' images, record after
+  record (the order of their placeholders along the row), and lays each record's ``mm_token_type_ids`` at its offset,
+  so the tower encodes the same images and ``masks.EncoderMask`` (whose image groups are cut at record boundaries)
+  gives each image's tokens the same keys as alone.
 
 :func:`first_fit_decreasing` is the packing policy. Pure torch and Python on the data pipeline's device (CPU); nothing
 here imports megatron or the model.
@@ -20,14 +24,19 @@ here imports megatron or the model.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .layout import DiffusionBatch, moved_to
 from .objective import NoisedCanvas
+
+if TYPE_CHECKING:
+    from megatron_bdgemma.vision import Images
 
 __all__ = [
     "canvas_blocks_bound", "first_fit_decreasing", "packing_efficiency", "PackedBatch", "PackedCanvas", "pack_batch",
@@ -126,6 +135,9 @@ class PackedBatch:
     record_starts: Tensor
     """``[N]`` long: the row index of each record's first token."""
     pad_id: int
+    images: Images | None = None
+    """The rows' images (``mm_token_type_ids`` ``[B, S]`` at each record's offset, the images in placeholder order
+    along the rows), which the trainer gives to the model's training passes; None: text records."""
 
     @property
     def batch_size(self) -> int:
@@ -204,6 +216,8 @@ def pack_batch(
     position_ids = torch.zeros(shape, dtype=torch.long, device=device)
     record_rows = torch.zeros(n, dtype=torch.long)
     record_starts = torch.zeros(n, dtype=torch.long)
+    images = records.images
+    types = None if images is None else torch.zeros(shape, dtype=images.mm_token_type_ids.dtype, device=device)
     for b, row in enumerate(rows):
         start = 0
         for i in row:
@@ -215,11 +229,18 @@ def pack_batch(
             encoder_valid[b, span] = True
             segment_ids[b, span] = i
             position_ids[b, span] = torch.arange(lengths[i], device=device)
+            if types is not None:
+                types[b, span] = images.mm_token_type_ids[i, : lengths[i]]
             record_rows[i], record_starts[i] = b, start
             start += lengths[i]
+    if images is not None:
+        # Row by row, record by record: the order of the placeholders along the packed rows.
+        placed = images.select([i for row in rows for i in row])
+        owner = torch.tensor([b for b, row in enumerate(rows) for _ in row], dtype=torch.long, device=device)
+        images = dataclasses.replace(placed, mm_token_type_ids=types, image_rows=owner[placed.image_rows])
     return PackedBatch(
         input_ids, encoder_valid, segment_ids, position_ids, ar_labels, ar_loss_mask, records,
-        record_rows.to(device), record_starts.to(device), pad_id,
+        record_rows.to(device), record_starts.to(device), pad_id, images,
     )
 
 

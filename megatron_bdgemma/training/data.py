@@ -213,9 +213,6 @@ def build_step_data(run: RunConfig, config: BDGemmaConfig) -> StepData:
             raise ValueError(f"data.paths: {paths[0]} is not a file (sft reads one chat JSONL file)")
         full = SFTDataset(paths[0], tokenizer, max_length=d.seq_length, block_size=block, on_bad=d.on_bad,
                           truncation=d.truncation, mask_history=d.mask_history)
-        if full.with_images and (d.packing or d.reset_document_masks):
-            raise ValueError(f"data.packing: {paths[0]} has {full.with_images} record(s) with images; packing image "
-                             "records is not supported yet (data.packing=false)")
         if full.bad.total or full.ar_only or full.truncated:
             print(full.summary(), flush=True)
         if len(full) < 2:

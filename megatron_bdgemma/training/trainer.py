@@ -44,7 +44,6 @@ from megatron_bdgemma.training.metrics import MetricsLogger, records_flops, requ
 from megatron_bdgemma.training.resume import check_resume, read_checkpoint_extra, read_training_extra
 from megatron_bdgemma.training.run_dir import RunDirectory, claim_run_directory
 from megatron_bdgemma.training.stopping import RunFinished, RunStopped, StopCheck, Verdict
-from megatron_bdgemma.vision import Images
 
 
 @dataclass
@@ -272,8 +271,10 @@ def _forward_step(state: TrainState, counts: torch.Tensor, rescale: float, data:
     mb = next(data)
     device = next(model.parameters()).device
     batch, noised, o = mb.batch.to(device), mb.noised.to(device), state.run.objective
-    options = dict(loss_chunk_size=o.loss_chunk_size, stop_gradient_to_encoder=o.stop_gradient_to_encoder)
-    options = dict(options, images=_images(batch))
+    # The images (SFT records with image parts, packed or not): the first stage encodes them, every stage's encoder
+    # mask reads their groups.
+    options = dict(loss_chunk_size=o.loss_chunk_size, stop_gradient_to_encoder=o.stop_gradient_to_encoder,
+                   images=batch.images)
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         out = model.module.pipeline_stage_forward(batch, noised, first_pass=False, first_pass_hidden=mb.first_pass_hidden,
                                                   **options)
@@ -292,17 +293,11 @@ def _forward_step(state: TrainState, counts: torch.Tensor, rescale: float, data:
     return out, loss_func
 
 
-def _images(batch: DiffusionBatch | PackedBatch) -> Images | None:
-    """The micro-batch's images (SFT records with image parts; packing them is refused in `build_step_data`): the
-    first stage encodes them, every stage's encoder mask reads their groups."""
-    return None if isinstance(batch, PackedBatch) else batch.images
-
-
 def _first_pass_step(state: TrainState, hidden: list[torch.Tensor], data: Iterator[MicroBatch], model) -> tuple:
     mb = next(data)
     device = next(model.parameters()).device
     batch = mb.batch.to(device)
-    out = model.module.pipeline_stage_forward(batch, mb.noised.to(device), first_pass=True, images=_images(batch),
+    out = model.module.pipeline_stage_forward(batch, mb.noised.to(device), first_pass=True, images=batch.images,
                                               loss_chunk_size=state.run.objective.loss_chunk_size)
 
     def keep(final_hidden: torch.Tensor) -> tuple[torch.Tensor, dict]:
