@@ -6,8 +6,8 @@ processor's image half, trained through the public CLI.
   is supervised or in a response window; the collate's `Images` hold the images in placeholder order, row after row;
 - the byte tokenizer refuses an image part with the file and line;
 - a tiny image SFT run through `examples/pretrain_bdgemma.py` (frozen tower, then `model.overrides.train_vision=
-  true`) exits 0 and its loss decreases; packed (`data.packing=true`), TP = 2, PP = 2 and EP = 2 packed equal one
-  process unpacked;
+  true`) exits 0 and its loss decreases; packed (`data.packing=true`), TP = 2, PP = 2, EP = 2 packed and CP = 2
+  packed equal one process unpacked; the trained tower's export holds trained values;
 - packing image records (model level): rows selected and packed carry exactly their records' images, no attention
   weight crosses a record (its images included), and every packed record computes as alone.
 """
@@ -208,9 +208,14 @@ def test_image_sft_cli_run_learns_with_the_tower_frozen_and_trained(processor_di
     weights (1 and 2, tests/tolerances.py), both losses and the grad norm at 1e-5 relative:
     - `data.packing=true`: each step's four records (76 to 86 tokens, each with its image) two to a row of 192;
     - `torchrun --nproc-per-node 2 ... parallel.tp=2` and `parallel.pp=2`, unpacked;
-    - `parallel.ep=2` (DP = 2) with `data.packing=true`: each rank packs its two records and their images into a row.
+    - `parallel.ep=2` (DP = 2) with `data.packing=true`: each rank packs its two records and their images into a row;
+    - `parallel.cp=2` with `data.packing=true`: each rank encodes every image of the packed rows and takes the
+      features of the placeholders in its half of them.
     Worst measured (defaults / AVX2): packed 5.1e-7 / 3.0e-7, TP = 2 6.1e-7 / 1.6e-7, PP = 2 4.0e-7 / 1.0e-7,
-    EP = 2 packed 5.6e-7 / 2.5e-7."""
+    EP = 2 packed 5.6e-7 / 2.5e-7, CP = 2 packed 8.1e-7 / 2.5e-7.
+
+    The trained tower comes out trained: the run's export to HF holds every vision tensor of the source, in its
+    dtype and shape, and none of them holds the source's values."""
     from megatron_bdgemma.training.config import load_run_config
     from megatron_bdgemma.training.data import build_step_data
     from megatron_bdgemma.training.trainer import build_model_config
@@ -245,6 +250,7 @@ def test_image_sft_cli_run_learns_with_the_tower_frozen_and_trained(processor_di
     assert (frozen[0]["diffusion"], frozen[0]["ar"]) == pytest.approx((trained[0]["diffusion"], trained[0]["ar"]),
                                                                       rel=1e-6)
     assert trained[0]["grad_norm"] > frozen[0]["grad_norm"] * (1 + 1e-6)
+    _assert_exported_tower_is_trained(hf, tmp_path / "trained", tmp_path / "trained_hf")
 
     # The packed run's rows (the one-process layout it trains on): each step's four records two to a row.
     packing = load_run_config(tmp_path / "trained" / "run_config.yaml", ["data.packing=true"])
@@ -257,7 +263,7 @@ def test_image_sft_cli_run_learns_with_the_tower_frozen_and_trained(processor_di
     # schedule's length changes no earlier step).
     compared = ("model.overrides={train_vision: true}", "train.steps=2")
     others = {"packed": run("packed", *compared, "data.packing=true")}
-    for layout, packed in (("tp", "false"), ("pp", "false"), ("ep", "true")):
+    for layout, packed in (("tp", "false"), ("pp", "false"), ("ep", "true"), ("cp", "true")):
         others[f"{layout.upper()} = 2, data.packing={packed}"] = run(
             f"{layout}2", *compared, f"parallel.{layout}=2", f"data.packing={packed}", nproc=2)
     for name, rows in others.items():
@@ -271,6 +277,22 @@ def test_image_sft_cli_run_learns_with_the_tower_frozen_and_trained(processor_di
     assert done.returncode == 1 and done.stderr.strip().splitlines()[-1].startswith(
         f"error: {chats}:1: the record has 1 image part(s) but the tokenizer (data.tokenizer) has no image processor"), \
         done.stderr[-2000:]
+
+
+def _assert_exported_tower_is_trained(source_dir: Path, checkpoint: Path, exported_dir: Path) -> None:
+    """The export of a run that trained the tower holds the source's vision tensors (names, shapes, dtypes), each
+    with a trained value: none is the source's (all 16 have gradients here)."""
+    from safetensors.torch import load_file
+
+    from megatron_bdgemma.conversion.hf_export import convert_megatron_to_hf
+    from tests import hf_models
+
+    convert_megatron_to_hf(checkpoint, exported_dir, dtype=torch.float32, log=lambda _: None)
+    source, exported = ({name: t for f in sorted(d.glob("*.safetensors")) for name, t in hf_models.vision_tensors(
+        load_file(f)).items()} for d in (source_dir, exported_dir))
+    assert {n: (t.shape, t.dtype) for n, t in exported.items()} == {n: (t.shape, t.dtype) for n, t in source.items()}
+    unchanged = [name for name, t in exported.items() if hf_models.same_bytes(t, source[name])]
+    assert len(exported) == 16 and not unchanged, unchanged
 
 
 def test_packed_image_records_equal_records_alone(processor_dir, tmp_path, model_parallel):
