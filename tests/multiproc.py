@@ -8,6 +8,13 @@ process group of `nprocs` ranks on a free localhost port, the torchrun-style env
 `MASTER_ADDR`, ...) and the CPU support patches; `fn` then sets up model parallelism itself, usually with
 `megatron_bdgemma.runtime.distributed.init_distributed`. Return values must be picklable.
 
+The ranks are forked from a `forkserver` process that imported torch, megatron-core, transformers and this project
+once (`PRELOAD`), instead of each starting an interpreter and importing them (about 9 CPU s per rank, most of a
+small multi-rank test's cost). A child still behaves as a spawned one: a fresh process that has run no torch op, with
+the parent's `sys.path`, working directory and (`os.environ`) environment at the call; what a library reads from the
+environment only when it is imported, or the C library at process start, comes from the environment the server
+started with (the first call's), as it does in the parent process.
+
 A child that raises fails the call with the child's traceback in the message. The other ranks are then killed
 rather than awaited, since they are typically blocked in a collective that will never complete; a child that dies
 without reporting, or a run past `timeout_s`, fails the same way. Each rank leads its own process group, so the
@@ -36,10 +43,16 @@ class ChildProcessFailed(RuntimeError):
     """A rank raised, died or timed out; the message carries the rank's traceback when there is one."""
 
 
-def _child(rank: int, nprocs: int, port: int, fn: Callable[..., Any], args: tuple, kwargs: dict,
-           results: Any) -> None:
+PRELOAD = ("torch", "torch.distributed", "megatron.core", "transformers", "megatron_bdgemma.training.trainer")
+"""Imported once by the fork server (a module that fails to import is skipped there and imported by the child)."""
+
+
+def _child(rank: int, nprocs: int, port: int, call: bytes, results: Any, environ: dict[str, str]) -> None:
     os.setpgid(0, 0)  # see the module docstring: lets the parent kill this rank together with its children
     try:
+        fn, args, kwargs = pickle.loads(call)
+        os.environ.clear()
+        os.environ.update(environ)  # the caller's, not the fork server's (see the module docstring)
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                           WORLD_SIZE=str(nprocs), LOCAL_WORLD_SIZE=str(nprocs))
         # One thread, like the test process itself (tests/conftest.py): results then do not depend on the core count.
@@ -66,10 +79,14 @@ def run_in_processes(fn: Callable[..., Any], nprocs: int = 2, *args: Any, timeou
     `timeout_s` bounds the whole run (it is not passed to `fn`). Raises `ChildProcessFailed` if a rank raises
     (first error reported, with its traceback), exits without a result, or the run times out.
     """
-    context = mp.get_context("spawn")
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(list(PRELOAD))  # takes effect when the server starts (the first call)
     results = context.Queue()
     port = free_port()
-    processes = [context.Process(target=_child, args=(rank, nprocs, port, fn, args, kwargs, results),
+    # The call's arguments go pickled with the plain pickler, as the results come back: torch.multiprocessing would
+    # pass each tensor as a shared-memory file descriptor, and the fork server passes at most 256 descriptors.
+    call, environ = pickle.dumps((fn, args, kwargs)), dict(os.environ)
+    processes = [context.Process(target=_child, args=(rank, nprocs, port, call, results, environ),
                                  name=f"{fn.__name__}-rank{rank}") for rank in range(nprocs)]
     outputs: dict[int, Any] = {}
     deadline = time.monotonic() + timeout_s

@@ -75,12 +75,14 @@ def _model(path: str, attention: str):
     return megatron_bdgemma.from_hf(path, dtype=DTYPE, attention_impl=attention, attention_chunk_size=BLOCK)
 
 
-def _check(rank: int, path: str, kind: str, attention: str, loss_chunk_size: int | None, reference) -> dict:
+def _check(path: str, kind: str, attention: str, loss_chunk_size: int | None, reference) -> dict:
+    """In a rank of the CP group: this rank's shard of one case, the sums and gradients summed over the ranks
+    against one process's (`reference`)."""
     from megatron.core import parallel_state
 
     from megatron_bdgemma.runtime.distributed import init_distributed
 
-    init_distributed(cp=CP)
+    init_distributed(cp=CP)  # the groups are kept; the RNG tracker reseeded for each case, as for the reference
     group = parallel_state.get_context_parallel_group()
     assert group.size() == CP and parallel_state.get_data_parallel_world_size() == 1
     sums, grads = _run(_model(path, attention), *_case(kind), loss_chunk_size)
@@ -98,6 +100,13 @@ def _check(rank: int, path: str, kind: str, attention: str, loss_chunk_size: int
     return diffs
 
 
+def _two_rank_runs(rank: int, path: str, references: dict) -> dict:
+    """Everything this module runs on the 2 CP ranks, in one spawn of them (process start and imports once): every
+    case of `CASES` against its one-process reference, then the collectives' bytes (last: it wraps the collectives)."""
+    checks = {case: _check(path, *case, references[case]) for case in CASES}
+    return dict(checks=checks, collective_bytes=_count_collective_bytes(path))
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     return str(hf_models.save(hf_models.diffusion_gemma(TEXT, canvas_length=BLOCK), tmp_path_factory.mktemp("dg") / "hf"))
@@ -107,20 +116,34 @@ CASES = [("sft", "eager", None), ("sft", "block_sparse", None), ("pretrain", "ea
          ("pretrain", "block_sparse", 7), ("packed", "block_sparse", None)]
 
 
+@pytest.fixture(scope="module")
+def two_ranks(checkpoint, distributed_world) -> list[dict]:
+    """The 2 ranks' results of `_two_rank_runs`, against one process's runs of every case on the whole rows (eager
+    attention), each from a reseeded RNG tracker like a test's `model_parallel`."""
+    from megatron_bdgemma.runtime.distributed import DEFAULT_SEED, init_distributed
+
+    references = {}
+    for kind, attention, loss_chunk_size in CASES:
+        init_distributed(seed=DEFAULT_SEED)
+        references[kind, attention, loss_chunk_size] = _run(_model(checkpoint, "eager"), *_case(kind), loss_chunk_size)
+    return run_in_processes(_two_rank_runs, CP, checkpoint, references, timeout_s=360)
+
+
 @pytest.mark.parametrize("kind,attention,loss_chunk_size", CASES, ids=[f"{k}-{a}-{c or 'logits'}" for k, a, c in CASES])
-def test_cp2_training_forward_equals_one_process(checkpoint, model_parallel, kind, attention, loss_chunk_size):
-    reference = _run(_model(checkpoint, "eager"), *_case(kind), loss_chunk_size)  # one process, whole rows
-    for rank, diffs in enumerate(run_in_processes(_check, CP, checkpoint, kind, attention, loss_chunk_size, reference)):
+def test_cp2_training_forward_equals_one_process(two_ranks, kind, attention, loss_chunk_size):
+    for rank, got in enumerate(two_ranks):
+        diffs = got["checks"][kind, attention, loss_chunk_size]
         assert diffs["counts_equal"], (rank, "token counts summed over the CP ranks differ from one process's")
         for name in ("losses", "grads"):
             record(f"cp2 {kind} {attention} rank {rank} {name}", diffs[name], TOL)
             assert diffs[name] <= TOL, (rank, name, diffs)
 
 
-def _count_collective_bytes(rank: int, path: str) -> dict:
+def _count_collective_bytes(path: str) -> dict:
     """Bytes this rank's CP collectives moved in one training step (forward + backward) of each case, per K/V shape
     `(g, d)`: received by the all-gathers, sent by the reduce-scatters (what `context_parallel` calls, counted at the
-    call, not from any formula); and the layer types of each shape and the micro-batch's (B, S, R)."""
+    call, not from any formula); and the layer types of each shape and the micro-batch's (B, S, R). The wrapped
+    collectives stay in place: this runs last in its ranks."""
     from types import SimpleNamespace
 
     import megatron_bdgemma.layers.context_parallel as context_parallel
@@ -160,14 +183,14 @@ def _count_collective_bytes(rank: int, path: str) -> dict:
     return dict(cases=out, shapes=shapes, config=model.config)
 
 
-def test_cp_collective_bytes_equal_the_planners_formula(checkpoint, model_parallel):
+def test_cp_collective_bytes_equal_the_planners_formula(two_ranks):
     """The bytes each rank's K/V all-gathers receive and its dK/dV reduce-scatters send in one step, counted at the
     collectives, equal `training.plan.context_parallel_bytes` (what tools/plan.py prints and plans with) per layer
     type times the rows, exactly: SFT (S 20, one 4-slot block) and pretraining (S = R = 16), self-conditioning on
     (pass 1 gathers its canvas K/V without a backward)."""
     from megatron_bdgemma.training.plan import context_parallel_bytes
 
-    for rank, got in enumerate(run_in_processes(_count_collective_bytes, CP, checkpoint)):
+    for rank, got in enumerate(got["collective_bytes"] for got in two_ranks):
         config = got["config"]
         assert config.self_conditioning
         for kind, case in got["cases"].items():

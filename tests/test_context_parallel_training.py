@@ -11,6 +11,7 @@ compared, reached 3.0e-6 (TP = 2 step 4)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -25,29 +26,34 @@ STEPS = 4
 """Step 1 runs at learning rate 0 (warmup), so steps 1 and 2 share the starting weights (tests/tolerances.py)."""
 
 
-def _run(mode: str, tmp: str, attention: str, *overrides: str):
+def _run(mode: str, tmp: str, case: str, attention: str, *overrides: str):
+    """The run of one layout case, both sides: its own data cache (`case`), the shared start weights and chats."""
     extra = ([f"data.paths=[{Path(tmp) / 'chats.jsonl'}]", "data.seq_length=80"] if mode == "sft"
              else ["data.seq_length=64"])
+    cache = Path(tmp) / "data" / re.sub(r"\W", "_", case)
     return load_run_config(CONFIGS / f"tiny_{mode}.yaml", [
-        f"model.hf={Path(tmp) / 'hf'}", f"data.cache_dir={Path(tmp) / 'data'}", f"train.steps={STEPS}",
+        f"model.hf={Path(tmp) / 'hf'}", f"data.cache_dir={cache}", f"train.steps={STEPS}",
         "train.global_batch_size=4", "train.micro_batch_size=2", "train.eval_interval=0", "optim.warmup_steps=1",
         "checkpoint.save=null", f"model.overrides={{attention_impl: {attention}, attention_chunk_size: 8}}",
         *extra, *(o.format(tmp=tmp) for o in overrides),
     ])
 
 
-def _start(tmp: Path) -> None:
+@pytest.fixture(scope="module")
+def start(tmp_path_factory) -> Path:
     """The weights every layout starts from (random init would differ per pipeline stage): a tiny DiffusionGemma,
     2 layers (sliding window 12, full), byte vocabulary, 2 KV heads on both layer types so TP = 2 splits whole
-    groups, canvas (block) 8; and the SFT chats."""
+    groups, canvas (block) 8; and the SFT chats. Read-only for the runs (each case caches its data apart)."""
     from tests import hf_models
 
+    tmp = tmp_path_factory.mktemp("cp_start")
     for name, layers in (("hf", 2), ("hf4", 4)):  # 4 layers: one per virtual stage at PP = 2 × VPP = 2
         model = hf_models.diffusion_gemma(dict(vocab_size=320, num_hidden_layers=layers, num_global_key_value_heads=2,
                                                layer_types=["sliding_attention", "full_attention"] * (layers // 2),
                                                sliding_window=12), canvas_length=8)
         hf_models.save(model, tmp / name)
     _write_chats(tmp / "chats.jsonl")
+    return tmp
 
 
 METRICS = ("diffusion", "ar", "grad_norm", "eval_diffusion", "eval_ar")
@@ -62,14 +68,19 @@ def _metrics(history) -> list[tuple[float, ...]]:
     return [tuple(h[name] for name in METRICS if name in h) for h in history]
 
 
-def _train_in_rank(rank: int, mode: str, tmp: str, attention: str, overrides: tuple[str, ...]) -> list:
+def _layouts_in_rank(rank: int, tmp: str, cases: list[tuple]) -> dict[str, dict]:
+    """Every case of one world size in turn, in the same ranks (the trainer sets the layout's groups up for each run):
+    per case its metrics and the (CP, DP) sizes it ran at."""
     from megatron.core import parallel_state
 
     from megatron_bdgemma.training.trainer import train
 
-    history = _metrics(train(_run(mode, tmp, attention, *overrides)))
-    sizes = parallel_state.get_context_parallel_world_size(), parallel_state.get_data_parallel_world_size()
-    return dict(history=history, sizes=sizes)
+    out = {}
+    for case, mode, attention, overrides in cases:
+        history = _metrics(train(_run(mode, tmp, case, attention, *overrides)))
+        sizes = parallel_state.get_context_parallel_world_size(), parallel_state.get_data_parallel_world_size()
+        out[case] = dict(history=history, sizes=sizes)
+    return out
 
 
 LAYOUTS = [
@@ -84,21 +95,36 @@ LAYOUTS = [
     # document masks; full recompute reruns the gathers in backward
     ("pretrain", "block_sparse", ("data.reset_document_masks=true", "data.packing=true", "train.recompute=full"), (), 2, 1),
 ]
+TIMEOUT_PER_CASE_S = 300
 
 
 def _id(mode: str, attention: str, both: tuple[str, ...], layout: tuple[str, ...]) -> str:
     return "-".join([mode, attention, "cp2", *(o.split(".")[1].split("/")[0] for o in (*layout, *both))])
 
 
+@pytest.fixture(scope="module")
+def cp_runs(start) -> dict[str, list[dict]]:
+    """Every layout's CP = 2 run, per case its ranks' results: the cases of one world size share one spawn of
+    their ranks (process start and imports once, not per case)."""
+    runs = {}
+    for processes in sorted({case[4] for case in LAYOUTS}, reverse=True):
+        cases = [(_id(*case[:4]), case[0], case[1], (*case[2], "parallel.cp=2", *case[3]))
+                 for case in LAYOUTS if case[4] == processes]
+        ranks = run_in_processes(_layouts_in_rank, processes, str(start), cases,
+                                 timeout_s=TIMEOUT_PER_CASE_S * len(cases))
+        runs |= {case[0]: [rank[case[0]] for rank in ranks] for case in cases}
+    return runs
+
+
 @pytest.mark.parametrize("mode,attention,both,layout,processes,dp", LAYOUTS, ids=[_id(*case[:4]) for case in LAYOUTS])
-def test_cp2_trains_as_one_process(tmp_path, model_parallel, mode, attention, both, layout, processes, dp):
+def test_cp2_trains_as_one_process(start, cp_runs, model_parallel, mode, attention, both, layout, processes, dp):
     from megatron_bdgemma.training.trainer import train
 
-    _start(tmp_path)
-    history = train(_run(mode, str(tmp_path), attention, *both))
+    case = _id(mode, attention, both, layout)
+    history = train(_run(mode, str(start), case, attention, *both))
     reference = _metrics(history)
-    ranks = run_in_processes(_train_in_rank, processes, mode, str(tmp_path), attention, (*both, "parallel.cp=2", *layout),
-                             timeout_s=300)
+    ranks = cp_runs[case]
+    assert len(ranks) == processes
     for rank, got in enumerate(ranks):
         assert got["sizes"] == (2, dp), f"rank {rank}: (cp, dp) = {got['sizes']}, not the layout meant"
         assert_steps_close(got["history"], reference, f"cp=2 {' '.join(layout + both)} {mode} {attention} rank {rank} "

@@ -95,34 +95,81 @@ def _train_in_rank(rank: int, tmp: str, objective: str, overrides: list[str]) ->
     return metrics, hidden[:FIRST_STEPS_CALLS]
 
 
-@pytest.mark.parametrize(
-    "objective,layout,nprocs",
-    [
-        ("sft", ["parallel.pp=2"], 2),
-        ("pretrain", ["parallel.pp=2"], 2),
-        ("sft", ["parallel.pp=2", "objective.loss_chunk_size=24"], 2),
-        ("pretrain", ["parallel.pp=2", "parallel.tp=2", "objective.loss_chunk_size=24"], 4),
-        ("sft", ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1"], 4),
-        ("pretrain", ["parallel.pp=2", "parallel.vpp=2"], 2),
-        ("sft", ["parallel.pp=2", "parallel.vpp=2", "objective.loss_chunk_size=24"], 2),
-        # The objective's options on the stages: w(t) and the shift δ on the noisy token's logit in the last stage's
-        # loss, each stage detaching its own encoder K/V, the frozen self-conditioning module on the first stage.
-        ("sft", ["parallel.pp=2", "objective.loss_chunk_size=24", "objective.variant=reweighted-loo-ce",
-                 "objective.weight_clip=10", "objective.stop_gradient_to_encoder=true", "objective.diffusion_weight=0.5",
-                 "model.overrides.freeze_self_conditioning=true"], 2),
-    ],
-    ids=["sft_pp2", "pretrain_pp2", "sft_pp2_chunked", "pretrain_pp2_tp2_sp_chunked", "sft_pp2_ep2_dp2", "pretrain_vpp2",
-         "sft_vpp2_chunked", "sft_pp2_chunked_objective_options"],
-)
-def test_pipeline_matches_one_process(tmp_path, model_parallel, hf_start, objective, layout, nprocs):
+def _layouts_in_rank(rank: int, tmp: str, cases: list[tuple[str, str, list[str]]]) -> dict[str, tuple]:
+    """Every case of one world size in turn, in the same ranks (the trainer sets each layout's groups up), each with
+    a data cache of its own: per case `_train_in_rank`'s result."""
+    return {case: _train_in_rank(rank, str(Path(tmp) / case), objective, overrides)
+            for case, objective, overrides in cases}
+
+
+LAYOUTS = {
+    "sft_pp2": ("sft", ["parallel.pp=2"], 2),
+    "pretrain_pp2": ("pretrain", ["parallel.pp=2"], 2),
+    "sft_pp2_chunked": ("sft", ["parallel.pp=2", "objective.loss_chunk_size=24"], 2),
+    "pretrain_pp2_tp2_sp_chunked": ("pretrain", ["parallel.pp=2", "parallel.tp=2", "objective.loss_chunk_size=24"], 4),
+    "sft_pp2_ep2_dp2": ("sft", ["parallel.pp=2", "parallel.ep=2", "train.micro_batch_size=1"], 4),
+    "pretrain_vpp2": ("pretrain", ["parallel.pp=2", "parallel.vpp=2"], 2),
+    "sft_vpp2_chunked": ("sft", ["parallel.pp=2", "parallel.vpp=2", "objective.loss_chunk_size=24"], 2),
+    # The objective's options on the stages: w(t) and the shift δ on the noisy token's logit in the last stage's
+    # loss, each stage detaching its own encoder K/V, the frozen self-conditioning module on the first stage.
+    "sft_pp2_chunked_objective_options": ("sft", [
+        "parallel.pp=2", "objective.loss_chunk_size=24", "objective.variant=reweighted-loo-ce",
+        "objective.weight_clip=10", "objective.stop_gradient_to_encoder=true", "objective.diffusion_weight=0.5",
+        "model.overrides.freeze_self_conditioning=true"], 2),
+}
+"""Per case: (objective, layout, processes)."""
+
+
+def _start(hf: str) -> list[str]:
+    return [f"model.hf={hf}", f"train.eval_interval={STEPS}", "train.eval_steps=2"]
+
+
+def _same_loss_path(layout: list[str]) -> tuple[str, ...]:
+    """The options of a layout that the 1-process reference runs with too (they change the loss, not the layout)."""
+    return tuple(o for o in layout if o.startswith(("objective.", "model.overrides.")))
+
+
+@pytest.fixture(scope="module")
+def pipeline_runs(tmp_path_factory, hf_start) -> dict[str, list[tuple]]:
+    """Every case's ranks' results: the cases of one world size share one spawn of their ranks (process start and
+    imports once, not per case)."""
+    tmp = tmp_path_factory.mktemp("layouts")
+    runs = {}
+    for nprocs in sorted({case[2] for case in LAYOUTS.values()}, reverse=True):
+        cases = [(name, objective, _start(hf_start) + layout) for name, (objective, layout, n) in LAYOUTS.items()
+                 if n == nprocs]
+        ranks = run_in_processes(_layouts_in_rank, nprocs, str(tmp), cases, timeout_s=400 * len(cases))
+        runs |= {name: [rank[name] for rank in ranks] for name, _, _ in cases}
+    return runs
+
+
+@pytest.fixture(scope="module")
+def one_process_runs(tmp_path_factory, distributed_world, hf_start):
+    """The 1-process run (metrics, pass-1 hiddens) of an objective with a layout's loss options, each run once:
+    layouts that differ only in parallelism share it. From a reseeded RNG tracker, like a test's `model_parallel`."""
+    from megatron_bdgemma.runtime.distributed import DEFAULT_SEED, init_distributed
     from megatron_bdgemma.training.trainer import train
 
-    start = [f"model.hf={hf_start}", f"train.eval_interval={STEPS}", "train.eval_steps=2"]
-    same_loss_path = [o for o in layout if o.startswith(("objective.", "model.overrides."))]
-    with _pass1_hidden_recorded() as hidden:
-        reference = _metrics(train(_run(tmp_path, objective, *start, *same_loss_path)))
+    tmp, done = tmp_path_factory.mktemp("one_process"), {}
+
+    def run(objective: str, same_loss_path: tuple[str, ...]) -> tuple[list, list[torch.Tensor]]:
+        if (objective, same_loss_path) not in done:
+            init_distributed(seed=DEFAULT_SEED)
+            with _pass1_hidden_recorded() as hidden:
+                metrics = _metrics(train(_run(tmp / str(len(done)), objective, *_start(hf_start), *same_loss_path)))
+            done[objective, same_loss_path] = metrics, hidden
+        return done[objective, same_loss_path]
+
+    return run
+
+
+@pytest.mark.parametrize("case", list(LAYOUTS))
+def test_pipeline_matches_one_process(pipeline_runs, one_process_runs, case):
+    objective, layout, nprocs = LAYOUTS[case]
+    reference, hidden = one_process_runs(objective, _same_loss_path(layout))
     assert len(reference[-1]) == len(METRICS), reference[-1]  # the last step evaluated
-    runs = run_in_processes(_train_in_rank, nprocs, str(tmp_path), objective, start + layout, timeout_s=400)
+    runs = pipeline_runs[case]
+    assert len(runs) == nprocs
     if nprocs == 2:  # PP only: the first stage runs the same micro-batches as one process, whole (no TP shards)
         # Each micro-batch's pass 2 is self-conditioned on ITS OWN pass 1, handed back by the last stage: checked
         # directly, since in this fixture another micro-batch's hidden moves the losses and grad norm by as little as
@@ -167,17 +214,47 @@ def _checkpoint_runs_in_rank(rank: int, tmp: str, start: list[str], layout: list
     return {name: _metrics(history) for name, history in runs.items()}
 
 
-@pytest.mark.parametrize(
-    "optimizer,layout,nprocs",
-    [
-        ("plain", ["parallel.pp=2"], 2),
-        ("distributed", ["parallel.pp=2"], 4),
-        ("distributed", ["parallel.pp=2", "parallel.vpp=2"], 2),
-        ("distributed", ["parallel.pp=2", "checkpoint.optimizer_format=dp_reshardable"], 2),
-    ],
-    ids=["pp2_plain_optimizer", "pp2_dp2", "pp2_vpp2", "pp2_dp_reshardable"],
-)
-def test_pipeline_checkpoint_resumes_and_reshards(tmp_path, model_parallel, hf_start, one_process, optimizer, layout, nprocs):
+CHECKPOINT_LAYOUTS = {
+    "pp2_plain_optimizer": ("plain", ["parallel.pp=2"], 2),
+    "pp2_dp2": ("distributed", ["parallel.pp=2"], 4),
+    "pp2_vpp2": ("distributed", ["parallel.pp=2", "parallel.vpp=2"], 2),
+    "pp2_dp_reshardable": ("distributed", ["parallel.pp=2", "checkpoint.optimizer_format=dp_reshardable"], 2),
+}
+"""Per case: (optimizer, layout, processes)."""
+
+
+def _checkpoint_start(hf: str, optimizer: str) -> list[str]:
+    return [f"model.hf={hf}", f"optim.distributed_optimizer={str(optimizer == 'distributed').lower()}"]
+
+
+def _reshards(layout: list[str]) -> bool:
+    """The `dp_reshardable` format stores the optimizer's buckets as they are, so it resumes at the same PP only."""
+    return "checkpoint.optimizer_format=dp_reshardable" not in layout
+
+
+def _checkpoint_cases_in_rank(rank: int, tmp: str, cases: list[tuple]) -> dict[str, dict[str, list]]:
+    """Every case of one world size in turn in the same ranks, each in a directory of its own."""
+    return {case: _checkpoint_runs_in_rank(rank, str(Path(tmp) / case), *args) for case, *args in cases}
+
+
+@pytest.fixture(scope="module")
+def checkpoint_runs(tmp_path_factory, hf_start, one_process) -> tuple[Path, dict[str, list[dict]]]:
+    """Every checkpoint case's ranks' results and their root (a directory per case): the cases of one world size
+    share one spawn of their ranks."""
+    _, one = one_process
+    tmp, runs = tmp_path_factory.mktemp("checkpoint_layouts"), {}
+    for nprocs in sorted({case[2] for case in CHECKPOINT_LAYOUTS.values()}, reverse=True):
+        # The 1-process checkpoint holds the distributed optimizer's state: the plain optimizer loads none but its own.
+        cases = [(name, _checkpoint_start(hf_start, optimizer), layout,
+                  str(one) if optimizer == "distributed" and _reshards(layout) else None)
+                 for name, (optimizer, layout, n) in CHECKPOINT_LAYOUTS.items() if n == nprocs]
+        ranks = run_in_processes(_checkpoint_cases_in_rank, nprocs, str(tmp), cases, timeout_s=400 * len(cases))
+        runs |= {case[0]: [rank[case[0]] for rank in ranks] for case in cases}
+    return tmp, runs
+
+
+@pytest.mark.parametrize("case", list(CHECKPOINT_LAYOUTS))
+def test_pipeline_checkpoint_resumes_and_reshards(model_parallel, hf_start, one_process, checkpoint_runs, case):
     """A pipeline-parallel trainer checkpoint, fp32:
 
     - the layout's run equals the uninterrupted 1-process run, and resumes its own step-2 checkpoint bit-identically
@@ -192,22 +269,23 @@ def test_pipeline_checkpoint_resumes_and_reshards(tmp_path, model_parallel, hf_s
     """
     from megatron_bdgemma.training.trainer import train
 
-    reference, one = one_process
-    start = [f"model.hf={hf_start}", f"optim.distributed_optimizer={str(optimizer == 'distributed').lower()}"]
-    reshards = "checkpoint.optimizer_format=dp_reshardable" not in layout
-    # The 1-process checkpoint holds the distributed optimizer's state: the plain optimizer loads none but its own.
-    from_one = str(one) if optimizer == "distributed" and reshards else None
-    runs = run_in_processes(_checkpoint_runs_in_rank, nprocs, str(tmp_path), start, layout, from_one, timeout_s=400)
+    reference, _ = one_process
+    optimizer, layout, nprocs = CHECKPOINT_LAYOUTS[case]
+    root, all_runs = checkpoint_runs
+    tmp, runs = root / case, all_runs[case]
+    assert len(runs) == nprocs
+    from_one = optimizer == "distributed" and _reshards(layout)
     for rank, got in enumerate(runs):
         assert_steps_close(got["full"], reference, f"{layout} rank {rank} vs 1 process", shared_weight_steps=2)
         assert got["resumed"] == got["full"][2:], f"{layout} rank {rank}: resume at the same layout must be bit-identical"
+        assert ("from_one" in got) == from_one, (rank, sorted(got))
         if from_one:
             assert_steps_close(got["from_one"], reference[2:], f"1 process -> {layout}, rank {rank}",
                                shared_weight_steps=1, first_step=3)
-    if not reshards:
+    if not _reshards(layout):
         return
-    to_one = train(_run(tmp_path, "sft", *start, f"checkpoint.load={_iter2(tmp_path / 'layout')}",
-                        f"checkpoint.save={tmp_path / 'to_one'}"))
+    to_one = train(_run(tmp, "sft", *_checkpoint_start(hf_start, optimizer),
+                        f"checkpoint.load={_iter2(tmp / 'layout')}", f"checkpoint.save={tmp / 'to_one'}"))
     assert_steps_close(_metrics(to_one), runs[0]["full"][2:], f"{layout} step-2 checkpoint continued in 1 process",
                        shared_weight_steps=1, first_step=3)
 

@@ -192,8 +192,9 @@ LAYOUT_STEPS = 4
 starting weights; step 3 is the first after a checkpoint both continuations load."""
 
 
-def _layout_runs_in_rank(rank: int, tmp: str, start: list[str], layout: list[str]) -> dict[str, list]:
-    """At `layout` (2 ranks): 4 steps saving at step 2; resumed from that step 2; resumed from the 1-process step 2."""
+def _layout_runs_in_rank(rank: int, tmp: str, start: list[str], layout: list[str], one: str) -> dict[str, list]:
+    """At `layout` (2 ranks): 4 steps saving at step 2; resumed from that step 2; resumed from the 1-process step 2
+    (saved under `one`)."""
     import torch.distributed as dist
 
     from megatron_bdgemma.training.trainer import train
@@ -204,17 +205,47 @@ def _layout_runs_in_rank(rank: int, tmp: str, start: list[str], layout: list[str
     dist.barrier()
     resumed = train(_run(tmp, *start, *layout, steps, f"checkpoint.load={_iter2(tmp / 'layout')}",
                          f"checkpoint.save={tmp / 'layout_resumed'}"))
-    from_one = train(_run(tmp, *start, *layout, steps, f"checkpoint.load={_iter2(tmp / 'one')}",
+    from_one = train(_run(tmp, *start, *layout, steps, f"checkpoint.load={_iter2(Path(one))}",
                           f"checkpoint.save={tmp / 'from_one'}"))
     return dict(full=_metrics(full), resumed=_metrics(resumed), from_one=_metrics(from_one))
 
 
-@pytest.mark.parametrize(
-    "layout",
-    [[], ["parallel.tp=2"], ["parallel.ep=2"]],
-    ids=["dp2", "tp2_sp", "ep2"],
-)
-def test_layouts_match_one_process_and_reshard(tmp_path, model_parallel, hf_start, layout):
+LAYOUTS = {"dp2": [], "tp2_sp": ["parallel.tp=2"], "ep2": ["parallel.ep=2"]}
+START = ["model.overrides={}", "optim.distributed_optimizer=true"]
+
+
+def _layouts_in_rank(rank: int, tmp: str, start: list[str], one: str) -> dict[str, dict[str, list]]:
+    """Every layout in turn in the same 2 ranks (one spawn: process start and imports once), each in a directory of
+    its own."""
+    return {name: _layout_runs_in_rank(rank, str(Path(tmp) / name), start, layout, one)
+            for name, layout in LAYOUTS.items()}
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, distributed_world, hf_start) -> tuple[list, Path]:
+    """The 1-process run every layout is compared with (the same for all: one run), and its save root (a checkpoint
+    at step 2). From a reseeded RNG tracker, like a test's `model_parallel`."""
+    from megatron_bdgemma.runtime.distributed import DEFAULT_SEED, init_distributed
+    from megatron_bdgemma.training.trainer import train
+
+    tmp = tmp_path_factory.mktemp("one_process")
+    init_distributed(seed=DEFAULT_SEED)
+    history = train(_run(tmp, f"model.hf={hf_start}", *START, f"train.steps={LAYOUT_STEPS}",
+                         f"checkpoint.save={tmp / 'one'}", "checkpoint.interval=2"))
+    return _metrics(history), tmp / "one"
+
+
+@pytest.fixture(scope="module")
+def layout_runs(tmp_path_factory, hf_start, one_process) -> tuple[Path, dict[str, list[dict]]]:
+    """Every layout's ranks' results (`_layout_runs_in_rank`) and their root, a directory per layout."""
+    tmp = tmp_path_factory.mktemp("layouts")
+    ranks = run_in_processes(_layouts_in_rank, 2, str(tmp), [f"model.hf={hf_start}", *START], str(one_process[1]),
+                             timeout_s=400 * len(LAYOUTS))
+    return tmp, {name: [rank[name] for rank in ranks] for name in LAYOUTS}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layouts_match_one_process_and_reshard(model_parallel, hf_start, one_process, layout_runs, name):
     """DP=2 (same global batch), TP=2+SP and EP=2 against one process, fp32, distributed optimizer:
 
     - every step's losses, and the global grad norm of steps 1-2 (the starting weights), equal the 1-process run's:
@@ -231,13 +262,11 @@ def test_layouts_match_one_process_and_reshard(tmp_path, model_parallel, hf_star
     """
     from megatron_bdgemma.training.trainer import train
 
-    start = [f"model.hf={hf_start}", "model.overrides={}", "optim.distributed_optimizer=true"]
-    steps = f"train.steps={LAYOUT_STEPS}"
-    reference = _metrics(train(_run(tmp_path, *start, steps, f"checkpoint.save={tmp_path / 'one'}",
-                                    "checkpoint.interval=2")))
-    runs = run_in_processes(_layout_runs_in_rank, 2, str(tmp_path), start, layout, timeout_s=400)
-    to_one = _metrics(train(_run(tmp_path, *start, steps, f"checkpoint.load={_iter2(tmp_path / 'layout')}",
-                                 f"checkpoint.save={tmp_path / 'to_one'}")))
+    reference, _ = one_process
+    root, all_runs = layout_runs
+    tmp, runs, layout = root / name, all_runs[name], LAYOUTS[name]
+    to_one = _metrics(train(_run(tmp, f"model.hf={hf_start}", *START, f"train.steps={LAYOUT_STEPS}",
+                                 f"checkpoint.load={_iter2(tmp / 'layout')}", f"checkpoint.save={tmp / 'to_one'}")))
     for rank, got in enumerate(runs):
         assert_steps_close(got["full"], reference, f"{layout} rank {rank} vs 1 process", shared_weight_steps=2)
         assert got["resumed"] == got["full"][2:], f"{layout} rank {rank}: resume at the same layout must be bit-identical"
