@@ -185,6 +185,32 @@ def test_image_parts_are_refused_without_an_image_processor(tmp_path):
     assert "\n" not in str(error.value)
 
 
+def test_image_records_need_a_model_that_takes_them(processor_dir, tmp_path):
+    """Image records with a text-only model, or a model whose image token is not the tokenizer's, are refused
+    before the first step, in one line naming data.paths and what the model lacks."""
+    from megatron_bdgemma.config import tiny
+    from megatron_bdgemma.training.config import load_run_config
+    from megatron_bdgemma.training.data import build_step_data
+
+    names = write_images(tmp_path, 1)
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps(image_chat(names, "a red square")) + "\n" for _ in range(4)))
+    run = load_run_config("examples/configs/tiny_sft.yaml", [f"data.tokenizer={processor_dir}", f"data.paths=[{path}]",
+                                                             "data.seq_length=192"])
+    image_token = HFTokenizer(processor_dir).images.image_token_id
+    vision = dict(model_type="gemma4_vision", hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                  num_attention_heads=1, num_key_value_heads=1, head_dim=8)
+    for config, message in [
+        (tiny(vocab_size=512), "has no vision tower (model.hf: a DiffusionGemma checkpoint that has one)"),
+        (tiny(vocab_size=512, vision_config=vision, image_token_id=image_token + 1),
+         f"takes image_token_id {image_token + 1}, not data.tokenizer's image token {image_token}"),
+    ]:
+        with pytest.raises(ValueError) as error:
+            build_step_data(run, config)
+        assert str(error.value) == f"data.paths: {path} has 4 record(s) with images, but the model {message}"
+    build_step_data(run, tiny(vocab_size=512, vision_config=vision, image_token_id=image_token))  # takes them
+
+
 def test_image_in_a_response_window_and_missing_file_are_refused(processor_dir, tmp_path):
     names = write_images(tmp_path, 1)
     late = {"messages": [{"role": "user", "content": "what"}, {"role": "assistant", "content": "a"},

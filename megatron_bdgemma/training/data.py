@@ -215,6 +215,12 @@ def build_step_data(run: RunConfig, config: BDGemmaConfig) -> StepData:
                           truncation=d.truncation, mask_history=d.mask_history)
         if full.bad.total or full.ar_only or full.truncated:
             print(full.summary(), flush=True)
+        if full.with_images and (config.vision_config is None or config.image_token_id != tokenizer.images.image_token_id):
+            # Refused here, before a step: the model would meet placeholders it cannot fill.
+            why = ("has no vision tower (model.hf: a DiffusionGemma checkpoint that has one)" if config.vision_config is None
+                   else f"takes image_token_id {config.image_token_id}, not data.tokenizer's image token "
+                        f"{tokenizer.images.image_token_id}")
+            raise ValueError(f"data.paths: {paths[0]} has {full.with_images} record(s) with images, but the model {why}")
         if len(full) < 2:
             raise ValueError(f"{paths[0]} has {len(full)} usable chat record(s); SFT needs at least 2 (every "
                              f"{SFT_VALID_EVERY}th record, the first included, is held out for evaluation)")
