@@ -203,8 +203,9 @@ class BDGemmaModel(GPTModel):
             raise ValueError("pixel_values needs image_position_ids ([images, patches, 2], (-1, -1) on padding)")
         features = self.vision(pixel_values, image_position_ids).to(hidden.dtype)  # [T, H]
         slots = placeholder_slots(input_ids, self.config.image_token_id) if image_slots is None else image_slots
-        # Whole rows must use every feature; a shard holds only some placeholders, which must exist.
-        count = int(slots.max()) + 1 if image_slots is not None else int((slots >= 0).sum())
+        # The soft tokens the placeholders read (slots count 0, 1, ... along the whole rows): whole rows must read
+        # every feature, a shard up to its last placeholder's.
+        count = int(slots.max()) + 1
         if count > features.shape[0] or (image_slots is None and count != features.shape[0]):
             raise ValueError(f"input_ids hold {count} image_token_id ({self.config.image_token_id}) "
                              f"placeholders, the images give {features.shape[0]} soft tokens")
