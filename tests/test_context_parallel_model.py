@@ -75,6 +75,23 @@ def _model(path: str, attention: str):
     return megatron_bdgemma.from_hf(path, dtype=DTYPE, attention_impl=attention, attention_chunk_size=BLOCK)
 
 
+def summed_over_cp(
+    sums: torch.Tensor, grads: dict[str, torch.Tensor], reference, group
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """A CP rank's loss sums and gradients summed over the ranks (DDP's sum over DP × CP), and each gradient's
+    difference from one process's (`reference`, `(sums, grads)`), relative to its largest entry."""
+    ref_grads = reference[1]
+    assert grads.keys() == ref_grads.keys(), sorted(set(grads) ^ set(ref_grads))
+    sums = sums.clone()
+    torch.distributed.all_reduce(sums, group=group)
+    errors = {}
+    for name, grad in grads.items():
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad, group=group)
+        errors[name] = ((grad - ref_grads[name]).abs().max() / ref_grads[name].abs().max()).item()
+    return sums, errors
+
+
 def _check(path: str, kind: str, attention: str, loss_chunk_size: int | None, reference) -> dict:
     """In a rank of the CP group: this rank's shard of one case, the sums and gradients summed over the ranks
     against one process's (`reference`)."""
@@ -85,19 +102,10 @@ def _check(path: str, kind: str, attention: str, loss_chunk_size: int | None, re
     init_distributed(cp=CP)  # the groups are kept; the RNG tracker reseeded for each case, as for the reference
     group = parallel_state.get_context_parallel_group()
     assert group.size() == CP and parallel_state.get_data_parallel_world_size() == 1
-    sums, grads = _run(_model(path, attention), *_case(kind), loss_chunk_size)
-    torch.distributed.all_reduce(sums, group=group)
-    ref_sums, ref_grads = reference
-    diffs = {"losses": ((sums[:2] - ref_sums[:2]).abs() / ref_sums[:2].abs()).max().item(),
-             "counts_equal": bool(torch.equal(sums[2:], ref_sums[2:])), "grads": 0.0}
-    assert grads.keys() == ref_grads.keys(), sorted(set(grads) ^ set(ref_grads))
-    for name, grad in grads.items():
-        grad = grad.clone()
-        torch.distributed.all_reduce(grad, group=group)  # DDP's sum over the CP ranks
-        err = ((grad - ref_grads[name]).abs().max() / ref_grads[name].abs().max()).item()
-        if err > diffs["grads"]:
-            diffs["grads"], diffs["worst"] = err, name
-    return diffs
+    sums, errors = summed_over_cp(*_run(_model(path, attention), *_case(kind), loss_chunk_size), reference, group)
+    ref_sums, worst = reference[0], max(errors, key=errors.get)
+    return {"losses": ((sums[:2] - ref_sums[:2]).abs() / ref_sums[:2].abs()).max().item(),
+            "counts_equal": bool(torch.equal(sums[2:], ref_sums[2:])), "grads": errors[worst], "worst": worst}
 
 
 def _two_rank_runs(rank: int, path: str, references: dict) -> dict:

@@ -358,19 +358,15 @@ def _cp2_with_images(rank: int, path: str, references: dict) -> dict[str, dict[s
     from megatron.core import parallel_state
 
     from megatron_bdgemma.runtime.distributed import init_distributed
+    from tests.test_context_parallel_model import summed_over_cp
 
     init_distributed(cp=2)
     group, diffs = parallel_state.get_context_parallel_group(), {}
-    for attention, (ref_sums, ref_grads) in references.items():
-        sums, grads = _losses_and_grads(path, attention)
-        torch.distributed.all_reduce(sums, group=group)
-        assert grads.keys() == ref_grads.keys(), sorted(set(grads) ^ set(ref_grads))
-        text, vision = 0.0, 0.0
-        for name, grad in grads.items():
-            torch.distributed.all_reduce(grad, group=group)
-            err = _relative(grad, ref_grads[name])
-            text, vision = (text, max(vision, err)) if name.startswith("vision.") else (max(text, err), vision)
-        diffs[attention] = dict(losses=_relative(sums, ref_sums), text=text, vision=vision)
+    for attention, reference in references.items():
+        sums, errors = summed_over_cp(*_losses_and_grads(path, attention), reference, group)
+        diffs[attention] = dict(losses=_relative(sums, reference[0]),
+                                text=max(e for name, e in errors.items() if not name.startswith("vision.")),
+                                vision=max(e for name, e in errors.items() if name.startswith("vision.")))
     return diffs
 
 
