@@ -241,7 +241,8 @@ def test_image_sft_cli_run_learns_with_the_tower_frozen_and_trained(processor_di
     EP = 2 packed 5.6e-7 / 2.5e-7, CP = 2 packed 8.1e-7 / 2.5e-7.
 
     The trained tower comes out trained: the run's export to HF holds every vision tensor of the source, in its
-    dtype and shape, and none of them holds the source's values."""
+    dtype and shape, and none of them holds the source's values; its config has the source's image tokens; and
+    `tools/generate.py --load` on the run prints what `--hf` on its export prints for a chat with an image."""
     from megatron_bdgemma.training.config import load_run_config
     from megatron_bdgemma.training.data import build_step_data
     from megatron_bdgemma.training.trainer import build_model_config
@@ -277,6 +278,15 @@ def test_image_sft_cli_run_learns_with_the_tower_frozen_and_trained(processor_di
                                                                       rel=1e-6)
     assert trained[0]["grad_norm"] > frozen[0]["grad_norm"] * (1 + 1e-6)
     _assert_exported_tower_is_trained(hf, tmp_path / "trained", tmp_path / "trained_hf")
+    # The export writes back the source's image tokens and bidirectional images (the run trained from model.hf
+    # records that source in its checkpoints); before, it wrote transformers' defaults (258880, 255999, 258882, None).
+    source, exported = (json.loads((d / "config.json").read_text()) for d in (hf, tmp_path / "trained_hf"))
+    keys = ("image_token_id", "boi_token_id", "eoi_token_id")
+    assert [exported[k] for k in keys] == [source[k] for k in keys] and exported["image_token_id"] < 64, exported
+    assert exported["text_config"]["use_bidirectional_attention"] == "vision" == source["text_config"][
+        "use_bidirectional_attention"]
+    _assert_generate_from_run_equals_its_export(tmp_path / "trained", tmp_path / "trained_hf", processor_dir,
+                                                tmp_path / names[0])
 
     # The packed run's rows (the one-process layout it trains on): each step's four records two to a row.
     packing = load_run_config(tmp_path / "trained" / "run_config.yaml", ["data.packing=true"])
@@ -319,6 +329,25 @@ def _assert_exported_tower_is_trained(source_dir: Path, checkpoint: Path, export
     assert {n: (t.shape, t.dtype) for n, t in exported.items()} == {n: (t.shape, t.dtype) for n, t in source.items()}
     unchanged = [name for name, t in exported.items() if hf_models.same_bytes(t, source[name])]
     assert len(exported) == 16 and not unchanged, unchanged
+
+
+def _assert_generate_from_run_equals_its_export(checkpoint: Path, exported_dir: Path, processor: Path,
+                                               image: Path) -> None:
+    """`tools/generate.py --load RUN --chat --image` (the run's own tokenizer and image processor, from its stored
+    run config) prints the tokens that `--hf` on the run's export with the same processor prints, same seed: the
+    checkpoint's tower and image token reach generation (tests/test_generate_images.py holds `--hf` to HF's
+    `generate`)."""
+    from tests.test_generate_images import _run
+
+    common = ("--chat", "--image", str(image), "--prompt", "what is in this picture", "--sampler",
+              "entropy_bound:max_denoising_steps=6", "--max-new-tokens", "8", "--seed", "7")
+    printed = []
+    for source in (("--load", str(checkpoint)), ("--hf", str(exported_dir), "--tokenizer", str(processor))):
+        done = _run(*source, *common)
+        assert done.returncode == 0, (source, done.stderr[-3000:])
+        printed.append([line for line in done.stdout.splitlines() if not line.startswith("generated tokens: ")])
+        assert done.stdout.splitlines()[-1].startswith("generated tokens: "), done.stdout
+    assert printed[0] == printed[1] and len(printed[0]) >= 2 and printed[0][1].strip(), printed
 
 
 def test_packed_image_records_equal_records_alone(processor_dir, tmp_path, model_parallel):

@@ -173,10 +173,11 @@ def check_exportable(config: BDGemmaConfig) -> None:
 def hf_configs(config: BDGemmaConfig, source: dict[str, Any] | None, dtype: torch.dtype) -> tuple[Any, Any]:
     """(`DiffusionGemmaConfig`, `DiffusionGemmaGenerationConfig`) of `config`.
 
-    Every architecture value comes from `config`, the vision config too (the carried tower's, else
-    `MINIMAL_VISION`). Token ids and initialiser settings that `BDGemmaConfig` does not hold come from the HF source
-    the checkpoint was converted from (`source`, recorded in the checkpoint's `extra["converted_from"]`) when there is
-    one; generation EOS / pad / BOS ids from the source's `generation_config.json`, else the model config.
+    Every architecture value comes from `config`, the vision config, image token and bidirectional images too (the
+    carried tower's, else `MINIMAL_VISION`). Token ids and initialiser settings that `BDGemmaConfig` does not hold
+    come from the HF model the weights came from (`source`, the checkpoint's `extra["converted_from"]`, recorded by
+    the import and carried by training runs) when there is one; generation EOS / pad / BOS ids from the source's
+    `generation_config.json`, else the model config.
     """
     from transformers import DiffusionGemmaConfig
     from transformers.models.diffusion_gemma import DiffusionGemmaTextConfig
@@ -189,8 +190,8 @@ def hf_configs(config: BDGemmaConfig, source: dict[str, Any] | None, dtype: torc
     source_config = source.get("hf_config") or {}
     source_text = source_config.get("text_config", source_config) if source_config else {}
     eos = list(config.eos_token_ids)
-    text = {key: source_text[key] for key in ("bos_token_id", "initializer_range", "attention_dropout",
-                                              "use_bidirectional_attention") if source_text.get(key) is not None}
+    text = {key: source_text[key] for key in ("bos_token_id", "initializer_range", "attention_dropout")
+            if source_text.get(key) is not None}
     text.update(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.ffn_hidden_size,
         num_hidden_layers=config.num_layers, num_attention_heads=config.num_attention_heads,
@@ -204,12 +205,15 @@ def hf_configs(config: BDGemmaConfig, source: dict[str, Any] | None, dtype: torc
         num_experts=config.num_moe_experts, top_k_experts=config.moe_router_topk,
         moe_intermediate_size=config.moe_ffn_hidden_size, attention_bias=False, tie_word_embeddings=True,
         final_logit_softcapping=config.final_logit_softcapping,
+        use_bidirectional_attention="vision" if config.vision_bidirectional else None,
     )
     if any(params.get("rope_type") == "longrope" for params in config.rope_parameters.values()):
         # HF's longrope validation reads the global head_dim, which its per-layer configs guard behind this flag.
         text["allow_global_per_layer_attribute_access"] = True
-    top = {key: source_config[key] for key in ("boi_token_id", "eoi_token_id", "image_token_id", "initializer_range")
+    top = {key: source_config[key] for key in ("boi_token_id", "eoi_token_id", "initializer_range")
            if source_config.get(key) is not None}
+    if config.image_token_id is not None:
+        top["image_token_id"] = config.image_token_id
     hf_config = DiffusionGemmaConfig(
         text_config=DiffusionGemmaTextConfig(**text), vision_config=config.vision_config or MINIMAL_VISION,
         canvas_length=config.canvas_length, tie_word_embeddings=True, **top,

@@ -669,12 +669,7 @@ def convert_hf_to_megatron(
 
         extra = {
             "model_config": model_config_to_dict(config),
-            "converted_from": {
-                "path": str(checkpoint.path),
-                "model_type": checkpoint.model_type,
-                "hf_config": checkpoint.config_dict,
-                "generation_config": _generation_config_dict(checkpoint.path),
-            },
+            "converted_from": hf_source(checkpoint),
             "self_conditioning_initialised": bool(fresh),
         }
         save_streaming(staging, layout, mappings, produce, extra, log)
@@ -688,6 +683,19 @@ def convert_hf_to_megatron(
     log(f"wrote {out}: {report.tensors} tensors, {report.bytes / 2**20:.1f} MiB in {report.seconds:.1f} s "
         f"(loads at any TP/EP/PP; checked for TP={tp} EP={ep} PP={pp})")
     return report
+
+
+def hf_source(checkpoint: HFCheckpoint) -> dict[str, Any]:
+    """What a checkpoint records of the HF model its weights came from (`extra["converted_from"]`): the values of its
+    config and generation config that `BDGemmaConfig` does not hold (image-boundary tokens, BOS, initialiser range,
+    generation EOS / pad), which the HF export writes back (`hf_export.hf_configs`). Training runs carry it on from
+    `model.hf` or their `checkpoint.load` / `init_from` into each checkpoint they save."""
+    return {
+        "path": str(checkpoint.path),
+        "model_type": checkpoint.model_type,
+        "hf_config": checkpoint.config_dict,
+        "generation_config": _generation_config_dict(checkpoint.path),
+    }
 
 
 def _generation_config_dict(path: Path) -> dict[str, Any] | None:

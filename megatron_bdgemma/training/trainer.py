@@ -31,7 +31,12 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_bdgemma.config import PRESETS, BDGemmaConfig
 from megatron_bdgemma.conversion.hf_checkpoint import HFCheckpoint, hf_model_config, load_hf_weights
-from megatron_bdgemma.conversion.megatron_checkpoint import model_config_from_dict, model_config_to_dict, read_extra
+from megatron_bdgemma.conversion.megatron_checkpoint import (
+    hf_source,
+    model_config_from_dict,
+    model_config_to_dict,
+    read_extra,
+)
 from megatron_bdgemma.diffusion import DiffusionBatch, NoisedCanvas, noise_batch
 from megatron_bdgemma.diffusion.packing import PackedBatch, PackedCanvas, pack_canvas
 from megatron_bdgemma.model import BDGemmaModel, TrainingOutput
@@ -78,6 +83,9 @@ class TrainState:
     consumed_tokens: int | None = 0
     """Data tokens read by the steps so far, all data-parallel ranks (None: resumed from a checkpoint that predates
     the count)."""
+    hf_source: dict[str, Any] | None = None
+    """The HF model the weights came from (`megatron_checkpoint.hf_source`): `model.hf`'s, or the one recorded in
+    `checkpoint.load` / `init_from`; saved with every checkpoint so an export writes back its token ids."""
 
     def release_run_directory(self) -> None:
         if self.run_dir is not None:
@@ -228,8 +236,11 @@ def _build(run: RunConfig) -> TrainState:
         state.step = int(extra["step"])
         state.skipped = list(extra.get("skipped_steps", []))
         state.consumed_tokens = extra.get("consumed_tokens")
+        state.hf_source = extra.get("converted_from")
     elif run.checkpoint.init_from:  # weights only; optimizer, schedule and step start fresh
-        load_checkpoint(run.checkpoint.init_from, modules)
+        state.hf_source = load_checkpoint(run.checkpoint.init_from, modules).get("converted_from")
+    elif run.model.hf:
+        state.hf_source = hf_source(HFCheckpoint(run.model.hf))
     return state
 
 
@@ -489,7 +500,8 @@ def _save(state: TrainState) -> Path:
     return save_checkpoint(run.checkpoint.save, state.step, [chunk.module for chunk in state.model], state.optimizer,
                            extra=dict(step=state.step, scheduler=state.scheduler.state_dict(), run=run.to_dict(),
                                       model_config=model_config_to_dict(state.config),
-                                      skipped_steps=list(state.skipped), consumed_tokens=state.consumed_tokens),
+                                      skipped_steps=list(state.skipped), consumed_tokens=state.consumed_tokens,
+                                      **({"converted_from": state.hf_source} if state.hf_source else {})),
                            keep_last=run.checkpoint.keep_last, optimizer_format=run.checkpoint.optimizer_format)
 
 
