@@ -254,6 +254,44 @@ def test_cli_round_trip_with_verify(tmp_path, capsys, model_parallel):
     assert "[6/6] vision layer 0" in out and "vision: 16 tensors carried unchanged (float32)" in out
     assert "model-00001-of-" in out
     assert out.count("verify: max-abs logit difference") == 2
+    assert f"tokenizer: none written (the HF source {source} has no tokenizer files on this machine)" in out
+
+
+def test_export_writes_the_tokenizer_the_model_was_trained_with(tmp_path):
+    """`tokenizer_files_of` picks the files the export writes beside the model: a training run's `data.tokenizer`
+    directory's tokenizer and processor files (never its weights or config.json), its chat template replaced by
+    `data.chat_template`; a converted checkpoint's HF source files; none for the byte tokenizer or a directory this
+    machine does not have, each said in the note. (tests/test_image_sft.py exports a real run and generates with it.)"""
+    from megatron_bdgemma.conversion.hf_export import tokenizer_files_of
+
+    tokenizer, source, template = tmp_path / "tok", tmp_path / "src", tmp_path / "template.jinja"
+    for directory, names in ((tokenizer, ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                                          "preprocessor_config.json", "config.json", "model.safetensors")),
+                             (source, ("tokenizer.json", "config.json"))):
+        directory.mkdir()
+        for name in names:
+            (directory / name).write_text(name)
+    template.write_text("{{ messages }}")
+    converted = {"converted_from": {"path": str(source)}}
+
+    def run(**data):
+        return {"run": {"data": data}, **converted}
+
+    files, note = tokenizer_files_of(run(tokenizer=str(tokenizer), chat_template=str(template)))
+    assert files == {"tokenizer.json": tokenizer / "tokenizer.json",
+                     "tokenizer_config.json": tokenizer / "tokenizer_config.json",
+                     "chat_template.jinja": template, "preprocessor_config.json": tokenizer / "preprocessor_config.json"}
+    assert note == f"4 files from data.tokenizer {tokenizer}, chat template from data.chat_template {template}"
+    files, note = tokenizer_files_of(run(tokenizer=str(tokenizer), chat_template=str(tmp_path / "gone.jinja")))
+    assert files["chat_template.jinja"] == tokenizer / "chat_template.jinja" and "gone.jinja is not on this" in note
+    assert tokenizer_files_of(converted) == ({"tokenizer.json": source / "tokenizer.json"},
+                                             f"1 file from the HF source {source}")
+    # The run's tokenizer or nothing: never the source's in its place.
+    assert tokenizer_files_of(run(tokenizer="byte")) == (
+        {}, "none written (the run trained with the byte tokenizer, which has no Hugging Face files)")
+    assert tokenizer_files_of(run(tokenizer=str(tmp_path / "elsewhere"))) == (
+        {}, f"none written (data.tokenizer {tmp_path / 'elsewhere'} has no tokenizer files on this machine)")
+    assert tokenizer_files_of({}) == ({}, "none written (the checkpoint records no tokenizer)")
 
 
 # ---- bad inputs ------------------------------------------------------------------------------------------------

@@ -333,16 +333,21 @@ def _assert_exported_tower_is_trained(source_dir: Path, checkpoint: Path, export
 
 def _assert_generate_from_run_equals_its_export(checkpoint: Path, exported_dir: Path, processor: Path,
                                                image: Path) -> None:
-    """`tools/generate.py --load RUN --chat --image` (the run's own tokenizer and image processor, from its stored
-    run config) prints the tokens that `--hf` on the run's export with the same processor prints, same seed: the
-    checkpoint's tower and image token reach generation (tests/test_generate_images.py holds `--hf` to HF's
-    `generate`)."""
+    """The export holds the run's tokenizer and image processor files (data.tokenizer's, byte for byte), and
+    `tools/generate.py --load RUN --chat --image` (the run's own tokenizer and image processor, from its stored run
+    config) prints the tokens that `--hf` on the export alone prints, same seed: the checkpoint's tower, image token
+    and processor reach generation (tests/test_generate_images.py holds `--hf` to HF's `generate`)."""
+    from megatron_bdgemma.conversion.hf_export import TOKENIZER_FILES
     from tests.test_generate_images import _run
 
+    written = sorted(name for name in TOKENIZER_FILES if (exported_dir / name).is_file())
+    assert written == sorted(name for name in TOKENIZER_FILES if (processor / name).is_file()) and \
+        "preprocessor_config.json" in written, written
+    assert all((exported_dir / name).read_bytes() == (processor / name).read_bytes() for name in written)
     common = ("--chat", "--image", str(image), "--prompt", "what is in this picture", "--sampler",
               "entropy_bound:max_denoising_steps=6", "--max-new-tokens", "8", "--seed", "7")
     printed = []
-    for source in (("--load", str(checkpoint)), ("--hf", str(exported_dir), "--tokenizer", str(processor))):
+    for source in (("--load", str(checkpoint)), ("--hf", str(exported_dir))):
         done = _run(*source, *common)
         assert done.returncode == 0, (source, done.stderr[-3000:])
         printed.append([line for line in done.stdout.splitlines() if not line.startswith("generated tokens: ")])

@@ -2,8 +2,9 @@
 
     convert_megatron_to_hf("ckpt/dg", "hf/exported")
 
-writes `model-0000i-of-0000n.safetensors` shards with `model.safetensors.index.json`, `config.json` and
-`generation_config.json`, which `transformers` loads with `from_pretrained` and generates with.
+writes `model-0000i-of-0000n.safetensors` shards with `model.safetensors.index.json`, `config.json`,
+`generation_config.json` and the tokenizer and processor files the model was trained with (`tokenizer_files_of`),
+which `transformers` loads with `from_pretrained` and generates with.
 
 Streaming: the names, shapes and dtypes of every HF tensor are known before any data is read (each key-map group's
 `to_hf` run on meta tensors), so every shard's safetensors header is written up front and tensors are appended as
@@ -66,6 +67,11 @@ MINIMAL_VISION: dict[str, Any] = dict(
 models."""
 
 Entry = tuple[str, tuple[int, ...], torch.dtype]
+# A tokenizer / processor directory's files (never weights or config.json: the tokenizer may be a model directory).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+                   "preprocessor_config.json", "processor_config.json")
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
 # ---- safetensors, written as tensors arrive -------------------------------------------------------------------
@@ -339,8 +345,10 @@ def convert_megatron_to_hf(
     config = checkpoint_model_config(path, **({"params_dtype": stored_dtype} if stored_dtype else {}))
     check_exportable(config)
     dtype = dtype or config.params_dtype
-    source = read_extra(path).get("converted_from")
+    extra = read_extra(path)
+    source = extra.get("converted_from")
     hf_config, generation_config = hf_configs(config, source, dtype)
+    tokenizer_files, tokenizer_note = tokenizer_files_of(extra)
 
     with staged_output(out, overwrite) as staging:
         log(f"exporting {path} → {out} [{str(dtype).removeprefix('torch.')}]")
@@ -366,6 +374,8 @@ def convert_megatron_to_hf(
         writer.finish()
         hf_config.save_pretrained(staging)
         generation_config.save_pretrained(staging)
+        for name, file in tokenizer_files.items():
+            (staging / name).write_bytes(file.read_bytes())
     entries = plan + stand_in
     report = ExportReport(output=Path(out), dtype=dtype, tensors=len(entries), bytes=sum(_nbytes(e) for e in entries),
                           shards=len(writer.files), seconds=time.monotonic() - started)
@@ -374,5 +384,35 @@ def convert_megatron_to_hf(
               else f"vision: none in the checkpoint (a text-only model); wrote the zero stand-in tower "
                    f"({len(stand_in)} tensors)")
     log(f"wrote {out}: {report.tensors} tensors in {report.shards} shard(s), {report.bytes / 2**20:.1f} MiB in "
-        f"{report.seconds:.1f} s; {vision}")
+        f"{report.seconds:.1f} s; {vision}; tokenizer: {tokenizer_note}")
     return report
+
+
+def tokenizer_files_of(extra: dict[str, Any]) -> tuple[dict[str, Path], str]:
+    """The tokenizer and processor files the export writes beside the model (`TOKENIZER_FILES`, by output name), and
+    a note saying where they came from or why there are none.
+
+    They are the ones the model was trained with: a training run's `data.tokenizer` directory, its chat template
+    replaced by the run's `data.chat_template` (written as `chat_template.jinja`, which transformers prefers to a
+    template in `tokenizer_config.json`); for a checkpoint converted from HF, the source directory's. Nothing else
+    stands in: a run trained with the byte tokenizer, or whose directory is not on this machine (trained elsewhere),
+    exports none, and the note says so."""
+    if "run" in extra:
+        data = extra["run"].get("data") or {}
+        origin, directory, template = "data.tokenizer", data.get("tokenizer"), data.get("chat_template")
+        if directory == "byte":
+            return {}, "none written (the run trained with the byte tokenizer, which has no Hugging Face files)"
+    else:
+        origin, directory, template = "the HF source", (extra.get("converted_from") or {}).get("path"), None
+    if directory is None:
+        return {}, "none written (the checkpoint records no tokenizer)"
+    files = {name: Path(directory) / name for name in TOKENIZER_FILES if (Path(directory) / name).is_file()}
+    if not files:
+        return {}, f"none written ({origin} {directory} has no tokenizer files on this machine)"
+    note = f"{len(files)} file{'s' * (len(files) != 1)} from {origin} {directory}"
+    if template is not None and Path(template).is_file():
+        files[CHAT_TEMPLATE_FILE] = Path(template)
+        note += f", chat template from data.chat_template {template}"
+    elif template is not None:
+        note += f" (data.chat_template {template} is not on this machine: the tokenizer's own template is kept)"
+    return files, note
