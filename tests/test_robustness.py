@@ -206,6 +206,45 @@ def test_init_from_starts_a_new_run_from_weights(sft_run, tmp_path):
         resume_run_config(weights)
 
 
+def test_the_hf_source_and_tokenizer_travel_through_runs_into_the_export(tmp_path, capsys, model_parallel):
+    """A checkpoint converted from HF records its source (`extra["converted_from"]`). An SFT run started from it
+    (`--init-from`), and that run resumed (`--load`), carry the record into every checkpoint they save, so the export
+    of the resumed run writes back the source's ids that the model config does not hold (image boundaries, BOS), and
+    the tokenizer the run trained with: `data.tokenizer`'s files, its template replaced by `data.chat_template`."""
+    from transformers import AutoTokenizer
+
+    from megatron_bdgemma.conversion.megatron_checkpoint import read_extra
+    from megatron_bdgemma.training.resume import resume_run_config
+    from megatron_bdgemma.training.trainer import train
+    from tests.test_data import CHAT_TEMPLATE, build_hf_tokenizer, chat, write_jsonl
+
+    ids = dict(boi_token_id=60, eoi_token_id=61, image_token_id=62)  # transformers' defaults are 255999, 258882, 258880
+    hf = build_hf_tokenizer(hf_models.save(hf_models.diffusion_gemma(canvas_length=4, **ids), tmp_path / "hf"),
+                            ["what is two plus two", "four"])
+    template = tmp_path / "template.jinja"
+    template.write_text("{#- the run's own template -#}\n" + CHAT_TEMPLATE)
+    chats = write_jsonl(tmp_path / "chats.jsonl", [chat("what is two plus two", "four")] * 8)
+    assert import_tool.main(["--hf", str(hf), "--out", str(tmp_path / "mg")]) == 0
+    run = tmp_path / "sft"
+    train(load_run_config(SFT_CONFIG, [
+        f"checkpoint.init_from={tmp_path / 'mg'}", f"checkpoint.save={run}", f"data.paths=[{chats}]",
+        f"data.tokenizer={hf}", f"data.chat_template={template}", "data.seq_length=32", "train.micro_batch_size=2",
+        "train.global_batch_size=4", "train.eval_interval=0", "optim.warmup_steps=0", "train.steps=1"]))
+    train(resume_run_config(run, None, ["train.steps=2"]))
+    assert sorted(p.name for p in run.glob("iter_*")) == ["iter_0000001", "iter_0000002"]
+    assert all(read_extra(run / name)["converted_from"]["path"] == str(hf) for name in ("iter_0000001", "iter_0000002"))
+
+    capsys.readouterr()
+    assert export_tool.main(["--megatron", str(run), "--out", str(tmp_path / "out")]) == 0
+    assert f"from data.tokenizer {hf}, chat template from data.chat_template {template}" in capsys.readouterr().out
+    source, exported = (json.loads((d / "config.json").read_text()) for d in (hf, tmp_path / "out"))
+    assert {k: exported[k] for k in ids} == ids and exported["text_config"]["bos_token_id"] == source[
+        "text_config"]["bos_token_id"]
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tokenizer.chat_template == template.read_text() != AutoTokenizer.from_pretrained(hf).chat_template
+    assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(hf).get_vocab()
+
+
 # ---- 2. converters never replace their input ---------------------------------------------------------------------
 
 
