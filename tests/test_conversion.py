@@ -288,7 +288,7 @@ def test_export_writes_the_tokenizer_the_model_was_trained_with(tmp_path):
                                              f"1 file from the HF source {source}")
     # The run's tokenizer or nothing: never the source's in its place.
     assert tokenizer_files_of(run(tokenizer="byte")) == (
-        {}, "none written (the run trained with the byte tokenizer, which has no Hugging Face files)")
+        {}, "none written (the run's byte tokenizer, which has no Hugging Face files)")
     assert tokenizer_files_of(run(tokenizer=str(tmp_path / "elsewhere"))) == (
         {}, f"none written (data.tokenizer {tmp_path / 'elsewhere'} has no tokenizer files on this machine)")
     assert tokenizer_files_of({}) == ({}, "none written (the checkpoint records no tokenizer)")

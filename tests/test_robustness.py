@@ -210,7 +210,8 @@ def test_the_hf_source_and_tokenizer_travel_through_runs_into_the_export(tmp_pat
     """A checkpoint converted from HF records its source (`extra["converted_from"]`). An SFT run started from it
     (`--init-from`), and that run resumed (`--load`), carry the record into every checkpoint they save, so the export
     of the resumed run writes back the source's ids that the model config does not hold (image boundaries, BOS), and
-    the tokenizer the run trained with: `data.tokenizer`'s files, its template replaced by `data.chat_template`."""
+    the tokenizer the run trained with: `data.tokenizer`'s files, its template replaced by `data.chat_template`; and
+    `tools/generate.py --load` tokenizes with that tokenizer too."""
     from transformers import AutoTokenizer
 
     from megatron_bdgemma.conversion.megatron_checkpoint import read_extra
@@ -243,6 +244,12 @@ def test_the_hf_source_and_tokenizer_travel_through_runs_into_the_export(tmp_pat
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
     assert tokenizer.chat_template == template.read_text() != AutoTokenizer.from_pretrained(hf).chat_template
     assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(hf).get_vocab()
+    # tools/generate.py --load tokenizes with the same: the run's (its template), the converted checkpoint's source's.
+    from tests.test_generation import generate_tool
+
+    tool = generate_tool()
+    assert tool.run_tokenizer(run)._tok.chat_template == template.read_text()
+    assert tool.run_tokenizer(tmp_path / "mg")._tok.chat_template == AutoTokenizer.from_pretrained(hf).chat_template
 
 
 # ---- 2. converters never replace their input ---------------------------------------------------------------------

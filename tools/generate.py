@@ -10,8 +10,9 @@
 `--sampler NAME[:key=value,...]` picks one of `entropy_bound` (DiffusionGemma's default), `max_prob_threshold`,
 `greedy` or `autoregressive`; see `megatron_bdgemma.generation.samplers` for the options. Several `--prompt`s run
 as one left-padded batch. The tokenizer is `--tokenizer`, else the `--hf` directory's, else for `--load` the one the
-checkpoint's run trained with (`data.tokenizer`: `byte`, or a tokenizer directory that still exists); without one,
-prompts are whitespace-separated token ids and the output is printed as ids. EOS / pad ids come from
+checkpoint's model was trained with (a run's `data.tokenizer`, `byte` or a tokenizer directory on this machine, with
+its `data.chat_template`; a converted checkpoint's HF source directory); without one, prompts are whitespace-separated
+token ids and the output is printed as ids. EOS / pad ids come from
 `--eos-token-id` / `--pad-token-id`, else the checkpoint's `generation_config.json`, else the run's tokenizer, else
 the model config. Every rank of a TP group
 runs the same loop with the same seed (lock-step); rank 0 prints.
@@ -186,15 +187,17 @@ def load_tokenizer(args: argparse.Namespace) -> Any | None:
 
 
 def run_tokenizer(checkpoint: Path) -> Any | None:
-    """The tokenizer named by the training run config stored in `checkpoint` (`data.tokenizer`), when it can be
-    loaded here: `byte`, or a tokenizer directory that exists on this machine. None for converted checkpoints."""
-    from megatron_bdgemma.conversion.megatron_checkpoint import read_extra
+    """The tokenizer `checkpoint`'s model was trained with (`checkpoint_tokenizer`: a run's `data.tokenizer` and
+    `data.chat_template`, a converted checkpoint's HF source), when this machine has it; else None (token ids), and
+    stderr says why."""
+    from megatron_bdgemma.conversion.megatron_checkpoint import checkpoint_tokenizer, read_extra
     from megatron_bdgemma.data import load_tokenizer as load_run_tokenizer
 
-    spec = ((read_extra(checkpoint).get("run") or {}).get("data") or {}).get("tokenizer")
-    if spec is None or (spec != "byte" and not Path(spec).is_dir()):
+    tokenizer = checkpoint_tokenizer(read_extra(checkpoint))
+    if tokenizer.spec is None:
+        print(f"no tokenizer ({tokenizer.note}): prompts are token ids; --tokenizer DIR gives one", file=sys.stderr)
         return None
-    return load_run_tokenizer(spec)
+    return load_run_tokenizer(tokenizer.spec, tokenizer.chat_template)
 
 
 def image_inputs(args: argparse.Namespace, model_config: Any, tokenizer: Any | None) -> ImageProcessing:

@@ -40,11 +40,13 @@ from megatron_bdgemma.config import FULL, BDGemmaConfig
 from megatron_bdgemma.conversion.hf_checkpoint import INDEX_FILE, SAFETENSORS_DTYPES, VISION_PREFIXES, hf_prefixes
 from megatron_bdgemma.conversion.keymap import Mapping, model_mappings
 from megatron_bdgemma.conversion.megatron_checkpoint import (
+    TOKENIZER_FILES,
     CheckpointLayout,
     ConversionError,
     Log,
     check_output_apart,
     checkpoint_model_config,
+    checkpoint_tokenizer,
     read_extra,
     resolve_checkpoint_dir,
     staged_output,
@@ -67,10 +69,6 @@ MINIMAL_VISION: dict[str, Any] = dict(
 models."""
 
 Entry = tuple[str, tuple[int, ...], torch.dtype]
-# A tokenizer / processor directory's files (never weights or config.json: the tokenizer may be a model directory).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
-                   "preprocessor_config.json", "processor_config.json")
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
@@ -390,29 +388,14 @@ def convert_megatron_to_hf(
 
 def tokenizer_files_of(extra: dict[str, Any]) -> tuple[dict[str, Path], str]:
     """The tokenizer and processor files the export writes beside the model (`TOKENIZER_FILES`, by output name), and
-    a note saying where they came from or why there are none.
-
-    They are the ones the model was trained with: a training run's `data.tokenizer` directory, its chat template
-    replaced by the run's `data.chat_template` (written as `chat_template.jinja`, which transformers prefers to a
-    template in `tokenizer_config.json`); for a checkpoint converted from HF, the source directory's. Nothing else
-    stands in: a run trained with the byte tokenizer, or whose directory is not on this machine (trained elsewhere),
-    exports none, and the note says so."""
-    if "run" in extra:
-        data = extra["run"].get("data") or {}
-        origin, directory, template = "data.tokenizer", data.get("tokenizer"), data.get("chat_template")
-        if directory == "byte":
-            return {}, "none written (the run trained with the byte tokenizer, which has no Hugging Face files)"
-    else:
-        origin, directory, template = "the HF source", (extra.get("converted_from") or {}).get("path"), None
-    if directory is None:
-        return {}, "none written (the checkpoint records no tokenizer)"
-    files = {name: Path(directory) / name for name in TOKENIZER_FILES if (Path(directory) / name).is_file()}
-    if not files:
-        return {}, f"none written ({origin} {directory} has no tokenizer files on this machine)"
-    note = f"{len(files)} file{'s' * (len(files) != 1)} from {origin} {directory}"
-    if template is not None and Path(template).is_file():
-        files[CHAT_TEMPLATE_FILE] = Path(template)
-        note += f", chat template from data.chat_template {template}"
-    elif template is not None:
-        note += f" (data.chat_template {template} is not on this machine: the tokenizer's own template is kept)"
-    return files, note
+    a note saying where they came from or why there are none: those of the tokenizer the model was trained with
+    (`checkpoint_tokenizer`), the run's `data.chat_template` written as `chat_template.jinja` (which transformers
+    prefers to a template in `tokenizer_config.json`). The byte tokenizer has no Hugging Face files."""
+    tokenizer = checkpoint_tokenizer(extra)
+    if tokenizer.spec is None or tokenizer.spec == "byte":
+        return {}, f"none written ({tokenizer.note}" + (", which has no Hugging Face files)" if tokenizer.spec else ")")
+    directory = Path(tokenizer.spec)
+    files = {name: directory / name for name in TOKENIZER_FILES if (directory / name).is_file()}
+    if tokenizer.chat_template is not None:
+        files[CHAT_TEMPLATE_FILE] = Path(tokenizer.chat_template)
+    return files, f"{len(files)} file{'s' * (len(files) != 1)} from {tokenizer.note}"

@@ -698,6 +698,47 @@ def hf_source(checkpoint: HFCheckpoint) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class CheckpointTokenizer:
+    """The tokenizer a checkpoint's model was trained with, as far as this machine has it (`checkpoint_tokenizer`)."""
+
+    spec: str | None
+    """`"byte"`, a tokenizer directory on this machine, or None (none recorded, or not here: `note` says which)."""
+    chat_template: str | None
+    """The run's `data.chat_template` file, when it is on this machine."""
+    note: str
+    """Where it comes from, and what is missing."""
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+                   "preprocessor_config.json", "processor_config.json")
+"""A tokenizer / processor directory's files (never weights or config.json: the tokenizer may be a model directory)."""
+
+
+def checkpoint_tokenizer(extra: dict[str, Any]) -> CheckpointTokenizer:
+    """The tokenizer of the checkpoint whose `extra` this is: a training run's `data.tokenizer` with its
+    `data.chat_template`; for a checkpoint converted from HF, the source directory's (`hf_source`). Nothing else
+    stands in: a run's directory that is not on this machine (it trained elsewhere) gives None, and the note says so.
+    The HF export writes its files (`hf_export.tokenizer_files_of`); `tools/generate.py --load` tokenizes with it."""
+    if "run" in extra:
+        data = extra["run"].get("data") or {}
+        origin, directory, template = "data.tokenizer", data.get("tokenizer"), data.get("chat_template")
+        if directory == "byte":
+            return CheckpointTokenizer("byte", None, "the run's byte tokenizer")
+    else:
+        origin, directory, template = "the HF source", (extra.get("converted_from") or {}).get("path"), None
+    if directory is None:
+        return CheckpointTokenizer(None, None, "the checkpoint records no tokenizer")
+    if not any((Path(directory) / name).is_file() for name in TOKENIZER_FILES):
+        return CheckpointTokenizer(None, None, f"{origin} {directory} has no tokenizer files on this machine")
+    if template is not None and not Path(template).is_file():
+        return CheckpointTokenizer(directory, None, f"{origin} {directory} (data.chat_template {template} is not on "
+                                                    "this machine: the tokenizer's own template is used)")
+    note = f"{origin} {directory}" + (f", chat template from data.chat_template {template}" if template else "")
+    return CheckpointTokenizer(directory, template, note)
+
+
 def _generation_config_dict(path: Path) -> dict[str, Any] | None:
     """The token ids of the source's `generation_config.json` (EOS / pad / BOS), carried to the HF export."""
     file = path / "generation_config.json"
