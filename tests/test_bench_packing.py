@@ -15,11 +15,12 @@ import pytest
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 
-def test_quick_run_prints_consistent_result():
+@pytest.mark.parametrize("score", ["one_block", "all_blocks"])
+def test_quick_run_prints_consistent_result(score):
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(TOOLS.parent), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, str(TOOLS / "bench_packing.py"), "--quick", "--breakdown"], capture_output=True,
-                          text=True, env=env, timeout=600)
+    done = subprocess.run([sys.executable, str(TOOLS / "bench_packing.py"), "--quick", "--breakdown", "--score", score],
+                          capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     assert lines[-1].startswith("RESULT "), done.stdout
@@ -34,6 +35,7 @@ def test_quick_run_prints_consistent_result():
         result["valid_tokens"] / (result["records"] * result["seq_length"]), abs=1e-4)
     assert 1 >= result["efficiency_packed"] > result["efficiency_microbatch4"] > result["efficiency_fixed_shape"]
     assert "attention block_sparse" in done.stdout and "loss sums agree" in done.stdout
+    assert f"objective.score {score}" in done.stdout
 
     # The table: each side's valid tokens / row tokens is its efficiency, and with one round each speed-up is the
     # ratio of the two sides' tokens per CPU-second (integers in the table, so compared to 1e-2).
@@ -45,7 +47,11 @@ def test_quick_run_prints_consistent_result():
     for side, key in (("packed", "efficiency_packed"), ("micro-batch 4", "efficiency_microbatch4"),
                       ("fixed shape", "efficiency_fixed_shape")):
         assert result["valid_tokens"] / int(table[side]["rows"]) == pytest.approx(result[key], abs=1e-4), side
-    assert len({table[s]["canvas"] for s in ("packed", "micro-batch 4", "fixed shape")}) == 1, "same canvas work"
+    canvas = {s: int(table[s]["canvas"]) for s in ("packed", "micro-batch 4", "fixed shape")}
+    if score == "one_block":  # one block per chat on every side: the same canvas work
+        assert len(set(canvas.values())) == 1, canvas
+    else:  # every response block: unpacked canvases are padded to their micro-batch's longest response
+        assert canvas["packed"] < canvas["micro-batch 4"] <= canvas["fixed shape"], canvas
     assert table["control, packed"]["eff"] == table["control, micro-batch 4"]["eff"] == "1.000"
     # --breakdown: each step is its encoder-only row plus the canvas, the encoder rows decode no canvas.
     for side in ("packed", "micro-batch 4"):

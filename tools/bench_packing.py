@@ -1,6 +1,7 @@
 """Packed vs unpacked SFT training steps on a synthetic chat set: valid tokens per CPU-second (issue #24).
 
     python tools/bench_packing.py            # default: 64 chats, seq_length 4096, about 5 minutes single-threaded
+    python tools/bench_packing.py --score all_blocks   # every response block decoded: the canvas is padded too
     python tools/bench_packing.py --quick    # seconds: a smoke run (tests/test_bench_packing.py)
 
 The chats are token ids drawn directly (no tokenizer): total lengths log-normal with median `--median` (300) and
@@ -26,7 +27,9 @@ skip the chunks that lie across records, docs/design.md §13; eager would build 
 
 `--breakdown` also times, in the same rounds, the packed and micro-batch-4 sides' encoder alone (encode, AR loss,
 backward: the step without pass 1, pass 2 and the diffusion loss) and prints the step split into encoder and canvas
-(step minus encoder): packing shrinks the encoder's positions, the canvas is one block per record on every side.
+(step minus encoder): packing shrinks the encoder's positions; under the SFT recipe's `--score one_block` the canvas is
+one block per record on every side, so packing has no padding to remove there. `--score all_blocks` decodes every
+response block, and the unpacked sides' canvases are padded to their longest response.
 
 Timing conventions are tools/bench_train.py's: every side single-threaded (`--threads`), `--warmup` untimed runs of
 each side's first micro-batch, then `--repeats` rounds each timing every side once, the order reversed every other
@@ -67,6 +70,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--attention", choices=["block_sparse", "eager"], default="block_sparse")
     parser.add_argument("--block", type=int, default=256, help="canvas block length (DiffusionGemma's 256)")
     parser.add_argument("--window", type=int, default=1024, help="sliding window (DiffusionGemma's 1024)")
+    parser.add_argument("--score", choices=["one_block", "all_blocks"], default="one_block",
+                        help="objective.score: one_block (the SFT recipe's default: one block decoded per chat) or "
+                        "all_blocks (every response block decoded, so the canvas is padded like the encoder)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs of each side's first micro-batch")
     parser.add_argument("--repeats", type=int, default=2, help="timed rounds (each runs every side's whole step)")
     parser.add_argument("--seed", type=int, default=0)
@@ -122,7 +128,8 @@ class Side:
 
     @property
     def canvas_tokens(self) -> int:
-        """Canvas positions decoded (each in pass 1 and pass 2): one block per record with a response, either way."""
+        """Canvas positions decoded (each in pass 1 and pass 2): one block per record with a response either way
+        (`--score one_block`), or every response block, padded to the micro-batch's longest (`all_blocks`)."""
         return 0 if self.encoder_only else sum(getattr(noised, "noised", noised).canvas_ids.numel() for _, noised in self.microbatches)
 
 
@@ -146,9 +153,9 @@ def chats(count: int, seq_length: int, median: float, sigma: float, vocab: int, 
 
 
 def build_side(name: str, records: list[dict], *, micro_batch: int, packing: bool, seq_multiple: int, seq_length: int,
-               block: int, vocab: int, seed: int) -> Side:
+               block: int, vocab: int, seed: int, score: str) -> Side:
     """The trainer's micro-batches of step 0 over `records` (`StepData.microbatches`), noised as `_microbatches`
-    noises them (SFT: one scored block per record, self-conditioning coin p = 0.5)."""
+    noises them (SFT: `score` blocks per record, self-conditioning coin p = 0.5)."""
     from megatron_bdgemma.data.sft import sft_collate
     from megatron_bdgemma.diffusion import noise_batch
     from megatron_bdgemma.diffusion.packing import PackedBatch, pack_canvas
@@ -162,7 +169,7 @@ def build_side(name: str, records: list[dict], *, micro_batch: int, packing: boo
     for batch, positions in data.microbatches(0):
         packed = isinstance(batch, PackedBatch)
         noised = noise_batch(batch.records if packed else batch, sample_indices=positions, step=0, seed=seed,
-                             vocab_size=vocab, score="one_block", self_conditioning_p=0.5)
+                             vocab_size=vocab, score=score, self_conditioning_p=0.5)
         out.append((batch, pack_canvas(batch, noised) if packed else noised))
     return Side(name, out)
 
@@ -236,7 +243,7 @@ def main() -> None:
     vocab, S = model.config.vocab_size, args.seq_length
     records = chats(args.records, S, args.median, args.sigma, vocab, args.seed)
     control_records = chats(max(4, args.records // 4), S, args.median, args.sigma, vocab, args.seed + 1, length=S // 4)
-    common = dict(seq_length=S, block=args.block, vocab=vocab, seed=args.seed)
+    common = dict(seq_length=S, block=args.block, vocab=vocab, seed=args.seed, score=args.score)
     packed = build_side("packed", records, micro_batch=args.packed_rows, packing=True, seq_multiple=1, **common)
     longest = build_side("micro-batch 4", records, micro_batch=4, packing=False, seq_multiple=1, **common)
     fixed = build_side("fixed shape", records, micro_batch=4, packing=False, seq_multiple=S, **common)
@@ -265,7 +272,7 @@ def main() -> None:
     print(f"device cpu, {torch.get_num_threads()} thread(s); model: {config.num_layers} layers, hidden "
           f"{config.hidden_size}, {config.num_moe_experts} experts top-{config.moe_router_topk}, vocab {vocab}, "
           f"block {config.canvas_length}, sliding window {config.sliding_window}, attention {args.attention} "
-          f"(chunk {config.attention_chunk_size}) on every side")
+          f"(chunk {config.attention_chunk_size}) on every side; objective.score {args.score}")
     print(f"{args.records} chats, log-normal median {args.median:g}, σ {args.sigma:g}, capped at seq_length {S}: laid "
           f"out {min(lengths)} to {max(lengths)} tokens (median {statistics.median(lengths):g}), {packed.valid_tokens} "
           f"valid tokens; packed into {sum(b.batch_size for b, _ in packed.microbatches)} rows, "
