@@ -27,7 +27,7 @@ def test_quick_run_prints_consistent_result(score):
     result = {k: float(v) for k, v in (item.split("=") for item in lines[-1].split()[1:])}
     assert set(result) == {"packed_over_microbatch4", "packed_over_fixed_shape", "control_packed_over_unpacked",
                            "efficiency_packed", "efficiency_microbatch4", "efficiency_fixed_shape", "valid_tokens",
-                           "records", "seq_length"}
+                           "records", "seq_length", "dp_balance_stride", "dp_balance_dealt"}
     assert all(math.isfinite(v) and v > 0 for v in result.values())
     assert (result["records"], result["seq_length"]) == (12, 256)
     # Every side trains the same tokens; fixed-shape rows are 4 chats × seq_length per micro-batch of 4.
@@ -36,6 +36,10 @@ def test_quick_run_prints_consistent_result(score):
     assert 1 >= result["efficiency_packed"] > result["efficiency_microbatch4"] > result["efficiency_fixed_shape"]
     assert "attention block_sparse" in done.stdout and "loss sums agree" in done.stdout
     assert f"objective.score {score}" in done.stdout
+    # Dealt by size, the most loaded rank carries at most one chat more than the mean (largest-first's bound).
+    longest_chat = max(int(m) for m in re.findall(r"laid out \d+ to (\d+) tokens", done.stdout))
+    assert 1 <= result["dp_balance_dealt"] <= 1 + longest_chat * 4 / result["valid_tokens"] + 1e-3
+    assert result["dp_balance_stride"] >= 1
 
     # The table: each side's valid tokens / row tokens is its efficiency, and with one round each speed-up is the
     # ratio of the two sides' tokens per CPU-second (integers in the table, so compared to 1e-2).
@@ -67,7 +71,22 @@ def test_quick_run_prints_consistent_result(score):
         tps["control, micro-batch 4"] / tps["control, packed"], rel=1e-2)
 
 
+def test_balance_only_deals_within_one_chat_of_the_mean():
+    """`--balance-only`: no model, one line and RESULT; dealt by size, the most loaded rank is within one chat of the
+    mean (largest-first's bound: at most the longest laid-out chat, 4096 here, above it), and better than by stride."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TOOLS.parent), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, str(TOOLS / "bench_packing.py"), "--balance-only", "--records", "256",
+                           "--dp", "16"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("DP balance, 16 ranks of 16 chats"), done.stdout
+    result = {k: float(v) for k, v in (item.split("=") for item in lines[-1].split()[1:])}
+    assert (result["records"], result["dp"]) == (256, 16)
+    assert 1 <= result["dp_balance_dealt"] < result["dp_balance_stride"]
+
+
 @pytest.mark.parametrize("argv,message", [
+    (["--dp", "3"], "--dp must divide --records"),
     (["--records", "10"], "--records must be a positive multiple of 4"),
     (["--seq-length", "1000"], "--seq-length must be a multiple of 4 · --block"),
     (["--repeats", "0"], "--repeats must be >= 1"),

@@ -234,11 +234,12 @@ def test_image_sft_cli_run_learns_with_the_tower_frozen_and_trained(processor_di
     weights (1 and 2, tests/tolerances.py), both losses and the grad norm at 1e-5 relative:
     - `data.packing=true`: each step's four records (76 to 86 tokens, each with its image) two to a row of 192;
     - `torchrun --nproc-per-node 2 ... parallel.tp=2` and `parallel.pp=2`, unpacked;
-    - `parallel.ep=2` (DP = 2) with `data.packing=true`: each rank packs its two records and their images into a row;
+    - `parallel.ep=2` (DP = 2) with `data.packing=true`: each rank packs the two records dealt to it and their
+      images into a row;
     - `parallel.cp=2` with `data.packing=true`: each rank encodes every image of the packed rows and takes the
       features of the placeholders in its half of them.
     Worst measured (defaults / AVX2): packed 5.1e-7 / 3.0e-7, TP = 2 6.1e-7 / 1.6e-7, PP = 2 4.0e-7 / 1.0e-7,
-    EP = 2 packed 5.6e-7 / 2.5e-7, CP = 2 packed 8.1e-7 / 2.5e-7.
+    EP = 2 packed 6.6e-7 / 2.5e-7, CP = 2 packed 8.1e-7 / 2.5e-7.
 
     The trained tower comes out trained: the run's export to HF holds every vision tensor of the source, in its
     dtype and shape, and none of them holds the source's values; its config has the source's image tokens; and

@@ -27,7 +27,7 @@ LAYOUTS = {
     # attention gathers the sequence).
     "tp2_sp_chunked": (["parallel.tp=2", "objective.loss_chunk_size=24", "model.overrides.num_global_query_groups=2",
                         "model.overrides.attention_impl=block_sparse", "model.overrides.attention_chunk_size=16"], 2),
-    # DP=2: each rank packs its 4 records of a step, one row per micro-batch, and the ranks agree on the count (rank 1
+    # DP=2: each rank packs the records dealt to it, one row per micro-batch, and the ranks agree on the count (rank 1
     # runs an all-padding micro-batch, `_write_chats`). The ranks' micro-batches differ in shape, so the MoE
     # dispatcher is alltoall (test_moe_dispatcher_...).
     "ep2_distopt": (["parallel.ep=2", "optim.distributed_optimizer=true"], 1),
@@ -36,17 +36,18 @@ LAYOUTS = {
 micro-batch."""
 STEPS = 3
 COMMON = ["data.seq_length=128", f"train.steps={STEPS}", f"train.eval_interval={STEPS}", "train.eval_steps=2"]
-"""Rows of 128 hold 2 to 4 of these records (up to 3 canvas blocks, whose coins differ between the TP ranks' halves
-of the canvas); held-out losses after the last step (2 updates: step 1's learning rate is 0) over 2 steps of 8
-held-out records."""
+"""Rows of 128 hold 1 or 2 of the training records (up to 2 canvas blocks: under TP each rank's half of the canvas is
+one record's, with its own coin); held-out losses after the last step (2 updates: step 1's learning rate is 0) over
+2 steps of 8 held-out records."""
 
 
 def _write_chats(path: Path) -> Path:
-    """41 chats: every 20th (0, 20, 40) is held out for evaluation (a multi-turn one, an AR-only one, a single turn);
-    the 38 others alternate long (59 to 64 tokens laid out with 8-token blocks, one of them two-turn) and short (30
-    to 34, one AR-only), the four shorts of a step 127 tokens together. So at DP=2 with one row per micro-batch rank
-    0 packs its four longs into 2 rows and rank 1 its four shorts into 1, then runs an all-padding micro-batch; at
-    DP=1 a step's rows hold 2, 2 and 4 records (3 canvas blocks: the AR-only record takes none)."""
+    """41 chats: every 20th (0, 20, 40) is held out for evaluation (a multi-turn one, an AR-only one, a single turn).
+    The 38 others come in steps of 8: one big chat (104 tokens laid out with 8-token blocks), six long ones (59 to 64,
+    one of them two-turn) and one short (30 to 34; the second step's is AR-only). Dealt by size at DP=2, one row per
+    micro-batch: rank 0 gets the big one, two longs and the short (3 rows: neither fits beside the big one), rank 1
+    four longs (2 rows, two to a row), then an all-padding micro-batch. At DP=1 a step's rows hold 1, 2, 2, 2 and 1
+    records."""
     longs = [_chat(("user", "q" * 14), ("assistant", "a" * 18)),
              _chat(("user", "ab"), ("assistant", "cd"), ("user", "ef"), ("assistant", "gh" * 3)),  # two answers
              _chat(("system", "be brief"), ("user", "w" * 9), ("assistant", "z" * 12))]
@@ -54,7 +55,9 @@ def _write_chats(path: Path) -> Path:
               _chat(("user", "just a question, no answer")),  # no assistant turn: AR loss only
               _chat(("user", "abc"), ("assistant", "defgh")),
               _chat(("user", "k"), ("assistant", "l" * 4))]
-    train = iter(longs[j // 2 % len(longs)] if j % 2 == 0 else shorts[j // 2 % len(shorts)] for j in range(38))
+    big = _chat(("user", "b" * 40), ("assistant", "c" * 44))
+    steps = [[big, *longs, *longs, shorts[step % len(shorts)]] for step in range(5)]
+    train = iter([chat for step in steps for chat in step][:38])
     held_out = [_chat(("user", "one"), ("assistant", "two"), ("user", "three"), ("assistant", "four")),
                 _chat(("user", "held out, unanswered")),
                 _chat(("user", "m" * 6), ("assistant", "n" * 11))]
@@ -89,16 +92,17 @@ def test_packed_equals_unpacked_under_tp_sp_and_ep(tmp_path):
     relative on every step (also after updates, as tests/test_packed_training.py does), the data tokens read exactly,
     and the held-out losses after the last step at 1e-5 relative.
 
-    Worst measured, both layouts and ranks: 7.1e-7 with the defaults (AVX-512; EP=2, step 3's grad norm after two
-    updates) and 2.0e-7 under AVX2 (TP=2, the same); held-out losses 8.1e-8 and 1.7e-7. Margins >= 14x. A planted
-    bug (every TP rank gating its share of the signal with the first R'/2 slots' coins) fails at step 1: diffusion
-    loss 3.8e-4, grad norm 4.7e-3.
+    Worst measured, both layouts and ranks: 5.3e-7 with the defaults (AVX-512; TP=2, step 3's grad norm after two
+    updates) and 1.2e-7 under AVX2 (TP=2); held-out losses 1.6e-7 and 8.0e-8. Margins >= 18x. A planted bug (every
+    TP rank gating its share of the signal with the first R'/2 slots' coins) fails from step 2 on: diffusion loss
+    7.5e-5, grad norm 9.5e-4 (step 3: 2.4e-4, 4.2e-3).
     """
     _write_chats(tmp_path / "chats.jsonl")
     ranks = run_in_processes(_packed_and_unpacked_in_rank, 2, str(tmp_path), timeout_s=400)
     # (rows, records) per micro-batch, as `_write_chats` lays them out: at TP=2 both ranks hold the same batches.
-    assert [r["tp2_sp_chunked"]["shapes"] for r in ranks] == [[[(2, 4), (1, 4)]] * STEPS] * 2
-    assert [r["ep2_distopt"]["shapes"] for r in ranks] == [[[(1, 2), (1, 2)]] * STEPS, [[(1, 4), (1, 0)]] * STEPS]
+    assert [r["tp2_sp_chunked"]["shapes"] for r in ranks] == [[[(2, 3), (2, 4), (1, 1)]] * STEPS] * 2
+    assert [r["ep2_distopt"]["shapes"] for r in ranks] == [[[(1, 1), (1, 2), (1, 1)]] * STEPS,
+                                                          [[(1, 2), (1, 2), (1, 0)]] * STEPS]
     for rank, runs in enumerate(ranks):
         for name, got in runs.items():
             packed, unpacked = got["packed"], got["unpacked"]

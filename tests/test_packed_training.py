@@ -31,21 +31,20 @@ def _chat(*turns: tuple[str, str]) -> dict:
 
 
 def _write_chats(path: Path) -> Path:
-    """17 chats: record 0 is held out (every 20th), then long and short records alternate, so at DP=2 with one row
-    per micro-batch rank 0 gets the long ones (4 rows a step) and rank 1 the short ones (2 rows: 2 all-padding
-    micro-batches). Laid out with 8-token blocks (byte tokenizer) the long ones take 59, 63, 64 and 54 positions, the
-    short ones 31, 34 (AR only), 32 and 38."""
+    """17 chats: record 0 is held out (every 20th), then two steps of the same 8: laid out with 8-token blocks (byte
+    tokenizer) 59, 31, 63 (two answers), 34 (AR only), 64, 32, 54, 59 positions. At DP=2 with one row per
+    micro-batch the chats are dealt by size (largest first, each to the rank with the fewest tokens): rank 0 gets 64,
+    59, 34, 32 (3 rows: 64 | 59 | 34 + 32), rank 1 63, 59, 54, 31 (4 rows; 31 fits beside none), so rank 0 runs one
+    all-padding micro-batch."""
     longs = [_chat(("user", "q" * 14), ("assistant", "a" * 18)),
              _chat(("user", "ab"), ("assistant", "cd"), ("user", "ef"), ("assistant", "gh" * 3)),  # two answers
              _chat(("system", "be brief"), ("user", "w" * 9), ("assistant", "z" * 12)),
              _chat(("user", "p" * 25), ("assistant", "r" * 7))]
     shorts = [_chat(("user", "hi"), ("assistant", "yo")),
               _chat(("user", "just a question, no answer")),  # no assistant turn: AR loss only
-              _chat(("user", "abc"), ("assistant", "defgh")),
-              _chat(("user", "x"), ("assistant", "y" * 9))]
-    records = [_chat(("user", "held out"), ("assistant", "x"))]
-    for i in range(8):
-        records += [longs[i % 4], shorts[i % 4]]
+              _chat(("user", "abc"), ("assistant", "defgh"))]
+    step = [longs[0], shorts[0], longs[1], shorts[1], longs[2], shorts[2], longs[3], longs[0]]
+    records = [_chat(("user", "held out"), ("assistant", "x"))] + step * 2
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
 
@@ -80,12 +79,13 @@ def _packed_in_rank(rank: int, tmp: str) -> dict:
 def test_packed_training_equals_unpacked(tmp_path, model_parallel):
     """Per step, packed against unpacked (DP=1, 2 records per micro-batch): both losses and the global grad norm at
     1e-5 relative, the data tokens read exactly. Packed at DP=1 (2 rows per micro-batch) and DP=2 (1 row per
-    micro-batch; rank 1 runs all-padding micro-batches).
+    micro-batch; rank 0 runs an all-padding micro-batch).
 
     The grad norm is compared on every step, also after Adam updates (tests/tolerances.py compares it only on shared
     weights, where layouts amplified fp32 noise to 1.8e-5): here the worst of all 4 steps and three comparisons was
-    3.9e-7 with the defaults (AVX-512, DP=2 step 3) and 3.1e-7 under AVX2 (DP=1 step 4); the losses 1.2e-7 / 1.8e-7.
-    Margins >= 25x. A planted bug (packed rows at row positions instead of each record's) fails at step 1 by 3.8e-4.
+    1.3e-6 with the defaults (AVX-512, DP=2 step 4) and 4.3e-7 under AVX2 (DP=1); the losses 1.7e-7 with the
+    defaults. Margins >= 7x. A planted bug (packed rows at row positions instead of each record's) fails at step 1
+    by 1.7e-3 (diffusion loss; grad norm 1.3e-2).
     """
     from megatron_bdgemma.training.trainer import train
 
@@ -95,20 +95,20 @@ def test_packed_training_equals_unpacked(tmp_path, model_parallel):
     assert_steps_close(_metrics(packed), _metrics(unpacked), "packed vs unpacked, DP=1", shared_weight_steps=STEPS)
     assert [h["tokens"] for h in packed] == [h["tokens"] for h in unpacked]
     assert [h["flops"] for h in packed] == [h["flops"] for h in unpacked]  # the records' work, padding excluded
-    # First-fit decreasing: rows [64], [63], [59], [54], [38, 34], [32, 31]; 2 rows per micro-batch, each as wide as
-    # its longest row: 2·64 + 2·59 + 2·72 = 390 positions for 375 tokens, against 2·(59 + 63 + 64 + 54) = 480 for the
-    # unpacked pairs (long, short) padded to the longer.
-    assert [(h["tokens"], h["row_tokens"]) for h in packed] == [(375, 390)] * STEPS
-    assert [h["row_tokens"] for h in unpacked] == [480] * STEPS
+    # First-fit decreasing: rows [64], [63], [59], [59], [54], [34, 32], [31]; 2 rows per micro-batch, each as wide
+    # as its longest row: 2·64 + 2·59 + 2·66 + 31 = 409 positions for 396 tokens, against 2·(59 + 63 + 64 + 59) = 490
+    # for the unpacked pairs padded to the longer.
+    assert [(h["tokens"], h["row_tokens"]) for h in packed] == [(396, 409)] * STEPS
+    assert [h["row_tokens"] for h in unpacked] == [490] * STEPS
 
     ranks = run_in_processes(_packed_in_rank, 2, str(tmp_path), timeout_s=300)
-    assert [r["records"] for r in ranks] == [[[1, 1, 1, 1]] * STEPS, [[2, 2, 0, 0]] * STEPS], "not the layout meant"
+    assert [r["records"] for r in ranks] == [[[1, 1, 2, 0]] * STEPS, [[1, 1, 1, 1]] * STEPS], "not the layout meant"
     for rank, got in enumerate(ranks):
         assert_steps_close(got["metrics"], _metrics(unpacked), f"packed DP=2 rank {rank} vs unpacked DP=1",
                            shared_weight_steps=STEPS)
         assert [h["tokens"] for h in got["history"]] == [h["tokens"] for h in unpacked]
-        # Rank 0: rows of 64, 63, 59, 54; rank 1: 72, 63 and two all-padding rows of 1 position.
-        assert [h["row_tokens"] for h in got["history"]] == [240 + 137] * STEPS
+        # Rank 0: rows of 64, 59, 66 and an all-padding row of 1 position; rank 1: 63, 59, 54, 31.
+        assert [h["row_tokens"] for h in got["history"]] == [190 + 207] * STEPS
 
 
 def test_packed_cli_run_resumes_exactly(tmp_path):
@@ -135,7 +135,7 @@ def test_packed_cli_run_resumes_exactly(tmp_path):
         first.stdout[-3000:] + first.stderr[-3000:]
     uninterrupted = _rows(root / "metrics.jsonl")
     assert [r["step"] for r in uninterrupted] == [1, 2, 3, 4]
-    assert all(r["packing_efficiency"] == pytest.approx(375 / 390) for r in uninterrupted)  # rows as in the test above
+    assert all(r["packing_efficiency"] == pytest.approx(396 / 409) for r in uninterrupted)  # rows as in the test above
     (root / f"iter_{STEPS:07d}").rename(tmp_path / "uninterrupted_iter")
     (root / "latest").write_text("iter_0000002")
 

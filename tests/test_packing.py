@@ -307,6 +307,48 @@ def test_first_fit_decreasing_on_log_normal_chats():
     assert min(efficiencies) >= 0.95 and packed >= 2 * longest, report
 
 
+def test_dealing_by_size_balances_the_ranks():
+    """`deal_by_size` (packed SFT's share of a step per DP rank): every position once, each share in stream order,
+    the same deal every time; hand-computed on a small case; on log-normal chats the most loaded rank is within one
+    record of the mean (largest-first's bound) and far better balanced than by stride."""
+    from megatron_bdgemma.training.data import deal_by_size
+
+    # Sizes 9, 1, 5, 5, 3 at positions 10..14, largest first: 9 (10) → rank 0; 5 (12) → rank 1, the empty one;
+    # 5 (13) → rank 1 (5 < 9); 3 (14) → rank 0 (9 < 10); 1 (11) → rank 1 (10 < 12).
+    assert deal_by_size(range(10, 15), [9, 1, 5, 5, 3], 2) == [[10, 14], [11, 12, 13]]
+    assert deal_by_size(range(5), [1] * 5, 1) == [[0, 1, 2, 3, 4]]
+    rng = random.Random(0)
+    for ranks, per_rank in ((8, 8), (64, 32)):
+        sizes = [min(4096, max(1, round(rng.lognormvariate(math.log(400), 1.0)))) for _ in range(ranks * per_rank)]
+        shares = deal_by_size(range(len(sizes)), sizes, ranks)
+        assert shares == deal_by_size(range(len(sizes)), list(sizes), ranks), "not deterministic"
+        assert sorted(p for share in shares for p in share) == list(range(len(sizes)))
+        assert all(share == sorted(share) for share in shares)
+        loads = [sum(sizes[p] for p in share) for share in shares]
+        stride = [sum(sizes[rank::ranks]) for rank in range(ranks)]
+        mean = sum(sizes) / ranks
+        assert max(loads) <= mean + max(sizes) and max(loads) - mean < (max(stride) - mean) / 4, (loads, stride)
+
+
+def test_laid_out_tokens_is_the_collated_length():
+    """`laid_out_tokens` (the size chats are dealt by) equals what `sft_collate` lays a chat out to, EOS block fill
+    and the `max_len` cut included: answers of every length mod the block, an AR-only chat, an over-long one."""
+    from megatron_bdgemma.data.sft import laid_out_tokens, sft_collate
+
+    rng = random.Random(1)
+    for _ in range(200):
+        total = rng.randint(2, 90)
+        prompt = rng.randint(1, total)  # prompt == total: no supervised token (AR only)
+        mask = torch.arange(total) >= prompt
+        if rng.random() < 0.3 and total - prompt > 3:  # multi-turn: an unsupervised gap inside the answer
+            mask[prompt + 1 : prompt + 3] = False
+        sample = dict(input_ids=torch.randint(2, 50, (total,)), loss_mask=mask, sample_index=0)
+        for max_len in (64, 128):
+            collated = sft_collate([sample], block_size=8, eos_id=1, pad_id=0, max_len=max_len)[0]
+            assert laid_out_tokens(sample, block_size=8, max_len=max_len) == int(collated.encoder_valid.sum()), \
+                (total, prompt, max_len)
+
+
 def test_pack_refuses_bad_placements():
     records = _documents()  # 13, 6, 9, 3 and 17 tokens
     with pytest.raises(ValueError, match=r"rows must place each of the 5 records exactly once"):

@@ -2,6 +2,7 @@
 
     python tools/bench_packing.py            # default: 64 chats, seq_length 4096, about 5 minutes single-threaded
     python tools/bench_packing.py --score all_blocks   # every response block decoded: the canvas is padded too
+    python tools/bench_packing.py --balance-only --records 2048 --dp 64   # the DP balance line alone, seconds
     python tools/bench_packing.py --quick    # seconds: a smoke run (tests/test_bench_packing.py)
 
 The chats are token ids drawn directly (no tokenizer): total lengths log-normal with median `--median` (300) and
@@ -45,7 +46,11 @@ round, so both met the same contention), printed with its range. Valid tokens ar
            valid_tokens=<..> records=<..> seq_length=<..>
 
 (one line; the first two are speed-ups, above 1 = packing trains more tokens per CPU-second; the control is a cost
-ratio, above 1 = the packed step costs more).
+ratio, above 1 = the packed step costs more), followed by `dp_balance_stride=<..> dp_balance_dealt=<..>`: over `--dp`
+data-parallel ranks, the most loaded rank's laid-out tokens over the mean when the step's chats go to the ranks by
+stride (as unpacked micro-batches take them) and dealt by size (`training.data.deal_by_size`, what `data.packing` does
+for SFT). A step waits for its most loaded rank, so this is the step time's excess over a perfect balance (tokens as
+the proxy for work). `--balance-only` prints just that (no model, no timing).
 """
 
 from __future__ import annotations
@@ -78,18 +83,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1: timing robust to load)")
     parser.add_argument("--loss-rtol", type=float, default=1e-4, help="allowed relative loss-sum difference")
+    parser.add_argument("--dp", type=int, default=8, help="data-parallel ranks for the balance line: the step's chats "
+                        "dealt by stride (unpacked) or by size (packed SFT), the most loaded rank's tokens over the mean")
+    parser.add_argument("--balance-only", action="store_true", help="print the DP balance line only (no model, no "
+                        "timing: seconds even at --records 2048 --dp 64)")
     parser.add_argument("--breakdown", action="store_true", help="also time the packed and micro-batch-4 sides' "
                         "encoder alone (encode + AR loss + backward), to split each step into encoder and canvas")
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run: 12 chats, seq_length 256, "
-                        "block 16, window 64, no warm-up, 1 round")
+                        "block 16, window 64, no warm-up, 1 round, 4 ranks for the balance line")
     args = parser.parse_args(argv)
     if args.quick:
         args.records, args.seq_length, args.median, args.block, args.window = 12, 256, 40.0, 16, 64
-        args.warmup, args.repeats = 0, 1
+        args.warmup, args.repeats, args.dp = 0, 1, 4
     if args.repeats < 1 or args.warmup < 0:
         parser.error(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
     if args.records < 4 or args.records % 4:
         parser.error(f"--records must be a positive multiple of 4 (micro-batches of 4), got {args.records}")
+    if args.dp < 1 or args.records % args.dp:
+        parser.error(f"--dp must divide --records (a step's chats over the ranks), got {args.dp} and {args.records}")
     if args.seq_length % (4 * args.block):
         parser.error(f"--seq-length must be a multiple of 4 · --block (the control packs 4 chats of seq_length / 4 "
                      f"with whole answer blocks), got {args.seq_length} and {args.block}")
@@ -105,6 +116,7 @@ from bench_train import Measurement, measure, ratio_over_rounds, round_order, se
 from megatron_bdgemma.runtime.cli import entry_point  # noqa: E402
 
 EOS, PAD = 1, 0
+VOCAB = 2048
 
 
 @dataclasses.dataclass
@@ -218,6 +230,18 @@ def check_losses(reference: Side, others: Sequence[Side], rtol: float) -> float:
     return worst
 
 
+def dp_balance(laid_out: list[int], ranks: int) -> tuple[float, float]:
+    """The most loaded of `ranks` data-parallel ranks over the mean, in laid-out tokens, when the step's chats go to
+    the ranks by stride (one at a time, as unpacked micro-batches of one deal them) and by size (`deal_by_size`, what
+    packed SFT does)."""
+    from megatron_bdgemma.training.data import deal_by_size
+
+    stride = [list(range(rank, len(laid_out), ranks)) for rank in range(ranks)]
+    dealt = deal_by_size(range(len(laid_out)), laid_out, ranks)
+    mean = sum(laid_out) / ranks
+    return tuple(max(sum(laid_out[i] for i in share) for share in shares) / mean for shares in (stride, dealt))
+
+
 def small_model(block: int, window: int, seq_length: int, attention: str) -> torch.nn.Module:
     """A small random DiffusionGemma, CPU-sized: 2 layers (sliding, full), hidden 128, 8 experts top-2, vocab 2048."""
     from megatron_bdgemma.config import FULL, SLIDING, tiny
@@ -225,7 +249,7 @@ def small_model(block: int, window: int, seq_length: int, attention: str) -> tor
 
     config = tiny(num_layers=2, layer_types=[SLIDING, FULL], hidden_size=128, num_attention_heads=4, kv_channels=32,
                   num_query_groups=2, global_kv_channels=64, num_global_query_groups=1, ffn_hidden_size=256,
-                  num_moe_experts=8, moe_ffn_hidden_size=64, vocab_size=2048, canvas_length=block,
+                  num_moe_experts=8, moe_ffn_hidden_size=64, vocab_size=VOCAB, canvas_length=block,
                   sliding_window=window, max_position_embeddings=max(seq_length, 4096), attention_impl=attention)
     torch.manual_seed(0)
     return BDGemmaModel(config).train()
@@ -237,11 +261,23 @@ def main() -> None:
     from megatron_bdgemma.diffusion.packing import PackedBatch
     from megatron_bdgemma.runtime.distributed import init_distributed
 
+    from megatron_bdgemma.data.sft import laid_out_tokens
+
+    S, vocab = args.seq_length, VOCAB
+    records = chats(args.records, S, args.median, args.sigma, vocab, args.seed)
+    laid_out = [laid_out_tokens(record, block_size=args.block, max_len=S) for record in records]
+    balance = dp_balance(laid_out, args.dp)
+    balance_line = (f"DP balance, {args.dp} ranks of {args.records // args.dp} chats: the most loaded rank's valid "
+                    f"tokens over the mean, chats dealt by stride {balance[0]:.3f}, by size (data.packing) "
+                    f"{balance[1]:.3f}")
+    if args.balance_only:
+        print(balance_line)
+        print(f"RESULT dp_balance_stride={balance[0]:.3f} dp_balance_dealt={balance[1]:.3f} records={args.records} "
+              f"dp={args.dp}")
+        return
     init_distributed(seed=args.seed)
     device = torch.device("cpu")
     model = small_model(args.block, args.window, args.seq_length, args.attention)
-    vocab, S = model.config.vocab_size, args.seq_length
-    records = chats(args.records, S, args.median, args.sigma, vocab, args.seed)
     control_records = chats(max(4, args.records // 4), S, args.median, args.sigma, vocab, args.seed + 1, length=S // 4)
     common = dict(seq_length=S, block=args.block, vocab=vocab, seed=args.seed, score=args.score)
     packed = build_side("packed", records, micro_batch=args.packed_rows, packing=True, seq_multiple=1, **common)
@@ -311,12 +347,14 @@ def main() -> None:
         canvas_ratio = statistics.median(a / b for a, b in zip(canvas[longest.name], canvas[packed.name]))
         print(f"breakdown micro-batch 4 / packed: encoder {encoder_ratio[0]:.3f} (per round {encoder_ratio[1]:.3f}.."
               f"{encoder_ratio[2]:.3f}), canvas {canvas_ratio:.3f}")
+    assert lengths == laid_out, "the trainer's layout and laid_out_tokens disagree"
+    print(balance_line)
     print(f"RESULT packed_over_microbatch4={over_longest[0]:.3f} packed_over_fixed_shape={over_fixed[0]:.3f} "
           f"control_packed_over_unpacked={control[0]:.3f} "
           f"efficiency_packed={packed.valid_tokens / packed.row_tokens:.4f} "
           f"efficiency_microbatch4={longest.valid_tokens / longest.row_tokens:.4f} "
           f"efficiency_fixed_shape={fixed.valid_tokens / fixed.row_tokens:.4f} valid_tokens={packed.valid_tokens} "
-          f"records={args.records} seq_length={S}")
+          f"records={args.records} seq_length={S} dp_balance_stride={balance[0]:.3f} dp_balance_dealt={balance[1]:.3f}")
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ from torch import Tensor
 
 from megatron_bdgemma.data import BadRecords, OnBad
 from megatron_bdgemma.data.tokenizer import Tokenizer
-from megatron_bdgemma.diffusion.layout import DiffusionBatch, build_sft_batch
+from megatron_bdgemma.diffusion.layout import DiffusionBatch, build_sft_batch, response_windows
 from megatron_bdgemma.vision import Images
 
 __all__ = ["ROLES", "ChatExample", "ChatRecordError", "SFTSample", "SFTDataset", "encode_chat", "sft_collate"]
@@ -251,6 +251,15 @@ def sft_collate(samples: Sequence[SFTSample], *, block_size: int, eos_id: int, p
                                     ar_labels=batch.ar_labels.masked_fill(targets, pad_id),
                                     images=_collate_images(samples, batch.seq_len))
     return batch, torch.tensor([s["sample_index"] for s in samples], dtype=torch.long)
+
+
+def laid_out_tokens(sample: SFTSample, *, block_size: int, max_len: int) -> int:
+    """The encoder tokens `sft_collate` gives `sample` (content and EOS block fill, cut at `max_len`), without laying
+    it out: packed SFT deals a step's chats to the data-parallel ranks by it (`training.data.deal_by_size`)."""
+    length = min(len(sample["input_ids"]), max_len)
+    supervised = torch.as_tensor(sample["loss_mask"][:length], dtype=torch.bool)[None]
+    _, _, ends = response_windows(torch.tensor([length]), supervised, block_size)
+    return min(int(ends[0]), max_len)
 
 
 def _collate_images(samples: Sequence[SFTSample], width: int) -> Images:

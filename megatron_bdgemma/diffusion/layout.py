@@ -210,10 +210,7 @@ def build_sft_batch(
     input_ids = torch.where(content, torch.gather(input_ids, 1, shift), pad_id)
     supervised = content & torch.gather(supervised, 1, shift)
 
-    has_answer = supervised.any(dim=1)
-    first = supervised.to(torch.int8).argmax(dim=1)
-    window = _round_up(lengths - first, block_size)
-    ends = torch.where(has_answer, first + window, lengths)  # end of the EOS fill
+    has_answer, first, ends = response_windows(lengths, supervised, block_size)
 
     S = _round_up(max(S_in, int(ends.max())), seq_multiple_of)
     if max_len is not None:
@@ -232,6 +229,16 @@ def build_sft_batch(
     prefix_lens = torch.where(has_answer, first, S)  # a row with no answer is all prompt
     return _assemble(ids, pos < ends[:, None], prefix_lens, ends - prefix_lens.clamp(max=ends), block_size, pad_id,
                      supervised=scored)
+
+
+def response_windows(lengths: Tensor, supervised: Tensor, block_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """`build_sft_batch`'s response windows, from each example's `[B]` valid length and `[B, S]` supervised tokens
+    (content left-aligned): whether it has an answer, where the answer starts (its first supervised token), and where
+    its EOS block fill ends (a whole number of blocks after that start; the length itself without an answer)."""
+    has_answer = supervised.any(dim=1)
+    first = supervised.to(torch.int8).argmax(dim=1)
+    ends = torch.where(has_answer, first + _round_up(lengths - first, block_size), lengths)
+    return has_answer, first, ends
 
 
 def build_pretrain_batch(
