@@ -263,6 +263,7 @@ def test_export_writes_the_tokenizer_the_model_was_trained_with(tmp_path):
     `data.chat_template`; a converted checkpoint's HF source files; none for the byte tokenizer or a directory this
     machine does not have, each said in the note. (tests/test_image_sft.py exports a real run and generates with it.)"""
     from megatron_bdgemma.conversion.hf_export import tokenizer_files_of
+    from megatron_bdgemma.conversion.megatron_checkpoint import checkpoint_tokenizer
 
     tokenizer, source, template = tmp_path / "tok", tmp_path / "src", tmp_path / "template.jinja"
     for directory, names in ((tokenizer, ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
@@ -284,6 +285,9 @@ def test_export_writes_the_tokenizer_the_model_was_trained_with(tmp_path):
     assert note == f"4 files from data.tokenizer {tokenizer}, chat template from data.chat_template {template}"
     files, note = tokenizer_files_of(run(tokenizer=str(tokenizer), chat_template=str(tmp_path / "gone.jinja")))
     assert files["chat_template.jinja"] == tokenizer / "chat_template.jinja" and "gone.jinja is not on this" in note
+    # generate --load says so on stderr (`incomplete`); a complete record is silent.
+    assert checkpoint_tokenizer(run(tokenizer=str(tokenizer), chat_template=str(tmp_path / "gone.jinja"))).incomplete
+    assert not checkpoint_tokenizer(run(tokenizer=str(tokenizer), chat_template=str(template))).incomplete
     assert tokenizer_files_of(converted) == ({"tokenizer.json": source / "tokenizer.json"},
                                              f"1 file from the HF source {source}")
     # The run's tokenizer or nothing: never the source's in its place.

@@ -188,8 +188,8 @@ def load_tokenizer(args: argparse.Namespace) -> Any | None:
 
 def run_tokenizer(checkpoint: Path) -> Any | None:
     """The tokenizer `checkpoint`'s model was trained with (`checkpoint_tokenizer`: a run's `data.tokenizer` and
-    `data.chat_template`, a converted checkpoint's HF source), when this machine has it; else None (token ids), and
-    stderr says why."""
+    `data.chat_template`, a converted checkpoint's HF source), when this machine has it; else None (token ids). Stderr
+    says what is missing."""
     from megatron_bdgemma.conversion.megatron_checkpoint import checkpoint_tokenizer, read_extra
     from megatron_bdgemma.data import load_tokenizer as load_run_tokenizer
 
@@ -197,6 +197,8 @@ def run_tokenizer(checkpoint: Path) -> Any | None:
     if tokenizer.spec is None:
         print(f"no tokenizer ({tokenizer.note}): prompts are token ids; --tokenizer DIR gives one", file=sys.stderr)
         return None
+    if tokenizer.incomplete:
+        print(f"tokenizer: {tokenizer.note}", file=sys.stderr)
     return load_run_tokenizer(tokenizer.spec, tokenizer.chat_template)
 
 

@@ -708,6 +708,8 @@ class CheckpointTokenizer:
     """The run's `data.chat_template` file, when it is on this machine."""
     note: str
     """Where it comes from, and what is missing."""
+    incomplete: bool = False
+    """The run recorded a tokenizer or chat template this machine does not have (`note` names it)."""
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -731,10 +733,10 @@ def checkpoint_tokenizer(extra: dict[str, Any]) -> CheckpointTokenizer:
     if directory is None:
         return CheckpointTokenizer(None, None, "the checkpoint records no tokenizer")
     if not any((Path(directory) / name).is_file() for name in TOKENIZER_FILES):
-        return CheckpointTokenizer(None, None, f"{origin} {directory} has no tokenizer files on this machine")
+        return CheckpointTokenizer(None, None, f"{origin} {directory} has no tokenizer files on this machine", True)
     if template is not None and not Path(template).is_file():
         return CheckpointTokenizer(directory, None, f"{origin} {directory} (data.chat_template {template} is not on "
-                                                    "this machine: the tokenizer's own template is used)")
+                                                    "this machine: the tokenizer's own template is used)", True)
     note = f"{origin} {directory}" + (f", chat template from data.chat_template {template}" if template else "")
     return CheckpointTokenizer(directory, template, note)
 
