@@ -299,12 +299,26 @@ def test_skipped_step_has_a_row_without_its_nonfinite_values_and_mfu_names_the_c
     gpu = load_run_config(CONFIG, [*SMALL, f"checkpoint.save={tmp_path / 'gpu'}"])
     (tmp_path / "gpu").mkdir()
     logger = metrics.MetricsLogger(gpu)
-    logger.log_step(1, dict(diffusion=1.0, ar=2.0, lr=1e-3, grad_norm=1.0, tokens=128, row_tokens=128, consumed_tokens=128,
-                            flops=0.4 * 989.4e12 * 0.5, seconds=0.5))  # 40% of the peak at 0.5 s per step
+    step = dict(diffusion=1.0, ar=2.0, lr=1e-3, grad_norm=1.0, tokens=128, row_tokens=128, busiest_rank_rows=128,
+                consumed_tokens=128, flops=0.4 * 989.4e12 * 0.5, seconds=0.5)  # 40% of the peak at 0.5 s per step
+    logger.log_step(1, step)
     logger.close()
     (row,) = _rows(tmp_path / "gpu" / "metrics.jsonl")
     assert row["device"] == "NVIDIA H100 80GB HBM3" and row["mfu"] == pytest.approx(0.4, rel=1e-12)
     assert row["peak_memory_gib"] == 5.0 and row["model_tflops_per_rank"] == pytest.approx(0.4 * 989.4, rel=1e-12)
+    assert "dp_balance" not in row  # one data-parallel rank
     out = capsys.readouterr().out
     assert "MFU against NVIDIA H100 80GB HBM3's dense bf16 peak of 989.4 TFLOP/s\n" in out
     assert "| 395.760 model TFLOP/s/rank (40.0% MFU) | peak mem 5.00 GiB\n" in out
+
+    # 4 data-parallel ranks computing 400 positions a step, the busiest 130 (step 1), then 120 and 110: the DP balance
+    # of a logging interval is its busiest ranks' positions over the mean, (120 + 110) / (800 / 4) = 1.15 for 2-3.
+    (tmp_path / "dp4").mkdir()
+    logger = metrics.MetricsLogger(load_run_config(CONFIG, [*SMALL, f"checkpoint.save={tmp_path / 'dp4'}",
+                                                            "train.log_interval=3"]))
+    logger.dp = 4
+    for index, busiest in ((1, 130), (2, 120), (3, 110)):
+        logger.log_step(index, step | dict(tokens=300, row_tokens=400, busiest_rank_rows=busiest))
+    logger.close()
+    assert [r["dp_balance"] for r in _rows(tmp_path / "dp4" / "metrics.jsonl")] == pytest.approx([1.3, 1.15])
+    assert "tok/s, packing 75.0%, DP balance 1.15 | " in capsys.readouterr().out

@@ -107,8 +107,8 @@ def test_packed_training_equals_unpacked(tmp_path, model_parallel):
         assert_steps_close(got["metrics"], _metrics(unpacked), f"packed DP=2 rank {rank} vs unpacked DP=1",
                            shared_weight_steps=STEPS)
         assert [h["tokens"] for h in got["history"]] == [h["tokens"] for h in unpacked]
-        # Rank 0: rows of 64, 59, 66 and an all-padding row of 1 position; rank 1: 63, 59, 54, 31.
-        assert [h["row_tokens"] for h in got["history"]] == [190 + 207] * STEPS
+        # Rank 0: rows of 64, 59, 66 and an all-padding row of 1 position; rank 1: 63, 59, 54, 31 (the busiest).
+        assert [(h["row_tokens"], h["busiest_rank_rows"]) for h in got["history"]] == [(190 + 207, 207)] * STEPS
 
 
 def test_packed_cli_run_resumes_exactly(tmp_path):

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 from torch import Tensor
 
 from megatron_bdgemma.config import FULL, BDGemmaConfig
@@ -228,11 +229,14 @@ class MetricsLogger:
         self.run, self.start_step = run, start_step
         self.rank0 = not dist.is_initialized() or dist.get_rank() == 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
+        # Above 1 data-parallel rank, rows and the progress line add the DP balance: the busiest rank's encoder
+        # positions over the mean (a step waits for that rank).
+        self.dp = parallel_state.get_data_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
         self.device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
         self.peak_tflops = bf16_peak_tflops(self.device) if self.device else None
         self.step_times: deque[float] = deque(maxlen=STEP_TIMES_KEPT)
         self.interval_steps, self.interval_seconds, self.interval_tokens, self.interval_rows = 0, 0.0, 0, 0
-        self.interval_flops = 0.0
+        self.interval_flops, self.interval_busiest = 0.0, 0
         self.consumed_tokens: int | None = None
         self.file = self.tensorboard = self.wandb = None
         if not self.rank0:
@@ -263,14 +267,15 @@ class MetricsLogger:
             print(message, flush=True)
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
-        """Account for `step` (`train_step`'s metrics: losses, lr, grad_norm, tokens, row_tokens, flops (model FLOPs
-        of the global batch, `records_flops`), seconds, consumed_tokens, skipped); print the progress line and write
-        the row when it is due."""
+        """Account for `step` (`train_step`'s metrics: losses, lr, grad_norm, tokens, row_tokens, busiest_rank_rows,
+        flops (model FLOPs of the global batch, `records_flops`), seconds, consumed_tokens, skipped); print the
+        progress line and write the row when it is due."""
         self.interval_steps += 1
         self.interval_flops += metrics["flops"]
         self.interval_seconds += metrics["seconds"]
         self.interval_tokens += metrics["tokens"]
         self.interval_rows += metrics["row_tokens"]
+        self.interval_busiest += metrics["busiest_rank_rows"]
         first = step == self.start_step + 1
         if not first:
             self.step_times.append(metrics["seconds"])
@@ -286,7 +291,9 @@ class MetricsLogger:
             step=step, diffusion=metrics["diffusion"], ar=metrics["ar"], lr=metrics["lr"],
             grad_norm=metrics["grad_norm"],
             tokens_per_s=self.interval_tokens / self.interval_seconds,
-            packing_efficiency=self.interval_tokens / max(self.interval_rows, 1), ms_per_step=1000 * seconds,
+            packing_efficiency=self.interval_tokens / max(self.interval_rows, 1),
+            dp_balance=self.interval_busiest * self.dp / max(self.interval_rows, 1) if self.dp > 1 else None,
+            ms_per_step=1000 * seconds,
             consumed_samples=step * self.run.train.global_batch_size, consumed_tokens=self.consumed_tokens,
             peak_memory_gib=peak_memory_gib(), model_tflops_per_rank=tflops,
             mfu=tflops / self.peak_tflops if self.peak_tflops else None, skipped=1 if skipped else None,
@@ -294,17 +301,18 @@ class MetricsLogger:
         if self.device:
             row["device"] = self.device
         self.interval_steps, self.interval_seconds, self.interval_tokens, self.interval_rows = 0, 0.0, 0, 0
-        self.interval_flops = 0.0
+        self.interval_flops, self.interval_busiest = 0.0, 0
         if due or skipped:  # not the first step of a resumed process: an uninterrupted run has no row there
             self._write(row)
         if skipped:
             return  # the trainer prints the skip in its own line
         eta = f" | ETA {_duration(statistics.median(self.step_times) * (steps - step))}" if self.step_times else ""
         mfu = f" ({row['mfu']:.1%} MFU)" if "mfu" in row else ""
+        balance = f", DP balance {row['dp_balance']:.2f}" if "dp_balance" in row else ""
         self.info(
             f"step {step:5d}/{steps} | diffusion {metrics['diffusion']:.4f} | ar {metrics['ar']:.4f} | "
             f"lr {metrics['lr']:.2e} | grad norm {metrics['grad_norm']:.3f} | {row['tokens_per_s']:,.0f} tok/s, packing "
-            f"{row['packing_efficiency']:.1%} | {row['ms_per_step']:,.0f} ms/step | {tflops:.3f} model TFLOP/s/rank{mfu} | "
+            f"{row['packing_efficiency']:.1%}{balance} | {row['ms_per_step']:,.0f} ms/step | {tflops:.3f} model TFLOP/s/rank{mfu} | "
             f"peak mem {row['peak_memory_gib']:.2f} GiB{eta}"
         )
 

@@ -263,10 +263,11 @@ def _microbatches(state: TrainState, step: int, split: str = "train") -> list[Mi
 
 
 def _global_counts(microbatches: list[MicroBatch], device: torch.device) -> torch.Tensor:
-    """[scored canvas tokens, AR pairs, data tokens, row tokens, model FLOPs] over every micro-batch of every DP rank
-    (known before any forward): the counts `diffusion_loss` / `ar_loss` return, and for the metrics the non-pad
-    positions read, all encoder positions computed (their ratio is the packing efficiency) and the model FLOPs. The
-    CP ranks of a DP rank hold the same whole micro-batches (the model takes each rank's shard), so DP sums them."""
+    """[scored canvas tokens, AR pairs, data tokens, row tokens, model FLOPs] over every micro-batch of every DP rank,
+    then the most row tokens any one DP rank has (known before any forward): the counts `diffusion_loss` / `ar_loss`
+    return, and for the metrics the non-pad positions read, all encoder positions computed (their ratio is the
+    packing efficiency), the model FLOPs and the busiest rank's positions (over the mean: the DP balance). The CP
+    ranks of a DP rank hold the same whole micro-batches (the model takes each rank's shard), so DP sums them."""
     counts = torch.zeros(5, dtype=torch.float64, device=device)
     for mb in microbatches:
         counts[0] += mb.canvas.scored.sum().item()
@@ -274,8 +275,11 @@ def _global_counts(microbatches: list[MicroBatch], device: torch.device) -> torc
         counts[2] += mb.batch.encoder_valid.sum().item()
         counts[3] += mb.batch.input_ids.numel()
         counts[4] += mb.flops
-    dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
-    return counts.clamp(min=1.0)
+    busiest = counts[3:4].clone()
+    group = parallel_state.get_data_parallel_group()
+    dist.all_reduce(counts, group=group)
+    dist.all_reduce(busiest, op=dist.ReduceOp.MAX, group=group)
+    return torch.cat([counts, busiest]).clamp(min=1.0)
 
 
 def _forward_step(state: TrainState, counts: torch.Tensor, rescale: float, data: Iterator[MicroBatch], model) -> tuple:
@@ -421,12 +425,13 @@ def train_step(state: TrainState, stop: StopCheck | None = None) -> tuple[dict[s
         _, grad_norm, _ = state.optimizer.step()
         state.scheduler.step(increment=1)
     state.step += 1
-    tokens, row_tokens = int(counts[2].item()), int(counts[3].item())
+    tokens, row_tokens, busiest_rank_rows = (int(counts[i].item()) for i in (2, 3, 5))
     if state.consumed_tokens is not None:
         state.consumed_tokens += tokens
     # The losses' .item() waits for the device, so the time is the step's own (Megatron-LM's interval timer).
     metrics = dict(diffusion=totals[0].item(), ar=totals[1].item(), grad_norm=float(grad_norm),
-                   lr=state.optimizer.param_groups[0]["lr"], tokens=tokens, row_tokens=row_tokens, flops=counts[4].item(),
+                   lr=state.optimizer.param_groups[0]["lr"], tokens=tokens, row_tokens=row_tokens,
+                   busiest_rank_rows=busiest_rank_rows, flops=counts[4].item(),
                    consumed_tokens=state.consumed_tokens,
                    seconds=time.perf_counter() - started)
     return metrics | ({"skipped": True} if verdict.skipped else {}), verdict
