@@ -258,10 +258,9 @@ def small_model(block: int, window: int, seq_length: int, attention: str) -> tor
 @entry_point
 def main() -> None:
     args = parse_args()
+    from megatron_bdgemma.data.sft import laid_out_tokens
     from megatron_bdgemma.diffusion.packing import PackedBatch
     from megatron_bdgemma.runtime.distributed import init_distributed
-
-    from megatron_bdgemma.data.sft import laid_out_tokens
 
     S, vocab = args.seq_length, VOCAB
     records = chats(args.records, S, args.median, args.sigma, vocab, args.seed)
