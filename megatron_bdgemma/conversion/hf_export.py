@@ -40,6 +40,7 @@ from megatron_bdgemma.config import FULL, BDGemmaConfig
 from megatron_bdgemma.conversion.hf_checkpoint import INDEX_FILE, SAFETENSORS_DTYPES, VISION_PREFIXES, hf_prefixes
 from megatron_bdgemma.conversion.keymap import Mapping, model_mappings
 from megatron_bdgemma.conversion.megatron_checkpoint import (
+    CHAT_TEMPLATE_FILE,
     TOKENIZER_FILES,
     CheckpointLayout,
     ConversionError,
@@ -69,7 +70,6 @@ MINIMAL_VISION: dict[str, Any] = dict(
 models."""
 
 Entry = tuple[str, tuple[int, ...], torch.dtype]
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
 # ---- safetensors, written as tensors arrive -------------------------------------------------------------------

@@ -712,8 +712,10 @@ class CheckpointTokenizer:
     """The run recorded a tokenizer or chat template this machine does not have (`note` names it)."""
 
 
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+"""Where transformers reads a chat template first (before `tokenizer_config.json`'s)."""
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", CHAT_TEMPLATE_FILE, "chat_template.json",
                    "preprocessor_config.json", "processor_config.json")
 """A tokenizer / processor directory's files (never weights or config.json: the tokenizer may be a model directory)."""
 

@@ -69,11 +69,13 @@ class StepData:
             return [(self.collate([dataset[p % len(dataset)] for p in micro])[0], micro) for micro in positions]
         if self.packing.size is None:
             stream = [p for micro in positions for p in micro]
-        else:  # the step's records dealt to the ranks by size
-            step_stream = range(step * self.global_batch_size, (step + 1) * self.global_batch_size)
-            sizes = [self.packing.size(dataset[p % len(dataset)]) for p in step_stream]
-            stream = deal_by_size(step_stream, sizes, self.dp_size)[self.dp_rank]
-        return self.packing.microbatches([dataset[p % len(dataset)] for p in stream], stream, b)
+            return self.packing.microbatches([dataset[p % len(dataset)] for p in stream], stream, b)
+        # The step's records dealt to the ranks by size: every rank reads them all once, then keeps its own.
+        first = step * self.global_batch_size
+        samples = [dataset[p % len(dataset)] for p in range(first, first + self.global_batch_size)]
+        stream = deal_by_size(range(first, first + len(samples)), [self.packing.size(s) for s in samples],
+                              self.dp_size)[self.dp_rank]
+        return self.packing.microbatches([samples[p - first] for p in stream], stream, b)
 
 
 Records = Callable[[Sequence[Any], list[int]], tuple[DiffusionBatch, list[int], list[list[int]] | None]]

@@ -200,10 +200,11 @@ def _build(run: RunConfig) -> TrainState:
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=run.optim.distributed_optimizer
     )
-    chunks = []
+    chunks, source = [], None
     for module in build_model_chunks(config, run.model.backend, p.vpp):
         if run.model.hf and not run.checkpoint.load:  # a resumed run's weights come from its checkpoint
-            load_hf_weights(module, HFCheckpoint(run.model.hf), config)
+            source = HFCheckpoint(run.model.hf)
+            load_hf_weights(module, source, config)
         if torch.cuda.is_available():
             module.cuda()
         # Megatron buckets only the first chunk's gradients (the others reduce at the end of the schedule).
@@ -239,8 +240,8 @@ def _build(run: RunConfig) -> TrainState:
         state.hf_source = extra.get("converted_from")
     elif run.checkpoint.init_from:  # weights only; optimizer, schedule and step start fresh
         state.hf_source = load_checkpoint(run.checkpoint.init_from, modules).get("converted_from")
-    elif run.model.hf:
-        state.hf_source = hf_source(HFCheckpoint(run.model.hf))
+    elif source is not None:
+        state.hf_source = hf_source(source)
     return state
 
 
