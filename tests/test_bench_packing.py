@@ -27,13 +27,19 @@ def test_quick_run_prints_consistent_result(score):
     result = {k: float(v) for k, v in (item.split("=") for item in lines[-1].split()[1:])}
     assert set(result) == {"packed_over_microbatch4", "packed_over_fixed_shape", "control_packed_over_unpacked",
                            "efficiency_packed", "efficiency_microbatch4", "efficiency_fixed_shape", "valid_tokens",
-                           "records", "seq_length", "dp_balance_stride", "dp_balance_dealt"}
+                           "records", "seq_length", "positions_ratio_encoder", "positions_ratio_canvas",
+                           "dp_balance_stride", "dp_balance_dealt"}
     assert all(math.isfinite(v) and v > 0 for v in result.values())
     assert (result["records"], result["seq_length"]) == (12, 256)
     # Every side trains the same tokens; fixed-shape rows are 4 chats × seq_length per micro-batch of 4.
     assert result["efficiency_fixed_shape"] == pytest.approx(
         result["valid_tokens"] / (result["records"] * result["seq_length"]), abs=1e-4)
     assert 1 >= result["efficiency_packed"] > result["efficiency_microbatch4"] > result["efficiency_fixed_shape"]
+    # The padding removed: packed rows have none, so the encoder's ratio is 1 / micro-batch 4's efficiency; the
+    # canvas has none under one_block (one block per chat everywhere) and unpacked padding under all_blocks.
+    assert result["efficiency_packed"] == 1
+    assert result["positions_ratio_encoder"] == pytest.approx(1 / result["efficiency_microbatch4"], abs=2e-3)
+    assert (result["positions_ratio_canvas"] == 1) == (score == "one_block")
     assert "attention block_sparse" in done.stdout and "loss sums agree" in done.stdout
     assert f"objective.score {score}" in done.stdout
     # Dealt by size, the most loaded rank carries at most one chat more than the mean (largest-first's bound).
@@ -71,17 +77,18 @@ def test_quick_run_prints_consistent_result(score):
         tps["control, micro-batch 4"] / tps["control, packed"], rel=1e-2)
 
 
-def test_balance_only_prints_the_dp_balance_alone():
-    """`--balance-only`: no model, the balance line and its RESULT; dealt by size, the most loaded rank is nearer the
-    mean than by stride (largest-first's bound is checked in tests/test_packing.py)."""
+def test_layout_only_prints_the_padding_removed_and_dp_balance_alone():
+    """`--layout-only`: no model, the encoder's positions ratio, the balance line and their RESULT; dealt by size, the most loaded
+    rank is nearer the mean than by stride (largest-first's bound is checked in tests/test_packing.py)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TOOLS.parent), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, str(TOOLS / "bench_packing.py"), "--balance-only", "--records", "256",
+    done = subprocess.run([sys.executable, str(TOOLS / "bench_packing.py"), "--layout-only", "--records", "256",
                            "--dp", "16"], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
-    assert len(lines) == 2 and lines[0].startswith("DP balance, 16 ranks of 16 chats"), done.stdout
+    assert len(lines) == 3 and lines[1].startswith("DP balance, 16 ranks of 16 chats"), done.stdout
     result = {k: float(v) for k, v in (item.split("=") for item in lines[-1].split()[1:])}
-    assert (result["records"], result["dp"]) == (256, 16)
+    assert (result["records"], result["dp"], result["sigma"]) == (256, 16, 1)
+    assert 1 < result["positions_ratio_encoder"] < 4  # a micro-batch of 4 pads to at most 4× its valid tokens
     assert 1 <= result["dp_balance_dealt"] < result["dp_balance_stride"]
 
 

@@ -254,6 +254,9 @@ KEPT_PER_TOKEN = {  # elements a layer keeps per token: attention + dense GeGLU 
     "selective": (4 * H + 2 * Q + 2 * KV) + 2 * H + (6 * H + TOP_K * 2 * H),
 }
 assert KEPT_PER_TOKEN == {"none": 1984, "selective": 1344}
+# K and V elements per position of one tiny layer at TP 1: sliding 2 groups x 16, full 1 group x 32 (2·g·d).
+KV_WIDTH = {"sliding": 2 * 2 * 16, "full": 2 * 1 * 32}
+TINY_KV = 3 * KV_WIDTH["sliding"] + KV_WIDTH["full"]  # the 4 layers' widths summed
 
 
 def _eager_probabilities(batch: int, s: int, r: int, cp: int = 1) -> int:
@@ -305,8 +308,10 @@ def test_activation_bytes_equal_closed_form_counts(fake_world_results):
 
     - SFT, one rank, eager attention (S = 96 encoder + R = 16 canvas tokens, micro-batch 4): every layer keeps its
       per-token tensors and the attention probabilities; the LM head's logits, softmax and gradient cover the
-      encoder and canvas rows plus pass 1's canvas rows (self-conditioning);
-    - the same with selective recompute of core_attn, moe and shared_experts: no probabilities, smaller layers;
+      encoder and canvas rows plus pass 1's canvas rows (self-conditioning); pass 2's attention keeps each layer's
+      `[encoder K ; canvas K]` and V's, (S + R)·2·g·d (`test_pass_two_keeps_the_concatenated_keys_the_plan_counts`);
+    - the same with selective recompute of core_attn, moe and shared_experts: no probabilities, smaller layers, the
+      concatenated K/V still kept (the checkpointed attention's input);
     - pretraining at PP 2 x VPP 2 (S = R = 32, micro-batch 2, 4 micro-batches): one layer per model chunk; Megatron's
       interleaved schedule holds 2·(pp - i - 1) + (vpp - 1)·pp + 1 model-chunk micro-batches on stage i (5 and 3),
       each keeping a received and a sent [S + R, B, H] tensor; the first stage also keeps pass 1's final hidden
@@ -317,19 +322,63 @@ def test_activation_bytes_equal_closed_form_counts(fake_world_results):
     s, r, b = 96, CANVAS, 4  # SFT: one scored block per example
     tokens = (s + r) * b
     head = 3 * ((s + r) * b + r * b) * VOCAB * FP32  # logits, softmax, gradient
-    assert got[0] == [(1, dict(layers=LAYERS * (tokens * KEPT_PER_TOKEN["none"] * FP32 + _eager_probabilities(b, s, r)),
+    concatenated = b * (s + r) * TINY_KV * FP32  # the 4 layers' [encoder K ; canvas K] and V's
+    assert got[0] == [(1, dict(layers=LAYERS * (tokens * KEPT_PER_TOKEN["none"] * FP32 + _eager_probabilities(b, s, r))
+                               + concatenated, logits=head, pipeline=0))]
+    assert got[1] == [(1, dict(layers=LAYERS * tokens * KEPT_PER_TOKEN["selective"] * FP32 + concatenated,
                                logits=head, pipeline=0))]
-    assert got[1] == [(1, dict(layers=LAYERS * tokens * KEPT_PER_TOKEN["selective"] * FP32, logits=head, pipeline=0))]
 
     s = r = 32  # pretraining scores every block: the canvas is the whole sequence
     b, microbatches = 2, 4
-    layer = (s + r) * b * KEPT_PER_TOKEN["none"] * FP32 + _eager_probabilities(b, s, r)
+    layer = ((s + r) * b * KEPT_PER_TOKEN["none"] * FP32 + _eager_probabilities(b, s, r)
+             + (s + r) * b * 64 * FP32)  # and its concatenated K/V (every tiny layer is 64 wide)
     boundary = (s + r) * b * H * FP32  # one [S + R, B, H] pipeline tensor
     assert got[2] == [
         (5, dict(layers=5 * layer, logits=3 * r * b * VOCAB * FP32,
                  pipeline=5 * 2 * boundary + microbatches * r * b * H * FP32)),
         (3, dict(layers=3 * layer, logits=3 * (s + r) * b * VOCAB * FP32, pipeline=3 * 2 * boundary)),
     ]
+
+
+def test_pass_two_keeps_the_concatenated_keys_the_plan_counts(model_parallel):
+    """The planner's `[encoder K ; canvas K]` term is real: in a tiny SFT step (eager attention, the encoder's 14
+    positions + a 4-token canvas, batch 2), each layer's pass-2 call saves for backward tensors over the whole S + R
+    keys, whose storages hold exactly the layer's (S + R)·2·g·d elements, what `_activation_bytes` adds per layer."""
+    from megatron_bdgemma.config import tiny
+    from megatron_bdgemma.diffusion import build_sft_batch, noise_batch
+    from megatron_bdgemma.model import BDGemmaModel
+    from megatron_bdgemma.training.plan import _kv_width
+
+    torch.manual_seed(0)
+    config = tiny(canvas_length=4)
+    model = BDGemmaModel(config)
+    ids = torch.randint(2, 500, (2, 12))
+    loss_mask, valid = torch.zeros(2, 12, dtype=torch.bool), torch.ones(2, 12, dtype=torch.bool)
+    loss_mask[:, 6:] = True
+    batch = build_sft_batch(ids, loss_mask, valid, block_size=4, eos_id=1, pad_id=0)
+    noised = noise_batch(batch, sample_indices=[0, 1], step=0, seed=1, vocab_size=512)
+    s, r, b = batch.input_ids.shape[1], noised.canvas_ids.shape[1], 2
+    assert (s, r) == (14, 4)  # 6 prompt tokens + the 6-token answer EOS-filled to 2 blocks; one scored block
+    calls: list[dict[int, int]] = []  # per layer call: storage → bytes, of saved tensors spanning the S + R keys
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        # Keys along any dim but the last (the mask bias `[B, 1, R, S + R]` has them last, K and V `[.., S + R, d]`).
+        if s + r in tensor.shape[:-1] and calls:
+            calls[-1][tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    hooks = [layer.register_forward_pre_hook(lambda module, args: calls.append({})) for layer in model.decoder.layers]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model.training_forward(batch, noised)
+    for hook in hooks:
+        hook.remove()
+    layers = config.num_layers
+    assert len(calls) == 3 * layers  # encode, pass 1 (no grad: saves nothing), pass 2
+    encode, pass_one, pass_two = calls[:layers], calls[layers:2 * layers], calls[2 * layers:]
+    assert not any(encode + pass_one)  # the encoder's keys are its own S positions
+    for n, saved in enumerate(pass_two):
+        planned = b * (s + r) * _kv_width(config, config.layer_type(n), tp=1) * FP32
+        assert sorted(saved.values()) == [planned // 2] * 2, (n, saved)  # K's storage and V's, (S + R)·g·d each
 
 
 def test_packed_rows_are_planned_at_their_canvas_bound():
@@ -357,52 +406,50 @@ def test_packed_rows_are_planned_at_their_canvas_bound():
             "varies)\n") in documents_text
 
 
-# K and V elements per position of one tiny layer at TP 1: sliding 2 groups x 16, full 1 group x 32 (2·g·d).
-KV_WIDTH = {"sliding": 2 * 2 * 16, "full": 2 * 1 * 32}
-TINY_KV = 3 * KV_WIDTH["sliding"] + KV_WIDTH["full"]  # the 4 layers' widths summed
-
-
 def test_context_parallel_plan_equals_closed_form_counts(fake_world_results):
     """`parallel.cp=2` in the planner, against counts written out here (docs/design.md §14): a rank holds S/2 encoder
     and R/2 canvas tokens, so every per-token term halves (layers, logits, the pipeline tensors and pass 1's hidden
     states), eager attention keeps (S/2 queries x S keys) + (R/2 x (S + R)) probabilities; each layer adds the whole
     sequence's gathered K/V, (S + R)·2·g·d, kept until backward (full recompute: the encoder's, S·2·g·d, per layer
-    and one layer's S + R), which CP does not divide. The distributed optimizer shards dense state over DP x CP:
+    and one layer's S + R), which CP does not divide, and so is pass 2's concatenation of them, as many. The distributed optimizer shards dense state over DP x CP:
     at 2 GPUs, CP 2 (DP 1) shards it as DP 2 does."""
     got, details = fake_world_results["plans"], fake_world_results["details"]
 
     s, r, b = 96, CANVAS, 4  # tiny SFT, as in test_activation_bytes_equal_closed_form_counts, over 2 CP ranks
     tokens = (s + r) // 2 * b  # the rank's half
     gathered = b * (s + r) * TINY_KV * FP32  # the 4 layers' gathered K/V, every position of the row
+    concatenated = gathered  # pass 2's [encoder K ; canvas K] and V's of the gathered ones: as many
     layer = tokens * KEPT_PER_TOKEN["none"] * FP32 + _eager_probabilities(b, s, r, cp=2)
     head = 3 * (tokens + r // 2 * b) * VOCAB * FP32
-    assert got[3] == [(1, dict(layers=LAYERS * layer + gathered, logits=head, pipeline=0))]
+    assert got[3] == [(1, dict(layers=LAYERS * layer + gathered + concatenated, logits=head, pipeline=0))]
     assert details[3]["gathered"] == [gathered]
     # Against the unsplit plan: the per-token part of the layers and the logits are exactly half.
     unsplit = got[0][0][1]
-    unsplit_per_token = unsplit["layers"] - LAYERS * _eager_probabilities(b, s, r)
+    unsplit_per_token = unsplit["layers"] - LAYERS * _eager_probabilities(b, s, r) - concatenated
     assert 2 * LAYERS * tokens * KEPT_PER_TOKEN["none"] * FP32 == unsplit_per_token
     assert 2 * head == unsplit["logits"]
 
     # Full recompute: each layer keeps its input [S/2 + R/2, B, H] and the encoder's gathered K/V [S, B, 2·g·d];
-    # one layer's working set, with its gathered K/V, is live in backward (the widest: all tiny layers are 64 wide).
+    # one layer's working set, with its gathered and concatenated K/V, is live in backward (the widest: all tiny
+    # layers are 64 wide).
     encoder_kv = b * s * TINY_KV * FP32
     one_gathered = b * (s + r) * KV_WIDTH["sliding"] * FP32
-    assert got[4] == [(1, dict(layers=LAYERS * tokens * H * FP32 + encoder_kv + layer + one_gathered, logits=head,
-                               pipeline=0))]
+    assert got[4] == [(1, dict(layers=LAYERS * tokens * H * FP32 + encoder_kv + layer + 2 * one_gathered,
+                               logits=head, pipeline=0))]
     assert details[4]["gathered"] == [encoder_kv + one_gathered]
 
     # Pretraining at PP 2 x VPP 2 x CP 2 (S = R = 32 over 2 ranks, micro-batch 2, 4 micro-batches), one layer per
-    # model chunk: as in the unsplit case with half the tokens, plus each held layer's gathered K/V (64 wide).
+    # model chunk: as in the unsplit case with half the tokens, plus each held layer's gathered and concatenated
+    # K/V (64 wide each).
     s = r = 32
     b, microbatches = 2, 4
     layer = (s + r) // 2 * b * KEPT_PER_TOKEN["none"] * FP32 + _eager_probabilities(b, s, r, cp=2)
     layer_gathered = b * (s + r) * 64 * FP32
     boundary = (s + r) // 2 * b * H * FP32  # one [(S + R)/2, B, H] pipeline tensor
     assert got[5] == [
-        (5, dict(layers=5 * (layer + layer_gathered), logits=3 * r // 2 * b * VOCAB * FP32,
+        (5, dict(layers=5 * (layer + 2 * layer_gathered), logits=3 * r // 2 * b * VOCAB * FP32,
                  pipeline=5 * 2 * boundary + microbatches * r // 2 * b * H * FP32)),
-        (3, dict(layers=3 * (layer + layer_gathered), logits=3 * (s + r) // 2 * b * VOCAB * FP32,
+        (3, dict(layers=3 * (layer + 2 * layer_gathered), logits=3 * (s + r) // 2 * b * VOCAB * FP32,
                  pipeline=3 * 2 * boundary)),
     ]
 

@@ -252,6 +252,42 @@ def test_the_hf_source_and_tokenizer_travel_through_runs_into_the_export(tmp_pat
     assert tool.run_tokenizer(tmp_path / "mg")._tok.chat_template == AutoTokenizer.from_pretrained(hf).chat_template
 
 
+def test_a_runs_relative_paths_reach_the_export_from_any_directory(tmp_path, capsys, monkeypatch, model_parallel):
+    """A run launched with relative `model.hf`, `data.tokenizer` and `data.chat_template` records its launch
+    directory and its source's absolute path, so an export and `tools/generate.py --load` run from another directory
+    still write and use the tokenizer and template the run trained with."""
+    from transformers import AutoTokenizer
+
+    from megatron_bdgemma.conversion.megatron_checkpoint import read_extra
+    from megatron_bdgemma.training.trainer import train
+    from tests.test_data import CHAT_TEMPLATE, build_hf_tokenizer, chat, write_jsonl
+    from tests.test_generation import generate_tool
+
+    launch, elsewhere = tmp_path / "launch", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    hf = build_hf_tokenizer(hf_models.save(hf_models.diffusion_gemma(canvas_length=4), launch / "hf"),
+                            ["what is two plus two", "four"])
+    (launch / "template.jinja").write_text("{#- the run's own template -#}\n" + CHAT_TEMPLATE)
+    write_jsonl(launch / "chats.jsonl", [chat("what is two plus two", "four")] * 4)
+    monkeypatch.chdir(launch)
+    run = tmp_path / "run"
+    train(load_run_config(SFT_CONFIG, [
+        "model.hf=hf", "model.overrides={}", f"checkpoint.save={run}", "data.paths=[chats.jsonl]",
+        "data.tokenizer=hf", "data.chat_template=template.jinja", "data.seq_length=32", "train.micro_batch_size=2",
+        "train.global_batch_size=4", "train.eval_interval=0", "optim.warmup_steps=0", "train.steps=1"]))
+    extra = read_extra(run / "iter_0000001")
+    assert (extra["launch_dir"], extra["converted_from"]["path"]) == (str(launch), str(hf))
+
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert export_tool.main(["--megatron", str(run), "--out", "out"]) == 0
+    assert (f"from data.tokenizer {hf}, chat template from data.chat_template {launch / 'template.jinja'}"
+            in capsys.readouterr().out)
+    tokenizer = AutoTokenizer.from_pretrained(elsewhere / "out")
+    assert tokenizer.chat_template == (launch / "template.jinja").read_text()
+    assert generate_tool().run_tokenizer(run)._tok.chat_template == tokenizer.chat_template
+
+
 # ---- 2. converters never replace their input ---------------------------------------------------------------------
 
 

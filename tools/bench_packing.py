@@ -2,7 +2,7 @@
 
     python tools/bench_packing.py            # default: 64 chats, seq_length 4096, about 5 minutes single-threaded
     python tools/bench_packing.py --score all_blocks   # every response block decoded: the canvas is padded too
-    python tools/bench_packing.py --balance-only --records 2048 --dp 64   # the DP balance line alone, seconds
+    python tools/bench_packing.py --layout-only --records 2048 --dp 64    # padding removed and DP balance, seconds
     python tools/bench_packing.py --quick    # seconds: a smoke run (tests/test_bench_packing.py)
 
 The chats are token ids drawn directly (no tokenizer): total lengths log-normal with median `--median` (300) and
@@ -43,14 +43,21 @@ round, so both met the same contention), printed with its range. Valid tokens ar
     RESULT packed_over_microbatch4=<packed tokens per CPU-s / micro-batch 4's>
            packed_over_fixed_shape=<packed / fixed shape> control_packed_over_unpacked=<control: packed step time /
            unpacked step time> efficiency_packed=<..> efficiency_microbatch4=<..> efficiency_fixed_shape=<..>
-           valid_tokens=<..> records=<..> seq_length=<..>
+           valid_tokens=<..> records=<..> seq_length=<..> positions_ratio_encoder=<..> positions_ratio_canvas=<..>
 
 (one line; the first two are speed-ups, above 1 = packing trains more tokens per CPU-second; the control is a cost
-ratio, above 1 = the packed step costs more), followed by `dp_balance_stride=<..> dp_balance_dealt=<..>`: over `--dp`
+ratio, above 1 = the packed step costs more). The positions ratios are the padding packing removes: micro-batch 4's
+encoder positions over the packed side's (1 / `efficiency_microbatch4`: packed rows have none), and its canvas
+positions over the packed side's (1 under `one_block`: one block per chat on every side). The step's speed-up is the
+encoder's and the canvas's averaged with their costs as weights; at one cost per position (the control) each would be
+its positions ratio, and padded rows' attention, quadratic in their length, makes a padded position dearer (the
+encoder's measured ratio, `--breakdown`, passes its positions ratio). Then `dp_balance_stride=<..>
+dp_balance_dealt=<..>`: over `--dp`
 data-parallel ranks, the most loaded rank's laid-out tokens over the mean when the step's chats go to the ranks by
 stride (as unpacked micro-batches take them) and dealt by size (`training.data.deal_by_size`, what `data.packing` does
 for SFT). A step waits for its most loaded rank, so this is the step time's excess over a perfect balance (tokens as
-the proxy for work). `--balance-only` prints just that (no model, no timing).
+the proxy for work). `--layout-only` prints the encoder's positions ratio and the DP balance alone (no model, no
+timing).
 """
 
 from __future__ import annotations
@@ -85,8 +92,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--loss-rtol", type=float, default=1e-4, help="allowed relative loss-sum difference")
     parser.add_argument("--dp", type=int, default=8, help="data-parallel ranks for the balance line: the step's chats "
                         "dealt by stride (unpacked) or by size (packed SFT), the most loaded rank's tokens over the mean")
-    parser.add_argument("--balance-only", action="store_true", help="print the DP balance line only (no model, no "
-                        "timing: seconds even at --records 2048 --dp 64)")
+    parser.add_argument("--layout-only", action="store_true", help="print the encoder's positions ratio (the padding "
+                        "packing removes) and the DP balance only (no model, no timing: seconds even at --records 2048 --dp 64)")
     parser.add_argument("--breakdown", action="store_true", help="also time the packed and micro-batch-4 sides' "
                         "encoder alone (encode + AR loss + backward), to split each step into encoder and canvas")
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run: 12 chats, seq_length 256, "
@@ -242,6 +249,13 @@ def dp_balance(laid_out: list[int], ranks: int) -> tuple[float, float]:
     return tuple(max(sum(laid_out[i] for i in share) for share in shares) / mean for shares in (stride, dealt))
 
 
+def encoder_positions_ratio(laid_out: list[int], micro_batch: int = 4) -> float:
+    """Encoder positions of today's batching (micro-batches of `micro_batch` chats in stream order, each padded to its
+    longest) over the chats' laid-out tokens, all that packing computes (efficiency 1)."""
+    padded = sum(micro_batch * max(laid_out[i:i + micro_batch]) for i in range(0, len(laid_out), micro_batch))
+    return padded / sum(laid_out)
+
+
 def small_model(block: int, window: int, seq_length: int, attention: str) -> torch.nn.Module:
     """A small random DiffusionGemma, CPU-sized: 2 layers (sliding, full), hidden 128, 8 experts top-2, vocab 2048."""
     from megatron_bdgemma.config import FULL, SLIDING, tiny
@@ -269,10 +283,13 @@ def main() -> None:
     balance_line = (f"DP balance, {args.dp} ranks of {args.records // args.dp} chats: the most loaded rank's valid "
                     f"tokens over the mean, chats dealt by stride {balance[0]:.3f}, by size (data.packing) "
                     f"{balance[1]:.3f}")
-    if args.balance_only:
+    encoder_positions = encoder_positions_ratio(laid_out)
+    if args.layout_only:
+        print(f"{args.records} chats, log-normal median {args.median:g}, σ {args.sigma:g}, seed {args.seed}: "
+              f"micro-batch 4 computes {encoder_positions:.3f}× the packed side's encoder positions")
         print(balance_line)
-        print(f"RESULT dp_balance_stride={balance[0]:.3f} dp_balance_dealt={balance[1]:.3f} records={args.records} "
-              f"dp={args.dp}")
+        print(f"RESULT positions_ratio_encoder={encoder_positions:.3f} dp_balance_stride={balance[0]:.3f} "
+              f"dp_balance_dealt={balance[1]:.3f} records={args.records} dp={args.dp} sigma={args.sigma:g}")
         return
     init_distributed(seed=args.seed)
     device = torch.device("cpu")
@@ -347,13 +364,20 @@ def main() -> None:
         print(f"breakdown micro-batch 4 / packed: encoder {encoder_ratio[0]:.3f} (per round {encoder_ratio[1]:.3f}.."
               f"{encoder_ratio[2]:.3f}), canvas {canvas_ratio:.3f}")
     assert lengths == laid_out, "the trainer's layout and laid_out_tokens disagree"
+    positions = (longest.row_tokens / packed.row_tokens, longest.canvas_tokens / packed.canvas_tokens)
+    assert math.isclose(positions[0], encoder_positions), "encoder_positions_ratio and the micro-batches disagree"
+    print(f"padding removed, micro-batch 4 / packed positions: encoder {positions[0]:.3f}, canvas {positions[1]:.3f} "
+          f"(packed efficiency {packed.valid_tokens / packed.row_tokens:.3f}: no padding left); the step's speed-up "
+          f"is the encoder's and the canvas's averaged with their costs as weights")
     print(balance_line)
     print(f"RESULT packed_over_microbatch4={over_longest[0]:.3f} packed_over_fixed_shape={over_fixed[0]:.3f} "
           f"control_packed_over_unpacked={control[0]:.3f} "
           f"efficiency_packed={packed.valid_tokens / packed.row_tokens:.4f} "
           f"efficiency_microbatch4={longest.valid_tokens / longest.row_tokens:.4f} "
           f"efficiency_fixed_shape={fixed.valid_tokens / fixed.row_tokens:.4f} valid_tokens={packed.valid_tokens} "
-          f"records={args.records} seq_length={S} dp_balance_stride={balance[0]:.3f} dp_balance_dealt={balance[1]:.3f}")
+          f"records={args.records} seq_length={S} positions_ratio_encoder={positions[0]:.3f} "
+          f"positions_ratio_canvas={positions[1]:.3f} "
+          f"dp_balance_stride={balance[0]:.3f} dp_balance_dealt={balance[1]:.3f}")
 
 
 if __name__ == "__main__":

@@ -35,8 +35,10 @@ Activations (an estimate, elements per token per layer times bytes, /TP under SP
   heads / TP, d its head dim; K=V layers gather V too), the encoder's and pass 2's canvas's, kept until backward
   (pass 1's are freed with its layer); CP does not divide it (`context_parallel_bytes`, which also gives the
   collectives' bytes per layer type: forward all-gathers receive (N − 1)/N · (S + R per canvas pass) · 2·g·d,
-  backward reduce-scatters send (N − 1)/N · (S + R) · 2·g·d). Not counted, at any N: the canvas attention's
-  `[encoder K ; canvas K]` concatenation (and V's), which the core attention keeps unless it reads the two apart;
+  backward reduce-scatters send (N − 1)/N · (S + R) · 2·g·d);
+- pass 2's attention keys, `[encoder K ; canvas K]` and V's, concatenated per layer: (S + R)·2·g·d elements (at any
+  N the whole sequence's, gathered), kept for backward as the core attention's input (eager, flex, and block-sparse
+  when it recomputes its chunks; otherwise block-sparse keeps its calls' K/V copies, about as many);
 - without recompute a layer keeps ≈ 4H + 2·q + 2·kv (attention: norm, qkv, core out, proj) + 3H + 3I (dense GeGLU)
   + 6H + k·(2H + 3I_e) (router, norms, k dispatched copies through the expert GeGLU) elements per token, plus the
   attention probabilities: heads × keys per query in fp32 for `eager`, one query chunk's only for `block_sparse` /
@@ -44,8 +46,8 @@ Activations (an estimate, elements per token per layer times bytes, /TP under SP
 - with `train.recompute=selective`, `core_attn` drops the probabilities, `moe` the experts' fc1/activation (the
   dispatched inputs and outputs stay), `shared_experts` the dense GeGLU's inner tensors;
 - with `train.recompute=full` a layer keeps its input (H) and the encoder K/V the decoder reads (S·2·g·d for the
-  layer's type; under CP the gathered ones, whole S), and one layer's working set (with its gathered K/V) is live
-  during its backward;
+  layer's type; under CP the gathered ones, whole S), and one layer's working set (with its gathered and
+  concatenated K/V) is live during its backward;
 - logits: fp32 [tokens, V/TP] times 3 (logits, softmax, gradient) for the encoder and the canvas (the last stage),
   and for pass 1's soft embedding (the first stage), over all tokens, or over `objective.loss_chunk_size` tokens at
   a time when set; once, not per micro-batch in flight (the working set of the stage's head);
@@ -281,19 +283,25 @@ def _activation_bytes(run: RunConfig, config: BDGemmaConfig, tokens_s: int, toke
     one_layer = tokens * per_token_layer * act // sp + probs_per_layer
     cp_bytes = context_parallel_bytes(config, tokens_s, tokens_r, cp, tp, act)
     gathered = [[b * cp_bytes[config.layer_type(n)]["gathered"] for n in chunk] for chunk in layers]
+    # Pass 2's [encoder K ; canvas K] and V's, per layer: the core attention's input, whole S + R at any CP.
+    concatenated = [[b * (tokens_s + tokens_r) * _kv_width(config, config.layer_type(n), tp) * act for n in chunk]
+                    for chunk in layers]
     # The encoder K/V the canvas attends to (per TP shard; under CP the gathered whole sequence, so CP does not
     # divide it): a full-recompute layer's output besides its hidden states.
     encoder_kv = [sum(tokens_s * b * _kv_width(config, config.layer_type(n), tp) * act for n in chunk)
                   for chunk in layers]
     chunk_layers = max(len(chunk) for chunk in layers)
-    one_layer_gathered = max(max(chunk, default=0) for chunk in gathered)
     if run.train.recompute == "full":
+        # The widest layer's working set, with its gathered and concatenated K/V (both ∝ its K/V width).
+        one_layer_gathered = max(max(chunk, default=0) for chunk in gathered)
+        one_layer_concatenated = max(max(chunk, default=0) for chunk in concatenated)
         layers_bytes = (in_flight * (chunk_layers * (tokens * h * act // sp) + max(encoder_kv))
-                        + one_layer + one_layer_gathered)
+                        + one_layer + one_layer_gathered + one_layer_concatenated)
         gathered_bytes = (in_flight * max(encoder_kv) if cp > 1 else 0) + one_layer_gathered
     else:
         gathered_bytes = in_flight * max(sum(chunk) for chunk in gathered)
-        layers_bytes = in_flight * chunk_layers * one_layer + gathered_bytes
+        layers_bytes = (in_flight * (chunk_layers * one_layer + max(sum(chunk) for chunk in concatenated))
+                        + gathered_bytes)
     # fp32 logits, softmax and gradient: one chunk at a time, or all rows of the heads this stage runs: AR (S) and
     # canvas (R) losses on the last stage, pass 1's signal (R) on the first; under CP the rank's shard of each.
     logit_rows = (s + r) * b * last + r * b * (first and config.self_conditioning)

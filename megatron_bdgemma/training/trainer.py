@@ -15,6 +15,7 @@ One step reads like a list (torchtitan's `train_step`):
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -505,6 +506,7 @@ def _save(state: TrainState) -> Path:
     run = state.run
     return save_checkpoint(run.checkpoint.save, state.step, [chunk.module for chunk in state.model], state.optimizer,
                            extra=dict(step=state.step, scheduler=state.scheduler.state_dict(), run=run.to_dict(),
+                                      launch_dir=os.getcwd(),  # what the run's relative paths are relative to
                                       model_config=model_config_to_dict(state.config),
                                       skipped_steps=list(state.skipped), consumed_tokens=state.consumed_tokens,
                                       **({"converted_from": state.hf_source} if state.hf_source else {})),
