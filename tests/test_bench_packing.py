@@ -78,8 +78,9 @@ def test_quick_run_prints_consistent_result(score):
 
 
 def test_layout_only_prints_the_padding_removed_and_dp_balance_alone():
-    """`--layout-only`: no model, the encoder's positions ratio, the balance line and their RESULT; dealt by size, the most loaded
-    rank is nearer the mean than by stride (largest-first's bound is checked in tests/test_packing.py)."""
+    """`--layout-only`: no model, the encoder's positions ratio, the balance line and their RESULT; dealt by size,
+    the most loaded rank is nearer the mean than by stride (largest-first's bound is checked in
+    tests/test_packing.py)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TOOLS.parent), os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, str(TOOLS / "bench_packing.py"), "--layout-only", "--records", "256",
                            "--dp", "16"], capture_output=True, text=True, env=env, timeout=300)

@@ -47,17 +47,16 @@ round, so both met the same contention), printed with its range. Valid tokens ar
 
 (one line; the first two are speed-ups, above 1 = packing trains more tokens per CPU-second; the control is a cost
 ratio, above 1 = the packed step costs more). The positions ratios are the padding packing removes: micro-batch 4's
-encoder positions over the packed side's (1 / `efficiency_microbatch4`: packed rows have none), and its canvas
-positions over the packed side's (1 under `one_block`: one block per chat on every side). The step's speed-up is the
-encoder's and the canvas's averaged with their costs as weights; at one cost per position (the control) each would be
-its positions ratio, and padded rows' attention, quadratic in their length, makes a padded position dearer (the
-encoder's measured ratio, `--breakdown`, passes its positions ratio). Then `dp_balance_stride=<..>
-dp_balance_dealt=<..>`: over `--dp`
-data-parallel ranks, the most loaded rank's laid-out tokens over the mean when the step's chats go to the ranks by
-stride (as unpacked micro-batches take them) and dealt by size (`training.data.deal_by_size`, what `data.packing` does
-for SFT). A step waits for its most loaded rank, so this is the step time's excess over a perfect balance (tokens as
-the proxy for work). `--layout-only` prints the encoder's positions ratio and the DP balance alone (no model, no
-timing).
+encoder positions over the packed side's (1 / `efficiency_microbatch4` where packed rows have no padding, as with one
+row per micro-batch), and its canvas positions over the packed side's (1 under `one_block`: one block per chat on
+every side). The step's speed-up is the encoder's and the canvas's averaged with their costs as weights; at one cost
+per position (the control) each would be its positions ratio, and padded rows' attention, quadratic in their length,
+makes a padded position dearer (the encoder's measured ratio, `--breakdown`, passes its positions ratio). Then
+`dp_balance_stride=<..> dp_balance_dealt=<..>`: over `--dp` data-parallel ranks, the most loaded rank's laid-out
+tokens over the mean when the step's chats go to the ranks by stride (as unpacked micro-batches take them) and dealt
+by size (`training.data.deal_by_size`, what `data.packing` does for SFT). A step waits for its most loaded rank, so
+this is the step time's excess over a perfect balance (tokens as the proxy for work). `--layout-only` prints the
+encoder's positions ratio and the DP balance alone (no model, no timing).
 """
 
 from __future__ import annotations
@@ -93,7 +92,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dp", type=int, default=8, help="data-parallel ranks for the balance line: the step's chats "
                         "dealt by stride (unpacked) or by size (packed SFT), the most loaded rank's tokens over the mean")
     parser.add_argument("--layout-only", action="store_true", help="print the encoder's positions ratio (the padding "
-                        "packing removes) and the DP balance only (no model, no timing: seconds even at --records 2048 --dp 64)")
+                        "packing removes) and the DP balance only (no model, no timing: seconds even at --records "
+                        "2048 --dp 64)")
     parser.add_argument("--breakdown", action="store_true", help="also time the packed and micro-batch-4 sides' "
                         "encoder alone (encode + AR loss + backward), to split each step into encoder and canvas")
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run: 12 chats, seq_length 256, "
@@ -365,10 +365,11 @@ def main() -> None:
               f"{encoder_ratio[2]:.3f}), canvas {canvas_ratio:.3f}")
     assert lengths == laid_out, "the trainer's layout and laid_out_tokens disagree"
     positions = (longest.row_tokens / packed.row_tokens, longest.canvas_tokens / packed.canvas_tokens)
-    assert math.isclose(positions[0], encoder_positions), "encoder_positions_ratio and the micro-batches disagree"
+    assert math.isclose(longest.row_tokens / longest.valid_tokens, encoder_positions), (
+        "encoder_positions_ratio and the micro-batches disagree")
     print(f"padding removed, micro-batch 4 / packed positions: encoder {positions[0]:.3f}, canvas {positions[1]:.3f} "
-          f"(packed efficiency {packed.valid_tokens / packed.row_tokens:.3f}: no padding left); the step's speed-up "
-          f"is the encoder's and the canvas's averaged with their costs as weights")
+          f"(packed efficiency {packed.valid_tokens / packed.row_tokens:.3f}); the step's speed-up is the encoder's "
+          f"and the canvas's averaged with their costs as weights")
     print(balance_line)
     print(f"RESULT packed_over_microbatch4={over_longest[0]:.3f} packed_over_fixed_shape={over_fixed[0]:.3f} "
           f"control_packed_over_unpacked={control[0]:.3f} "
