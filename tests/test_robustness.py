@@ -171,6 +171,34 @@ def test_a_run_built_from_another_config_cannot_resume_silently(sft_run, tmp_pat
         train(_run(tmp_path, f"checkpoint.load={root}", f"checkpoint.save={root}"))
 
 
+def test_a_resume_from_another_directory_reads_the_runs_own_files(tmp_path, monkeypatch, model_parallel):
+    """A run launched with relative `data.paths` and `data.cache_dir`, resumed (`--load`) from a directory where
+    the same relative path names other chats, still trains on its own: the losses continue the uninterrupted run bit
+    for bit. A config that names the other directory's file is refused, naming both files."""
+    from megatron_bdgemma.training.resume import resume_run_config
+    from megatron_bdgemma.training.trainer import train
+    from tests.test_data import chat, write_jsonl
+
+    launch, elsewhere, root = tmp_path / "launch", tmp_path / "elsewhere", tmp_path / "ft"
+    launch.mkdir(), elsewhere.mkdir()
+    write_jsonl(launch / "chats.jsonl", [chat(f"what is {i} plus {i}", f"{2 * i}") for i in range(8)])
+    write_jsonl(elsewhere / "chats.jsonl", [chat("another question", "another answer")] * 8)
+    monkeypatch.chdir(launch)
+    relative = ["data.paths=[chats.jsonl]", "data.cache_dir=cache"]
+    full = train(load_run_config(SFT_CONFIG, [*SMALL, *relative, "data.seq_length=96", "train.steps=4",
+                                              f"checkpoint.save={root}", "checkpoint.interval=2"]))
+    (root / "latest").write_text("iter_0000002")
+
+    monkeypatch.chdir(elsewhere)
+    run = resume_run_config(root, None, [])
+    assert (run.data.paths, run.data.cache_dir) == ([str(launch / "chats.jsonl")], str(launch / "cache"))
+    assert _losses(train(run)) == _losses(full)[2:]
+    (root / "latest").write_text("iter_0000002")
+    with pytest.raises(ValueError, match=rf"data\.paths \(\['{launch}/chats\.jsonl'\] → \['{elsewhere}/chats\.jsonl'\]\)"):
+        train(load_run_config(SFT_CONFIG, [*SMALL, *relative, "data.seq_length=96", "train.steps=4",
+                                           f"checkpoint.load={root}", f"checkpoint.save={root}"]))
+
+
 def test_resuming_into_another_runs_directory_names_both(sft_run, tmp_path):
     from megatron_bdgemma.training.resume import resume_run_config
     from megatron_bdgemma.training.trainer import train

@@ -12,11 +12,16 @@
 - **Start from weights** (`--init-from DIR`, `checkpoint.init_from`): a new run whose model architecture and
   weights come from DIR (a checkpoint converted from HF, or another run, e.g. SFT from a pretraining run);
   optimizer, schedule and step start fresh, and the run config is the one given.
+
+A run's relative input paths (`INPUT_PATHS`) are relative to the directory it was launched from, which each
+checkpoint records (`extra["launch_dir"]`): a resume from another directory reads the run's own files, and a path
+given again compares by the file it names (`absolute_inputs`), never by its spelling.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +49,24 @@ REGROUPS = ("data.packing", "data.max_records_per_row", "train.micro_batch_size"
 IMPLEMENTATION_OVERRIDES = ("attention_impl", "attention_chunk_size")
 # Not part of what a resumed run reproduces: where it comes from and where it writes.
 _NOT_COMPARED = ("checkpoint.load", "checkpoint.init_from")
+# Keys naming files or directories the run reads (`section.key`); a relative one is the launch directory's.
+INPUT_PATHS = ("data.paths", "data.tokenizer", "data.chat_template", "data.cache_dir", "model.hf")
+
+
+def absolute_inputs(values: dict[str, Any], base: str | Path | None) -> dict[str, Any]:
+    """A copy of the run-config dict `values` whose relative `INPUT_PATHS` are joined to `base` (a checkpoint's
+    launch directory; None: this process's working directory, where a run saved before it was recorded started).
+    Dataset weights and the `byte` tokenizer are not paths."""
+    values, base = copy.deepcopy(values), Path(os.getcwd() if base is None else base)
+
+    def absolute(value: Any) -> Any:
+        return str(base / value) if isinstance(value, str) and value != "byte" else value
+
+    for key in INPUT_PATHS:
+        section, name = key.split(".")
+        if (value := (values.get(section) or {}).get(name)) is not None:
+            values[section][name] = [absolute(v) for v in value] if isinstance(value, list) else absolute(value)
+    return values
 
 
 def read_checkpoint_extra(path: str | Path, flag: str) -> dict[str, Any]:
@@ -80,8 +103,10 @@ def resume_run_config(load: str | Path, config_path: str | Path | None = None, o
     these can move `checkpoint.save`).
 
     `sources`: when given, filled with where each dotted key's value came from: `checkpoint` (the stored run
-    config), `yaml`, `--load` or `override`, with the stored value beside a value that changes it."""
-    stored = read_training_extra(load, "--load")["run"]
+    config, its relative input paths joined to the run's launch directory), `yaml`, `--load` or `override`, with
+    the stored value beside a value that changes it."""
+    extra = read_training_extra(load, "--load")
+    stored = absolute_inputs(extra["run"], extra.get("launch_dir"))
     values = copy.deepcopy(stored)
     layers = [("checkpoint", stored)]
     if config_path is not None:
@@ -105,15 +130,17 @@ def resume_run_config(load: str | Path, config_path: str | Path | None = None, o
     return run
 
 
-def check_resume(run: RunConfig, stored: dict[str, Any], step: int) -> list[str]:
-    """Compare `run` with the stored run config of the checkpoint it resumes, saved after `step` steps.
+def check_resume(run: RunConfig, stored: dict[str, Any], step: int, launch_dir: str | None = None) -> list[str]:
+    """Compare `run` with the stored run config of the checkpoint it resumes, saved after `step` steps in a run
+    launched from `launch_dir`; input paths compare by what they name (`absolute_inputs`).
 
     Returns one line per changed value (`key: old → new`, saying so where the schedule is rebuilt or the step's
     records are regrouped); raises ValueError listing the changes that break exact resume, or naming a `train.steps`
     the run is already past.
     """
     # A key the stored run predates compares as its default: options are added with the old behaviour as default.
-    old, new = flatten(_build(RunConfig, copy.deepcopy(stored), "").to_dict()), flatten(run.to_dict())
+    old = flatten(_build(RunConfig, absolute_inputs(stored, launch_dir), "").to_dict())
+    new = flatten(absolute_inputs(run.to_dict(), None))
     changed = [key for key in sorted(old.keys() | new.keys())
                if not key.startswith(_NOT_COMPARED) and old.get(key) != new.get(key)]
     refused = [key for key in changed if key.startswith(BREAKS_EXACT_RESUME)

@@ -170,7 +170,7 @@ def setup(run: RunConfig) -> TrainState:
     if run.checkpoint.load:
         extra = read_training_extra(run.checkpoint.load, "checkpoint.load")
         step = int(extra["step"])
-        changes = check_resume(run, extra["run"], step)  # refuses a train.steps before `step`
+        changes = check_resume(run, extra["run"], step, extra.get("launch_dir"))  # refuses a train.steps before `step`
         if step == run.train.steps:
             if dist.get_rank() == 0:
                 print(f"run already at step {step} of {step} ({run.checkpoint.load}): nothing to train; give "
