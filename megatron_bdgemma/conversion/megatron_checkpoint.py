@@ -725,15 +725,15 @@ def checkpoint_tokenizer(extra: dict[str, Any]) -> CheckpointTokenizer:
     """The tokenizer of the checkpoint whose `extra` this is: a training run's `data.tokenizer` with its
     `data.chat_template`; for a checkpoint converted from HF, the source directory's (`hf_source`). Nothing else
     stands in: a run's directory that is not on this machine (it trained elsewhere) gives None, and the note says so.
-    A run's relative paths are its launch directory's (`extra["launch_dir"]`), wherever this is called from.
+    A run's relative paths are its launch directory's (`resume.absolute_inputs`), wherever this is called from.
     The HF export writes its files (`hf_export.tokenizer_files_of`); `tools/generate.py --load` tokenizes with it."""
     if "run" in extra:
-        data = extra["run"].get("data") or {}
+        from megatron_bdgemma.training.resume import absolute_inputs
+
+        data = absolute_inputs(extra["run"], extra.get("launch_dir")).get("data") or {}
         origin, directory, template = "data.tokenizer", data.get("tokenizer"), data.get("chat_template")
         if directory == "byte":
             return CheckpointTokenizer("byte", None, "the run's byte tokenizer")
-        launch = Path(extra.get("launch_dir", "."))  # joined with an absolute path, gives that path
-        directory, template = (None if path is None else str(launch / path) for path in (directory, template))
     else:
         origin, directory, template = "the HF source", (extra.get("converted_from") or {}).get("path"), None
     if directory is None:
