@@ -411,8 +411,8 @@ def test_context_parallel_plan_equals_closed_form_counts(fake_world_results):
     and R/2 canvas tokens, so every per-token term halves (layers, logits, the pipeline tensors and pass 1's hidden
     states), eager attention keeps (S/2 queries x S keys) + (R/2 x (S + R)) probabilities; each layer adds the whole
     sequence's gathered K/V, (S + R)·2·g·d, kept until backward (full recompute: the encoder's, S·2·g·d, per layer
-    and one layer's S + R), which CP does not divide, and so is pass 2's concatenation of them, as many. The distributed optimizer shards dense state over DP x CP:
-    at 2 GPUs, CP 2 (DP 1) shards it as DP 2 does."""
+    and one layer's S + R), which CP does not divide, and as many for pass 2's concatenation of them. The
+    distributed optimizer shards dense state over DP x CP: at 2 GPUs, CP 2 (DP 1) shards it as DP 2 does."""
     got, details = fake_world_results["plans"], fake_world_results["details"]
 
     s, r, b = 96, CANVAS, 4  # tiny SFT, as in test_activation_bytes_equal_closed_form_counts, over 2 CP ranks

@@ -194,7 +194,8 @@ def test_a_resume_from_another_directory_reads_the_runs_own_files(tmp_path, monk
     assert (run.data.paths, run.data.cache_dir) == ([str(launch / "chats.jsonl")], str(launch / "cache"))
     assert _losses(train(run)) == _losses(full)[2:]
     (root / "latest").write_text("iter_0000002")
-    with pytest.raises(ValueError, match=rf"data\.paths \(\['{launch}/chats\.jsonl'\] → \['{elsewhere}/chats\.jsonl'\]\)"):
+    refused = rf"data\.paths \(\['{launch}/chats\.jsonl'\] → \['{elsewhere}/chats\.jsonl'\]\)"
+    with pytest.raises(ValueError, match=refused):
         train(load_run_config(SFT_CONFIG, [*SMALL, *relative, "data.seq_length=96", "train.steps=4",
                                            f"checkpoint.load={root}", f"checkpoint.save={root}"]))
 
