@@ -200,6 +200,21 @@ def test_a_resume_from_another_directory_reads_the_runs_own_files(tmp_path, monk
                                            f"checkpoint.load={root}", f"checkpoint.save={root}"]))
 
 
+def test_input_paths_join_the_launch_directory_but_blend_weights_stay_weights():
+    """`absolute_inputs` joins relative input paths to the launch directory and leaves absolute ones, the `byte`
+    tokenizer, and a blend's weights, numbers or strings that read as numbers (the rule the data reads them by), as
+    they are; an odd list has no weights."""
+    from megatron_bdgemma.training.resume import absolute_inputs
+
+    values = dict(data=dict(paths=["0.3", "a/b", 0.7, "/abs/c"], tokenizer="byte", chat_template="t.jinja",
+                            cache_dir="cache"), model=dict(hf=None))
+    assert absolute_inputs(values, "/launch") == dict(
+        data=dict(paths=["0.3", "/launch/a/b", 0.7, "/abs/c"], tokenizer="byte", chat_template="/launch/t.jinja",
+                  cache_dir="/launch/cache"), model=dict(hf=None))
+    assert absolute_inputs(dict(data=dict(paths=["1", "2", "3"])), "/l")["data"]["paths"] == ["/l/1", "/l/2", "/l/3"]
+    assert values["data"]["paths"][1] == "a/b"  # a copy: the stored config is unchanged
+
+
 def test_resuming_into_another_runs_directory_names_both(sft_run, tmp_path):
     from megatron_bdgemma.training.resume import resume_run_config
     from megatron_bdgemma.training.trainer import train

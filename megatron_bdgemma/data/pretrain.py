@@ -371,7 +371,7 @@ def _parse_blend(blend: Blend) -> tuple[list[str], list[float] | None]:
         prefixes, weights = [str(blend)], None
     elif isinstance(blend, Mapping):
         prefixes, weights = [str(p) for p in blend], [float(w) for w in blend.values()]
-    elif len(blend) % 2 == 0 and blend and all(_is_number(w) for w in blend[::2]):  # Megatron's [w1, p1, w2, p2]
+    elif is_weighted_blend(blend):
         prefixes, weights = [str(p) for p in blend[1::2]], [float(w) for w in blend[::2]]
     else:
         prefixes, weights = [str(p) for p in blend], None
@@ -385,6 +385,11 @@ def _parse_blend(blend: Blend) -> tuple[list[str], list[float] | None]:
             f"no indexed dataset (.bin and .idx) at {missing}; write one with tools/preprocess_data.py"
         )
     return prefixes, weights
+
+
+def is_weighted_blend(blend: Sequence[object]) -> bool:
+    """Megatron's `[w1, p1, w2, p2, ...]`: an even number of entries, each one from the first on a weight."""
+    return len(blend) % 2 == 0 and bool(blend) and all(_is_number(w) for w in blend[::2])
 
 
 def _is_number(value: object) -> bool:

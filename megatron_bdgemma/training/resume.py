@@ -56,7 +56,10 @@ INPUT_PATHS = ("data.paths", "data.tokenizer", "data.chat_template", "data.cache
 def absolute_inputs(values: dict[str, Any], base: str | Path | None) -> dict[str, Any]:
     """A copy of the run-config dict `values` whose relative `INPUT_PATHS` are joined to `base` (a checkpoint's
     launch directory; None: this process's working directory, where a run saved before it was recorded started).
-    Dataset weights and the `byte` tokenizer are not paths."""
+    A blend's weights (numbers, or strings that read as numbers: `is_weighted_blend`, the rule the data reads them
+    by) and the `byte` tokenizer are not paths."""
+    from megatron_bdgemma.data.pretrain import is_weighted_blend
+
     values, base = copy.deepcopy(values), Path(os.getcwd() if base is None else base)
 
     def absolute(value: Any) -> Any:
@@ -64,8 +67,13 @@ def absolute_inputs(values: dict[str, Any], base: str | Path | None) -> dict[str
 
     for key in INPUT_PATHS:
         section, name = key.split(".")
-        if (value := (values.get(section) or {}).get(name)) is not None:
-            values[section][name] = [absolute(v) for v in value] if isinstance(value, list) else absolute(value)
+        if (value := (values.get(section) or {}).get(name)) is None:
+            continue
+        if isinstance(value, list):
+            weighted = is_weighted_blend(value)
+            values[section][name] = [v if weighted and i % 2 == 0 else absolute(v) for i, v in enumerate(value)]
+        else:
+            values[section][name] = absolute(value)
     return values
 
 
